@@ -1,0 +1,236 @@
+"""The ``umt-distill`` command line: a thin shell over library functions.
+
+Each command parses its arguments, loads the recipe and calls one function that the tests call
+directly. Heavy imports (torch, open_clip, zarr) happen inside the commands so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from umt_distill.config import RecipeError, load_recipe, recipe_to_yaml
+
+# Exit statuses shared by every command (documented in --help).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3  # finished, but some clips failed (see failures.jsonl)
+
+app = typer.Typer(
+    name="umt-distill",
+    help=(
+        "Train video foundation models with Unmasked Teacher, caching the frozen CLIP teacher.\n\n"
+        "Recipes are YAML files (see `umt-distill ls`); any key can be overridden as key=value.\n\n"
+        "Exit status: 0 done; 1 error; 2 bad usage or recipe; 3 done with failed clips."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+cache_app = typer.Typer(help="Inspect and verify teacher cache stores.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+console = Console(stderr=True)
+out = Console()
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or a name under recipes/ (e.g. stage1/tiny).")]
+OverridesArg = Annotated[
+    Optional[list[str]], typer.Argument(help="Overrides key=value, e.g. cache.codec=int8 train.epochs=2.")
+]
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(recipe: str | None, overrides: list[str] | None):
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as e:
+        _fail(str(e))
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Print the fully resolved recipe (defaults + file + overrides), or name the bad key.
+
+    Example: `umt-distill validate stage1/tiny cache.codec=int8`
+    """
+    cfg = _load(recipe, overrides)
+    out.print(recipe_to_yaml(cfg), end="", highlight=False)
+
+
+@app.command("ls")
+def list_parts() -> None:
+    """List shipped recipes and registered parts (teachers, students, masks, codecs, stores ...).
+
+    Example: `umt-distill ls`
+    """
+    from umt_distill.config import list_recipe_files, recipe_header, recipes_dir
+    from umt_distill.registry import ALL_REGISTRIES, load_all_parts
+
+    load_all_parts()
+    table = Table(title="recipes", show_lines=False)
+    table.add_column("name")
+    table.add_column("description")
+    for path in list_recipe_files():
+        table.add_row(path.relative_to(recipes_dir()).with_suffix("").as_posix(), recipe_header(path))
+    out.print(table)
+    for kind, registry in ALL_REGISTRIES.items():
+        table = Table(title=kind)
+        table.add_column("name")
+        table.add_column("description")
+        for name, doc in registry.describe().items():
+            table.add_row(name, doc)
+        out.print(table)
+
+
+@app.command("cache-teacher")
+def cache_teacher_cmd(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Run the frozen teacher once over K views of every clip and write a sharded store.
+
+    Re-running the same command resumes: finished shards are kept, partial ones redone.
+    Under torchrun every rank writes its own shards.
+
+    Exit status: 0 all clips cached; 3 done, but some clips failed (listed in STORE/failures.jsonl);
+    1 error; 2 bad recipe.
+
+    Examples:
+
+        umt-distill cache-teacher stage1/tiny corpus.source=data/train.csv cache.store=cache/tiny
+
+        torchrun --nproc-per-node 8 -m umt_distill cache-teacher stage1/b16_k710
+    """
+    cfg = _load(recipe, overrides)
+    from umt_distill.cache.pipeline import CacheError, cache_teacher
+
+    try:
+        summary = cache_teacher(cfg)
+    except (CacheError, RecipeError) as e:
+        _fail(str(e), EXIT_ERROR)
+    raise typer.Exit(EXIT_PARTIAL if summary.get("failures", 0) else EXIT_OK)
+
+
+@cache_app.command("info")
+def cache_info_cmd(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the spec and sizes as JSON.")] = False,
+) -> None:
+    """Print a store's spec (provenance) and sizes: bytes per clip-view and total.
+
+    Example: `umt-distill cache info cache/tiny`
+    """
+    from umt_distill.cache.pipeline import CacheError, store_info
+
+    try:
+        info = store_info(store)
+    except CacheError as e:
+        _fail(str(e), EXIT_ERROR)
+    if json_out:
+        import json
+
+        out.print_json(json.dumps(info))
+        return
+    table = Table(title=str(store), show_header=False)
+    for key, value in _flatten(info).items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@cache_app.command("verify")
+def cache_verify_cmd(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    sample: Annotated[int, typer.Option("--sample", "-n", help="Records to re-compute.")] = 8,
+    seed: Annotated[int, typer.Option(help="Which records are sampled.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Re-decode and re-run the teacher on N random records and compare with the store.
+
+    Reports max/mean absolute error and cosine per field, checks frame digests and that the
+    teacher's weights match the spec. Exit status 1 on any mismatch.
+
+    Example: `umt-distill cache verify cache/tiny --sample 16`
+    """
+    from umt_distill.cache.pipeline import CacheError
+    from umt_distill.cache.verify import verify_store
+
+    try:
+        report = verify_store(store, sample=sample, seed=seed, device=device)
+    except CacheError as e:
+        _fail(str(e), EXIT_ERROR)
+    table = Table(title=f"verify {store}")
+    for col in ("field", "max abs err", "mean abs err", "min cosine", "mean cosine", "tolerance", "ok"):
+        table.add_column(col)
+    for row in report["fields"]:
+        table.add_row(*(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
+                        for k in ("field", "max_abs", "mean_abs", "min_cos", "mean_cos", "tol", "ok")))
+    out.print(table)
+    for problem in report["problems"]:
+        console.print(f"[red]mismatch:[/] {problem}", highlight=False)
+    raise typer.Exit(EXIT_OK if report["ok"] else EXIT_ERROR)
+
+
+@app.command()
+def train(recipe: RecipeArg, overrides: OverridesArg = None,
+          resume: Annotated[Optional[Path], typer.Option(help="Checkpoint dir to resume from.")] = None) -> None:
+    """Stage-1 UTA pretraining, streaming cached targets (or running the teacher online).
+
+    Examples:
+
+        umt-distill train stage1/tiny cache.store=cache/tiny train.output_dir=runs/tiny
+
+        torchrun --nproc-per-node 8 -m umt_distill train stage1/b16_k710
+    """
+    cfg = _load(recipe, overrides)
+    try:
+        from umt_distill.stages.stage1 import train as stage1_train
+    except ModuleNotFoundError:
+        _fail("training is not available in this version yet", EXIT_ERROR)
+    from umt_distill.cache.pipeline import CacheError
+
+    try:
+        stage1_train(cfg, resume=resume)
+    except (CacheError, RecipeError) as e:
+        _fail(str(e), EXIT_ERROR)
+
+
+@app.command()
+def quickstart(
+    output: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/quickstart"),
+    clips: Annotated[int, typer.Option(help="Number of toy clips to generate.")] = 12,
+) -> None:
+    """Generate toy videos, cache a tiny teacher over them, and report what was stored. Offline, CPU.
+
+    Example: `umt-distill quickstart --output outputs/quickstart`
+    """
+    from umt_distill.quickstart import run_quickstart
+
+    summary = run_quickstart(output, clips=clips)
+    raise typer.Exit(EXIT_PARTIAL if summary.get("failures", 0) else EXIT_OK)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)

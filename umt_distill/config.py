@@ -1,0 +1,308 @@
+"""Typed, strict recipes: YAML files plus ``key=value`` overrides.
+
+A recipe is one :class:`Recipe`. Every section is a pydantic model that forbids unknown keys and does
+not coerce types, so a typo (``cache.codek``) or a wrong type (``cache.num_views=four``) fails with a
+message naming the key and, for typos, the closest valid key.
+
+    recipe = load_recipe("recipes/stage1/tiny.yaml", ["cache.codec=int8", "train.epochs=2"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe file or override is invalid; the message names the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+
+class CorpusConfig(_Section):
+    """Where the clips come from."""
+
+    source: str = ""
+    """A .csv/.jsonl manifest or a folder of videos/images."""
+    root: str | None = None
+    """Folder that relative paths in the manifest are resolved against (default: the manifest's folder)."""
+    video_backend: Literal["decord", "pyav"] = "decord"
+    """decord is fast; pyav is the frame-exact reference."""
+
+
+class ViewConfig(_Section):
+    """How views (frame indices, crop, flip, size) are drawn. A view is a function of (seed, clip, index)."""
+
+    policy: str = "umt_train"
+    num_frames: int = Field(8, ge=1)
+    size: int = Field(224, ge=8)
+    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
+    max_distort: int = Field(1, ge=0)
+    flip: bool = True
+
+
+class TeacherConfig(_Section):
+    """The frozen image CLIP teacher."""
+
+    type: str = "open_clip"
+    name: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    """An open_clip tag (``openai``), a local weights file, or null for random weights."""
+    model_config_path: str | None = None
+    """An open_clip model-config JSON for custom/tiny models (its stem becomes the model name)."""
+    layers: int = Field(6, ge=1)
+    layer_interval: float = Field(1.0, gt=0)
+    input_size: int | None = None
+    """Teacher input resolution; null = the model's own (UMT-L: CLIP-L/14 at 196)."""
+    normalize: Literal["clip", "imagenet"] = "imagenet"
+    """UMT feeds the teacher ImageNet-normalised pixels; ``clip`` uses the model's own statistics."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype on CUDA; CPU always runs fp32."""
+    mode: Literal["cached", "online"] = "cached"
+    """Where training targets come from: the cache store or the teacher run at every step."""
+
+
+class CacheConfig(_Section):
+    """The teacher cache store."""
+
+    store: str = "cache/default"
+    layout: Literal["zarr", "wds"] = "zarr"
+    num_views: int = Field(4, ge=1)
+    """K augmented views cached per clip."""
+    mode: Literal["full", "visible"] = "full"
+    """``full`` keeps all tokens (masks drawn at train time); ``visible`` stores M masks' visible tokens."""
+    mask_ratio: float = Field(0.8, ge=0.0, lt=1.0)
+    masks_per_view: int = Field(1, ge=1)
+    codec: str = "fp16"
+    compressor: Literal["zstd", "blosc", "none"] = "zstd"
+    frames: Literal["none", "jpeg", "raw"] = "none"
+    """Also store the student's view pixels (WebDataset only) so training skips video decoding."""
+    clips_per_shard: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
+    """Clip-views per teacher forward."""
+    num_workers: int = Field(2, ge=0)
+    """DataLoader workers that decode video."""
+    device: str = "auto"
+    limit: int | None = None
+    """Cache only the first N clips of the corpus (smoke runs)."""
+
+
+class StudentConfig(_Section):
+    """The video ViT student."""
+
+    name: str = "umt_base_patch16"
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    use_checkpoint: bool = False
+    checkpoint_num: int = Field(0, ge=0)
+    align_interval: float = Field(1.0, gt=0)
+
+
+class MaskConfig(_Section):
+    """Which tokens the student sees."""
+
+    type: str = "semantic"
+    ratio: float = Field(0.8, ge=0.0, lt=1.0)
+
+
+class OptimConfig(_Section):
+    """AdamW with a per-iteration cosine schedule; learning rates are per 256 samples."""
+
+    lr: float = Field(1.5e-4, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_lr: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(40.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = None
+    scale_lr: bool = True
+    """Scale lr, min_lr and warmup_lr by total batch / 256 (UMT's rule)."""
+
+
+class TrainConfig(_Section):
+    """The training loop."""
+
+    output_dir: str = "runs/default"
+    epochs: int = Field(201, ge=1)
+    batch_size: int = Field(64, ge=1)
+    """Per process."""
+    accum_steps: int = Field(1, ge=1)
+    max_steps: int | None = None
+    num_workers: int = Field(4, ge=0)
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "bf16"
+    """Autocast on CUDA only."""
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(1000, ge=1)
+    tensorboard: bool = False
+    pixels_from: Literal["video", "store"] = "video"
+    """Re-decode the view from the video, or read the frames stored in the shards."""
+
+
+class Recipe(_Section):
+    """A complete recipe. Sections a command does not use are ignored by it."""
+
+    seed: int = 0
+    corpus: CorpusConfig = CorpusConfig()
+    views: ViewConfig = ViewConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    cache: CacheConfig = CacheConfig()
+    student: StudentConfig = StudentConfig()
+    mask: MaskConfig = MaskConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.cache.frames != "none" and self.cache.layout != "wds":
+            raise ValueError("cache.frames: view frames are stored only in the 'wds' layout")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes folder (``$UMT_DISTILL_RECIPES`` or ``recipes/`` beside the package)."""
+    env = os.environ.get("UMT_DISTILL_RECIPES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A file path, or a name under the recipes folder (``stage1/tiny`` → ``recipes/stage1/tiny.yaml``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for cand in (recipes_dir() / recipe, recipes_dir() / f"{recipe}.yaml"):
+        if cand.is_file():
+            return cand
+    names = [p.relative_to(recipes_dir()).with_suffix("").as_posix() for p in list_recipe_files()]
+    close = difflib.get_close_matches(str(recipe), names, n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise RecipeError(f"recipe {str(recipe)!r} not found (not a file, not under {recipes_dir()}).{hint}")
+
+
+def list_recipe_files() -> list[Path]:
+    root = recipes_dir()
+    return sorted(root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, f"{full}."))
+    return keys
+
+
+def _closest_key(key: str) -> str:
+    valid = _valid_keys(Recipe)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a typo in the section name: compare the leaf only
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1)]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}{_closest_key(key)}")
+        else:
+            got = e.get("input")
+            got_txt = f", got {got!r}" if not isinstance(got, dict) else ""
+            lines.append(f"{key}: {e['msg']}{got_txt}")
+    return f"invalid recipe ({origin}):\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` overrides to a nested dict (a copy is returned)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict, origin: str = "recipe") -> Recipe:
+    # JSON mode: YAML lists become tuples and ints are accepted for floats, while strings are never
+    # coerced to numbers or booleans (strict=True).
+    try:
+        return Recipe.model_validate_json(json.dumps(data, default=str))
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, origin)) from None
+
+
+def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (or the defaults if ``recipe`` is None) and apply overrides."""
+    data: dict = {}
+    origin = "defaults"
+    if recipe is not None:
+        path = resolve_recipe_path(recipe)
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RecipeError(f"cannot read recipe {path}: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"recipe {path}: the top level must be a mapping of sections")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        origin += " + overrides"
+    return recipe_from_dict(data, origin)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def recipe_header(path: Path) -> str:
+    """The first comment line of a recipe file (its one-line description)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""

@@ -1,0 +1,112 @@
+"""Name registries for swappable parts.
+
+Recipes pick parts by name (``teacher.name``, ``cache.codec``, ``mask.type`` ...); each kind of part has
+one :class:`Registry`. ``umt-distill ls`` prints them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """An unknown name was looked up in a registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """A mapping from names to parts of one kind (teachers, codecs, masks ...).
+
+    Args:
+        kind: What the registry holds, used in messages (``"codec"``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator."""
+
+        def add(item: T) -> T:
+            if name in self._items and self._items[name] is not item:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = item
+            return item
+
+        return add if obj is None else add(obj)
+
+    def get(self, name: str) -> T:
+        """Return the part registered as ``name``; an unknown name names the closest valid ones."""
+        try:
+            return self._items[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._items), n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._items)) or '(none)'}"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def describe(self) -> dict[str, str]:
+        """Name → first line of the part's docstring."""
+        out = {}
+        for name in self.names():
+            doc = (getattr(self._items[name], "__doc__", None) or "").strip().splitlines()
+            out[name] = doc[0] if doc else ""
+        return out
+
+
+TEACHERS: Registry = Registry("teacher")
+STUDENTS: Registry = Registry("student")
+MASKS: Registry = Registry("mask")
+CODECS: Registry = Registry("codec")
+STORES: Registry = Registry("store layout")
+VIEW_POLICIES: Registry = Registry("view policy")
+VIDEO_BACKENDS: Registry = Registry("video backend")
+
+ALL_REGISTRIES: dict[str, Registry] = {
+    "teachers": TEACHERS,
+    "students": STUDENTS,
+    "masks": MASKS,
+    "codecs": CODECS,
+    "stores": STORES,
+    "view policies": VIEW_POLICIES,
+    "video backends": VIDEO_BACKENDS,
+}
+
+# Modules whose import fills the registries. Imported lazily so `import umt_distill` stays cheap.
+_PART_MODULES = (
+    "umt_distill.data.video",
+    "umt_distill.data.views",
+    "umt_distill.teachers.clip",
+    "umt_distill.cache.codecs",
+    "umt_distill.cache.stores",
+    "umt_distill.masking",
+    "umt_distill.models.vit",
+)
+
+
+def load_all_parts() -> None:
+    """Import every module that registers parts (missing modules are skipped)."""
+    for mod in _PART_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise

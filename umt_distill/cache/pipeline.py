@@ -1,0 +1,582 @@
+"""``cache-teacher``: corpus → K views per clip → decode → teacher → codec → atomic shards.
+
+Work is split into shards of ``cache.clips_per_shard`` consecutive clips; shard ``s`` belongs to rank
+``s % world_size``. A shard is finished when its sidecar ``shards/<name>.json`` exists; that file is
+written (atomically) only after the shard's data has been renamed into place. So a re-run keeps
+finished shards, deletes leftovers of unfinished ones, and redoes them; a killed run loses at most the
+shards in flight. Decoding runs in DataLoader workers, encoding and writing in a background thread, so
+the teacher forward is the only work on the main thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from umt_distill.cache.spec import (
+    SPEC_FORMAT,
+    SpecMismatchError,
+    atomic_write_json,
+    check_spec,
+    now_iso,
+    package_versions,
+    read_spec,
+)
+from umt_distill.config import Recipe
+from umt_distill.training import distributed as du
+
+
+class CacheError(RuntimeError):
+    """The cache run cannot proceed (bad store, mismatching spec, another run holding the lock ...)."""
+
+
+SHARDS_DIR = "shards"
+INDEX_FILE = "index.json"
+FAILURES_FILE = "failures.jsonl"
+SUMMARY_FILE = "summary.jsonl"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard ``index`` covers corpus rows ``[start, stop)``."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:06d}"
+
+
+def plan_shards(num_clips: int, clips_per_shard: int) -> list[ShardPlan]:
+    count = math.ceil(num_clips / clips_per_shard)
+    return [ShardPlan(i, i * clips_per_shard, min(num_clips, (i + 1) * clips_per_shard)) for i in range(count)]
+
+
+def rank_shards(plans: list[ShardPlan], env: du.DistEnv) -> list[ShardPlan]:
+    """The disjoint, deterministic share of one rank."""
+    return [p for p in plans if p.index % env.world_size == env.rank]
+
+
+# --------------------------------------------------------------------------------------------------
+# teacher and spec
+
+
+def build_teacher(cfg: Recipe, device: torch.device):
+    """Instantiate the recipe's teacher (registered by ``teacher.type``)."""
+    from umt_distill.registry import TEACHERS, load_all_parts
+    from umt_distill.teachers.configs import register_tiny_configs
+
+    load_all_parts()
+    register_tiny_configs()
+    t = cfg.teacher
+    cls = TEACHERS.get(t.type)
+    return cls(
+        name=t.name,
+        pretrained=t.pretrained,
+        model_config=t.model_config_path,
+        layers=t.layers,
+        layer_interval=t.layer_interval,
+        input_size=t.input_size,
+        normalize=t.normalize,
+        precision=t.precision,
+        device=device,
+    )
+
+
+def teacher_spec(cfg: Recipe, teacher) -> dict:
+    desc = dict(teacher.describe())
+    desc["precision"] = cfg.teacher.precision
+    return desc
+
+
+def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
+    """The spec a run of ``cfg`` writes (identity fields + volatile ones filled later)."""
+    v, c = cfg.views, cfg.cache
+    return {
+        "format": SPEC_FORMAT,
+        "teacher": teacher_spec(cfg, teacher),
+        "views": {
+            "policy": v.policy,
+            "num_frames": v.num_frames,
+            "size": v.size,
+            "scales": list(v.scales),
+            "max_distort": v.max_distort,
+            "flip": v.flip,
+            "seed": cfg.seed,
+            "num_views": c.num_views,
+        },
+        "mode": {"mode": c.mode, **({"mask_ratio": c.mask_ratio, "masks_per_view": c.masks_per_view} if c.mode == "visible" else {})},
+        "codec": {"name": c.codec, "compressor": c.compressor},
+        "layout": c.layout,
+        "frames": c.frames,
+        "corpus": {"source": str(cfg.corpus.source), "root": cfg.corpus.root, "digest": corpus_digest, "num_clips": len(rows)},
+        "clips_per_shard": c.clips_per_shard,
+        "status": "in_progress",
+        "created": now_iso(),
+        "versions": package_versions(),
+        "recipe": cfg.model_dump(mode="json"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding (DataLoader workers)
+
+
+class ClipViewsDataset(Dataset):
+    """One item per clip: its K views decoded and applied, or the reason it failed.
+
+    The video is opened once per clip and the union of the K views' frames is decoded once.
+    """
+
+    def __init__(self, rows, indices: list[int], cfg: Recipe) -> None:
+        self.rows, self.indices, self.cfg = rows, indices, cfg
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        idx = self.indices[i]
+        row = self.rows[idx]
+        try:
+            views, pixels = decode_clip_views(row, self.cfg)
+        except ClipFailure as e:
+            return {"index": idx, "error": str(e)}
+        return {"index": idx, "views": views, "pixels": pixels}
+
+
+class ClipFailure(Exception):
+    """A clip cannot be cached (undecodable, too short ...); becomes a line in failures.jsonl."""
+
+
+def decode_clip_views(row, cfg: Recipe, num_views: int | None = None):
+    """Sample and apply the K views of one clip → (list[ViewSpec], uint8 [K, T, 3, H, W])."""
+    from umt_distill.data.video import VideoDecodeError, open_video
+    from umt_distill.data.views import ViewError, apply_view, sample_view
+
+    v = cfg.views
+    k_views = cfg.cache.num_views if num_views is None else num_views
+    try:
+        with open_video(row.path, backend=cfg.corpus.video_backend) as reader:
+            info = reader.info
+            frame_range = clip_frame_range(row, info)
+            views = [
+                sample_view(
+                    v.policy, info, v.num_frames, v.size, cfg.seed, row.id, k,
+                    **policy_kwargs(cfg, frame_range),
+                )
+                for k in range(k_views)
+            ]
+            wanted = sorted({f for view in views for f in view.frame_indices})
+            frames = reader.get_frames(wanted)  # [F, H, W, 3]
+    except (VideoDecodeError, ViewError) as e:
+        raise ClipFailure(str(e)) from None
+    except (OSError, ValueError) as e:  # anything else the decoder raised about this file
+        raise ClipFailure(f"{row.path}: {type(e).__name__}: {e}") from None
+    pos = {f: i for i, f in enumerate(wanted)}
+    pixels = [apply_view(frames[[pos[f] for f in view.frame_indices]], view) for view in views]
+    return views, torch.stack(pixels)  # [K, T, 3, H, W]
+
+
+def clip_frame_range(row, info) -> tuple[int, int] | None:
+    """A manifest's start/end (seconds) as a frame range [lo, hi)."""
+    if row.start is None and row.end is None:
+        return None
+    lo = 0 if row.start is None else int(math.floor(row.start * info.fps))
+    hi = info.num_frames if row.end is None else min(info.num_frames, int(math.ceil(row.end * info.fps)))
+    return (lo, hi)
+
+
+def policy_kwargs(cfg: Recipe, frame_range) -> dict:
+    v = cfg.views
+    kwargs: dict = {"frame_range": frame_range}
+    if v.policy == "umt_train":
+        kwargs.update(scales=tuple(v.scales), max_distort=v.max_distort, flip=v.flip)
+    return kwargs
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# background writer
+
+
+class _Writer:
+    """Encodes and writes records on a background thread; closes shards and writes their sidecars."""
+
+    def __init__(self, cfg: Recipe, shards_dir: Path) -> None:
+        self.cfg, self.shards_dir = cfg, shards_dir
+        self.queue: queue.Queue = queue.Queue(maxsize=4 * cfg.cache.batch_size)
+        self.error: BaseException | None = None
+        self.writers: dict[str, object] = {}
+        self.done: list[dict] = []
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, op: tuple) -> None:
+        if self.error is not None:
+            raise CacheError(f"writing failed: {self.error}") from self.error
+        self.queue.put(op)
+
+    def _run(self) -> None:
+        from umt_distill.cache.stores import open_shard_writer
+
+        c = self.cfg.cache
+        while True:
+            op = self.queue.get()
+            if op is None:
+                return
+            if self.error is not None:
+                continue  # drain
+            try:
+                kind, plan = op[0], op[1]
+                if kind == "add":
+                    if plan.name not in self.writers:
+                        self.writers[plan.name] = open_shard_writer(
+                            c.layout, self.shards_dir, plan.name, c.codec, c.compressor, frames=c.frames
+                        )
+                    self.writers[plan.name].add(op[2])
+                elif kind == "close":
+                    failures = op[2]
+                    writer = self.writers.pop(plan.name, None)
+                    if writer is None:  # every clip of the shard failed: no data, only the sidecar
+                        info = {"name": plan.name, "path": None, "num_records": 0, "nbytes": 0, "records": []}
+                    else:
+                        info = writer.close()
+                    sidecar = {**info, "clips": [plan.start, plan.stop], "failures": failures, "finished": now_iso()}
+                    atomic_write_json(self.shards_dir / f"{plan.name}.json", sidecar)
+                    self.done.append(sidecar)
+            except BaseException as e:  # surfaced on the main thread at the next put/finish
+                self.error = e
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            self.abort()
+            raise CacheError(f"writing failed: {self.error}") from self.error
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            try:
+                writer.abort()
+            except Exception:
+                pass
+        self.writers.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def _prepare_store(cfg: Recipe, spec: dict, env: du.DistEnv) -> Path:
+    """Create the store (rank 0) or check that an existing one was written by the same recipe."""
+    from umt_distill.cache.stores import init_store_root
+
+    root = Path(cfg.cache.store)
+    if env.is_main:
+        spec_path = root / "spec.json"
+        if spec_path.exists():
+            try:
+                check_spec(read_spec(root), spec, f"cannot resume into {root}")
+            except (SpecMismatchError, ValueError) as e:
+                raise CacheError(f"{e}\n  (use another cache.store, or delete {root} to start over)") from None
+        elif root.exists() and any(root.iterdir()):
+            raise CacheError(f"{root} exists, is not empty and has no spec.json: refusing to write into it")
+        (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        if not spec_path.exists():
+            init_store_root(root, cfg.cache.layout, {"umt_distill_spec": "spec.json"})
+            atomic_write_json(spec_path, spec)
+    du.barrier()
+    return root
+
+
+def _lock(root: Path, env: du.DistEnv):
+    """One writer per (store, rank): a second run on the same store refuses instead of corrupting it."""
+    path = root / f".lock-rank{env.rank}"
+    handle = open(path, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise CacheError(f"{root} is being written by another cache-teacher run (lock {path} is held)") from None
+    return handle
+
+
+def _clean_partial(shards_dir: Path, plan: ShardPlan) -> bool:
+    """Remove leftovers of an unfinished shard. Returns True if the shard is already finished."""
+    sidecar = shards_dir / f"{plan.name}.json"
+    if sidecar.exists():
+        return True
+    for path in shards_dir.glob(f".tmp-{plan.name}*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in shards_dir.glob(f"{plan.name}.*"):  # data renamed, killed before the sidecar
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return False
+
+
+def cache_teacher(cfg: Recipe, progress: bool = True) -> dict:
+    """Run the teacher over the corpus and write the store; returns the summary (also in summary.jsonl)."""
+    from umt_distill.data.corpus import corpus_digest, read_corpus
+
+    env = du.init_distributed(backend="gloo", timeout_minutes=24 * 60)
+    if not cfg.corpus.source:
+        raise CacheError("corpus.source is empty: give a manifest or a folder (corpus.source=PATH)")
+    rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
+    if cfg.cache.limit is not None:
+        rows = rows[: cfg.cache.limit]
+    device = du.resolve_device(cfg.cache.device, env)
+    teacher = build_teacher(cfg, device)
+    spec = build_spec(cfg, teacher, rows, corpus_digest(rows))
+    root = _prepare_store(cfg, spec, env)
+    shards_dir = root / SHARDS_DIR
+    lock = _lock(root, env)
+    try:
+        plans = plan_shards(len(rows), cfg.cache.clips_per_shard)
+        mine = rank_shards(plans, env)
+        todo = [p for p in mine if not _clean_partial(shards_dir, p)]
+        stats = _run_shards(cfg, rows, teacher, todo, shards_dir, device, env, progress)
+        stats["skipped_shards"] = len(mine) - len(todo)
+        du.barrier()
+        summary = finalize_store(root, plans, env) if env.is_main else {}
+    finally:
+        lock.close()
+    du.barrier()
+    summary = {**summary, **{f"rank{env.rank}_{k}": v for k, v in stats.items()}}
+    if env.is_main:
+        with open(root / SUMMARY_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(summary) + "\n")
+        if progress:
+            _print_summary(root, summary)
+    return summary
+
+
+def _iter_items(cfg: Recipe, rows, plans: list[ShardPlan]) -> Iterator[dict]:
+    indices = [i for p in plans for i in range(p.start, p.stop)]
+    if not indices:
+        return iter(())
+    workers = cfg.cache.num_workers
+    loader = DataLoader(
+        ClipViewsDataset(rows, indices, cfg),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
+def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) -> dict:
+    from umt_distill.cache.record import TargetRecord, frames_digest
+
+    writer = _Writer(cfg, shards_dir)
+    shard_of = {i: p for p in plans for i in range(p.start, p.stop)}
+    remaining = {p.name: p.stop - p.start for p in plans}
+    failures: dict[str, list] = {p.name: [] for p in plans}
+    pending: list[tuple] = []  # (plan, row, k, view, pixels [T,3,H,W])
+    n_clips = sum(p.stop - p.start for p in plans)
+    stats = {"clips": 0, "records": 0, "failures": 0, "frames": 0, "teacher_seconds": 0.0}
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        if not pending:
+            return
+        pixels = torch.stack([p[4] for p in pending])  # [B, T, 3, H, W]
+        t = time.perf_counter()
+        out = teacher(pixels.to(device, non_blocking=True))
+        tokens, attn, pooled = (x.float().cpu().numpy() for x in (out.tokens, out.attn, out.pooled))
+        stats["teacher_seconds"] += time.perf_counter() - t
+        for b, (plan, row, k, view, pix) in enumerate(pending):
+            rec_tokens, visible = tokens[b], None  # [K, T, N, D]
+            if cfg.cache.mode == "visible":
+                rec_tokens, visible = visible_tokens(cfg, row.id, k, tokens[b], out.attn[b])
+            record = TargetRecord(
+                clip_id=row.id, view_index=k, view=view, frames_digest=frames_digest(pix.numpy()),
+                tokens=rec_tokens, attn=attn[b], pooled=pooled[b], visible_idx=visible,
+                frames=pix.numpy() if cfg.cache.frames != "none" else None,
+            )
+            writer.put(("add", plan, record))
+        stats["records"] += len(pending)
+        stats["frames"] += int(pixels.shape[0] * pixels.shape[1])
+        pending.clear()
+
+    def clip_done(plan: ShardPlan) -> None:
+        remaining[plan.name] -= 1
+        if remaining[plan.name] == 0:
+            flush()  # the shard's last records go in before it is closed
+            writer.put(("close", plan, failures[plan.name]))
+
+    bar = _progress(progress and env.is_main, n_clips)
+    try:
+        for item in _iter_items(cfg, rows, plans):
+            idx = item["index"]
+            plan, row = shard_of[idx], rows[idx]
+            if "error" in item:
+                failures[plan.name].append({"id": row.id, "path": row.path, "reason": item["error"], "shard": plan.name})
+                stats["failures"] += 1
+            else:
+                for k, view in enumerate(item["views"]):
+                    pending.append((plan, row, k, view, item["pixels"][k]))
+                    if len(pending) >= cfg.cache.batch_size:
+                        flush()
+            stats["clips"] += 1
+            clip_done(plan)
+            if bar is not None:
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.update(stats["clips"], stats["clips"] / elapsed, stats["frames"] / elapsed, stats["failures"])
+        flush()
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    stats["teacher_seconds"] = round(stats["teacher_seconds"], 3)
+    stats["shards_written"] = len(writer.done)
+    return stats
+
+
+def visible_tokens(cfg: Recipe, clip_id: str, view_index: int, tokens: np.ndarray, attn: torch.Tensor):
+    """Mode ``visible``: draw M semantic masks for one view and keep only the visible tokens.
+
+    Returns tokens [M, K, T, N_vis, D] and sorted per-frame patch indices [M, T, N_vis] (int16).
+    The masks come from a generator seeded by (seed, clip, view), so they are reproducible.
+    """
+    from umt_distill.data.views import view_generator
+    from umt_distill.registry import MASKS, load_all_parts
+
+    load_all_parts()
+    c = cfg.cache
+    T, N = attn.shape
+    gen = view_generator(cfg.seed, f"{clip_id}#mask", view_index)
+    sample = MASKS.get("semantic")
+    vis = sample(c.masks_per_view, T, N, c.mask_ratio, gen, attn=attn.detach().float().cpu().expand(c.masks_per_view, T, N))
+    vis = vis.view(c.masks_per_view, T, -1) % N  # [M, T, N_vis] patch index within each frame
+    idx = vis.numpy()
+    out = np.stack([tokens[:, np.arange(T)[:, None], idx[m]] for m in range(c.masks_per_view)])  # [M, K, T, N_vis, D]
+    return out, idx.astype(np.int16)
+
+
+# --------------------------------------------------------------------------------------------------
+# finishing and inspecting
+
+
+def finalize_store(root: Path, plans: list[ShardPlan], env: du.DistEnv) -> dict:
+    """Rank 0, after the barrier: merge sidecars into index.json and failures.jsonl; update the spec."""
+    from umt_distill.cache.stores import write_index
+
+    shards_dir = root / SHARDS_DIR
+    sidecars, missing = [], []
+    for plan in plans:
+        path = shards_dir / f"{plan.name}.json"
+        if path.exists():
+            sidecars.append(json.loads(path.read_text(encoding="utf-8")))
+        else:
+            missing.append(plan.name)
+    if missing:
+        raise CacheError(f"{len(missing)} shard(s) unfinished after all ranks returned: {missing[:5]} — re-run to complete")
+    spec = read_spec(root)
+    write_index(root, spec["layout"], [s for s in sidecars if s["num_records"] > 0])
+    failures = [f for s in sidecars for f in s["failures"]]
+    with open(root / f".tmp-{FAILURES_FILE}", "w", encoding="utf-8") as f:
+        for line in failures:
+            f.write(json.dumps(line) + "\n")
+    (root / f".tmp-{FAILURES_FILE}").replace(root / FAILURES_FILE)
+    counts = {
+        "clips": spec["corpus"]["num_clips"],
+        "records": sum(s["num_records"] for s in sidecars),
+        "failures": len(failures),
+        "shards": len(plans),
+        "bytes": sum(s["nbytes"] for s in sidecars),
+    }
+    spec.update(status="complete", counts=counts, updated=now_iso())
+    atomic_write_json(root / "spec.json", spec)
+    return {"store": str(root), "finished": now_iso(), **counts}
+
+
+def store_info(root: str | Path) -> dict:
+    """The spec and sizes of a store, for ``cache info``."""
+    root = Path(root)
+    try:
+        spec = read_spec(root)
+    except (FileNotFoundError, ValueError) as e:
+        raise CacheError(str(e)) from None
+    counts = spec.get("counts", {})
+    data_bytes = sum(p.stat().st_size for p in (root / SHARDS_DIR).rglob("*") if p.is_file() and not p.name.endswith(".json"))
+    records = counts.get("records", 0)
+    return {
+        "status": spec.get("status"),
+        "layout": spec.get("layout"),
+        "teacher": {k: spec["teacher"].get(k) for k in ("name", "pretrained", "layer_indices", "input_size", "normalize", "weights_digest")},
+        "views": spec.get("views"),
+        "mode": spec.get("mode"),
+        "codec": spec.get("codec"),
+        "frames": spec.get("frames"),
+        "corpus": spec.get("corpus"),
+        "counts": counts,
+        "sizes": {
+            "data_bytes": data_bytes,
+            "bytes_per_clip_view": round(data_bytes / records) if records else None,
+            "total_mb": round(data_bytes / 2**20, 3),
+        },
+        "created": spec.get("created"),
+        "versions": spec.get("versions"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# progress
+
+
+class _Bar:
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]cache-teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(), transient=False,
+        )
+        self.task = self.progress.add_task("clips", total=total, rate="")
+        self.progress.start()
+
+    def update(self, done: int, clips_s: float, frames_s: float, failures: int) -> None:
+        rate = f"{clips_s:.2f} clips/s {frames_s:.1f} frames/s" + (f" [red]{failures} failed" if failures else "")
+        self.progress.update(self.task, completed=done, rate=rate)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _progress(enabled: bool, total: int):
+    return _Bar(total) if enabled and total else None
+
+
+def _print_summary(root: Path, summary: dict) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    status = "[green]done" if not summary.get("failures") else f"[yellow]done with {summary['failures']} failed clip(s)"
+    console.print(
+        f"{status}[/]: {summary.get('records', 0)} records from {summary.get('clips', 0)} clips in {root}"
+        + (f" — see {root / FAILURES_FILE}" if summary.get("failures") else ""),
+        highlight=False,
+    )

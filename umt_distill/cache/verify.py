@@ -1,0 +1,112 @@
+"""``cache verify``: recompute a sample of records from the videos and compare with the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from umt_distill.cache.pipeline import CacheError, build_teacher, clip_frame_range, policy_kwargs
+from umt_distill.cache.spec import read_spec
+
+# Minimum cosine (over the last dim, worst vector) a decoded field must keep against a fresh teacher
+# run, per codec. fp32 differs only by float reassociation between batch sizes.
+COSINE_TOLERANCE = {"fp32": 1 - 1e-5, "fp16": 0.9995, "bf16": 0.995, "int8": 0.99}
+
+
+def _compare(name: str, stored: np.ndarray, fresh: np.ndarray, tol: float) -> dict:
+    a = stored.reshape(-1, stored.shape[-1]).astype(np.float64)
+    b = fresh.reshape(-1, fresh.shape[-1]).astype(np.float64)
+    err = np.abs(a - b)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0)
+    return {
+        "field": name,
+        "max_abs": float(err.max()),
+        "mean_abs": float(err.mean()),
+        "min_cos": float(cos.min()),
+        "mean_cos": float(cos.mean()),
+        "tol": tol,
+        "ok": bool(cos.min() >= tol),
+    }
+
+
+def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str = "auto") -> dict:
+    """Re-decode and re-run the teacher on ``sample`` random records.
+
+    Returns ``{"ok", "fields": [per-field error rows], "problems": [str], "checked": n}``.
+    """
+    from umt_distill.cache.stores import CacheReader
+    from umt_distill.config import recipe_from_dict
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.video import VideoDecodeError, open_video
+    from umt_distill.data.views import apply_view, sample_view
+    from umt_distill.training.distributed import resolve_device
+
+    root = Path(root)
+    try:
+        spec = read_spec(root)
+        reader = CacheReader(root)
+    except (FileNotFoundError, ValueError) as e:
+        raise CacheError(str(e)) from None
+    if spec.get("status") != "complete":
+        raise CacheError(f"{root}: the store is not complete (status {spec.get('status')!r}); finish cache-teacher first")
+    cfg = recipe_from_dict(spec["recipe"], origin=f"{root}/spec.json")
+    problems: list[str] = []
+    teacher = build_teacher(cfg, resolve_device(device))
+    if teacher.weights_digest != spec["teacher"]["weights_digest"]:
+        problems.append(
+            f"teacher weights differ from the spec: {teacher.weights_digest} vs {spec['teacher']['weights_digest']}"
+        )
+    rows = {r.id: r for r in read_corpus(cfg.corpus.source, cfg.corpus.root)}
+    keys = list(reader.keys)
+    rng = np.random.default_rng(seed)
+    chosen = [keys[i] for i in sorted(rng.choice(len(keys), size=min(sample, len(keys)), replace=False))]
+    tol = COSINE_TOLERANCE.get(spec["codec"]["name"], 0.99)
+    collected: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"tokens": [], "attn": [], "pooled": []}
+    for clip_id, k in chosen:
+        rec = reader.get(clip_id, k)
+        row = rows.get(clip_id)
+        if row is None:
+            problems.append(f"{clip_id}: not in the corpus {cfg.corpus.source}")
+            continue
+        try:
+            with open_video(row.path, backend=cfg.corpus.video_backend) as video:
+                info = video.info
+                frames = video.get_frames(list(rec.view.frame_indices))
+        except VideoDecodeError as e:
+            problems.append(f"{clip_id} view {k}: cannot decode: {e}")
+            continue
+        redrawn = sample_view(cfg.views.policy, info, cfg.views.num_frames, cfg.views.size, cfg.seed, clip_id, k,
+                              **policy_kwargs(cfg, clip_frame_range(row, info)))
+        if redrawn != rec.view:
+            problems.append(f"{clip_id} view {k}: the view drawn now differs from the stored one")
+        pixels = apply_view(frames, rec.view)  # [T, 3, H, W]
+        from umt_distill.cache.record import frames_digest
+
+        if frames_digest(pixels.numpy()) != rec.frames_digest:
+            problems.append(f"{clip_id} view {k}: frame digest differs (the video changed or decoding is not exact)")
+        with torch.no_grad():
+            out = teacher(pixels[None].to(teacher_device(teacher)))
+        tokens = out.tokens[0].float().cpu().numpy()  # [K, T, N, D]
+        if rec.visible_idx is not None:
+            T = tokens.shape[1]
+            tokens = np.stack([tokens[:, np.arange(T)[:, None], idx.astype(np.int64)] for idx in rec.visible_idx])
+        collected["tokens"].append((rec.tokens, tokens))
+        collected["attn"].append((rec.attn, out.attn[0].float().cpu().numpy()))
+        collected["pooled"].append((rec.pooled, out.pooled[0].float().cpu().numpy()))
+    fields = []
+    for name, pairs in collected.items():
+        if pairs:
+            stored = np.concatenate([p[0].reshape(-1, p[0].shape[-1]) for p in pairs])
+            fresh = np.concatenate([p[1].reshape(-1, p[1].shape[-1]) for p in pairs])
+            row = _compare(name, stored, fresh, tol)
+            fields.append(row)
+            if not row["ok"]:
+                problems.append(f"{name}: worst cosine {row['min_cos']:.6f} below the {spec['codec']['name']} tolerance {tol}")
+    return {"ok": not problems, "fields": fields, "problems": problems, "checked": len(chosen)}
+
+
+def teacher_device(teacher) -> torch.device:
+    return next(teacher.parameters()).device

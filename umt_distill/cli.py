@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from umt_distill.config import RecipeError, load_recipe, recipe_to_yaml
+from umt_distill.config import RecipeError, check_parts, load_recipe, recipe_to_yaml
 
 # Exit statuses shared by every command (documented in --help).
 EXIT_OK = 0
@@ -53,7 +53,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 def _load(recipe: str | None, overrides: list[str] | None):
     try:
-        return load_recipe(recipe, overrides or [])
+        cfg = load_recipe(recipe, overrides or [])
+        check_parts(cfg)
+        return cfg
     except RecipeError as e:
         _fail(str(e))
 

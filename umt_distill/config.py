@@ -306,3 +306,33 @@ def recipe_header(path: Path) -> str:
         if line.strip():
             break
     return ""
+
+
+# Recipe keys that name a registered part, and the registry each must be found in.
+_PART_KEYS = {
+    "views.policy": "view policies",
+    "teacher.type": "teachers",
+    "cache.codec": "codecs",
+    "student.name": "students",
+    "mask.type": "masks",
+}
+
+
+def check_parts(recipe: Recipe) -> None:
+    """Fail, naming the key, if the recipe names a part that no registry holds."""
+    from umt_distill.registry import ALL_REGISTRIES, RegistryError, load_all_parts
+
+    load_all_parts()
+    problems = []
+    for key, kind in _PART_KEYS.items():
+        section, field = key.split(".")
+        name = getattr(getattr(recipe, section), field)
+        registry = ALL_REGISTRIES[kind]
+        if not registry.names():  # that part of the package is not installed in this build
+            continue
+        try:
+            registry.get(name)
+        except RegistryError as e:
+            problems.append(f"{key}: {e}")
+    if problems:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems))

@@ -1,0 +1,103 @@
+"""Recipes: strict keys and types, overrides, every shipped YAML loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from umt_distill.config import (
+    Recipe,
+    RecipeError,
+    check_parts,
+    list_recipe_files,
+    load_recipe,
+    parse_override,
+    recipe_to_yaml,
+)
+
+
+def test_defaults_are_umt_b16_settings() -> None:
+    r = load_recipe(None)
+    assert r.views.num_frames == 8 and r.views.size == 224
+    assert r.views.scales == (1.0, 0.875, 0.75, 0.66)
+    assert r.teacher.layers == 6 and r.teacher.normalize == "imagenet"
+    assert r.mask.ratio == 0.8 and r.optim.betas == (0.9, 0.95)
+
+
+def test_overrides_parse_yaml_values() -> None:
+    r = load_recipe(None, ["cache.codec=int8", "optim.betas=[0.9, 0.99]", "train.max_steps=30", "teacher.pretrained=null"])
+    assert r.cache.codec == "int8"
+    assert r.optim.betas == (0.9, 0.99)
+    assert r.train.max_steps == 30
+    assert r.teacher.pretrained is None
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("cache.codek=int8", "unknown key 'cache.codek' (did you mean 'cache.codec'?)"),
+        ("cahce.codec=int8", "unknown key 'cahce' (did you mean 'cache'?)"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("cache.num_views=four", "cache.num_views"),
+        ("teacher.normalize=imagenett", "teacher.normalize"),
+        ("mask.ratio=1.2", "mask.ratio"),
+        ("seed.x=1", "seed: "),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, [override])
+    assert needle in str(info.value)
+
+
+def test_numbers_are_not_coerced_from_strings() -> None:
+    with pytest.raises(RecipeError, match="optim.lr"):
+        load_recipe(None, ["optim.lr='1e-3'"])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("cache:\n  num_view: 3\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value) and "cache.num_views" in str(info.value)
+
+
+def test_frames_only_with_wds() -> None:
+    with pytest.raises(RecipeError, match="cache.frames"):
+        load_recipe(None, ["cache.frames=jpeg"])
+    assert load_recipe(None, ["cache.frames=jpeg", "cache.layout=wds"]).cache.frames == "jpeg"
+
+
+def test_round_trip_through_yaml(tmp_path) -> None:
+    r = load_recipe(None, ["cache.codec=bf16", "views.scales=[1, 0.5]"])
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_to_yaml(r))
+    assert load_recipe(path) == r
+
+
+def test_parse_override_splits_on_first_equals() -> None:
+    assert parse_override("corpus.source=a=b.csv") == (["corpus", "source"], "a=b.csv")
+
+
+@pytest.mark.parametrize("path", list_recipe_files(), ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads(path) -> None:
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    check_parts(recipe)
+    assert path.read_text().startswith("#"), "each recipe starts with a header comment"
+
+
+def test_shipped_recipes_exist() -> None:
+    names = {p.stem for p in list_recipe_files()}
+    assert {"b16_k710", "l16_k710", "tiny"} <= names
+
+
+def test_unknown_part_names_are_rejected() -> None:
+    from umt_distill.registry import CODECS, load_all_parts
+
+    load_all_parts()
+    if not CODECS.names():
+        pytest.skip("codecs not registered in this build")
+    with pytest.raises(RecipeError, match="cache.codec"):
+        check_parts(load_recipe(None, ["cache.codec=fp17"]))

@@ -1,0 +1,91 @@
+"""Atomic training checkpoints: safetensors weights plus a state file.
+
+A checkpoint is a directory ``<output>/checkpoints/step-XXXXXXXX`` holding ``model.safetensors``
+(the student only — never the teacher), ``state.pt`` (optimizer, step, epoch, position in the epoch,
+RNG states, metrics so far) and ``recipe.yaml``. It is written under a temporary name and renamed, and
+``latest`` (a small text file) is replaced atomically to point at it. A kill at any instant leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from umt_distill.cache.spec import atomic_write_text
+
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    recipe_yaml: str, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and point ``latest`` at it; keep the newest ``keep``."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """Resolve a checkpoint dir, an output dir (its ``checkpoints/latest``) or None if there is none."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").exists() else path
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    target = root / pointer.read_text().strip()
+    if not (target / "state.pt").exists():
+        raise FileNotFoundError(f"{pointer} points at {target}, which is not a complete checkpoint")
+    return target
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
+    """Load weights strictly into ``model`` and return the state dict (optimizer, step, RNG ...)."""
+    path = Path(path)
+    weights = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: weights do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,113 @@
+"""Parts the stage loops share: the spec check, student and data construction, per-step targets."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from umt_distill.cache.spec import check_spec
+from umt_distill.config import Recipe
+from umt_distill.training.distributed import DistEnv
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; training stops and the last good checkpoint stays."""
+
+
+def check_store_matches(spec: dict, cfg: Recipe) -> None:
+    """Refuse a store whose targets were made differently from what the recipe asks for."""
+    t = cfg.teacher
+    stored = {
+        "teacher": {k: spec["teacher"].get(k) for k in ("name", "pretrained", "layers", "layer_interval", "normalize")},
+        "teacher.input_size": spec["teacher"].get("input_size"),
+        "views.num_frames": spec["views"]["num_frames"],
+        "views.size": spec["views"]["size"],
+        "cache.codec": spec["codec"]["name"],
+    }
+    wanted = {
+        "teacher": {"name": t.name, "pretrained": t.pretrained, "layers": t.layers, "layer_interval": t.layer_interval,
+                    "normalize": t.normalize},
+        # null in the recipe means "the model's own", which the spec records as a number
+        "teacher.input_size": t.input_size if t.input_size is not None else spec["teacher"].get("input_size"),
+        "views.num_frames": cfg.views.num_frames,
+        "views.size": cfg.views.size,
+        "cache.codec": cfg.cache.codec,
+    }
+    if spec.get("status") != "complete":
+        raise ValueError(f"{cfg.cache.store}: the store is not complete (status {spec.get('status')!r}); finish cache-teacher first")
+    check_spec(stored, wanted, f"cannot train from {cfg.cache.store}")
+
+
+def build_student(cfg: Recipe, teacher_dim: int) -> torch.nn.Module:
+    from umt_distill.registry import STUDENTS, load_all_parts
+
+    load_all_parts()
+    s = cfg.student
+    return STUDENTS.get(s.name)(
+        teacher_dim=teacher_dim, num_align_layers=cfg.teacher.layers, align_interval=s.align_interval,
+        drop_path_rate=s.drop_path_rate, use_checkpoint=s.use_checkpoint, checkpoint_num=s.checkpoint_num,
+    )
+
+
+def build_data(cfg: Recipe, env: DistEnv):
+    """(dataset, sampler or None, make_loader) for the recipe's target source."""
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.targets import CachedViewDataset, EpochSampler, OnlineViewDataset, StreamingViewDataset
+
+    rows = []
+    if cfg.teacher.mode == "online" or cfg.train.pixels_from == "video":
+        rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
+    if cfg.teacher.mode == "online":
+        dataset = OnlineViewDataset(rows, cfg)
+    elif cfg.cache.layout == "wds":
+        dataset = StreamingViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
+    else:
+        dataset = CachedViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
+    streaming = isinstance(dataset, StreamingViewDataset)
+    if streaming:
+        raise NotImplementedError("training from a WebDataset store is not wired into stage 1 yet; use cache.layout=zarr")
+    sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
+    workers = cfg.train.num_workers
+
+    def make_loader() -> DataLoader:
+        # Its own generator: creating an iterator must not consume the global RNG (resume exactness).
+        return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                          drop_last=True, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(cfg.seed),
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    return dataset, sampler, make_loader
+
+
+def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Masks of step ``step`` on ``rank``: a pure function of (seed, step, rank), so resume is exact."""
+    digest = hashlib.sha256(f"{seed}:mask:{step}:{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: torch.Generator, device: torch.device):
+    """Teacher targets at the visible positions, and those positions.
+
+    Returns:
+        targets [K, B, L_vis, D] (float32) and visible_idx [B, L_vis] (sorted flat (t, n) indices).
+    """
+    from umt_distill.losses import gather_visible
+    from umt_distill.registry import MASKS
+
+    if teacher is not None:  # online: the teacher sees exactly the pixels the student sees
+        out = teacher(pixels)
+        tokens, attn = out.tokens.float(), out.attn.float()  # [B, K, T, N, D], [B, T, N]
+    else:
+        tokens, attn = batch["tokens"].to(device), batch["attn"].to(device)
+    B, T, N = attn.shape
+    if "visible_idx" in batch:  # mode visible: the mask was drawn at cache time; tokens are [B, K, T, N_vis, D]
+        vis = batch["visible_idx"].to(device)  # [B, T, N_vis]
+        visible_idx = (vis + torch.arange(T, device=device).view(1, T, 1) * N).flatten(1)  # [B, T*N_vis]
+        return tokens.flatten(2, 3).transpose(0, 1), visible_idx
+    # The mask is drawn on the CPU generator for reproducibility, then moved to the device.
+    visible_idx = MASKS.get(cfg.mask.type)(B, T, N, cfg.mask.ratio, gen, attn=attn.cpu()).to(device)  # [B, L_vis]
+    flat = tokens.flatten(2, 3).transpose(0, 1)  # [K, B, T*N, D]
+    return gather_visible(flat, visible_idx), visible_idx

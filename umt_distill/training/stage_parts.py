@@ -107,7 +107,7 @@ def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: t
         vis = batch["visible_idx"].to(device)  # [B, T, N_vis]
         visible_idx = (vis + torch.arange(T, device=device).view(1, T, 1) * N).flatten(1)  # [B, T*N_vis]
         return tokens.flatten(2, 3).transpose(0, 1), visible_idx
-    # The mask is drawn on the CPU generator for reproducibility, then moved to the device.
-    visible_idx = MASKS.get(cfg.mask.type)(B, T, N, cfg.mask.ratio, gen, attn=attn.cpu()).to(device)  # [B, L_vis]
+    # A CPU generator keeps masks reproducible on any device; the noise it draws moves to `device`.
+    visible_idx = MASKS.get(cfg.mask.type)(B, T, N, cfg.mask.ratio, gen, attn=attn, device=device)  # [B, L_vis]
     flat = tokens.flatten(2, 3).transpose(0, 1)  # [K, B, T*N, D]
     return gather_visible(flat, visible_idx), visible_idx

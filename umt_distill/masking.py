@@ -1,0 +1,193 @@
+"""Token masks: which of the T·N student tokens stay visible.
+
+Every sampler has one signature (registered in ``MASKS``)::
+
+    fn(batch, num_frames, num_patches, ratio, generator, attn=None, device=None) -> LongTensor [B, L_vis]
+
+and returns, per sample, the *sorted* indices of the visible tokens in the flattened (t, n) order
+(n = h·W' + w), i.e. exactly what :meth:`UMTStudent.forward_align` and ``losses.gather_visible`` take.
+All randomness comes from ``generator``: noise is drawn on the generator's device, so a CPU generator
+gives the same masks whatever device the result lands on.
+
+Visible counts (reference/umt.md §2.5):
+
+- ``random``: ``T·N − int(ratio·T·N)`` tokens uniformly over the whole clip.
+- ``tube``: one frame pattern of ``N − int(ratio·N)`` patches, the same in every frame.
+- ``semantic``: per frame ``N − int(N·ratio)`` patches drawn without replacement with probability ∝ the
+  teacher's CLS→patch attention (ratio 0.8, N 196 → 40 per frame). Unlike UMT's full-permutation
+  ``torch.multinomial`` this draws only the visible set (Gumbel-top-k), on the attention's device, and
+  never fails on exact zeros: tokens with zero attention are kept only when a frame has fewer positive
+  entries than the visible count, and then uniformly at random among the zero tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from umt_distill.registry import MASKS
+
+# Zero-attention tokens are ranked this far (in log space) below the least likely positive token. It
+# exceeds the whole range of the clamped Gumbel noise (about 21), so they can never overtake one.
+_ZERO_ATTN_GAP = 64.0
+
+
+def num_visible(total: int, ratio: float) -> int:
+    """Visible count UMT keeps out of ``total`` tokens at mask ``ratio``: ``total − int(ratio·total)``."""
+    return total - int(ratio * total)
+
+
+def sample_random_mask(
+    batch: int,
+    num_frames: int,
+    num_patches: int,
+    ratio: float,
+    generator: torch.Generator,
+    attn: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Uniformly random visible tokens over the whole clip (``attn`` is ignored).
+
+    Returns:
+        long [B, T·N − int(ratio·T·N)], sorted per row.
+    """
+    total = num_frames * num_patches
+    n_vis = _check(batch, num_frames, num_patches, ratio, total)
+    noise = _uniform((batch, total), generator)  # [B, T·N]
+    idx = noise.topk(n_vis, dim=1).indices.sort(dim=1).values  # [B, L_vis]
+    return idx.to(device or generator.device)
+
+
+def sample_tube_mask(
+    batch: int,
+    num_frames: int,
+    num_patches: int,
+    ratio: float,
+    generator: torch.Generator,
+    attn: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """One random frame pattern per sample, repeated in every frame (``attn`` is ignored).
+
+    Returns:
+        long [B, T·(N − int(ratio·N))], sorted per row.
+    """
+    n_vis = _check(batch, num_frames, num_patches, ratio, num_patches)
+    noise = _uniform((batch, num_patches), generator)  # [B, N]
+    frame_idx = noise.topk(n_vis, dim=1).indices.sort(dim=1).values  # [B, N_vis]
+    frame_idx = frame_idx[:, None, :].expand(batch, num_frames, n_vis)  # [B, T, N_vis]
+    return flatten_frame_indices(frame_idx, num_patches).to(device or generator.device)
+
+
+def sample_semantic_mask(
+    batch: int,
+    num_frames: int,
+    num_patches: int,
+    ratio: float,
+    generator: torch.Generator,
+    attn: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Per-frame visible patches drawn without replacement with probability ∝ ``attn``.
+
+    Gumbel-top-k: the top ``N_vis`` of ``log(attn) + Gumbel noise`` are a sample without replacement
+    from the distribution ∝ attn (same law as sequential multinomial draws). Computed in float32 on
+    ``attn``'s device.
+
+    Args:
+        attn: float [B, T, N] non-negative teacher attention (need not sum to 1).
+
+    Returns:
+        long [B, T·(N − int(N·ratio))], sorted per row, on ``device`` (default: ``attn``'s device).
+
+    Raises:
+        ValueError: ``attn`` is missing, has the wrong shape, or holds negative / non-finite values.
+    """
+    n_vis = _check(batch, num_frames, num_patches, ratio, num_patches)
+    if attn is None:
+        raise ValueError("semantic masking needs the teacher attention `attn` [B, T, N]")
+    if tuple(attn.shape) != (batch, num_frames, num_patches):
+        raise ValueError(
+            f"attn has shape {tuple(attn.shape)}, expected [B, T, N] = [{batch}, {num_frames}, {num_patches}]"
+        )
+    attn = attn.float()
+    if not bool((torch.isfinite(attn) & (attn >= 0)).all()):  # one host sync; bad targets must fail
+        raise ValueError("attn must be finite and non-negative")
+    positive = attn > 0  # [B, T, N]
+    log_p = torch.where(positive, attn, torch.ones_like(attn)).log()  # [B, T, N], 0 at zeros
+    # Zeros get a log-score below every positive token of their frame, so they are drawn only to fill
+    # the visible count, and then in uniformly random order (the Gumbel noise alone decides).
+    least = torch.where(positive, log_p, torch.full_like(log_p, float("inf"))).amin(-1, keepdim=True)
+    least = torch.where(torch.isinf(least), torch.zeros_like(least), least)  # all-zero frame: uniform
+    log_p = torch.where(positive, log_p, least - _ZERO_ATTN_GAP)
+    gumbel = _gumbel(attn.shape, generator).to(attn.device)  # [B, T, N]
+    frame_idx = (log_p + gumbel).topk(n_vis, dim=-1).indices.sort(dim=-1).values  # [B, T, N_vis]
+    return flatten_frame_indices(frame_idx, num_patches).to(device or attn.device)
+
+
+MASKS.register("random", sample_random_mask)
+MASKS.register("tube", sample_tube_mask)
+MASKS.register("semantic", sample_semantic_mask)
+
+
+def visible_mask(visible_idx: Tensor, total: int) -> Tensor:
+    """Boolean visibility over all tokens: True = visible (the opposite of UMT's True = masked).
+
+    Args:
+        visible_idx: long [B, L_vis].
+        total: Token count T·N.
+
+    Returns:
+        bool [B, total].
+    """
+    out = torch.zeros(visible_idx.shape[0], total, dtype=torch.bool, device=visible_idx.device)
+    return out.scatter_(1, visible_idx, True)
+
+
+def flatten_frame_indices(frame_idx: Tensor, num_patches: int) -> Tensor:
+    """Per-frame patch indices [..., T, N_vis] → flattened (t, n) token indices [..., T·N_vis] (long)."""
+    num_frames = frame_idx.shape[-2]
+    offset = torch.arange(num_frames, device=frame_idx.device) * num_patches  # [T]
+    return (frame_idx.long() + offset[:, None]).flatten(-2)
+
+
+def split_frame_indices(visible_idx: Tensor, num_frames: int, num_patches: int) -> Tensor:
+    """Inverse of :func:`flatten_frame_indices` for masks with the same count in every frame.
+
+    Args:
+        visible_idx: long [B, T·N_vis], sorted (tube or semantic masks).
+
+    Returns:
+        long [B, T, N_vis] patch indices within each frame.
+
+    Raises:
+        ValueError: the frames do not all hold the same number of visible tokens (e.g. a random mask).
+    """
+    B, L = visible_idx.shape
+    frame = visible_idx // num_patches  # [B, L]
+    per_frame = L // num_frames if L % num_frames == 0 else -1
+    expected = torch.arange(num_frames, device=visible_idx.device).repeat_interleave(max(per_frame, 0))
+    if per_frame <= 0 or not bool((frame == expected).all()):
+        raise ValueError("visible_idx does not keep the same number of tokens in every frame")
+    return (visible_idx % num_patches).view(B, num_frames, per_frame)
+
+
+def _check(batch: int, num_frames: int, num_patches: int, ratio: float, pool: int) -> int:
+    if batch < 1 or num_frames < 1 or num_patches < 1:
+        raise ValueError(f"mask size must be positive, got B={batch} T={num_frames} N={num_patches}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    n_vis = num_visible(pool, ratio)
+    if n_vis < 1:
+        raise ValueError(f"mask ratio {ratio} leaves no visible token out of {pool}")
+    return n_vis
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device)
+
+
+def _gumbel(shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> Tensor:
+    # Clamp away from 0 so no score is -inf; the noise then lies in about [-4.5, 16.6].
+    u = _uniform(tuple(shape), generator).clamp_(min=torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(u))

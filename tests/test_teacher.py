@@ -411,3 +411,10 @@ def test_config_registration_refuses_to_shadow_a_different_model(tmp_path):
     bad.write_text(json.dumps({"embed_dim": 8}))
     with pytest.raises(ValueError, match=r"bad\.json.*vision_cfg"):
         ClipTeacher("umt-test-bad", model_config=str(bad))
+
+
+def test_tiny_teachers_register_themselves_on_first_use():
+    open_clip.factory._MODEL_CONFIGS.pop(TINY_TEACHER, None)
+    assert TINY_TEACHER not in open_clip.list_models()
+    teacher = ClipTeacher(TINY_TEACHER, layers=1)  # e.g. named by a recipe in a fresh process
+    assert TINY_TEACHER in open_clip.list_models() and teacher.grid == (4, 4)

@@ -37,7 +37,7 @@ from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
 from umt_distill.registry import TEACHERS
-from umt_distill.teachers.configs import register_model_config_file
+from umt_distill.teachers.configs import TINY_CONFIGS, register_model_config_file, register_tiny_configs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -249,6 +249,8 @@ class ClipTeacher(nn.Module):
     def _build(name: str, pretrained: str | None, model_config: str | None) -> tuple[nn.Module, tuple, tuple]:
         """Return (vision tower, clip mean, clip std), fp32 on CPU."""
         file_preprocess: dict[str, Any] = {}
+        if name in TINY_CONFIGS:  # recipes may name the test teachers without registering them first
+            register_tiny_configs()
         if model_config is not None:
             _, file_preprocess = register_model_config_file(name, model_config)
         schema = name.startswith(("hf-hub:", "local-dir:"))

@@ -97,18 +97,12 @@ def build_teacher(cfg: Recipe, device: torch.device):
     )
 
 
-def teacher_spec(cfg: Recipe, teacher) -> dict:
-    desc = dict(teacher.describe())
-    desc["precision"] = cfg.teacher.precision
-    return desc
-
-
 def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
     """The spec a run of ``cfg`` writes (identity fields + volatile ones filled later)."""
     v, c = cfg.views, cfg.cache
     return {
         "format": SPEC_FORMAT,
-        "teacher": teacher_spec(cfg, teacher),
+        "teacher": teacher.describe(),  # records the precision actually used (CPU: fp32)
         "views": {
             "policy": v.policy,
             "num_frames": v.num_frames,

@@ -1,0 +1,160 @@
+"""Token codecs and lossless compressors: error against fp32 on teacher-like tokens, exact bit layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from umt_distill.cache.codecs import (
+    COMPRESSORS,
+    CodecError,
+    bf16_bits_to_fp32,
+    compress_bytes,
+    decompress_bytes,
+    fp32_to_bf16_bits,
+    get_codec,
+)
+from umt_distill.registry import CODECS
+
+
+def teacher_like_tokens(shape: tuple[int, ...], seed: int = 0, width_factor: int = 2) -> np.ndarray:
+    """float32 tokens shaped like CLIP's ``ln_post`` -> ``proj`` output: heavy-tailed, with outliers.
+
+    Hidden states are Student-t (df=3) before a LayerNorm whose gain has a few large "massive
+    activation" channels, as CLIP ViTs have; a random projection to D then spreads them over every
+    output channel, so tokens have a shared large component plus heavy-tailed detail.
+    """
+    rng = np.random.default_rng(seed)
+    D = shape[-1]
+    W = width_factor * D
+    h = rng.standard_t(3, size=(*shape[:-1], W)).astype(np.float32)  # [..., W]
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+    gain = rng.uniform(0.5, 1.5, W).astype(np.float32)
+    gain[rng.choice(W, 3, replace=False)] = [25.0, -18.0, 12.0]
+    proj = (rng.standard_normal((W, D)) / np.sqrt(W)).astype(np.float32)
+    return (h * gain) @ proj  # [..., D]
+
+
+def tiny_teacher_tokens() -> np.ndarray:
+    """Tokens of the tiny open_clip test teacher (random weights) on random frames: [K*T*N, D]."""
+    from umt_distill.teachers.clip import ClipTeacher
+    from umt_distill.teachers.configs import TINY_TEACHER, register_tiny_configs
+
+    register_tiny_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = ClipTeacher(TINY_TEACHER, pretrained=None, layers=3)
+        frames = torch.randint(0, 256, (2, 4, 3, teacher.input_size, teacher.input_size), dtype=torch.uint8)
+        out = teacher(frames)
+    tokens = out.tokens.numpy()  # [B, K, T, N, D]
+    return tokens.reshape(-1, tokens.shape[-1])
+
+
+def codec_errors(codec: str, x: np.ndarray) -> dict[str, float]:
+    """Elementwise relative error (values in the fp16 normal range) and per-token cosine vs fp32."""
+    c = get_codec(codec)
+    y = c.decode(c.encode(x))
+    assert y.dtype == np.float32 and y.shape == x.shape
+    normal = np.abs(x) >= 1e-4
+    rel = np.abs(y - x)[normal] / np.abs(x)[normal]
+    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    return {"max_rel": float(rel.max()), "mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+            "rel_l2": float(np.linalg.norm(y - x) / np.linalg.norm(x))}
+
+
+@pytest.fixture(scope="module", params=["synthetic", "tiny_teacher"])
+def tokens(request: pytest.FixtureRequest) -> np.ndarray:
+    if request.param == "synthetic":
+        return teacher_like_tokens((6, 4, 49, 512)).reshape(-1, 512)  # [K*T*N, D]
+    return tiny_teacher_tokens()
+
+
+def test_registry_lists_every_codec() -> None:
+    assert {"fp32", "fp16", "bf16", "int8"} <= set(CODECS.names())
+
+
+def test_fp32_is_lossless(tokens: np.ndarray) -> None:
+    c = get_codec("fp32")
+    assert np.array_equal(c.decode(c.encode(tokens)), tokens)
+
+
+def test_fp16_error(tokens: np.ndarray) -> None:
+    err = codec_errors("fp16", tokens)
+    assert err["max_rel"] <= 1e-3  # float16 has 11 significant bits: <= 2^-11 = 4.9e-4
+    assert err["mean_cos"] >= 0.999999
+
+
+def test_bf16_error(tokens: np.ndarray) -> None:
+    err = codec_errors("bf16", tokens)
+    assert err["max_rel"] <= 8e-3  # bfloat16 has 8 significant bits: <= 2^-8 = 3.9e-3
+    assert err["mean_cos"] >= 0.9999
+
+
+def test_int8_error(tokens: np.ndarray) -> None:
+    err = codec_errors("int8", tokens)
+    assert err["mean_cos"] >= 0.999
+    assert err["min_cos"] >= 0.99
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8"])
+def test_lossy_codecs_are_ordered_by_precision(codec: str) -> None:
+    x = teacher_like_tokens((2, 4, 16, 256), seed=3)
+    errs = {c: codec_errors(c, x)["rel_l2"] for c in ("fp16", "bf16", "int8")}
+    assert errs["fp16"] < errs["bf16"] < errs["int8"] < 0.05
+    assert errs[codec] > 0
+
+
+def test_bf16_matches_torch_bit_for_bit() -> None:
+    x = teacher_like_tokens((4, 64, 128), seed=1)
+    # Ties (exactly half way between two bfloat16 values) with odd and even kept bits, large, tiny,
+    # subnormal and negative-zero values.
+    special = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x00000001, 0x80000000, 0x7F7FFFFF, 0xC2F68000],
+                       dtype=np.uint32).view(np.float32)
+    for values in (x.ravel(), special):
+        want = torch.from_numpy(values.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        assert np.array_equal(fp32_to_bf16_bits(values), want)
+        assert np.array_equal(bf16_bits_to_fp32(want), torch.from_numpy(want.view(np.int16)).view(torch.bfloat16).float().numpy())
+
+
+def test_bf16_parts_are_uint16_bits() -> None:
+    parts = get_codec("bf16").encode(np.array([[1.0, -2.0, 0.15625]], dtype=np.float32))
+    assert parts["data"].dtype == np.uint16
+    assert parts["data"].tolist() == [[0x3F80, 0xC000, 0x3E20]]
+
+
+def test_int8_parts_and_zero_tokens() -> None:
+    x = teacher_like_tokens((3, 5, 64), seed=2)
+    x[1, 2] = 0.0  # an all-zero token must not divide by zero
+    parts = get_codec("int8").encode(x)
+    assert parts["q"].dtype == np.int8 and parts["q"].shape == x.shape
+    assert parts["scale"].dtype == np.float32 and parts["scale"].shape == (3, 5, 1)
+    assert np.abs(parts["q"]).max() == 127  # every non-zero token uses the full range
+    assert parts["scale"][1, 2, 0] == 0 and not parts["q"][1, 2].any()
+    y = get_codec("int8").decode(parts)
+    assert np.isfinite(y).all() and not y[1, 2].any()
+    np.testing.assert_allclose(parts["scale"][..., 0], np.abs(x).max(-1) / 127, rtol=1e-6)
+
+
+def test_codecs_refuse_values_they_cannot_store() -> None:
+    with pytest.raises(CodecError, match="float16 range"):
+        get_codec("fp16").encode(np.array([1e5], dtype=np.float32))
+    for name in ("fp32", "fp16", "bf16", "int8"):
+        with pytest.raises(CodecError, match="NaN or inf"):
+            get_codec(name).encode(np.array([1.0, np.nan], dtype=np.float32))
+    with pytest.raises(CodecError, match="floating"):
+        get_codec("fp32").encode(np.array([1, 2], dtype=np.int32))
+
+
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+def test_compressors_round_trip(compressor: str) -> None:
+    data = teacher_like_tokens((8, 32)).astype(np.float16).tobytes()
+    packed = compress_bytes(compressor, data, itemsize=2)
+    assert decompress_bytes(compressor, packed) == data
+    if compressor == "zstd":
+        assert packed[:4] == b"\x28\xb5\x2f\xfd"  # a standard zstd frame: `zstd -d` can read it
+
+
+def test_unknown_compressor_is_named() -> None:
+    with pytest.raises(ValueError, match="'lz5'"):
+        compress_bytes("lz5", b"x")

@@ -1,0 +1,223 @@
+"""The teacher's targets for one (clip, view), and how a record maps to named stored arrays.
+
+Both store layouts (``zarr_store``, ``wds_store``) keep a record as the same set of named arrays
+(``tokens`` or ``tokens.q`` + ``tokens.scale``, ``attn``, ``pooled``, ``visible_idx``, ``frames``) plus
+a small JSON description; this module owns that mapping so the two layouts cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from umt_distill.cache.codecs import Codec
+from umt_distill.data.views import ViewSpec
+
+DIGEST_PREFIX = "sha256:"
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+# Fields stored with the record's codec. attn and pooled are tiny next to tokens (T*N and T*D values
+# against K*T*N*D) and attn drives the semantic mask, so they stay float32: with any codec, cached
+# training draws exactly the masks the online teacher would.
+CODED_FIELDS = ("tokens",)
+FLOAT32_FIELDS = ("attn", "pooled")
+
+
+class RecordError(ValueError):
+    """A target record is inconsistent (shapes, dtypes, values); the message names clip and view."""
+
+
+class StoreDamagedError(RuntimeError):
+    """A cache store file is missing, truncated, corrupt or disagrees with the index.
+
+    Attributes:
+        path: The damaged file or directory (a shard file, ``index.json`` ...).
+        reason: What is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def frames_digest(frames: np.ndarray) -> str:
+    """Digest of a view's pixels: ``"sha256:"`` + hex sha256 of the C-contiguous uint8 bytes.
+
+    Args:
+        frames: uint8 [T, 3, H, W], the pixels the teacher saw (after ``apply_view``).
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames_digest expects uint8 [T, 3, H, W], got {frames.dtype} {list(frames.shape)}")
+    return DIGEST_PREFIX + hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
+
+
+@dataclass
+class TargetRecord:
+    """The cached teacher outputs for one view of one clip.
+
+    Attributes:
+        clip_id: Corpus id of the clip.
+        view_index: Which of the clip's K views (0-based).
+        view: The exact view (frame indices, crop, flip, size) the teacher saw.
+        frames_digest: :func:`frames_digest` of the view's pixels.
+        tokens: float32 [K, T, N, D] (mode full) or [M, K, T, N_vis, D] (mode visible).
+        attn: float32 [T, N], last block's CLS->patch attention.
+        pooled: float32 [T, D], the image embedding of each frame.
+        visible_idx: int16 [M, T, N_vis] patch indices per frame, sorted (mode visible), else None.
+        frames: uint8 [T, 3, H, W] view pixels, if the store keeps them, else None.
+    """
+
+    clip_id: str
+    view_index: int
+    view: ViewSpec
+    frames_digest: str
+    tokens: np.ndarray
+    attn: np.ndarray
+    pooled: np.ndarray
+    visible_idx: np.ndarray | None = None
+    frames: np.ndarray | None = None
+
+    @property
+    def mode(self) -> str:
+        """``"visible"`` when only visible tokens are stored, else ``"full"``."""
+        return "full" if self.visible_idx is None else "visible"
+
+    def _fail(self, reason: str) -> RecordError:
+        return RecordError(f"record {self.clip_id!r} view {self.view_index}: {reason}")
+
+    def validate(self) -> TargetRecord:
+        """Check shapes, dtypes and values agree; raise :class:`RecordError` naming the problem.
+
+        Returns:
+            The record itself, so ``store.add(record.validate())`` reads naturally.
+        """
+        if not isinstance(self.clip_id, str) or not self.clip_id:
+            raise self._fail("clip_id must be a non-empty string")
+        if isinstance(self.view_index, bool) or not isinstance(self.view_index, (int, np.integer)) or self.view_index < 0:
+            raise self._fail(f"view_index must be an int >= 0, got {self.view_index!r}")
+        if not isinstance(self.view, ViewSpec):
+            raise self._fail(f"view must be a ViewSpec, got {type(self.view).__name__}")
+        if not isinstance(self.frames_digest, str) or not _DIGEST_RE.match(self.frames_digest):
+            raise self._fail(f"frames_digest must look like 'sha256:<64 hex>', got {self.frames_digest!r}")
+        for name in ("tokens", "attn", "pooled"):
+            arr = getattr(self, name)
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
+                raise self._fail(f"{name} must be a float32 numpy array, got {_describe(arr)}")
+        if self.attn.ndim != 2:
+            raise self._fail(f"attn must be [T, N], got {list(self.attn.shape)}")
+        T, N = self.attn.shape
+        if T != len(self.view.frame_indices):
+            raise self._fail(f"attn has T={T} frames but the view has {len(self.view.frame_indices)}")
+        if self.pooled.ndim != 2 or self.pooled.shape[0] != T:
+            raise self._fail(f"pooled must be [T={T}, D], got {list(self.pooled.shape)}")
+        D = self.pooled.shape[1]
+        self._validate_tokens(T, N, D)
+        if self.frames is not None:
+            if not isinstance(self.frames, np.ndarray) or self.frames.dtype != np.uint8:
+                raise self._fail(f"frames must be a uint8 numpy array, got {_describe(self.frames)}")
+            if self.frames.shape != (T, 3, *self.view.size):
+                raise self._fail(f"frames must be [T, 3, H, W] = {[T, 3, *self.view.size]}, got {list(self.frames.shape)}")
+        for name in ("tokens", "attn", "pooled"):
+            if not np.isfinite(getattr(self, name)).all():
+                raise self._fail(f"{name} contains NaN or inf")
+        return self
+
+    def _validate_tokens(self, T: int, N: int, D: int) -> None:
+        tokens = self.tokens
+        if self.visible_idx is None:
+            if tokens.ndim != 4 or tokens.shape[1:] != (T, N, D):
+                raise self._fail(f"tokens must be [K, T={T}, N={N}, D={D}] (mode full), got {list(tokens.shape)}")
+            return
+        idx = self.visible_idx
+        if not isinstance(idx, np.ndarray) or idx.dtype != np.int16 or idx.ndim != 3 or idx.shape[1] != T:
+            raise self._fail(f"visible_idx must be int16 [M, T={T}, N_vis], got {_describe(idx)}")
+        M, _, n_vis = idx.shape
+        if tokens.ndim != 5 or tokens.shape[0] != M or tokens.shape[2:] != (T, n_vis, D):
+            raise self._fail(
+                f"tokens must be [M={M}, K, T={T}, N_vis={n_vis}, D={D}] (mode visible), got {list(tokens.shape)}"
+            )
+        if idx.size and (idx.min() < 0 or idx.max() >= N):
+            raise self._fail(f"visible_idx must lie in [0, N={N}), got [{idx.min()}, {idx.max()}]")
+        if n_vis > 1 and not (np.diff(idx, axis=-1) > 0).all():
+            raise self._fail("visible_idx must be strictly increasing within each frame")
+
+    def describe(self, codec: str, compressor: str) -> dict[str, Any]:
+        """The JSON-able description stored beside the arrays (wds ``view.json``)."""
+        return {
+            "clip_id": self.clip_id,
+            "view_index": int(self.view_index),
+            "view": self.view.to_dict(),
+            "frames_digest": self.frames_digest,
+            "codec": codec,
+            "compressor": compressor,
+            "mode": self.mode,
+        }
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} {list(x.shape)}"
+    return type(x).__name__
+
+
+def part_name(field: str, part: str) -> str:
+    """Stored name of one codec part: the field itself for single-part codecs (``tokens``),
+    ``field.part`` otherwise (``tokens.q``, ``tokens.scale``)."""
+    return field if part == Codec.SINGLE_PART else f"{field}.{part}"
+
+
+def stored_names(codec: Codec, mode: str, frames: bool) -> list[str]:
+    """Names of the arrays a record is stored as, in storage order."""
+    names = [part_name(f, p) for f in CODED_FIELDS for p in codec.parts]
+    names += list(FLOAT32_FIELDS)
+    if mode == "visible":
+        names.append("visible_idx")
+    if frames:
+        names.append("frames")
+    return names
+
+
+def record_arrays(record: TargetRecord, codec: Codec, frames: bool) -> dict[str, np.ndarray]:
+    """Encode a record into its named stored arrays (see :func:`stored_names`)."""
+    out: dict[str, np.ndarray] = {}
+    for field in CODED_FIELDS:
+        for part, arr in codec.encode(getattr(record, field)).items():
+            out[part_name(field, part)] = arr
+    for field in FLOAT32_FIELDS:
+        out[field] = np.ascontiguousarray(getattr(record, field), dtype=np.float32)
+    if record.visible_idx is not None:
+        out["visible_idx"] = np.ascontiguousarray(record.visible_idx)
+    if frames:
+        if record.frames is None:
+            raise RecordError(f"record {record.clip_id!r} view {record.view_index}: the store keeps frames, the record has none")
+        out["frames"] = np.ascontiguousarray(record.frames)
+    return out
+
+
+def record_from_arrays(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], codec: Codec) -> TargetRecord:
+    """Rebuild a record (float32 decoded) from its description and named stored arrays.
+
+    Raises:
+        KeyError: a stored array is missing (the caller turns it into :class:`StoreDamagedError`).
+    """
+    decoded = {}
+    for field in CODED_FIELDS:
+        decoded[field] = codec.decode({p: arrays[part_name(field, p)] for p in codec.parts})
+    return TargetRecord(
+        clip_id=str(meta["clip_id"]),
+        view_index=int(meta["view_index"]),
+        view=ViewSpec.from_dict(meta["view"]),
+        frames_digest=str(meta["frames_digest"]),
+        tokens=decoded["tokens"],
+        attn=np.asarray(arrays["attn"], dtype=np.float32),
+        pooled=np.asarray(arrays["pooled"], dtype=np.float32),
+        visible_idx=arrays["visible_idx"] if meta.get("mode") == "visible" else None,
+        frames=arrays.get("frames"),
+    )

@@ -231,7 +231,7 @@ def probe_video(container: Any, path: str) -> StreamIndex:
             key_list.append(bool(packet.is_keyframe))
             last_duration = packet.duration or 0
     except av.FFmpegError as err:
-        raise VideoDecodeError(path, f"demuxing failed after {num_packets} packets: {err}") from None
+        raise VideoDecodeError(path, f"demuxing failed after {num_packets} packets: {_av_reason(err)}") from None
     if not pts_list:
         raise VideoDecodeError(path, "video stream has no frames")
     declared = stream.frames  # MP4/MOV sample count from the header; 0 when the container has none
@@ -303,7 +303,7 @@ def _count_by_decoding(path: str) -> int:
             for _ in container.decode(video=0):
                 count += 1
     except av.FFmpegError as err:
-        raise VideoDecodeError(path, f"decoding failed after {count} frames: {err}") from None
+        raise VideoDecodeError(path, f"decoding failed after {count} frames: {_av_reason(err)}") from None
     if count == 0:
         raise VideoDecodeError(path, "video stream has no decodable frames")
     return count
@@ -313,7 +313,12 @@ def _open_container(path: str) -> Any:
     try:
         return av.open(path, metadata_errors="ignore")
     except (av.FFmpegError, OSError) as err:
-        raise VideoDecodeError(path, f"not a readable video: {err}") from None
+        raise VideoDecodeError(path, f"not a readable video: {_av_reason(err)}") from None
+
+
+def _av_reason(err: Exception) -> str:
+    """FFmpeg's message without the errno and file name that VideoDecodeError already carries."""
+    return getattr(err, "strerror", None) or str(err)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,7 +383,7 @@ class PyAVVideoReader(_ReaderBase):
             found = self._collect_sequential(wanted) if self._index.pts is None else self._collect(wanted)
         except (av.FFmpegError, OSError) as err:
             self._reset_position()
-            raise VideoDecodeError(self.path, f"decoding failed: {err}") from None
+            raise VideoDecodeError(self.path, f"decoding failed: {_av_reason(err)}") from None
         except BaseException:
             self._reset_position()  # the decoder's position is unknown now; the next call starts afresh
             raise
@@ -588,5 +593,6 @@ class DecordVideoReader(_ReaderBase):
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
+    """decord's message without its log prefixes ("[12:00:00] /src/video_reader.cc:83: ")."""
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(err)).strip() or type(err).__name__
     return text.splitlines()[0][:300]

@@ -114,7 +114,8 @@ def test_bf16_matches_torch_bit_for_bit() -> None:
     for values in (x.ravel(), special):
         want = torch.from_numpy(values.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         assert np.array_equal(fp32_to_bf16_bits(values), want)
-        assert np.array_equal(bf16_bits_to_fp32(want), torch.from_numpy(want.view(np.int16)).view(torch.bfloat16).float().numpy())
+        widened = torch.from_numpy(want.view(np.int16)).view(torch.bfloat16).float().numpy()
+        assert np.array_equal(bf16_bits_to_fp32(want), widened)
 
 
 def test_bf16_parts_are_uint16_bits() -> None:

@@ -43,7 +43,9 @@ def smooth_frames(seed: int) -> np.ndarray:
     return frames
 
 
-def make_record(clip_id: str, view_index: int, seed: int, visible: int | None = None, frames: bool = True) -> TargetRecord:
+def make_record(
+    clip_id: str, view_index: int, seed: int, visible: int | None = None, frames: bool = True
+) -> TargetRecord:
     """A valid record with random targets; ``visible`` = number of masks M for mode visible."""
     rng = np.random.default_rng(seed)
     pixels = smooth_frames(seed)
@@ -56,7 +58,8 @@ def make_record(clip_id: str, view_index: int, seed: int, visible: int | None = 
         visible_idx = np.stack(
             [np.stack([np.sort(rng.choice(N, n_vis, replace=False)) for _ in range(T)]) for _ in range(visible)]
         ).astype(np.int16)  # [M, T, N_vis]
-        tokens = np.stack([tokens[:, np.arange(T)[:, None], visible_idx[m]] for m in range(visible)])  # [M, K, T, N_vis, D]
+        frame = np.arange(T)[:, None]
+        tokens = np.stack([tokens[:, frame, visible_idx[m]] for m in range(visible)])  # [M, K, T, N_vis, D]
     attn = rng.dirichlet(np.ones(N), size=T).astype(np.float32)
     return TargetRecord(
         clip_id=clip_id, view_index=view_index, view=view, frames_digest=frames_digest(pixels),
@@ -330,7 +333,8 @@ def test_wds_truncated_tar(tmp_path: Path) -> None:
 def test_wds_corrupted_entry(tmp_path: Path, compressor: str) -> None:
     build_store(tmp_path, "wds", "fp32", compressor, shards=1)
     path = tmp_path / "shards" / "shard-000000.tar"
-    tokens = next(m for m in _member_offsets(path) if m.name.endswith(f"tokens.npy{'.zst' if compressor == 'zstd' else ''}"))
+    entry = "tokens.npy.zst" if compressor == "zstd" else "tokens.npy"
+    tokens = next(m for m in _member_offsets(path) if m.name.endswith(entry))
     data = bytearray(path.read_bytes())
     data[tokens.offset_data + tokens.size - 9] ^= 0x01
     path.write_bytes(bytes(data))
@@ -463,3 +467,29 @@ def test_missing_key_and_shard(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="no shard 'shard-000009'"):
         list(reader.iter_shard("shard-000009"))
     assert os.path.basename(reader.shard_path("shard-000000")) == "shard-000000.zarr"
+
+
+# --------------------------------------------------------------------------------------------------
+# cache/FORMAT.md
+
+
+def _format_example(marker: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "cache" / "FORMAT.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+@pytest.mark.parametrize("codec", ["int8", "bf16", "fp16"])
+def test_format_md_examples_read_the_store(tmp_path: Path, codec: str) -> None:
+    """The plain-library examples in cache/FORMAT.md run and decode what the package wrote."""
+    for layout, marker in (("zarr", "zarr.open_group"), ("wds", "wds.WebDataset")):
+        root = tmp_path / layout
+        records = build_store(root, layout, codec, "blosc" if codec == "fp16" else "zstd", shards=1)
+        scope: dict = {"root": str(root)}
+        exec(_format_example(marker), scope)  # zarr: row 0; wds: loops to the last sample
+        want = records[0] if layout == "zarr" else records[-1]
+        assert_same_record(
+            TargetRecord(want.clip_id, want.view_index, want.view, want.frames_digest, scope["tokens"],
+                         scope["attn"], want.pooled),
+            want, codec, "none")

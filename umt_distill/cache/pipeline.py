@@ -176,7 +176,9 @@ def decode_clip_views(row, cfg: Recipe, num_views: int | None = None):
             ]
             wanted = sorted({f for view in views for f in view.frame_indices})
             frames = reader.get_frames(wanted)  # [F, H, W, 3]
-    except (VideoDecodeError, ViewError) as e:
+    except VideoDecodeError as e:  # the failure line carries the path already
+        raise ClipFailure(e.reason) from None
+    except ViewError as e:
         raise ClipFailure(str(e)) from None
     except (OSError, ValueError) as e:  # anything else the decoder raised about this file
         raise ClipFailure(f"{row.path}: {type(e).__name__}: {e}") from None

@@ -100,7 +100,8 @@ class TargetRecord:
         """
         if not isinstance(self.clip_id, str) or not self.clip_id:
             raise self._fail("clip_id must be a non-empty string")
-        if isinstance(self.view_index, bool) or not isinstance(self.view_index, (int, np.integer)) or self.view_index < 0:
+        index = self.view_index
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
             raise self._fail(f"view_index must be an int >= 0, got {self.view_index!r}")
         if not isinstance(self.view, ViewSpec):
             raise self._fail(f"view must be a ViewSpec, got {type(self.view).__name__}")
@@ -123,7 +124,8 @@ class TargetRecord:
             if not isinstance(self.frames, np.ndarray) or self.frames.dtype != np.uint8:
                 raise self._fail(f"frames must be a uint8 numpy array, got {_describe(self.frames)}")
             if self.frames.shape != (T, 3, *self.view.size):
-                raise self._fail(f"frames must be [T, 3, H, W] = {[T, 3, *self.view.size]}, got {list(self.frames.shape)}")
+                want = [T, 3, *self.view.size]
+                raise self._fail(f"frames must be [T, 3, H, W] = {want}, got {list(self.frames.shape)}")
         for name in ("tokens", "attn", "pooled"):
             if not np.isfinite(getattr(self, name)).all():
                 raise self._fail(f"{name} contains NaN or inf")
@@ -195,17 +197,23 @@ def record_arrays(record: TargetRecord, codec: Codec, frames: bool) -> dict[str,
     if record.visible_idx is not None:
         out["visible_idx"] = np.ascontiguousarray(record.visible_idx)
     if frames:
-        if record.frames is None:
-            raise RecordError(f"record {record.clip_id!r} view {record.view_index}: the store keeps frames, the record has none")
-        out["frames"] = np.ascontiguousarray(record.frames)
+        out["frames"] = np.ascontiguousarray(require_frames(record))
     return out
 
 
+def require_frames(record: TargetRecord) -> np.ndarray:
+    """The record's pixels, for a store that keeps them; :class:`RecordError` if it has none."""
+    if record.frames is None:
+        raise RecordError(f"record {record.clip_id!r} view {record.view_index}: the store keeps frames, it has none")
+    return record.frames
+
+
 def record_from_arrays(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], codec: Codec) -> TargetRecord:
-    """Rebuild a record (float32 decoded) from its description and named stored arrays.
+    """Rebuild a record (float32 decoded) from its description and named stored arrays, and validate it.
 
     Raises:
-        KeyError: a stored array is missing (the caller turns it into :class:`StoreDamagedError`).
+        KeyError: a stored array is missing; RecordError: the arrays disagree (the layouts turn both
+            into :class:`StoreDamagedError` naming the shard).
     """
     decoded = {}
     for field in CODED_FIELDS:
@@ -220,4 +228,4 @@ def record_from_arrays(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
         pooled=np.asarray(arrays["pooled"], dtype=np.float32),
         visible_idx=arrays["visible_idx"] if meta.get("mode") == "visible" else None,
         frames=arrays.get("frames"),
-    )
+    ).validate()

@@ -127,7 +127,9 @@ def write_index(root: str | Path, layout: str, shard_infos: Sequence[dict[str, A
         records = [[str(c), int(v)] for c, v in info["records"]]
         if len(records) != info["num_records"]:
             raise ValueError(f"shard {info['name']}: num_records {info['num_records']} but {len(records)} records")
-        shards.append({"name": info["name"], "num_records": len(records), "nbytes": int(info["nbytes"]), "records": records})
+        shards.append(
+            {"name": info["name"], "num_records": len(records), "nbytes": int(info["nbytes"]), "records": records}
+        )
     index = {"format": INDEX_FORMAT, "layout": layout, "shards": shards}
     atomic_write_json(Path(root) / INDEX_FILE, index)
     return index
@@ -202,6 +204,10 @@ class CacheReader:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn get a copy without open handles; each opens its own.
+        return {**self.__dict__, "_zarr": {}}
 
     def __contains__(self, key: object) -> bool:
         return key in self._where

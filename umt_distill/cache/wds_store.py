@@ -27,7 +27,14 @@ from umt_distill.cache.codecs import (
     entry_suffix,
     get_codec,
 )
-from umt_distill.cache.record import RecordError, StoreDamagedError, TargetRecord, record_arrays, record_from_arrays, stored_names
+from umt_distill.cache.record import (
+    StoreDamagedError,
+    TargetRecord,
+    record_arrays,
+    record_from_arrays,
+    require_frames,
+    stored_names,
+)
 from umt_distill.cache.zarr_store import fsync_dir
 
 FORMAT_VERSION = 1
@@ -55,7 +62,8 @@ def _jpeg_bytes(frame: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     # 4:4:4 (no chroma subsampling): the student should see colours as close as possible to what the
     # teacher saw; at quality 95 it costs ~25% more bytes and cuts the mean pixel error ~3x.
-    Image.fromarray(np.ascontiguousarray(frame.transpose(1, 2, 0))).save(buf, format="JPEG", quality=quality, subsampling=0)
+    image = Image.fromarray(np.ascontiguousarray(frame.transpose(1, 2, 0)))  # [H, W, 3]
+    image.save(buf, format="JPEG", quality=quality, subsampling=0)
     return buf.getvalue()
 
 
@@ -96,9 +104,7 @@ class WdsShardWriter:
         for name, arr in record_arrays(record, self.codec, frames=self.frames == "raw").items():
             entries[f"{name}.npy{sfx}"] = compress_bytes(self.compressor, _npy_bytes(arr), arr.dtype.itemsize)
         if self.frames == "jpeg":
-            if record.frames is None:
-                raise RecordError(f"record {record.clip_id!r} view {record.view_index}: the store keeps frames, the record has none")
-            for t, frame in enumerate(record.frames):  # [3, H, W]
+            for t, frame in enumerate(require_frames(record)):  # [3, H, W]
                 entries[f"frame{t:03d}.jpg"] = _jpeg_bytes(frame, self.jpeg_quality)
         # Tar checksums cover headers only; a CRC32 per entry turns flipped data bits into an error
         # whatever the compressor (the zarr layout has CRC32C per chunk for the same reason).
@@ -106,8 +112,8 @@ class WdsShardWriter:
             "frames": self.frames,
             "crc32": {entry: zlib.crc32(data) for entry, data in entries.items()},
         }
-        sample = {"__key__": sample_key(self.name, len(self._records)), "view.json": json.dumps(meta, sort_keys=True).encode()}
-        self._tar.write(sample | entries)
+        key = sample_key(self.name, len(self._records))
+        self._tar.write({"__key__": key, "view.json": json.dumps(meta, sort_keys=True).encode(), **entries})
         self._records.append([record.clip_id, int(record.view_index)])
 
     def close(self) -> dict[str, Any]:
@@ -174,7 +180,8 @@ def iter_tar_samples(url: str, expected_records: list | None = None) -> Iterator
         finally:
             stream.close()
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise StoreDamagedError(url, f"unreadable tar after {count} samples: {type(e).__name__}: {e.args[0] if e.args else e}") from e
+        detail = e.args[0] if e.args else e  # webdataset appends stream objects to args; keep the message
+        raise StoreDamagedError(url, f"unreadable tar after {count} samples: {type(e).__name__}: {detail}") from e
     if expected_records is not None and count != len(expected_records):
         raise StoreDamagedError(url, f"{count} samples, index.json lists {len(expected_records)} (truncated tar?)")
 
@@ -238,7 +245,8 @@ def iter_tar_records(url: str, expected_records: list | None = None) -> Iterator
     for row, sample in enumerate(iter_tar_samples(url, expected_records)):
         record = decode_sample(sample)
         if expected_records is not None and [record.clip_id, record.view_index] != list(expected_records[row]):
-            raise StoreDamagedError(url, f"sample {row} is {record.clip_id!r} view {record.view_index}, index.json says {expected_records[row]}")
+            got = f"{record.clip_id!r} view {record.view_index}"
+            raise StoreDamagedError(url, f"sample {row} is {got}, index.json says {expected_records[row]}")
         yield record
 
 

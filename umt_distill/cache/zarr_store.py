@@ -78,7 +78,9 @@ def fsync_dir(path: Path) -> None:
 class ZarrShardWriter:
     """Zarr v3: one group per shard, sharded arrays, one chunk per record (random access)."""
 
-    def __init__(self, shards_dir: str | Path, name: str, codec: str, compressor: str = "zstd", frames: str = "none") -> None:
+    def __init__(
+        self, shards_dir: str | Path, name: str, codec: str, compressor: str = "zstd", frames: str = "none"
+    ) -> None:
         if frames not in ("none", "raw"):
             raise ValueError(f"layout zarr stores frames as 'raw' or not at all ('none'), not {frames!r}")
         self.shards_dir, self.name = Path(shards_dir), name
@@ -143,7 +145,13 @@ class ZarrShardWriter:
         except BaseException:
             shutil.rmtree(self.tmp_path, ignore_errors=True)
             raise
-        return {"name": self.name, "path": str(self.final_path), "num_records": len(records), "nbytes": nbytes, "records": records}
+        return {
+            "name": self.name,
+            "path": str(self.final_path),
+            "num_records": len(records),
+            "nbytes": nbytes,
+            "records": records,
+        }
 
     def _attributes(self, records: list) -> dict[str, Any]:
         return {

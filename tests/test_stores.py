@@ -389,6 +389,8 @@ def test_writer_rejects_records_that_do_not_fit(tmp_path: Path) -> None:
     writer.add(make_record("a", 0, 0))
     with pytest.raises(RecordError, match="'b' view 0: shapes"):
         writer.add(make_record("b", 0, 1, visible=2))
+    with pytest.raises(RecordError, match="'a' view 0: already in this shard"):
+        writer.add(make_record("a", 0, 5))
     bad = make_record("c", 0, 2)
     bad.tokens = bad.tokens.astype(np.float64)
     with pytest.raises(RecordError, match="tokens must be a float32"):

@@ -201,6 +201,13 @@ def record_arrays(record: TargetRecord, codec: Codec, frames: bool) -> dict[str,
     return out
 
 
+def check_new_key(record: TargetRecord, seen: set[tuple[str, int]]) -> None:
+    """Validate a record about to be added to a shard holding ``seen`` keys; a repeated key is an error."""
+    record.validate()
+    if (record.clip_id, int(record.view_index)) in seen:
+        raise RecordError(f"record {record.clip_id!r} view {record.view_index}: already in this shard")
+
+
 def require_frames(record: TargetRecord) -> np.ndarray:
     """The record's pixels, for a store that keeps them; :class:`RecordError` if it has none."""
     if record.frames is None:

@@ -20,6 +20,7 @@ from umt_distill.cache.record import (
     RecordError,
     StoreDamagedError,
     TargetRecord,
+    check_new_key,
     record_arrays,
     record_from_arrays,
     stored_names,
@@ -94,13 +95,14 @@ class ZarrShardWriter:
         self._rows: list[dict[str, np.ndarray]] = []
         self._meta: list[dict[str, Any]] = []
         self._mode: str | None = None
+        self._keys: set[tuple[str, int]] = set()
         self._closed = False
 
     def add(self, record: TargetRecord) -> None:
         """Validate and encode one record; raise :class:`RecordError` if it does not fit the shard."""
         if self._closed:
             raise RuntimeError(f"shard writer {self.name} is closed")
-        record.validate()
+        check_new_key(record, self._keys)
         arrays = record_arrays(record, self.codec, self.frames)
         if self._rows:
             first = self._rows[0]
@@ -116,6 +118,7 @@ class ZarrShardWriter:
         self._mode = record.mode
         self._rows.append(arrays)
         self._meta.append(record.describe(self.codec_name, self.compressor))
+        self._keys.add((record.clip_id, int(record.view_index)))
 
     def close(self) -> dict[str, Any]:
         """Write the shard under its temporary name, fsync, rename to the final name.

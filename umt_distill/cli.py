@@ -183,24 +183,30 @@ def cache_verify_cmd(
 @app.command()
 def train(recipe: RecipeArg, overrides: OverridesArg = None,
           resume: Annotated[Optional[Path], typer.Option(help="Checkpoint dir to resume from.")] = None) -> None:
-    """Stage-1 UTA pretraining, streaming cached targets (or running the teacher online).
+    """Train the stage named by `train.stage` (stage1, stage2 or finetune) as the recipe says.
+
+    Stage 1 streams cached teacher targets (`teacher.mode=cached`) or runs the teacher online
+    (`teacher.mode=online`). A re-run with the same `train.output_dir` resumes mid-epoch.
 
     Examples:
 
-        umt-distill train stage1/tiny cache.store=cache/tiny train.output_dir=runs/tiny
+        umt-distill train stage1/tiny corpus.source=data/m.csv cache.store=cache/tiny train.output_dir=runs/tiny
 
         torchrun --nproc-per-node 8 -m umt_distill train stage1/b16_k710
     """
+    import importlib
+
     cfg = _load(recipe, overrides)
-    try:
-        from umt_distill.stages.stage1 import train as stage1_train
-    except ModuleNotFoundError:
-        _fail("training is not available in this version yet", EXIT_ERROR)
     from umt_distill.cache.pipeline import CacheError
+    from umt_distill.cache.spec import SpecMismatchError
 
     try:
-        stage1_train(cfg, resume=resume)
-    except (CacheError, RecipeError) as e:
+        stage = importlib.import_module(f"umt_distill.stages.{cfg.train.stage}")
+    except ModuleNotFoundError:
+        _fail(f"train.stage={cfg.train.stage} is not available in this version yet", EXIT_ERROR)
+    try:
+        stage.train(cfg, resume=resume)
+    except (CacheError, RecipeError, SpecMismatchError, FileNotFoundError) as e:
         _fail(str(e), EXIT_ERROR)
 
 

@@ -130,6 +130,8 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     """The training loop."""
 
+    stage: Literal["stage1", "stage2", "finetune"] = "stage1"
+    """Which loop `umt-distill train` runs."""
     output_dir: str = "runs/default"
     epochs: int = Field(201, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -147,6 +149,34 @@ class TrainConfig(_Section):
     """Re-decode the view from the video, or read the frames stored in the shards."""
 
 
+class TextConfig(_Section):
+    """Stage 2 / retrieval: the BERT text side. (Fields owned by the stage-2 work.)"""
+
+    encoder: str = "bert-base-uncased"
+    """HF hub id or local folder of a BERT checkpoint; ``tiny`` builds a small random BERT for tests."""
+    tokenizer: str = "bert-base-uncased"
+    """HF hub id or local folder; ``train-on-corpus`` trains a WordPiece tokenizer on the captions."""
+    fusion_layer: int = Field(9, ge=0)
+    max_length: int = Field(32, ge=4)
+
+
+class Stage2Config(_Section):
+    """Stage 2 losses and data mixing. (Fields owned by the stage-2 work.)"""
+
+    loss_weights: dict[str, float] = {"uta": 1.0, "vtc": 1.0, "vtm": 1.0, "mlm": 1.0}
+    embed_dim: int = Field(512, ge=1)
+    image_mask_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    mlm_prob: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class FinetuneConfig(_Section):
+    """Action-recognition fine-tuning. (Fields owned by the fine-tuning work.)"""
+
+    num_classes: int = Field(400, ge=1)
+    init: str | None = None
+    """Checkpoint to start from: ours (stage 1/2) or an official UMT file."""
+
+
 class Recipe(_Section):
     """A complete recipe. Sections a command does not use are ignored by it."""
 
@@ -159,6 +189,9 @@ class Recipe(_Section):
     mask: MaskConfig = MaskConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    text: TextConfig = TextConfig()
+    stage2: Stage2Config = Stage2Config()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -37,6 +37,7 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
 
     Returns ``{"ok", "fields": [per-field error rows], "problems": [str], "checked": n}``.
     """
+    from umt_distill.cache.record import StoreDamagedError
     from umt_distill.cache.stores import CacheReader
     from umt_distill.config import recipe_from_dict
     from umt_distill.data.corpus import read_corpus
@@ -48,7 +49,7 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
     try:
         spec = read_spec(root)
         reader = CacheReader(root)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, StoreDamagedError) as e:
         raise CacheError(str(e)) from None
     if spec.get("status") != "complete":
         raise CacheError(f"{root}: the store is not complete (status {spec.get('status')!r}); finish cache-teacher first")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from umt_distill.config import Recipe
 
@@ -158,25 +158,39 @@ class EpochSampler(Sampler[int]):
 
 
 class StreamingViewDataset(IterableDataset):
-    """WebDataset streaming: records of this epoch's view, split by node and worker, pixels from the store
-    or re-decoded. Views of other epochs are skipped (a streamed shard holds all K views of its clips)."""
+    """WebDataset streaming: this epoch's view of every clip, split by node and worker.
 
-    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None) -> None:
+    Rank ``r`` of ``w`` streams shards ``r, r + w, ...`` (in index order); a shuffle buffer seeded by
+    (seed, epoch, rank, worker) mixes their samples. Each shard holds all K views of its clips, so the
+    other K − 1 views are read and skipped: streaming trades read bandwidth for sequential access.
+    Pixels come from the store's frames or are re-decoded from the videos.
+    """
+
+    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, shuffle: int = 64) -> None:
         from umt_distill.cache.spec import read_spec
+        from umt_distill.cache.stores import read_index
 
-        self.store, self.cfg, self.rows = Path(store), cfg, rows or {}
+        self.store, self.cfg, self.rows, self.shuffle = Path(store), cfg, rows or {}, shuffle
         self.num_views = int(read_spec(self.store)["views"]["num_views"])
+        self.shards = read_index(self.store)["shards"]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def clips_per_rank(self, world_size: int) -> int:
+        """Clips every rank can stream in one epoch: the smallest rank's share (ranks take equal steps)."""
+        def clips(rank: int) -> int:
+            return sum(len({c for c, _ in s["records"]}) for s in self.shards[rank::world_size])
+
+        return min(clips(r) for r in range(world_size))
+
     def __iter__(self) -> Iterator[dict]:
         from umt_distill.cache.stores import wds_records
 
-        worker = get_worker_info()
-        del worker  # splitting by worker happens inside wds_records
-        for record in wds_records(self.store, shuffle=0, split_by_node=True, split_by_worker=True):
+        records = wds_records(self.store, shuffle=self.shuffle, split_by_node=True, split_by_worker=True,
+                              seed=self.cfg.seed, epoch=self.epoch)
+        for record in records:
             if record.view_index != epoch_view(self.cfg.seed, record.clip_id, self.epoch, self.num_views):
                 continue
             if self.cfg.train.pixels_from == "store":

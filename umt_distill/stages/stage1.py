@@ -48,10 +48,10 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
         teacher = build_teacher(cfg, device)  # frozen; never wrapped, never in the optimizer
         teacher_dim = teacher.embed_dim
     student = build_student(cfg, teacher_dim).to(device)
-    dataset, sampler, make_loader = build_data(cfg, env)
-    steps_per_epoch = len(sampler) // (cfg.train.batch_size * cfg.train.accum_steps)
+    dataset, sampler, make_loader, clips_per_rank = build_data(cfg, env)
+    steps_per_epoch = clips_per_rank // (cfg.train.batch_size * cfg.train.accum_steps)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(sampler)} clips per rank are fewer than one step of {cfg.train.batch_size} x {cfg.train.accum_steps}")
+        raise ValueError(f"{clips_per_rank} clips per rank are fewer than one step of {cfg.train.batch_size} x {cfg.train.accum_steps}")
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     total_batch = cfg.train.batch_size * cfg.train.accum_steps * env.world_size
     lr, min_lr, warmup_lr = scaled_lrs(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_lr, total_batch, cfg.optim.scale_lr)
@@ -77,8 +77,13 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start=done_in_epoch * cfg.train.batch_size * cfg.train.accum_steps)
+        consumed = done_in_epoch * cfg.train.accum_steps  # batches of this epoch already trained on
+        if sampler is not None:
+            sampler.set_epoch(epoch, start=consumed * cfg.train.batch_size)
         batches = iter(make_loader())
+        if sampler is None:  # a stream cannot seek: read past what was consumed before the restart
+            for _ in range(consumed):
+                next(batches)
         t_data = time.perf_counter()
         for _ in range(steps_per_epoch - done_in_epoch):
             if step >= total_steps:

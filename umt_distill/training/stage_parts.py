@@ -53,23 +53,28 @@ def build_student(cfg: Recipe, teacher_dim: int) -> torch.nn.Module:
 
 
 def build_data(cfg: Recipe, env: DistEnv):
-    """(dataset, sampler or None, make_loader) for the recipe's target source."""
+    """(dataset, sampler or None, make_loader, clips per rank and epoch) for the recipe's target source.
+
+    Random-access sources use an :class:`EpochSampler`; a WebDataset store streams (sampler None) and
+    the loop skips already-consumed batches on resume.
+    """
     from umt_distill.data.corpus import read_corpus
     from umt_distill.data.targets import CachedViewDataset, EpochSampler, OnlineViewDataset, StreamingViewDataset
 
     rows = []
     if cfg.teacher.mode == "online" or cfg.train.pixels_from == "video":
         rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
-    if cfg.teacher.mode == "online":
-        dataset = OnlineViewDataset(rows, cfg)
-    elif cfg.cache.layout == "wds":
+    sampler = None
+    if cfg.teacher.mode == "cached" and cfg.cache.layout == "wds":
         dataset = StreamingViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
+        per_rank = dataset.clips_per_rank(env.world_size)
     else:
-        dataset = CachedViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
-    streaming = isinstance(dataset, StreamingViewDataset)
-    if streaming:
-        raise NotImplementedError("training from a WebDataset store is not wired into stage 1 yet; use cache.layout=zarr")
-    sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
+        if cfg.teacher.mode == "online":
+            dataset = OnlineViewDataset(rows, cfg)
+        else:
+            dataset = CachedViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
+        sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
+        per_rank = sampler.per_rank()
     workers = cfg.train.num_workers
 
     def make_loader() -> DataLoader:
@@ -79,7 +84,7 @@ def build_data(cfg: Recipe, env: DistEnv):
                           generator=torch.Generator().manual_seed(cfg.seed),
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
-    return dataset, sampler, make_loader
+    return dataset, sampler, make_loader, per_rank
 
 
 def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:

@@ -255,3 +255,15 @@ def test_two_processes_write_the_records_of_one(tmp_path: Path) -> None:
     assert spec["status"] == "complete" and spec["counts"]["failures"] == 2
     _assert_same_records(_records(one), _records(two))
     assert sorted((one / "failures.jsonl").read_text().splitlines()) == sorted((two / "failures.jsonl").read_text().splitlines())
+
+
+def test_a_second_run_on_the_same_store_is_refused(corpus: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    store = tmp_path / "locked"
+    cfg = _recipe(corpus, store, "cache.limit=2")
+    cache_teacher(cfg, progress=False)
+    with open(store / ".lock-rank0", "w") as held:  # as if another run were writing rank 0's shards
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CacheError, match="being written by another cache-teacher run"):
+            cache_teacher(cfg, progress=False)

@@ -204,9 +204,11 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None,
         stage = importlib.import_module(f"umt_distill.stages.{cfg.train.stage}")
     except ModuleNotFoundError:
         _fail(f"train.stage={cfg.train.stage} is not available in this version yet", EXIT_ERROR)
+    from umt_distill.training.stage_parts import NonFiniteLossError
+
     try:
         stage.train(cfg, resume=resume)
-    except (CacheError, RecipeError, SpecMismatchError, FileNotFoundError) as e:
+    except (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError) as e:
         _fail(str(e), EXIT_ERROR)
 
 

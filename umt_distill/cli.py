@@ -113,10 +113,11 @@ def cache_teacher_cmd(recipe: RecipeArg, overrides: OverridesArg = None) -> None
     """
     cfg = _load(recipe, overrides)
     from umt_distill.cache.pipeline import CacheError, cache_teacher
+    from umt_distill.data.corpus import CorpusError
 
     try:
         summary = cache_teacher(cfg)
-    except (CacheError, RecipeError) as e:
+    except (CacheError, RecipeError, CorpusError) as e:
         _fail(str(e), EXIT_ERROR)
     raise typer.Exit(EXIT_PARTIAL if summary.get("failures", 0) else EXIT_OK)
 
@@ -204,11 +205,12 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None,
         stage = importlib.import_module(f"umt_distill.stages.{cfg.train.stage}")
     except ModuleNotFoundError:
         _fail(f"train.stage={cfg.train.stage} is not available in this version yet", EXIT_ERROR)
+    from umt_distill.data.corpus import CorpusError
     from umt_distill.training.stage_parts import NonFiniteLossError
 
     try:
         stage.train(cfg, resume=resume)
-    except (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError) as e:
+    except (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError, CorpusError) as e:
         _fail(str(e), EXIT_ERROR)
 
 

@@ -267,3 +267,27 @@ def test_a_second_run_on_the_same_store_is_refused(corpus: Path, tmp_path: Path)
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(CacheError, match="being written by another cache-teacher run"):
             cache_teacher(cfg, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "counts"])
+def test_verify_names_the_damaged_shard(fp32_store: Path, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    from umt_distill.cache.verify import verify_store
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(fp32_store, copy)
+    shard = sorted((copy / "shards").glob("shard-*.zarr"))[-1]
+    if damage == "truncate":
+        victim = max((p for p in shard.rglob("*") if p.is_file() and p.name != "zarr.json"), key=lambda p: p.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    elif damage == "delete":
+        shutil.rmtree(shard)
+    else:
+        spec = json.loads((copy / "spec.json").read_text())
+        spec["counts"]["records"] += 1
+        (copy / "spec.json").write_text(json.dumps(spec))
+    report = verify_store(copy, sample=0, device="cpu", deep=True)
+    assert not report["ok"]
+    named = shard.name if damage != "counts" else "spec.json"
+    assert any(named in p for p in report["problems"]), report["problems"]

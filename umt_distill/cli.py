@@ -154,11 +154,14 @@ def cache_verify_cmd(
     sample: Annotated[int, typer.Option("--sample", "-n", help="Records to re-compute.")] = 8,
     seed: Annotated[int, typer.Option(help="Which records are sampled.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    deep: Annotated[bool, typer.Option("--deep", help="Also read every record of every shard (checksums).")] = False,
 ) -> None:
     """Re-decode and re-run the teacher on N random records and compare with the store.
 
-    Reports max/mean absolute error and cosine per field, checks frame digests and that the
-    teacher's weights match the spec. Exit status 1 on any mismatch.
+    First checks the files: every shard present with the size index.json records, counts that
+    agree with spec.json (and with --deep, every record readable). Then reports max/mean absolute
+    error and cosine per field, checks frame digests and that the teacher's weights match the spec.
+    Exit status 1 on any mismatch or damage, naming the shard or field.
 
     Example: `umt-distill cache verify cache/tiny --sample 16`
     """
@@ -166,7 +169,7 @@ def cache_verify_cmd(
     from umt_distill.cache.verify import verify_store
 
     try:
-        report = verify_store(store, sample=sample, seed=seed, device=device)
+        report = verify_store(store, sample=sample, seed=seed, device=device, deep=deep)
     except CacheError as e:
         _fail(str(e), EXIT_ERROR)
     table = Table(title=f"verify {store}")
@@ -205,12 +208,14 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None,
         stage = importlib.import_module(f"umt_distill.stages.{cfg.train.stage}")
     except ModuleNotFoundError:
         _fail(f"train.stage={cfg.train.stage} is not available in this version yet", EXIT_ERROR)
+    from umt_distill.cache.record import StoreDamagedError
     from umt_distill.data.corpus import CorpusError
     from umt_distill.training.stage_parts import NonFiniteLossError
 
     try:
         stage.train(cfg, resume=resume)
-    except (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError, CorpusError) as e:
+    except (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError, CorpusError,
+            StoreDamagedError) as e:
         _fail(str(e), EXIT_ERROR)
 
 

@@ -32,8 +32,36 @@ def _compare(name: str, stored: np.ndarray, fresh: np.ndarray, tol: float) -> di
     }
 
 
-def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str = "auto") -> dict:
-    """Re-decode and re-run the teacher on ``sample`` random records.
+def check_structure(root: Path, spec: dict, reader, deep: bool = False) -> list[str]:
+    """Problems with the store's files: missing or resized shards, counts or codecs that disagree with
+    the spec; with ``deep``, every record is read (checksums, shapes)."""
+    from umt_distill.cache.record import StoreDamagedError
+
+    problems = []
+    index_records = sum(len(s["records"]) for s in reader.shards.values())
+    if spec.get("counts", {}).get("records") != index_records:
+        problems.append(f"spec.json counts {spec.get('counts', {}).get('records')} records, index.json lists {index_records}")
+    for shard in reader.shards.values():
+        path = Path(reader.shard_path(shard["name"]))
+        if not path.exists():
+            problems.append(f"{path}: shard data is missing")
+            continue
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if size != shard["nbytes"]:
+            problems.append(f"{path}: {size} bytes on disk, index.json says {shard['nbytes']} (truncated or modified)")
+        if deep:
+            try:
+                count = sum(1 for _ in reader.iter_shard(shard["name"]))
+            except StoreDamagedError as e:
+                problems.append(str(e))
+                continue
+            if count != shard["num_records"]:
+                problems.append(f"{path}: {count} records readable, index.json says {shard['num_records']}")
+    return problems
+
+
+def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str = "auto", deep: bool = False) -> dict:
+    """Check the store's files, then re-decode and re-run the teacher on ``sample`` random records.
 
     Returns ``{"ok", "fields": [per-field error rows], "problems": [str], "checked": n}``.
     """
@@ -54,7 +82,7 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
     if spec.get("status") != "complete":
         raise CacheError(f"{root}: the store is not complete (status {spec.get('status')!r}); finish cache-teacher first")
     cfg = recipe_from_dict(spec["recipe"], origin=f"{root}/spec.json")
-    problems: list[str] = []
+    problems: list[str] = check_structure(root, spec, reader, deep)
     teacher = build_teacher(cfg, resolve_device(device))
     if teacher.weights_digest != spec["teacher"]["weights_digest"]:
         problems.append(
@@ -67,7 +95,11 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
     tol = COSINE_TOLERANCE.get(spec["codec"]["name"], 0.99)
     collected: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"tokens": [], "attn": [], "pooled": []}
     for clip_id, k in chosen:
-        rec = reader.get(clip_id, k)
+        try:
+            rec = reader.get(clip_id, k)
+        except StoreDamagedError as e:
+            problems.append(str(e))
+            continue
         row = rows.get(clip_id)
         if row is None:
             problems.append(f"{clip_id}: not in the corpus {cfg.corpus.source}")

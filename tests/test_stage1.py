@@ -192,3 +192,17 @@ def test_train_streams_a_webdataset_store_and_resumes_mid_epoch(corpus, tmp_path
     train(cfg)
     again = {m["step"]: m["loss"] for m in read_metrics(run / "metrics.jsonl")}
     assert again == first
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(corpus, stores, tmp_path) -> None:
+    from umt_distill.stages.stage1 import train
+    from umt_distill.training.stage_parts import NonFiniteLossError
+
+    run = tmp_path / "nan"
+    recipe, *overrides = _train_args(corpus, stores["fp32"], run, "train.max_steps=20", "train.batch_size=2",
+                                     "train.ckpt_every=1", "optim.lr=1.0e+30", "optim.warmup_epochs=0")
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+") as info:
+        train(load_recipe(recipe, overrides))
+    bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{bad_step - 1:08d}", (latest, bad_step)

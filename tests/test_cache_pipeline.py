@@ -291,3 +291,29 @@ def test_verify_names_the_damaged_shard(fp32_store: Path, tmp_path: Path, damage
     assert not report["ok"]
     named = shard.name if damage != "counts" else "spec.json"
     assert any(named in p for p in report["problems"]), report["problems"]
+
+
+def test_file_size_limit_fails_cleanly_and_resume_completes(corpus: Path, tmp_path: Path) -> None:
+    """RLIMIT_FSIZE hit while a shard is written: a clear error, no shard that looks complete, and a
+    later run without the limit finishes the store."""
+    import resource
+
+    store = tmp_path / "fsize"
+    args = ["cache-teacher", "stage1/tiny", f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32"]
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    proc = subprocess.run([sys.executable, "-m", "umt_distill", *args], capture_output=True, text=True, timeout=180,
+                          preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"})
+    assert proc.returncode == 1, proc.stderr
+    assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((store / "spec.json").read_text())["status"] == "in_progress"
+    assert not list((store / "shards").glob(".tmp-*")), "the failed shard's temporary files are removed"
+    complete = {p.stem for p in (store / "shards").glob("shard-*.json")}
+    data = {p.name.split(".")[0] for p in (store / "shards").glob("shard-*") if not p.name.endswith(".json")}
+    assert data <= complete, "no shard data without its completion marker"
+    proc = _cli(*args)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 3, err
+    assert json.loads((store / "spec.json").read_text())["status"] == "complete"

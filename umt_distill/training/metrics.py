@@ -45,8 +45,14 @@ class MetricsLogger:
         """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", -1) <= step]
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed mid-write
+                continue
+            if record.get("step", -1) <= step:
+                keep.append(line)
         self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
     def close(self) -> None:

@@ -170,11 +170,75 @@ class Stage2Config(_Section):
 
 
 class FinetuneConfig(_Section):
-    """Action-recognition fine-tuning. (Fields owned by the fine-tuning work.)"""
+    """Action-recognition fine-tuning and evaluation (reference/umt.md §3). The backbone size is
+    ``student.name`` and its drop path ``student.drop_path_rate``; LRs are per 256 clips (``optim``)."""
 
+    # data: labelled manifests (corpus.root and corpus.video_backend apply to all three)
+    train_source: str = ""
+    """Training manifest (.csv/.jsonl with a label per row)."""
+    val_source: str | None = None
+    """Validated on one centre view every ``eval_every`` epochs; null = no validation."""
+    test_source: str | None = None
+    """Multi-view tested after training and by `umt-distill eval` (falls back to ``val_source``)."""
+    label_map: str | None = None
+    """Class names, one per line (line i = class i) or JSON; needed when manifests give names."""
     num_classes: int = Field(400, ge=1)
+    num_frames: int = Field(8, ge=1)
+    size: int = Field(224, ge=8)
+    sampling: Literal["sparse", "segment"] = "sparse"
+    """``sparse``: UMT's Kinetics sampling; ``segment``: TSN segments (SSv2)."""
+
+    # model and initialisation
+    backbone: Literal["student", "image_teacher"] = "student"
+    """``image_teacher``: the baseline — the ``teacher`` CLIP tower per frame, averaged over time."""
     init: str | None = None
-    """Checkpoint to start from: ours (stage 1/2) or an official UMT file."""
+    """Our stage-1/2/fine-tune checkpoint (file or run dir) or an official UMT file; null = random init."""
+    pretrain_num_frames: int = Field(8, ge=1)
+    """Frames of pretraining: the position table is adapted from that grid (UMT: 8)."""
+    pretrain_size: int = Field(224, ge=8)
+    """Resolution of pretraining (UMT: 224)."""
+    drop_head: bool = False
+    """Re-initialise the head of a fine-tuned init checkpoint."""
+    head_slice: int | None = Field(None, ge=1)
+    """Keep the first N rows of the init checkpoint's head (K710 → K400: 400)."""
+    head_init_scale: float = Field(0.001, gt=0)
+    fc_drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    # optimisation (AdamW, cosine and warmup come from `optim`)
+    layer_decay: float = Field(0.75, gt=0.0, le=1.0)
+    """Layer-wise LR decay (UMT: 0.75 for B, 0.85 for L); 1 = off."""
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    mixup: float = Field(0.8, ge=0.0)
+    """Mixup beta alpha; 0 = off."""
+    cutmix: float = Field(1.0, ge=0.0)
+    """CutMix beta alpha; 0 = off (one box per clip, shared by all frames)."""
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
+    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+
+    # training augmentation
+    randaug: str | None = "rand-m7-n4-mstd0.5-inc1"
+    """timm RandAugment string, the same ops on every frame of a clip; null = off."""
+    train_scale: tuple[float, float] = (0.08, 1.0)
+    """Random-resized-crop area range."""
+    train_ratio: tuple[float, float] = (0.75, 1.3333)
+    """Random-resized-crop aspect-ratio range."""
+    flip: bool = True
+    """Random horizontal flip (false for SSv2, whose labels say left/right)."""
+    reprob: float = Field(0.25, ge=0.0, le=1.0)
+    """Random-erasing probability per frame."""
+    remode: Literal["pixel", "rand", "const"] = "pixel"
+    recount: int = Field(1, ge=1)
+    num_sample: int = Field(2, ge=1)
+    """Repeated augmentation: augmented clips per decoded video (the batch holds batch_size × num_sample)."""
+
+    # evaluation
+    test_num_clips: int = Field(4, ge=1)
+    test_num_crops: int = Field(3, ge=1)
+    eval_every: int = Field(1, ge=0)
+    """Validate every N epochs (0 = only at the end)."""
+    eval_batch_size: int = Field(4, ge=1)
+    """Videos per evaluation batch (each with clips × crops views)."""
 
 
 class Recipe(_Section):

@@ -231,9 +231,8 @@ def backbone_config(student_name: str) -> dict[str, Any]:
     The student is built on the meta device (no memory, no init cost) and its encoder read back, so the
     registered sizes stay the single source of truth for both pretraining and fine-tuning.
     """
-    from umt_distill.registry import STUDENTS, load_all_parts
+    from umt_distill.registry import STUDENTS  # this module imports models.vit, which registers the sizes
 
-    load_all_parts()
     with torch.device("meta"):
         encoder = STUDENTS.get(student_name)().encoder
     block = encoder.blocks[0]
@@ -391,7 +390,8 @@ def load_classifier_weights(
     mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
                   for k in sorted(set(state) & wanted) if state[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        if layout == "finetuned" and any(k == "head.weight" for k, *_ in mismatched):
+        if layout == "finetuned" and head_rows is not None and head_rows != model.num_classes and not drop_head \
+                and head_slice is None:
             raise CheckpointError(
                 source, f"the file's head has {head_rows} classes, the model {model.num_classes}; set "
                 f"finetune.head_slice={model.num_classes} to keep its first rows (K710 → K400) or finetune.drop_head=true"

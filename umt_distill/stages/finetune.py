@@ -1,0 +1,367 @@
+"""Fine-tuning for action recognition, and its multi-view evaluation (reference/umt.md §3).
+
+One explicit loop (``train``): labelled videos → clip-consistent augmentation (``num_sample`` clips per
+decoded video) → Mixup/CutMix with one box per clip → classifier → soft-target cross-entropy (label
+smoothing folded in) → AdamW with layer-wise LR decay and a per-iteration cosine schedule. Validation
+on one centre view every ``finetune.eval_every`` epochs; after training, the multi-view test
+(clips × crops, softmax averaged per video). ``evaluate`` runs that test on any fine-tuned checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from umt_distill.config import Recipe, recipe_to_yaml
+from umt_distill.data.classification import (
+    VideoClassificationTestSet,
+    VideoClassificationTrainSet,
+    VideoMixup,
+    collate_test,
+    collate_train,
+    read_label_map,
+    read_labelled_corpus,
+    sample_seed,
+)
+from umt_distill.data.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize_video
+from umt_distill.data.targets import EpochSampler
+from umt_distill.evaluation.multiview import classification_report, merge_views, write_report
+from umt_distill.models.checkpoints import CheckpointError
+from umt_distill.training import distributed as du
+from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from umt_distill.training.layer_decay import layer_decay_lr_scale
+from umt_distill.training.metrics import MetricsLogger
+from umt_distill.training.optim import build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.stage_parts import NonFiniteLossError
+
+
+def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
+    """Fine-tune as the recipe says; returns the last logged metrics (with ``test_*`` if tested).
+
+    Resumes from ``train.output_dir`` (or ``resume``) mid-epoch, exactly.
+    """
+    env = du.init_distributed()
+    device = du.resolve_device(cfg.train.device, env)
+    ft, out_dir = cfg.finetune, Path(cfg.train.output_dir)
+    torch.manual_seed(cfg.seed)  # identical initial head (and drop-path stream start) on every rank
+    model, report = build_classifier(cfg)
+    model.to(device)
+    if env.is_main and report is not None:
+        print(f"init: {report.layout} weights from {report.source} ({report.loaded} tensors; fresh: {report.fresh})", flush=True)
+
+    rows, labels = read_labelled_corpus(ft.train_source, cfg.corpus.root, ft.num_classes, ft.label_map)
+    dataset = VideoClassificationTrainSet(rows, labels, ft, cfg.seed, cfg.corpus.video_backend)
+    sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
+    steps_per_epoch = sampler.per_rank() // (cfg.train.batch_size * cfg.train.accum_steps)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{sampler.per_rank()} videos per rank are fewer than one step of "
+                         f"{cfg.train.batch_size} x {cfg.train.accum_steps}")
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    # UMT scales LRs by every clip in the step, repeated samples included.
+    total_batch = cfg.train.batch_size * cfg.train.accum_steps * env.world_size * ft.num_sample
+    o = cfg.optim
+    lr, min_lr, warmup_lr = scaled_lrs(o.lr, o.min_lr, o.warmup_lr, total_batch, o.scale_lr)
+    lrs = cosine_schedule(lr, min_lr, total_steps, int(o.warmup_epochs * steps_per_epoch), warmup_lr)
+    optimizer = build_adamw(model, lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay(),
+                            lr_scale=layer_decay_lr_scale(ft.layer_decay, model.depth))
+    mixup = build_mixup(cfg)
+    criterion = build_criterion(cfg, mixup is not None)
+    ddp_model = du.wrap_ddp(model, env, device)
+
+    step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
+    ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        metrics.truncate_after(step)
+        if env.is_main:
+            print(f"resuming from {ckpt} at step {step}", flush=True)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    recipe_yaml = recipe_to_yaml(cfg)
+    last: dict = {}
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start=done_in_epoch * cfg.train.accum_steps * cfg.train.batch_size)
+        batches = iter(_loader(dataset, cfg.train.batch_size, cfg.train.num_workers, collate_train, sampler, cfg.seed))
+        t_data = time.perf_counter()
+        for _ in range(steps_per_epoch - done_in_epoch):
+            if step >= total_steps:
+                break
+            set_lr(optimizer, float(lrs[step]))
+            ddp_model.train()
+            loss_sum, correct, seen, data_time, t_step = 0.0, 0, 0, 0.0, time.perf_counter()
+            for micro in range(cfg.train.accum_steps):
+                batch = next(batches)
+                data_time += time.perf_counter() - t_data
+                x = batch["pixels"].to(device, non_blocking=True)  # [B·S, 3, T, H, W] normalised
+                y = batch["label"].to(device)  # [B·S]
+                # One lambda and one CutMix box per batch, shared by all frames; a function of (seed, step, rank, micro).
+                targets = mixup(x, y, sample_seed(cfg.seed, "mixup", step, env.rank, micro))[1] if mixup else y
+                sync = micro == cfg.train.accum_steps - 1
+                with ddp_model.no_sync() if (env.distributed and not sync) else _null(), \
+                        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = ddp_model(x)  # [B·S, num_classes]
+                    loss = criterion(logits.float(), targets)
+                    scaler.scale(loss / cfg.train.accum_steps).backward()
+                loss_sum += loss.item() / cfg.train.accum_steps  # sync point: one .item() per micro-batch
+                correct += int((logits.argmax(1) == y).sum())
+                seen += y.numel()
+                t_data = time.perf_counter()
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLossError(f"loss is {loss_sum} at step {step + 1}; the last good checkpoint is kept in {out_dir}")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_time = time.perf_counter() - t_step
+            # train_top1 compares with the unmixed labels (a rough signal while Mixup is on)
+            last = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": float(lrs[step - 1]), "grad_norm": float(grad_norm),
+                    "train_top1": correct / seen, "step_time": step_time, "data_time": data_time,
+                    "clips_per_s": seen * env.world_size / step_time}
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                metrics.log(last)
+            epoch_done = step % steps_per_epoch == 0
+            if ft.val_source and ft.eval_every and epoch_done and (epoch + 1) % ft.eval_every == 0 and step < total_steps:
+                val = evaluate_model(model, cfg, ft.val_source, env, device, num_clips=1, num_crops=1)[0]
+                metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.summary().items()}})
+            if step % cfg.train.ckpt_every == 0 or step == total_steps:
+                state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
+                if env.is_main:
+                    save_checkpoint(out_dir, step, model, state, recipe_yaml)
+                du.barrier()
+    source = ft.test_source or ft.val_source
+    if source:  # the final model on the full multi-view protocol (UMT tests the best checkpoint instead)
+        report_, files = evaluate_model(model, cfg, source, env, device, ft.test_num_clips, ft.test_num_crops,
+                                        out_dir=out_dir / "eval" / "final")
+        test = {"step": step, **{f"test_{k}": v for k, v in report_.summary().items()}}
+        metrics.log(test)
+        last = {**last, **test}
+    metrics.close()
+    return last
+
+
+def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
+    """Multi-view test of a fine-tuned checkpoint on ``finetune.test_source`` (else ``val_source``).
+
+    Args:
+        cfg: The recipe (model size, classes, frames, test views; ``train.output_dir`` receives
+            ``eval/<checkpoint name>/`` with metrics.json, predictions.jsonl and confusion.png).
+        checkpoint: A fine-tuning run dir or checkpoint dir of ours, or an official fine-tuned UMT file;
+            ``finetune.head_slice`` applies (K710 head evaluated on K400).
+
+    Returns:
+        The scalar metrics (top1, top5, mean_class_accuracy, num_videos, num_views) and ``output``.
+    """
+    env = du.init_distributed()
+    device = du.resolve_device(cfg.train.device, env)
+    ft = cfg.finetune
+    source = ft.test_source or ft.val_source
+    if not source:
+        raise ValueError("evaluate needs finetune.test_source (or finetune.val_source)")
+    if ft.drop_head:
+        raise ValueError("finetune.drop_head=true would evaluate an untrained head; unset it for evaluation")
+    model, report = build_classifier(cfg, init=checkpoint)
+    if report is not None and report.layout != "finetuned":
+        raise CheckpointError(str(checkpoint), f"a {report.layout} pretraining checkpoint has no trained head; "
+                                               "fine-tune it first (umt-distill train) or use a fine-tuned file")
+    model.to(device)
+    name = Path(str(checkpoint).rstrip("/")).name or "checkpoint"
+    out = Path(cfg.train.output_dir) / "eval" / name
+    result, files = evaluate_model(model, cfg, source, env, device, ft.test_num_clips, ft.test_num_crops, out_dir=out)
+    summary = {**result.summary(), "output": str(out)}
+    if env.is_main:
+        print(f"{source}: top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
+              f"mean class acc {result.mean_class_accuracy:.4f}  ({result.num_videos} videos × {result.num_views} views)", flush=True)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# parts
+
+
+def build_classifier(cfg: Recipe, init: str | Path | None = None):
+    """The recipe's classifier and, when weights were loaded, what was loaded.
+
+    Args:
+        cfg: The recipe (``finetune.backbone``, ``student.*``, ``finetune.*``, ``teacher.*`` for the baseline).
+        init: Weights to load instead of ``finetune.init`` (``evaluate`` passes the checkpoint).
+
+    Returns:
+        (model, :class:`~umt_distill.models.classifier.ClassifierLoadReport` or None).
+    """
+    from umt_distill.models.classifier import create_classifier, load_classifier_weights, read_weights
+
+    ft, s = cfg.finetune, cfg.student
+    init = ft.init if init is None else init
+    if ft.backbone == "image_teacher":
+        model = _image_teacher_classifier(cfg)
+        if init is None:
+            return model, None
+        from umt_distill.models.classifier import ClassifierLoadReport
+
+        state, source = read_weights(init)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(source, f"not an image-teacher classifier checkpoint: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        return model, ClassifierLoadReport(source, "finetuned", len(state))
+    model = create_classifier(
+        s.name, ft.num_classes, pretrain_grid=pretrain_grid(cfg), fc_drop_rate=ft.fc_drop_rate,
+        head_init_scale=ft.head_init_scale, drop_path_rate=s.drop_path_rate, use_checkpoint=s.use_checkpoint,
+        checkpoint_num=s.checkpoint_num,
+    )
+    if init is None:
+        return model, None
+    _check_pretrain_recipe(init, cfg)
+    grid = (ft.num_frames // model.patch_embed.tubelet_size, ft.size // model.patch_embed.patch_size,
+            ft.size // model.patch_embed.patch_size)
+    return model, load_classifier_weights(model, init, head_slice=ft.head_slice, drop_head=ft.drop_head, grid=grid)
+
+
+def pretrain_grid(cfg: Recipe) -> tuple[int, int, int]:
+    """Token grid of pretraining, from ``finetune.pretrain_num_frames``/``pretrain_size`` and the patch size."""
+    from umt_distill.models.classifier import backbone_config
+
+    bb = backbone_config(cfg.student.name)
+    ft = cfg.finetune
+    side = ft.pretrain_size // bb["patch_size"]
+    return ft.pretrain_num_frames // bb["tubelet_size"], side, side
+
+
+def _check_pretrain_recipe(init: str | Path, cfg: Recipe) -> None:
+    """Our checkpoints carry their recipe: refuse a pretraining grid that contradicts it."""
+    import yaml
+
+    path = Path(init)
+    ckpt = latest_checkpoint(path) if path.is_dir() else None
+    recipe = ckpt / "recipe.yaml" if ckpt is not None else None
+    if recipe is None or not recipe.exists():
+        return
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    if data.get("train", {}).get("stage", "stage1") == "finetune":
+        return  # a fine-tuned init: its grid is the fine-tuning one, the pretraining fields carry over
+    views, ft = data.get("views", {}), cfg.finetune
+    if (views.get("num_frames"), views.get("size")) != (ft.pretrain_num_frames, ft.pretrain_size):
+        raise ValueError(f"{recipe}: pretrained with views.num_frames={views.get('num_frames')} and views.size="
+                         f"{views.get('size')}, but finetune.pretrain_num_frames={ft.pretrain_num_frames} and "
+                         f"finetune.pretrain_size={ft.pretrain_size}; set them to the pretraining values")
+
+
+def _image_teacher_classifier(cfg: Recipe):
+    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.models.classifier import ImageTeacherClassifier
+
+    t = cfg.teacher
+    if t.input_size is not None and t.input_size != cfg.finetune.size:
+        raise ValueError(f"teacher.input_size={t.input_size} differs from finetune.size={cfg.finetune.size}")
+    teacher = build_teacher(cfg.model_copy(update={"teacher": t.model_copy(update={"input_size": cfg.finetune.size,
+                                                                                    "layers": 1})}),
+                            torch.device("cpu"))
+    return ImageTeacherClassifier(
+        teacher.visual, teacher.embed_dim, cfg.finetune.num_classes, teacher.mean, teacher.std,
+        IMAGENET_MEAN, IMAGENET_STD, cfg.finetune.fc_drop_rate, cfg.finetune.head_init_scale,
+    )
+
+
+def build_mixup(cfg: Recipe) -> VideoMixup | None:
+    """timm Mixup/CutMix on videos, or None when both alphas (or the probability) are 0."""
+    ft = cfg.finetune
+    if ft.mixup_prob == 0 or (ft.mixup == 0 and ft.cutmix == 0):
+        return None
+    return VideoMixup(ft.num_classes, ft.mixup, ft.cutmix, ft.mixup_prob, ft.mixup_switch_prob, ft.mixup_mode,
+                      ft.label_smoothing)
+
+
+def build_criterion(cfg: Recipe, soft_targets: bool) -> torch.nn.Module:
+    """timm's SoftTargetCrossEntropy with Mixup (smoothing is in the targets), else label-smoothing CE."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if soft_targets:
+        return SoftTargetCrossEntropy()
+    if cfg.finetune.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.finetune.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, cfg: Recipe, source: str, env: du.DistEnv, device: torch.device,
+                   num_clips: int, num_crops: int, out_dir: str | Path | None = None):
+    """Multi-view evaluation of ``model`` on a labelled manifest; every rank takes every world_size-th video.
+
+    Returns:
+        (:class:`~umt_distill.evaluation.multiview.ClassificationReport`, files written on rank 0 or {}).
+    """
+    ft = cfg.finetune
+    rows, labels = read_labelled_corpus(source, cfg.corpus.root, ft.num_classes, ft.label_map)
+    dataset = VideoClassificationTestSet(rows, labels, ft, num_clips, num_crops, cfg.corpus.video_backend)
+    mine = Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
+    was_training = model.training
+    model.eval()
+    ids, keys, logits_list, label_of = [], [], [], {}
+    for batch in _loader(mine, ft.eval_batch_size, cfg.train.num_workers, collate_test):
+        B, V = batch["pixels"].shape[:2]
+        pixels = batch["pixels"].to(device).flatten(0, 1)  # [B·V, T, 3, S, S] uint8
+        logits_list.append(model(normalize_video(pixels)).float().cpu())  # [B·V, C]
+        ids += [vid for vid in batch["clip_id"] for _ in range(V)]
+        keys += [tuple(k) for k in batch["views"].flatten(0, 1).tolist()]
+        label_of.update(zip(batch["clip_id"], batch["label"].tolist()))
+    model.train(was_training)
+    logits = torch.cat(logits_list) if logits_list else torch.zeros(0, ft.num_classes)
+    parts = _gather((ids, keys, logits, label_of), env)
+    ids = [i for p in parts for i in p[0]]
+    keys = [k for p in parts for k in p[1]]
+    logits = torch.cat([p[2] for p in parts])
+    label_of = {k: v for p in parts for k, v in p[3].items()}
+    videos, probs = merge_views(ids, keys, logits)  # [N, C]
+    y = torch.tensor([label_of[v] for v in videos], dtype=torch.long)
+    result = classification_report(probs, y, num_clips * num_crops)
+    files = {}
+    if out_dir is not None and env.is_main:
+        names = None
+        if ft.label_map:
+            names = [n for n, _ in sorted(read_label_map(ft.label_map).items(), key=lambda kv: kv[1])]
+        files = write_report(result, videos, probs, y, out_dir, names)
+    return result, files
+
+
+def _gather(obj, env: du.DistEnv) -> list:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` without torchrun)."""
+    if not env.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _loader(dataset, batch_size: int, workers: int, collate, sampler=None, seed: int = 0) -> DataLoader:
+    # Its own generator: creating an iterator must not consume the global RNG (resume exactness).
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      drop_last=sampler is not None, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init if workers else None,
+                      persistent_workers=False, prefetch_factor=2 if workers else None)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not oversubscribe the cores the model uses
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["train", "evaluate", "evaluate_model", "build_classifier", "build_mixup", "build_criterion", "pretrain_grid"]

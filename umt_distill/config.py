@@ -156,17 +156,65 @@ class TextConfig(_Section):
     """HF hub id or local folder of a BERT checkpoint; ``tiny`` builds a small random BERT for tests."""
     tokenizer: str = "bert-base-uncased"
     """HF hub id or local folder; ``train-on-corpus`` trains a WordPiece tokenizer on the captions."""
-    fusion_layer: int = Field(9, ge=0)
+    tokenizer_vocab_size: int = Field(1000, ge=16)
+    """Vocabulary size of a ``train-on-corpus`` tokenizer."""
+    fusion_layer: int = Field(9, ge=1)
+    """First BERT layer with cross-attention to the vision tokens (BERT-base 9, BERT-large 19)."""
     max_length: int = Field(32, ge=4)
+    """Tokens per caption (padded / truncated)."""
+    gradient_checkpointing: bool = False
+    """Recompute BERT layers in backward (UMT turns it on)."""
 
 
 class Stage2Config(_Section):
-    """Stage 2 losses and data mixing. (Fields owned by the stage-2 work.)"""
+    """Stage 2 losses and data mixing. (Fields owned by the stage-2 work.)
 
+    The video source is the recipe's ``corpus`` + ``cache`` sections (as in stage 1); the image source
+    is ``image_corpus`` + ``image_store``, a store cached with ``views.num_frames=1``.
+    """
+
+    sources: tuple[Literal["video", "image"], ...] = ("video", "image")
+    """Which sources train; with both, each step's source is drawn in proportion to their sizes.
+    ``image`` needs ``image_corpus`` and ``image_store`` (checked when stage 2 starts)."""
     loss_weights: dict[str, float] = {"uta": 1.0, "vtc": 1.0, "vtm": 1.0, "mlm": 1.0}
+    """Weights of uta, vtc, vtm, mlm (a key left out keeps weight 1; 0 skips that loss)."""
     embed_dim: int = Field(512, ge=1)
+    """Width of the contrastive space (B/16: 512, L/16: 768)."""
+    temp_init: float = Field(0.07, ge=0.001, le=0.5)
     image_mask_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    """Mask ratio of images (videos use ``mask.ratio``)."""
     mlm_prob: float = Field(0.5, gt=0.0, lt=1.0)
+    vtm_hard_negatives: bool = True
+    """Draw VTM negatives ∝ softmax similarity (UMT); false: uniformly among non-positives."""
+    image_corpus: str = ""
+    """Manifest (or folder) of images with captions."""
+    image_corpus_root: str | None = None
+    image_store: str = ""
+    """Cache store of the image corpus (cache-teacher with views.num_frames=1)."""
+    image_layout: Literal["zarr", "wds"] = "zarr"
+    init_vision: str | None = None
+    """Stage-1 weights for the vision encoder: our run/checkpoint folder or .safetensors, or an official UMT file."""
+    init: str | None = None
+    """A whole stage-2 model to start from: an official UMT stage-2 file or our stage-2 checkpoint."""
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """All four loss weights: ``loss_weights`` with the keys it leaves out at 1 (an override such as
+        ``stage2.loss_weights.vtm=0`` gives a one-key dict)."""
+        return {"uta": 1.0, "vtc": 1.0, "vtm": 1.0, "mlm": 1.0, **self.loss_weights}
+
+    @model_validator(mode="after")
+    def _check(self) -> Stage2Config:
+        unknown = sorted(set(self.loss_weights) - {"uta", "vtc", "vtm", "mlm"})
+        if unknown:
+            raise ValueError(f"loss_weights: unknown loss {unknown[0]!r} (valid: uta, vtc, vtm, mlm)")
+        if any(v < 0 for v in self.weights.values()) or not any(v > 0 for v in self.weights.values()):
+            raise ValueError("loss_weights: weights must be >= 0 and at least one > 0")
+        if not self.sources or len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources: give video and/or image once each, got {list(self.sources)}")
+        if self.init and self.init_vision:
+            raise ValueError("init and init_vision: give one (init loads the whole stage-2 model)")
+        return self
 
 
 class FinetuneConfig(_Section):

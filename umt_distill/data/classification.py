@@ -170,7 +170,7 @@ def train_indices(sampling: str, num_frames: int, clip_len: int, gen: torch.Gene
     raise ValueError(f"unknown frame sampling {sampling!r} (sparse | segment)")
 
 
-def test_indices(sampling: str, num_frames: int, clip_len: int, clip: int, num_clips: int) -> list[int]:
+def eval_indices(sampling: str, num_frames: int, clip_len: int, clip: int, num_clips: int) -> list[int]:
     if sampling == "sparse":
         return sparse_test_indices(num_frames, clip_len, clip, num_clips)
     if sampling == "segment":
@@ -208,7 +208,7 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def test_crop_boxes(width: int, height: int, size: int, num_crops: int) -> list[tuple[int, int, int, int]]:
+def eval_crop_boxes(width: int, height: int, size: int, num_crops: int) -> list[tuple[int, int, int, int]]:
     """UMT's test crops as boxes in source pixels: the frame's short side resized to ``size``, then
     ``num_crops`` size×size crops spread along the long side (1 crop: the centre)."""
     short, long = min(width, height), max(width, height)
@@ -418,12 +418,12 @@ class VideoClassificationTestSet(Dataset):
     def __getitem__(self, i: int) -> dict:
         row, ft = self.rows[i], self.ft
         lo, hi = _frame_window(row, self.backend)
-        clips = [[lo + j for j in test_indices(ft.sampling, hi - lo, ft.num_frames, c, self.num_clips)]
+        clips = [[lo + j for j in eval_indices(ft.sampling, hi - lo, ft.num_frames, c, self.num_clips)]
                  for c in range(self.num_clips)]
         flat = [f for clip in clips for f in clip]
         frames, width, height = _decode(row, flat, self.backend)  # [K·T, H, W, 3]
         frames = frames.reshape(self.num_clips, ft.num_frames, *frames.shape[1:])  # [K, T, H, W, 3]
-        boxes = test_crop_boxes(width, height, ft.size, self.num_crops)
+        boxes = eval_crop_boxes(width, height, ft.size, self.num_crops)
         views, keys = [], []
         for c, clip in enumerate(clips):
             for s, box in enumerate(boxes):
@@ -450,5 +450,5 @@ __all__ = [
     "LabelError", "VideoClassificationTestSet", "VideoClassificationTrainSet", "VideoMixup", "build_rand_augment",
     "build_random_erasing", "collate_test", "collate_train", "rand_augment_clip", "random_resized_crop_box",
     "read_label_map", "read_labelled_corpus", "resolve_labels", "sample_seed", "seeded_global_rngs",
-    "sparse_test_indices", "sparse_train_indices", "test_crop_boxes", "test_indices", "train_indices",
+    "sparse_test_indices", "sparse_train_indices", "eval_crop_boxes", "eval_indices", "train_indices",
 ]

@@ -185,6 +185,33 @@ def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
     return summary
 
 
+def finetune_toy(train_source: str | Path, test_source: str | Path, output_dir: str | Path,
+                 init: str | Path | None = None, backbone: str = "student", overrides: list[str] | tuple = ()) -> dict:
+    """Fine-tune the tiny CPU recipe (``finetune/tiny``) on labelled toy clips and test it: the quickstart hook.
+
+    Args:
+        train_source: Labelled training manifest.
+        test_source: Labelled test manifest (multi-view tested after training).
+        output_dir: Run folder; a finished run there is resumed (so re-running only re-tests).
+        init: A stage-1 run/checkpoint of ``stage1/tiny`` for the student; None = random init.
+        backbone: ``student`` or ``image_teacher`` (the tiny CLIP tower of the recipe, per frame).
+        overrides: Further ``key=value`` recipe overrides (e.g. ``finetune.num_classes=4``).
+
+    Returns:
+        ``{"top1", "top5", "mean_class_accuracy", "output_dir"}`` of the multi-view test.
+    """
+    from umt_distill.config import load_recipe
+
+    args = [f"finetune.train_source={train_source}", f"finetune.test_source={test_source}",
+            f"train.output_dir={output_dir}", f"finetune.backbone={backbone}"]
+    if init is not None:
+        args.append(f"finetune.init={init}")
+    cfg = load_recipe("finetune/tiny", [*args, *overrides])
+    last = train(cfg)
+    return {"top1": last["test_top1"], "top5": last["test_top5"],
+            "mean_class_accuracy": last["test_mean_class_accuracy"], "output_dir": str(output_dir)}
+
+
 # --------------------------------------------------------------------------------------------------
 # parts
 
@@ -364,4 +391,4 @@ class _null:
         return False
 
 
-__all__ = ["train", "evaluate", "evaluate_model", "build_classifier", "build_mixup", "build_criterion", "pretrain_grid"]
+__all__ = ["train", "evaluate", "finetune_toy", "evaluate_model", "build_classifier", "build_mixup", "build_criterion", "pretrain_grid"]

@@ -189,18 +189,21 @@ def sample_rows_reference(weights: Tensor, u: Sequence[float]) -> list[int]:
     return out
 
 
-def vtm_pairs(sim: Tensor, ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def vtm_pairs(sim: Tensor, ids: Tensor, generator: torch.Generator, hard: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """UMT's matching batch: B positives, one hard negative video per text, one hard negative text per video.
 
     Args:
         sim: [B, B] vision→text similarities (already divided by the temperature), no gradient needed.
         ids: long [B] sample ids.
         generator: Draws the negatives.
+        hard: Draw ∝ softmax(sim) (UMT); False: uniformly among the non-positives.
 
     Returns:
         (vision_index [3B], text_index [3B], labels [3B]) with labels 1 for the first B pairs, 0 after.
     """
     B = sim.shape[0]
+    if not hard:
+        sim = torch.zeros_like(sim)  # softmax of a constant row: uniform
     with torch.no_grad():
         neg_text = sample_rows(negative_weights(sim, ids, ids), generator)  # [B] per video
         neg_video = sample_rows(negative_weights(sim.t(), ids, ids), generator)  # [B] per text
@@ -300,15 +303,17 @@ class Stage2Objective(nn.Module):
         weights: Loss weights by name (``uta``, ``vtc``, ``vtm``, ``mlm``); a 0 weight skips the loss.
         mlm_prob: Fraction of text tokens chosen for MLM (UMT: 0.5).
         special_ids: ``pad``, ``cls`` and ``mask`` token ids of the tokenizer.
+        hard_negatives: VTM negatives ∝ similarity (UMT) or uniform.
     """
 
     def __init__(self, model: nn.Module, weights: Mapping[str, float], mlm_prob: float,
-                 special_ids: Mapping[str, int]) -> None:
+                 special_ids: Mapping[str, int], hard_negatives: bool = True) -> None:
         super().__init__()
         self.model = model
         self.weights = {k: float(weights.get(k, 0.0)) for k in LOSS_NAMES}
         self.mlm_prob = mlm_prob
         self.special = dict(special_ids)
+        self.hard_negatives = hard_negatives
 
     def forward(self, pixels: Tensor, visible_idx: Tensor | None, targets: Tensor | None, input_ids: Tensor,
                 text_mask: Tensor, ids: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
@@ -336,7 +341,7 @@ class Stage2Objective(nn.Module):
         if w["vtm"] > 0:  # local batch only, as in UMT
             with torch.no_grad():
                 sim = similarity(v_emb.float(), t_emb.float()) / m.temp
-            vi, ti, labels = vtm_pairs(sim, ids, generator)
+            vi, ti, labels = vtm_pairs(sim, ids, generator, self.hard_negatives)
             logits = m.match_logits(text_hidden[ti], text_mask[ti], vision.tokens[vi])  # [3B, 2]
             parts["vtm"] = vtm_loss(logits, labels)
         if w["mlm"] > 0:

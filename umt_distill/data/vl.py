@@ -1,0 +1,175 @@
+"""Stage-2 data: captioned video and image sources over the same cache stores as stage 1, mixed per step.
+
+A *source* is a corpus with captions plus its teacher store: ``video`` is the recipe's ``corpus`` and
+``cache`` sections; ``image`` is ``stage2.image_corpus`` and ``stage2.image_store`` — images are 1-frame
+videos with their own cached targets (a store made by ``cache-teacher`` with ``views.num_frames=1``).
+:func:`source_recipe` gives each source its own view of the recipe, so the stage-1 parts (spec check,
+datasets, target gathering) apply unchanged.
+
+Every item gets one of its clip's captions per epoch, drawn by a generator seeded by (seed, source,
+clip, epoch), and a globally unique ``sample_id`` that decides contrastive positives.
+
+As in UMT's ``MetaLoader``, each step trains on one source, and an epoch holds as many steps of each
+source as that source fills; :func:`source_schedule` shuffles that list with a generator seeded by
+(seed, epoch), so every rank computes the same order without communication.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from umt_distill.config import Recipe
+from umt_distill.losses_vl import sample_id
+from umt_distill.training.distributed import DistEnv
+
+SOURCES = ("video", "image")
+
+
+class CaptionError(ValueError):
+    """A clip of a stage-2 source has no caption; names the manifest and the clip."""
+
+
+def source_recipe(cfg: Recipe, source: str) -> Recipe:
+    """The recipe as one source sees it: its corpus, store, frame count and mask ratio."""
+    if source == "video":
+        return cfg
+    if source != "image":
+        raise ValueError(f"unknown stage-2 source {source!r} (valid: {', '.join(SOURCES)})")
+    s = cfg.stage2
+    if not (s.image_corpus and s.image_store):
+        raise ValueError("stage2.sources includes image: set stage2.image_corpus and stage2.image_store")
+    return cfg.model_copy(update={
+        "corpus": cfg.corpus.model_copy(update={"source": s.image_corpus, "root": s.image_corpus_root}),
+        "cache": cfg.cache.model_copy(update={"store": s.image_store, "layout": s.image_layout}),
+        "views": cfg.views.model_copy(update={"num_frames": 1}),
+        "mask": cfg.mask.model_copy(update={"ratio": s.image_mask_ratio}),
+    })
+
+
+def caption_index(seed: int, source: str, clip_id: str, epoch: int, num_captions: int) -> int:
+    """Which caption of a clip epoch ``epoch`` shows: uniform, from its own seeded generator."""
+    digest = hashlib.sha256(f"{seed}:caption:{source}:{clip_id}:{epoch}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return int(torch.randint(num_captions, (1,), generator=gen))
+
+
+def source_schedule(steps: dict[str, int], seed: int, epoch: int) -> list[str]:
+    """The source of every step of an epoch: ``steps[s]`` entries of each source, shuffled."""
+    names = [name for name in sorted(steps) for _ in range(steps[name])]
+    gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:schedule:{epoch}".encode()).digest()[:8], "little"))
+    return [names[i] for i in torch.randperm(len(names), generator=gen).tolist()]
+
+
+def _caption(item: dict, captions: dict[str, tuple[str, ...]], source: str, seed: int, epoch: int) -> dict:
+    clip = item["clip_id"]
+    options = captions[clip]
+    item["caption"] = options[caption_index(seed, source, clip, epoch, len(options))]
+    item["sample_id"] = sample_id(source, clip)
+    return item
+
+
+class CaptionedDataset(Dataset):
+    """A stage-1 view dataset (cached or online) whose items also carry this epoch's caption."""
+
+    def __init__(self, base: Dataset, captions: dict[str, tuple[str, ...]], source: str, seed: int) -> None:
+        self.base, self.captions, self.source, self.seed = base, captions, source, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        return _caption(self.base[i], self.captions, self.source, self.seed, self.epoch)
+
+
+class CaptionedStream(IterableDataset):
+    """:class:`~umt_distill.data.targets.StreamingViewDataset` (WebDataset) with captions."""
+
+    def __init__(self, base, captions: dict[str, tuple[str, ...]], source: str, seed: int) -> None:
+        self.base, self.captions, self.source, self.seed = base, captions, source, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        for item in self.base:
+            yield _caption(item, self.captions, self.source, self.seed, self.epoch)
+
+
+@dataclass
+class SourceData:
+    """One source's data for the loop: its recipe view, dataset, sampler (None = stream) and loader."""
+
+    name: str
+    cfg: Recipe
+    dataset: Dataset
+    sampler: object | None
+    make_loader: Callable[[], DataLoader]
+    clips_per_rank: int
+    captions: dict[str, tuple[str, ...]]
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return self.clips_per_rank // batch_size
+
+    def iterator(self, epoch: int, consumed: int, batch_size: int) -> Iterator[dict]:
+        """Batches of ``epoch`` after the first ``consumed`` (resume mid-epoch)."""
+        self.dataset.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start=consumed * batch_size)
+        batches = iter(self.make_loader())
+        if self.sampler is None:  # a stream cannot seek: read past what was consumed before the restart
+            for _ in range(consumed):
+                next(batches)
+        return batches
+
+
+def build_source(cfg: Recipe, source: str, env: DistEnv) -> SourceData:
+    """Dataset, sampler and loader of one source (``video`` or ``image``) for this rank.
+
+    Raises:
+        CaptionError: a clip that will be trained on has no caption in the manifest.
+    """
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.targets import CachedViewDataset, EpochSampler, OnlineViewDataset, StreamingViewDataset
+
+    scfg = source_recipe(cfg, source)
+    rows = read_corpus(scfg.corpus.source, scfg.corpus.root)  # captions always come from the manifest
+    by_id = {r.id: r for r in rows}
+    sampler = None
+    if scfg.teacher.mode == "cached" and scfg.cache.layout == "wds":
+        base = StreamingViewDataset(scfg.cache.store, scfg, by_id)
+        clip_ids = sorted({c for s in base.shards for c, _ in s["records"]})
+        per_rank = base.clips_per_rank(env.world_size)
+    else:
+        base = OnlineViewDataset(rows, scfg) if scfg.teacher.mode == "online" else CachedViewDataset(scfg.cache.store, scfg, by_id)
+        clip_ids = base.clip_ids
+        sampler = EpochSampler(len(base), scfg.seed, env.rank, env.world_size)
+        per_rank = sampler.per_rank()
+    missing = [c for c in clip_ids if c not in by_id or not by_id[c].captions]
+    if missing:
+        raise CaptionError(f"{scfg.corpus.source}: {len(missing)} {source} clip(s) have no caption "
+                           f"(first: {missing[0]!r}); stage 2 needs at least one caption per clip")
+    captions = {c: by_id[c].captions for c in clip_ids}
+    wrapper = CaptionedStream if sampler is None else CaptionedDataset
+    dataset = wrapper(base, captions, source, scfg.seed)
+    workers = cfg.train.num_workers
+
+    def make_loader() -> DataLoader:
+        return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                          drop_last=True, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(cfg.seed),
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    return SourceData(source, scfg, dataset, sampler, make_loader, per_rank, captions)

@@ -1,0 +1,206 @@
+"""Stage 2: video-text pretraining — UTA + VTC + VTM + MLM, with image-text co-training.
+
+One explicit loop (``train``), sharing stage 1's parts (spec check, target gathering, optimizer groups,
+schedule, checkpoints, metrics). Per step: pick the step's source (video or image, in proportion to
+their sizes) → cached (or online) targets and a mask from the teacher's attention (video ``mask.ratio``,
+image ``stage2.image_mask_ratio``) → student on the visible tokens + BERT on the captions →
+weighted sum of the four losses (reference/umt.md §4).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from umt_distill.cache.spec import SpecMismatchError, read_spec
+from umt_distill.config import Recipe, recipe_to_yaml
+from umt_distill.data.pixels import normalize_video
+from umt_distill.data.text import prepare_tokenizer, special_ids, tokenize
+from umt_distill.data.vl import SourceData, build_source, source_schedule
+from umt_distill.losses_vl import LOSS_NAMES, Stage2Objective, freeze_unused
+from umt_distill.training import distributed as du
+from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from umt_distill.training.metrics import MetricsLogger
+from umt_distill.training.optim import build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.stage_parts import NonFiniteLossError, build_student, check_store_matches, mask_generator, step_targets
+
+
+def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
+    """Run stage 2 as the recipe says; returns the last logged metrics. Resumes from ``train.output_dir``."""
+    env = du.init_distributed()
+    device = du.resolve_device(cfg.train.device, env)
+    out_dir = Path(cfg.train.output_dir)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    weights = cfg.stage2.weights
+    if weights["vtm"] > 0 and cfg.train.batch_size < 2:
+        raise ValueError("train.batch_size must be >= 2 per process for VTM (it draws negatives within the batch)")
+
+    sources = {name: build_source(cfg, name, env) for name in cfg.stage2.sources}
+    teacher, teacher_dim = _teacher_and_dim(cfg, sources, device)
+    tokenizer = _tokenizer(cfg, sources, out_dir, env)
+    model = build_model(cfg, teacher_dim, len(tokenizer)).to(device)
+    freeze_unused(model, weights)
+    objective = Stage2Objective(model, weights, cfg.stage2.mlm_prob, special_ids(tokenizer), cfg.stage2.vtm_hard_negatives)
+
+    micro, accum = cfg.train.batch_size, cfg.train.accum_steps
+    steps = {name: src.batches_per_epoch(micro) // accum for name, src in sources.items()}
+    steps_per_epoch = sum(steps.values())
+    if steps_per_epoch == 0:
+        raise ValueError(f"the sources fill no step of {micro} x {accum} per rank: {steps}")
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    o = cfg.optim
+    lr, min_lr, warmup_lr = scaled_lrs(o.lr, o.min_lr, o.warmup_lr, micro * accum * env.world_size, o.scale_lr)
+    lrs = cosine_schedule(lr, min_lr, total_steps, int(o.warmup_epochs * steps_per_epoch), warmup_lr)
+    optimizer = build_adamw(model, lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())  # temp: no decay
+    ddp_objective = du.wrap_ddp(objective, env, device)
+
+    step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
+    ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        metrics.truncate_after(step)
+        if env.is_main:
+            print(f"resuming from {ckpt} at step {step}", flush=True)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    recipe_yaml, last = recipe_to_yaml(cfg), {}
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        order = source_schedule(steps, cfg.seed, epoch)  # the same on every rank: all ranks train one source per step
+        batches: dict = {}
+        t_data = time.perf_counter()
+        for source in order[done_in_epoch:]:
+            if step >= total_steps:
+                break
+            if source not in batches:  # resume mid-epoch: skip what this source already gave
+                batches[source] = sources[source].iterator(epoch, order[:done_in_epoch].count(source) * accum, micro)
+            src = sources[source]
+            set_lr(optimizer, float(lrs[step]))
+            model.train()
+            gen = mask_generator(cfg.seed, step, env.rank)  # masks, hard negatives and MLM masks of this step
+            sums, data_time, t_step = dict.fromkeys(("loss", *LOSS_NAMES), 0.0), 0.0, time.perf_counter()
+            for m in range(accum):
+                batch = next(batches[source])
+                data_time += time.perf_counter() - t_data
+                pixels = batch["pixels"].to(device, non_blocking=True)  # [B, T, 3, H, W] uint8 (T = 1: images)
+                targets, visible_idx = None, None
+                if weights["uta"] > 0:  # UMT: without UTA the student sees every token
+                    targets, visible_idx = step_targets(src.cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
+                text = {k: v.to(device) for k, v in tokenize(tokenizer, batch["caption"], cfg.text.max_length).items()}
+                sync = m == accum - 1
+                with ddp_objective.no_sync() if (env.distributed and not sync) else _null(), \
+                        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = ddp_objective(normalize_video(pixels), visible_idx, targets, text["input_ids"],
+                                        text["attention_mask"], batch["sample_id"].to(device), gen)
+                    scaler.scale(out["loss"] / accum).backward()
+                for k, v in out.items():  # sync point: .item() per loss and micro-batch
+                    sums[k] += v.item() / accum
+                t_data = time.perf_counter()
+            if not math.isfinite(sums["loss"]):
+                raise NonFiniteLossError(f"loss is {sums['loss']} at step {step + 1}; the last good checkpoint is kept in {out_dir}")
+            scaler.unscale_(optimizer)
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_time = time.perf_counter() - t_step
+            last = {"step": step, "epoch": epoch, "source": source, "loss": sums["loss"],
+                    **{f"loss_{k}": sums[k] for k in LOSS_NAMES if weights[k] > 0},
+                    "temp": float(model.temp), "lr": float(lrs[step - 1]), "grad_norm": float(grad_norm),
+                    "step_time": step_time, "data_time": data_time,
+                    "samples_per_s": micro * accum * env.world_size / step_time}
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                metrics.log(last)
+            if step % cfg.train.ckpt_every == 0 or step == total_steps:
+                state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
+                if env.is_main:
+                    save_checkpoint(out_dir, step, model, state, recipe_yaml)
+                du.barrier()
+    metrics.close()
+    return last
+
+
+# --------------------------------------------------------------------------------------------------
+# construction
+
+
+def build_model(cfg: Recipe, teacher_dim: int, vocab_size: int):
+    """The stage-2 model of the recipe, initialised from ``stage2.init`` or ``stage2.init_vision`` if given.
+
+    Args:
+        teacher_dim: Width of the teacher's tokens (the alignment heads' output).
+        vocab_size: The tokenizer's size (a ``tiny`` text encoder's vocabulary; checked for a checkpoint).
+    """
+    from umt_distill.models.checkpoints import load_umt_checkpoint
+    from umt_distill.models.text import build_text_encoder
+    from umt_distill.models.umt_vl import UMTVisionLanguage, load_umt_vl_checkpoint
+
+    s, t = cfg.stage2, cfg.text
+    student = build_student(cfg, teacher_dim)
+    if s.init_vision:
+        load_umt_checkpoint(student, _weights_file(s.init_vision))  # strict: stage-1 (ours or UMT's) or stage-2 file
+    text = build_text_encoder(t.encoder, t.fusion_layer, student.embed_dim, vocab_size,
+                              gradient_checkpointing=t.gradient_checkpointing)
+    model = UMTVisionLanguage(student, text, s.embed_dim, s.temp_init)
+    if s.init:
+        load_umt_vl_checkpoint(model, _weights_file(s.init))
+    return model
+
+
+def _weights_file(path: str | Path) -> Path:
+    """A weights file, or the newest checkpoint of one of our run/checkpoint folders."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: no checkpoint found (expected checkpoints/latest or model.safetensors)")
+        return ckpt / "model.safetensors"
+    return path
+
+
+def _teacher_and_dim(cfg: Recipe, sources: dict[str, SourceData], device: torch.device):
+    """Online: the frozen teacher. Cached: each source's store checked against its recipe view."""
+    if cfg.teacher.mode == "online":
+        from umt_distill.cache.pipeline import build_teacher
+
+        teacher = build_teacher(cfg, device)  # frozen; never wrapped, never in the optimizer
+        return teacher, teacher.embed_dim
+    dims = {}
+    for name, src in sources.items():
+        spec = read_spec(src.cfg.cache.store)
+        check_store_matches(spec, src.cfg)
+        dims[name] = spec["teacher"]["D"]
+    if len(set(dims.values())) != 1:
+        raise SpecMismatchError(f"the sources' stores hold different teacher widths {dims}")
+    return None, next(iter(dims.values()))
+
+
+def _tokenizer(cfg: Recipe, sources: dict[str, SourceData], out_dir: Path, env: du.DistEnv):
+    """Rank 0 builds (or finds) the run's tokenizer in ``<output_dir>/tokenizer``; the others then load it."""
+    captions = [c for src in sources.values() for caps in src.captions.values() for c in caps]
+    tok = None
+    if env.is_main:
+        tok = prepare_tokenizer(cfg.text.tokenizer, captions, out_dir / "tokenizer", cfg.text.tokenizer_vocab_size)
+    du.barrier()
+    if tok is None:
+        tok = prepare_tokenizer(cfg.text.tokenizer, captions, out_dir / "tokenizer", cfg.text.tokenizer_vocab_size)
+    return tok
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["train", "build_model", "NonFiniteLossError", "SpecMismatchError"]

@@ -277,3 +277,24 @@ def test_image_teacher_baseline_and_student_through_the_quickstart_hook(toy, tmp
         assert 0.0 <= result["top1"] <= 1.0 and result["top5"] == 1.0
     assert (tmp_path / "teacher" / "checkpoints" / "step-00000002" / "model.safetensors").exists()
 
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_two_processes_train_and_gather_the_test(toy, tmp_path):
+    """torchrun, 2 CPU processes: DDP steps, then each rank tests half the videos and rank 0 merges them."""
+    import os
+    import subprocess
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "umt_distill",
+         "train", "finetune/tiny", f"finetune.train_source={toy['train']}", f"finetune.test_source={toy['test']}",
+         f"train.output_dir={out}", "train.max_steps=3", "train.batch_size=2", "finetune.test_num_clips=1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2, 3]
+    assert logged[-1]["test_num_videos"] == 8 and logged[-1]["test_num_views"] == 3

@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -322,28 +322,28 @@ class VideoMixup:
 # datasets
 
 
-def _decode(row: ClipRow, indices: Sequence[int], backend: str) -> tuple[np.ndarray, int, int]:
-    """Decode the distinct frames once; returns (frames for ``indices`` [len, H, W, 3], width, height)."""
-    from umt_distill.data.video import open_video
+def _read_clip(row: ClipRow, backend: str, choose: Callable[[int], list[int]]) -> tuple[np.ndarray, list[int]]:
+    """Open a video once: ``choose(n)`` picks frame positions within the row's window of n frames.
 
-    unique = sorted(set(indices))
-    with open_video(row.path, backend=backend) as video:
-        frames = video.get_frames(unique)  # [U, H, W, 3]
-    pos = {f: i for i, f in enumerate(unique)}
-    return frames[[pos[f] for f in indices]], frames.shape[2], frames.shape[1]
+    Returns:
+        (uint8 frames [len(indices), H, W, 3] in the chosen order, the chosen source frame indices).
 
-
-def _frame_window(row: ClipRow, backend: str) -> tuple[int, int]:
-    """[lo, hi) frames of a row (its start/end, or the whole video)."""
+    Raises:
+        VideoDecodeError: Unreadable video, or an empty start/end window. Training stops on it rather
+            than substituting another clip; filter broken videos out of the manifest beforehand.
+    """
     from umt_distill.cache.pipeline import clip_frame_range
     from umt_distill.data.video import VideoDecodeError, open_video
 
     with open_video(row.path, backend=backend) as video:
-        info = video.info
-    window = clip_frame_range(row, info) or (0, info.num_frames)
-    if window[1] <= window[0]:
-        raise VideoDecodeError(row.path, f"no frames in [{row.start}, {row.end}) s")
-    return window
+        lo, hi = clip_frame_range(row, video.info) or (0, video.info.num_frames)
+        if hi <= lo:
+            raise VideoDecodeError(row.path, f"no frames in [{row.start}, {row.end}) s")
+        indices = [lo + j for j in choose(hi - lo)]
+        unique = sorted(set(indices))
+        frames = video.get_frames(unique)  # [U, H, W, 3]; each distinct frame decoded once
+    pos = {f: i for i, f in enumerate(unique)}
+    return frames[[pos[f] for f in indices]], indices
 
 
 class VideoClassificationTrainSet(Dataset):
@@ -375,10 +375,9 @@ class VideoClassificationTrainSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row, ft = self.rows[i], self.ft
-        lo, hi = _frame_window(row, self.backend)
         gen = torch.Generator().manual_seed(sample_seed(self.seed, "finetune", self.epoch, row.id))
-        indices = [lo + j for j in train_indices(ft.sampling, hi - lo, ft.num_frames, gen)]
-        frames, width, height = _decode(row, indices, self.backend)  # [T, H, W, 3]
+        frames, indices = _read_clip(row, self.backend, lambda n: train_indices(ft.sampling, n, ft.num_frames, gen))
+        height, width = frames.shape[1:3]  # frames: [T, H, W, 3]
         clips = [self.augment(frames, indices, width, height, gen) for _ in range(ft.num_sample)]
         return {"pixels": torch.stack(clips), "label": torch.full((ft.num_sample,), self.labels[i], dtype=torch.long),
                 "clip_id": row.id}
@@ -417,12 +416,13 @@ class VideoClassificationTestSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row, ft = self.rows[i], self.ft
-        lo, hi = _frame_window(row, self.backend)
-        clips = [[lo + j for j in eval_indices(ft.sampling, hi - lo, ft.num_frames, c, self.num_clips)]
-                 for c in range(self.num_clips)]
-        flat = [f for clip in clips for f in clip]
-        frames, width, height = _decode(row, flat, self.backend)  # [K·T, H, W, 3]
+        def all_clips(n: int) -> list[int]:  # clip-major: K clips of T frames
+            return [f for c in range(self.num_clips) for f in eval_indices(ft.sampling, n, ft.num_frames, c, self.num_clips)]
+
+        frames, flat = _read_clip(row, self.backend, all_clips)  # [K·T, H, W, 3]
+        height, width = frames.shape[1:3]
         frames = frames.reshape(self.num_clips, ft.num_frames, *frames.shape[1:])  # [K, T, H, W, 3]
+        clips = [flat[c * ft.num_frames:(c + 1) * ft.num_frames] for c in range(self.num_clips)]
         boxes = eval_crop_boxes(width, height, ft.size, self.num_crops)
         views, keys = [], []
         for c, clip in enumerate(clips):

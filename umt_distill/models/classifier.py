@@ -218,7 +218,8 @@ class ImageTeacherClassifier(nn.Module):
         return self.head(self.fc_dropout(self.forward_pooled(x)))
 
     def no_weight_decay(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.ndim <= 1}
+        """1-D parameters and the position table (never decayed in ViT fine-tuning)."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith("positional_embedding")}
 
 
 # --------------------------------------------------------------------------------------------------

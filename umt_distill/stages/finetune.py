@@ -48,7 +48,8 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     device = du.resolve_device(cfg.train.device, env)
     ft, out_dir = cfg.finetune, Path(cfg.train.output_dir)
     torch.manual_seed(cfg.seed)  # identical initial head (and drop-path stream start) on every rank
-    model, report = build_classifier(cfg)
+    ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
+    model, report = build_classifier(cfg, load_init=ckpt is None)  # a resumed run loads its own weights below
     model.to(device)
     if env.is_main and report is not None:
         print(f"init: {report.layout} weights from {report.source} ({report.loaded} tensors; fresh: {report.fresh})", flush=True)
@@ -73,7 +74,6 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     ddp_model = du.wrap_ddp(model, env, device)
 
     step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
-    ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model)
         optimizer.load_state_dict(state["optimizer"])
@@ -216,12 +216,13 @@ def finetune_toy(train_source: str | Path, test_source: str | Path, output_dir: 
 # parts
 
 
-def build_classifier(cfg: Recipe, init: str | Path | None = None):
+def build_classifier(cfg: Recipe, init: str | Path | None = None, load_init: bool = True):
     """The recipe's classifier and, when weights were loaded, what was loaded.
 
     Args:
         cfg: The recipe (``finetune.backbone``, ``student.*``, ``finetune.*``, ``teacher.*`` for the baseline).
         init: Weights to load instead of ``finetune.init`` (``evaluate`` passes the checkpoint).
+        load_init: False: build only (a resumed run restores its own weights).
 
     Returns:
         (model, :class:`~umt_distill.models.classifier.ClassifierLoadReport` or None).
@@ -229,7 +230,7 @@ def build_classifier(cfg: Recipe, init: str | Path | None = None):
     from umt_distill.models.classifier import create_classifier, load_classifier_weights, read_weights
 
     ft, s = cfg.finetune, cfg.student
-    init = ft.init if init is None else init
+    init = (ft.init if init is None else init) if load_init else None
     if ft.backbone == "image_teacher":
         model = _image_teacher_classifier(cfg)
         if init is None:
@@ -333,23 +334,24 @@ def evaluate_model(model: torch.nn.Module, cfg: Recipe, source: str, env: du.Dis
     mine = Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
     was_training = model.training
     model.eval()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
     ids, keys, logits_list, label_of = [], [], [], {}
     for batch in _loader(mine, ft.eval_batch_size, cfg.train.num_workers, collate_test):
         B, V = batch["pixels"].shape[:2]
         pixels = batch["pixels"].to(device).flatten(0, 1)  # [B·V, T, 3, S, S] uint8
-        logits_list.append(model(normalize_video(pixels)).float().cpu())  # [B·V, C]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits_list.append(model(normalize_video(pixels)).float().cpu())  # [B·V, C]
         ids += [vid for vid in batch["clip_id"] for _ in range(V)]
         keys += [tuple(k) for k in batch["views"].flatten(0, 1).tolist()]
         label_of.update(zip(batch["clip_id"], batch["label"].tolist()))
     model.train(was_training)
+    # All views of a video sit on one rank: merge them here, so ranks exchange [videos, C], not [views, C].
     logits = torch.cat(logits_list) if logits_list else torch.zeros(0, ft.num_classes)
-    parts = _gather((ids, keys, logits, label_of), env)
-    ids = [i for p in parts for i in p[0]]
-    keys = [k for p in parts for k in p[1]]
-    logits = torch.cat([p[2] for p in parts])
-    label_of = {k: v for p in parts for k, v in p[3].items()}
-    videos, probs = merge_views(ids, keys, logits)  # [N, C]
-    y = torch.tensor([label_of[v] for v in videos], dtype=torch.long)
+    videos, probs = merge_views(ids, keys, logits) if ids else ([], torch.zeros(0, ft.num_classes, dtype=torch.float64))
+    parts = _gather((videos, probs, [label_of[v] for v in videos]), env)
+    videos = [v for p in parts for v in p[0]]
+    probs = torch.cat([p[1] for p in parts])  # [N, C]
+    y = torch.tensor([label for p in parts for label in p[2]], dtype=torch.long)
     result = classification_report(probs, y, num_clips * num_crops)
     files = {}
     if out_dir is not None and env.is_main:

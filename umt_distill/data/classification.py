@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from umt_distill.data.corpus import ClipRow, read_corpus
-from umt_distill.data.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize_video
+from umt_distill.data.pixels import IMAGENET_MEAN, normalize_video
 from umt_distill.data.views import ViewSpec, apply_view
 
 

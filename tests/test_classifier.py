@@ -233,3 +233,17 @@ def test_image_teacher_classifier_averages_frames():
         assert model(x).shape == (2, 3)
         # a clip of one repeated frame gives that frame's embedding
         assert torch.allclose(model.forward_pooled(same), model.forward_pooled(x[:, :, :1]), atol=1e-5)
+
+
+def test_loads_our_stage2_model_state():
+    """Contract with stage 2: its model's state dict (vision_encoder.encoder.*) initialises the classifier."""
+    from umt_distill.config import load_recipe
+    from umt_distill.stages.stage2 import build_model
+
+    cfg = load_recipe("stage2/tiny")
+    torch.manual_seed(0)
+    state = build_model(cfg, 32, 100).state_dict()
+    model = create_classifier(cfg.student.name, 3)
+    report = load_classifier_weights(model, state)
+    assert report.layout == "stage2" and "clip_decoder.0.head.weight" in report.ignored
+    assert torch.equal(model.blocks[1].attn.qkv.weight, state["vision_encoder.encoder.blocks.1.attn.qkv.weight"])

@@ -114,7 +114,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
             step_time = time.perf_counter() - t_step
             last = {"step": step, "epoch": epoch, "source": source, "loss": sums["loss"],
                     **{f"loss_{k}": sums[k] for k in LOSS_NAMES if weights[k] > 0},
-                    "temp": float(model.temp), "lr": float(lrs[step - 1]), "grad_norm": float(grad_norm),
+                    "temp": model.temp.item(), "lr": float(lrs[step - 1]), "grad_norm": float(grad_norm),
                     "step_time": step_time, "data_time": data_time,
                     "samples_per_s": micro * accum * env.world_size / step_time}
             if step % cfg.train.log_every == 0 or step == total_steps:

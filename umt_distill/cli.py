@@ -112,12 +112,11 @@ def cache_teacher_cmd(recipe: RecipeArg, overrides: OverridesArg = None) -> None
         torchrun --nproc-per-node 8 -m umt_distill cache-teacher stage1/b16_k710
     """
     cfg = _load(recipe, overrides)
-    from umt_distill.cache.pipeline import CacheError, cache_teacher
-    from umt_distill.data.corpus import CorpusError
+    from umt_distill.cache.pipeline import cache_teacher
 
     try:
         summary = cache_teacher(cfg)
-    except (CacheError, RecipeError, CorpusError) as e:
+    except _user_errors() as e:
         _fail(str(e), EXIT_ERROR)
     raise typer.Exit(EXIT_PARTIAL if summary.get("failures", 0) else EXIT_OK)
 
@@ -201,22 +200,51 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None,
     import importlib
 
     cfg = _load(recipe, overrides)
-    from umt_distill.cache.pipeline import CacheError
-    from umt_distill.cache.spec import SpecMismatchError
-
     try:
         stage = importlib.import_module(f"umt_distill.stages.{cfg.train.stage}")
     except ModuleNotFoundError:
         _fail(f"train.stage={cfg.train.stage} is not available in this version yet", EXIT_ERROR)
-    from umt_distill.cache.record import StoreDamagedError
-    from umt_distill.data.corpus import CorpusError
-    from umt_distill.training.stage_parts import NonFiniteLossError
-
     try:
         stage.train(cfg, resume=resume)
-    except (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError, CorpusError,
-            StoreDamagedError) as e:
+    except _user_errors() as e:
         _fail(str(e), EXIT_ERROR)
+
+
+@app.command("eval")
+def eval_cmd(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Path, typer.Argument(help="Fine-tuned run/checkpoint dir or an official .pth file.")],
+    overrides: OverridesArg = None,
+) -> None:
+    """Multi-view test (clips x crops, softmax averaged per video): top-1/5, per-class accuracy, confusion PNG.
+
+    Example: `umt-distill eval finetune/b16_k400 runs/ft_b16_k400 finetune.test_source=data/k400_val.csv`
+    """
+    import json
+
+    cfg = _load(recipe, overrides)
+    from umt_distill.stages.finetune import evaluate
+
+    try:
+        summary = evaluate(cfg, checkpoint)
+    except _user_errors() as e:
+        _fail(str(e), EXIT_ERROR)
+    out.print_json(json.dumps(summary))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's data, files or recipe: reported in one line, exit status 1."""
+    from umt_distill.cache.pipeline import CacheError
+    from umt_distill.cache.record import StoreDamagedError
+    from umt_distill.cache.spec import SpecMismatchError
+    from umt_distill.data.classification import LabelError
+    from umt_distill.data.corpus import CorpusError
+    from umt_distill.data.video import VideoDecodeError
+    from umt_distill.models.checkpoints import CheckpointError
+    from umt_distill.training.stage_parts import NonFiniteLossError
+
+    return (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError, CorpusError,
+            StoreDamagedError, CheckpointError, LabelError, VideoDecodeError)
 
 
 @app.command()

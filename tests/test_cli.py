@@ -19,7 +19,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_commands() -> None:
     proc = run("--help")
     assert proc.returncode == 0
-    for command in ("validate", "ls", "cache-teacher", "cache", "train", "quickstart"):
+    for command in ("validate", "ls", "cache-teacher", "cache", "train", "eval", "quickstart"):
         assert command in proc.stdout
     assert "Exit status" in proc.stdout
 

@@ -40,10 +40,11 @@ class StoreDamagedError(RuntimeError):
         reason: What is wrong with it.
     """
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        # One argument: an already formatted message (how DataLoader re-raises a worker's error).
+        super().__init__(str(path) if reason is None else f"{path}: {reason}")
         self.path = str(path)
-        self.reason = reason
+        self.reason = reason if reason is not None else str(path)
 
 
 def frames_digest(frames: np.ndarray) -> str:

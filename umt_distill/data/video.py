@@ -43,10 +43,11 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 class VideoDecodeError(Exception):
     """A video or image could not be read exactly. ``path`` is the file, ``reason`` what went wrong."""
 
-    def __init__(self, path: str | Path, reason: str) -> None:
+    def __init__(self, path: str | Path, reason: str | None = None) -> None:
+        # One argument: an already formatted message (how DataLoader re-raises a worker's error).
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = reason if reason is not None else self.path
+        super().__init__(self.path if reason is None else f"{self.path}: {reason}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Errors cross DataLoader worker boundaries by pickle; keep both fields.

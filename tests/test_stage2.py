@@ -46,18 +46,19 @@ def corpora(tmp_path_factory) -> dict[str, Path]:
 def stores(corpora, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("s2stores")
     out = {"video": root / "video", "image": root / "image"}
-    cache_teacher(load_recipe("stage2/tiny", [f"corpus.source={corpora['video']}", f"cache.store={out['video']}"]),
-                  progress=False)
+    # fp32 targets, so cached and online runs agree exactly.
+    cache_teacher(load_recipe("stage2/tiny", [f"corpus.source={corpora['video']}", f"cache.store={out['video']}",
+                                              "cache.codec=fp32"]), progress=False)
     # Images are 1-frame videos with their own targets.
     cache_teacher(load_recipe("stage2/tiny", [f"corpus.source={corpora['image']}", f"cache.store={out['image']}",
-                                              "views.num_frames=1"]), progress=False)
+                                              "cache.codec=fp32", "views.num_frames=1"]), progress=False)
     return out
 
 
 def _overrides(corpora, stores, out: Path, *extra: str) -> list[str]:
     return [f"corpus.source={corpora['video']}", f"cache.store={stores['video']}",
             f"stage2.image_corpus={corpora['image']}", f"stage2.image_store={stores['image']}",
-            f"train.output_dir={out}", "train.batch_size=2", *extra]
+            "cache.codec=fp32", f"train.output_dir={out}", "train.batch_size=2", *extra]
 
 
 @pytest.mark.parametrize("source", ["video", "image"])
@@ -77,8 +78,9 @@ def test_steps_with_one_source(corpora, stores, tmp_path, source) -> None:
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
 
 
-def test_mixing_follows_source_sizes_and_resume_mid_epoch_repeats_the_run(corpora, stores, tmp_path) -> None:
-    """Epoch = 3 video steps + 2 image steps (batch 2), shuffled; resuming from step 3 reproduces steps 4-6."""
+def test_mixing_resume_mid_epoch_and_online_teacher_repeat_the_run(corpora, stores, tmp_path) -> None:
+    """Epoch = 3 video steps + 2 image steps (batch 2), shuffled; resuming from step 3 reproduces steps 4-6,
+    and so does the teacher run online on the same views (fp32 store: identical targets)."""
     from umt_distill.stages.stage2 import train
 
     run = tmp_path / "run"
@@ -94,6 +96,10 @@ def test_mixing_follows_source_sizes_and_resume_mid_epoch_repeats_the_run(corpor
     again = read_metrics(run / "metrics.jsonl")
     key = lambda ms: [(m["step"], m["source"], m["loss"], m["loss_vtm"], m["loss_mlm"]) for m in ms]  # noqa: E731
     assert key(again) == key(first)
+    online = tmp_path / "online"
+    train(load_recipe("stage2/tiny", _overrides(corpora, stores, online, "train.max_steps=6", "train.ckpt_every=6",
+                                                "teacher.mode=online")))
+    assert key(read_metrics(online / "metrics.jsonl")) == key(first)
 
 
 def test_store_and_caption_problems_are_named(corpora, stores, tmp_path) -> None:
@@ -234,3 +240,35 @@ def test_objective_gives_every_trainable_parameter_a_gradient(corpora, stores, t
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert missing == [], missing
         assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.slow
+def test_sixty_mixed_steps_reduce_the_losses(corpora, stores, tmp_path) -> None:
+    from umt_distill.stages.stage2 import train
+
+    run = tmp_path / "run"
+    train(load_recipe("stage2/tiny", _overrides(corpora, stores, run, "train.max_steps=60", "train.ckpt_every=100")))
+    logged = read_metrics(run / "metrics.jsonl")
+    mean = lambda ms, k: sum(m[k] for m in ms) / len(ms)  # noqa: E731
+    for k in ("loss", "loss_uta", "loss_vtc", "loss_mlm"):
+        assert mean(logged[-10:], k) < mean(logged[:10], k), (k, mean(logged[:10], k), mean(logged[-10:], k))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_two_processes(corpora, stores, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "umt_distill",
+         "train", "stage2/tiny", *_overrides(corpora, stores, out, "train.max_steps=5", "train.ckpt_every=5")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(m["loss"]) for m in logged)
+    assert (out / "checkpoints" / "step-00000005" / "model.safetensors").exists()

@@ -34,6 +34,8 @@ def test_pre_text_follows_umt() -> None:
 
 def test_trained_tokenizer_round_trip_and_saved_vocabulary(tmp_path) -> None:
     tok = train_wordpiece_tokenizer(CAPTIONS * 3, vocab_size=200)
+    assert tok.get_vocab() == train_wordpiece_tokenizer(CAPTIONS * 3, vocab_size=200).get_vocab(), "deterministic ids"
+    assert tok.tokenize("a disc slides") == ["a", "disc", "s", "##l", "##i", "##d", "##e", "##s"]  # spelt from pieces
     ids = special_ids(tok)
     assert ids["pad"] == 0 and len(set(ids.values())) == 3
     out = tokenize(tok, ["A red disc moves up.", "ball"], max_length=10)

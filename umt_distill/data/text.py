@@ -4,14 +4,15 @@
 ``,.'!?"()*#:;~``, turn ``-`` and ``/`` into spaces, collapse whitespace. Tokenisation pads to
 ``max_length`` and truncates (UMT pretraining: 32).
 
-For offline tests and the quickstart, :func:`train_wordpiece_tokenizer` trains a BERT-style WordPiece
-tokenizer (lower-casing, BERT pre-tokenisation, ``[CLS] … [SEP]``) on the corpus captions with
+For offline tests and the quickstart, :func:`train_wordpiece_tokenizer` builds a BERT-style WordPiece
+tokenizer (lower-casing, BERT pre-tokenisation, ``[CLS] … [SEP]``) from the corpus captions with
 ``tokenizers``; it is saved beside the run so a resumed or evaluated run uses the same vocabulary.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -37,29 +38,37 @@ def pre_text(text: str, max_words: int | None = None) -> str:
     return text
 
 
-def train_wordpiece_tokenizer(captions: Iterable[str], vocab_size: int = 1000, min_frequency: int = 1):
-    """A BERT-style WordPiece tokenizer trained on ``captions`` (cleaned with :func:`pre_text` first).
+def train_wordpiece_tokenizer(captions: Iterable[str], vocab_size: int = 1000):
+    """A BERT-style WordPiece tokenizer whose vocabulary is learned from ``captions`` (cleaned first).
+
+    The vocabulary is the special tokens, every character seen (as a word start and as a ``##``
+    continuation, so any word of these characters can be spelt) and then whole words by descending
+    frequency (ties alphabetical) up to ``vocab_size``. It is built deterministically on purpose: the
+    ``tokenizers`` WordPieceTrainer breaks frequency ties in a different order on every run, so the
+    same captions would give different token ids from run to run.
 
     Returns:
         A ``transformers`` fast tokenizer with ``[PAD]`` = 0, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    texts = [pre_text(c) for c in captions]
-    if not texts:
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(pre_text(caption))))
+    if not counts:
         raise TokenizerError("no captions to train a tokenizer on")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS))
-    tok.train_from_iterator(texts, trainer)
+    chars = sorted({ch for word in counts for ch in word})
+    pieces = [*SPECIAL_TOKENS, *chars, *(f"##{ch}" for ch in chars)]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces += words[: max(vocab_size - len(pieces), 0)]
+    tok = Tokenizer(models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
-    tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
 

@@ -17,9 +17,8 @@ source as that source fills; :func:`source_schedule` shuffles that list with a g
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset

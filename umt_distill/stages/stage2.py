@@ -33,7 +33,6 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     env = du.init_distributed()
     device = du.resolve_device(cfg.train.device, env)
     out_dir = Path(cfg.train.output_dir)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     weights = cfg.stage2.weights
     if weights["vtm"] > 0 and cfg.train.batch_size < 2:
         raise ValueError("train.batch_size must be >= 2 per process for VTM (it draws negatives within the batch)")
@@ -41,6 +40,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     sources = {name: build_source(cfg, name, env) for name in cfg.stage2.sources}
     teacher, teacher_dim = _teacher_and_dim(cfg, sources, device)
     tokenizer = _tokenizer(cfg, sources, out_dir, env)
+    torch.manual_seed(cfg.seed)  # again: building an online teacher drew from the RNG; same weights in both modes
     model = build_model(cfg, teacher_dim, len(tokenizer)).to(device)
     freeze_unused(model, weights)
     objective = Stage2Objective(model, weights, cfg.stage2.mlm_prob, special_ids(tokenizer), cfg.stage2.vtm_hard_negatives)
@@ -185,7 +185,8 @@ def _teacher_and_dim(cfg: Recipe, sources: dict[str, SourceData], device: torch.
 
 def _tokenizer(cfg: Recipe, sources: dict[str, SourceData], out_dir: Path, env: du.DistEnv):
     """Rank 0 builds (or finds) the run's tokenizer in ``<output_dir>/tokenizer``; the others then load it."""
-    captions = [c for src in sources.values() for caps in src.captions.values() for c in caps]
+    # Sorted: the trained vocabulary must not depend on the order clips were listed (cached vs online).
+    captions = sorted(c for src in sources.values() for caps in src.captions.values() for c in caps)
     tok = None
     if env.is_main:
         tok = prepare_tokenizer(cfg.text.tokenizer, captions, out_dir / "tokenizer", cfg.text.tokenizer_vocab_size)

@@ -17,6 +17,17 @@ from umt_distill.data.text import (
 )
 from umt_distill.models.text import BertTextEncoder, TextEncoderError, build_text_encoder, load_bert_weights, tiny_bert_config
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and with other jobs on a 2-core machine two
+    threads wait on each other at every op (steps ~10x slower); one thread keeps the timing stable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CAPTIONS = [
     "A red disc moves to the left.",
     "A blue disc moves to the right!",

@@ -192,18 +192,21 @@ def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
 
 
 def test_cli_exit_status(corpus: Path, tmp_path: Path) -> None:
-    proc = _cli("cache-teacher", "stage1/tiny", f"corpus.source={corpus}", f"cache.store={tmp_path / 's'}", "cache.limit=2")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    proc = _cli("cache-teacher", "stage1/tiny", f"corpus.source={corpus}", f"cache.store={tmp_path / 's2'}", "cache.limit=3")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err  # row 3 is not a video
-    proc = _cli("cache-teacher", "stage1/tiny", "cache.codek=fp16")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "cache.codec" in err
-    proc = _cli("cache", "info", str(tmp_path / "s"))
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "bytes_per_clip_view" in out, err
+    from typer.testing import CliRunner
+
+    from umt_distill.cli import app
+
+    def invoke(*args: str):
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "300"})
+
+    ok = invoke("cache-teacher", "stage1/tiny", f"corpus.source={corpus}", f"cache.store={tmp_path / 's'}", "cache.limit=2")
+    assert ok.exit_code == 0, ok.output
+    partial = invoke("cache-teacher", "stage1/tiny", f"corpus.source={corpus}", f"cache.store={tmp_path / 's2'}", "cache.limit=3")
+    assert partial.exit_code == 3, partial.output  # row 3 is not a video
+    bad = invoke("cache-teacher", "stage1/tiny", "cache.codek=fp16")
+    assert bad.exit_code == 2 and "cache.codec" in bad.stderr
+    info = invoke("cache", "info", str(tmp_path / "s"))
+    assert info.exit_code == 0 and "bytes_per_clip_view" in info.stdout, info.output
 
 
 def test_sigkill_then_resume_gives_identical_records(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The real CLI in subprocesses: --help, ls, validate on every shipped recipe, misspelled keys."""
+"""The CLI: one real subprocess (`python -m umt_distill`), the rest in-process through typer's runner."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from umt_distill.cli import app
 from umt_distill.config import list_recipe_files, recipes_dir
 
+runner = CliRunner()
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umt_distill", *args], capture_output=True, text=True, timeout=120,
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), env={"COLUMNS": "300"})
+
+
+def test_python_dash_m_help_lists_commands() -> None:
+    proc = subprocess.run([sys.executable, "-m", "umt_distill", "--help"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "200"})
-
-
-def test_help_lists_commands() -> None:
-    proc = run("--help")
     assert proc.returncode == 0
     for command in ("validate", "ls", "cache-teacher", "cache", "train", "eval", "quickstart"):
         assert command in proc.stdout
@@ -25,43 +29,36 @@ def test_help_lists_commands() -> None:
 
 
 def test_command_help_has_examples() -> None:
-    proc = run("cache-teacher", "--help")
-    assert proc.returncode == 0 and "Example" in proc.stdout and "torchrun" in proc.stdout
+    result = invoke("cache-teacher", "--help")
+    assert result.exit_code == 0 and "Example" in result.stdout and "torchrun" in result.stdout
 
 
 def test_ls_lists_recipes_and_parts() -> None:
-    proc = run("ls")
-    assert proc.returncode == 0, proc.stderr
+    result = invoke("ls")
+    assert result.exit_code == 0, result.output
     for name in ("stage1/b16_k710", "open_clip", "umt_base_patch16", "semantic", "int8", "zarr", "wds", "umt_train", "pyav"):
-        assert name in proc.stdout, name
+        assert name in result.stdout, name
 
 
-def test_validate_every_shipped_recipe_in_one_process() -> None:
-    # One subprocess per recipe would cost seconds each; the CLI function is the same.
-    from typer.testing import CliRunner
-
-    from umt_distill.cli import app
-
-    runner = CliRunner()
-    for path in list_recipe_files():
-        name = path.relative_to(recipes_dir()).with_suffix("").as_posix()
-        result = runner.invoke(app, ["validate", name])
-        assert result.exit_code == 0, (name, result.output)
-        assert "teacher:" in result.output
+@pytest.mark.parametrize("path", list_recipe_files(), ids=lambda p: p.relative_to(recipes_dir()).as_posix())
+def test_validate_every_shipped_recipe(path) -> None:
+    result = invoke("validate", path.relative_to(recipes_dir()).with_suffix("").as_posix())
+    assert result.exit_code == 0, result.output
+    assert "teacher:" in result.stdout
 
 
 def test_validate_misspelled_key_exits_2_naming_it() -> None:
-    proc = run("validate", "stage1/tiny", "teacher.layer=3")
-    assert proc.returncode == 2
-    assert "teacher.layer" in proc.stderr and "teacher.layers" in proc.stderr
+    result = invoke("validate", "stage1/tiny", "teacher.layer=3")
+    assert result.exit_code == 2
+    assert "teacher.layer" in result.stderr and "teacher.layers" in result.stderr
 
 
 def test_validate_unknown_recipe() -> None:
-    proc = run("validate", "stage1/tinny")
-    assert proc.returncode == 2 and "stage1/tiny" in proc.stderr
+    result = invoke("validate", "stage1/tinny")
+    assert result.exit_code == 2 and "stage1/tiny" in result.stderr
 
 
 @pytest.mark.parametrize("override", ["cache.codec=fp17", "mask.type=semantc"])
 def test_validate_unknown_part_name(override: str) -> None:
-    proc = run("validate", "stage1/tiny", override)
-    assert proc.returncode == 2 and override.split("=")[0] in proc.stderr
+    result = invoke("validate", "stage1/tiny", override)
+    assert result.exit_code == 2 and override.split("=")[0] in result.stderr

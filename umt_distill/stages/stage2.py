@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -40,7 +41,9 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     sources = {name: build_source(cfg, name, env) for name in cfg.stage2.sources}
     teacher, teacher_dim = _teacher_and_dim(cfg, sources, device)
     tokenizer = _tokenizer(cfg, sources, out_dir, env)
-    torch.manual_seed(cfg.seed)  # again: building an online teacher drew from the RNG; same weights in both modes
+    # Seeded after the teacher (an online one draws from the RNG): the same initial weights on every rank
+    # and in cached and online mode.
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg, teacher_dim, len(tokenizer)).to(device)
     freeze_unused(model, weights)
     objective = Stage2Objective(model, weights, cfg.stage2.mlm_prob, special_ids(tokenizer), cfg.stage2.vtm_hard_negatives)
@@ -94,7 +97,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                     targets, visible_idx = step_targets(src.cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
                 text = {k: v.to(device) for k, v in tokenize(tokenizer, batch["caption"], cfg.text.max_length).items()}
                 sync = m == accum - 1
-                with ddp_objective.no_sync() if (env.distributed and not sync) else _null(), \
+                with ddp_objective.no_sync() if (env.distributed and not sync) else nullcontext(), \
                         torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = ddp_objective(normalize_video(pixels), visible_idx, targets, text["input_ids"],
                                         text["attention_mask"], batch["sample_id"].to(device), gen)
@@ -194,14 +197,6 @@ def _tokenizer(cfg: Recipe, sources: dict[str, SourceData], out_dir: Path, env: 
     if tok is None:
         tok = prepare_tokenizer(cfg.text.tokenizer, captions, out_dir / "tokenizer", cfg.text.tokenizer_vocab_size)
     return tok
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["train", "build_model", "NonFiniteLossError", "SpecMismatchError"]

@@ -206,3 +206,19 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(cor
     bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{bad_step - 1:08d}", (latest, bad_step)
+
+
+def test_training_from_a_damaged_store_names_the_shard(corpus, stores, tmp_path) -> None:
+    import shutil
+
+    from umt_distill.cache.record import StoreDamagedError
+    from umt_distill.stages.stage1 import train
+
+    store = tmp_path / "damaged"
+    shutil.copytree(stores["fp32"], store)
+    shard = sorted((store / "shards").glob("shard-*.zarr"))[0]
+    victim = max((p for p in shard.rglob("*") if p.is_file() and p.name != "zarr.json"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(b"\0" * 16)
+    recipe, *overrides = _train_args(corpus, store, tmp_path / "run", "train.max_steps=8", "train.batch_size=2")
+    with pytest.raises(StoreDamagedError, match=shard.name):
+        train(load_recipe(recipe, overrides))

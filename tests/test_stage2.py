@@ -215,18 +215,28 @@ def test_official_stage2_layout_loads_strictly_apart_from_the_teacher(corpora, s
         load_umt_vl_checkpoint(model, {**state, "text_encoder.bert.pooler.dense.weight": torch.zeros(64, 64)})
 
 
-def test_vision_encoder_starts_from_a_stage1_checkpoint(corpora, stores, tmp_path) -> None:
+def test_init_from_stage1_and_stage2_checkpoints(corpora, stores, tmp_path) -> None:
     from umt_distill.models.checkpoints import save_student
     from umt_distill.models.vit import create_student
+    from umt_distill.training.checkpoint import save_checkpoint
 
     torch.manual_seed(123)
     stage1 = create_student("umt_test_tiny", drop_path_rate=0.0)
     save_student(stage1, tmp_path / "stage1.safetensors")
-    model = _tiny_model(corpora, stores, tmp_path, f"stage2.init_vision={tmp_path / 'stage1.safetensors'}")
-    ours = model.vision_encoder.state_dict()
-    for k, v in stage1.state_dict().items():
-        assert torch.equal(ours[k], v), k
-    assert set(ours) - set(stage1.state_dict()) == {"pool_norm.weight", "pool_norm.bias"}
+    save_checkpoint(tmp_path / "stage1_run", 7, stage1, {"step": 7}, "")  # a stage-1 run folder works too
+    for init in (tmp_path / "stage1.safetensors", tmp_path / "stage1_run"):
+        model = _tiny_model(corpora, stores, tmp_path, f"stage2.init_vision={init}")
+        ours = model.vision_encoder.state_dict()
+        for k, v in stage1.state_dict().items():
+            assert torch.equal(ours[k], v), k
+        assert set(ours) - set(stage1.state_dict()) == {"pool_norm.weight", "pool_norm.bias"}
+    # A whole stage-2 model from one of our stage-2 run folders (shifted: not the fresh init).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    save_checkpoint(tmp_path / "stage2_run", 3, model, {"step": 3}, "")
+    again = _tiny_model(corpora, stores, tmp_path, f"stage2.init={tmp_path / 'stage2_run'}")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_objective_gives_every_trainable_parameter_a_gradient(corpora, stores, tmp_path) -> None:

@@ -103,8 +103,9 @@ class OnlineViewDataset(Dataset):
     """The same views as :class:`CachedViewDataset`, decoded from the corpus, without targets."""
 
     def __init__(self, rows: list, cfg: Recipe) -> None:
-        self.rows, self.cfg = rows, cfg
-        self.clip_ids = [r.id for r in rows]
+        # Sorted by id like CachedViewDataset, so a sampler index is the same clip in both modes.
+        self.rows, self.cfg = sorted(rows, key=lambda r: r.id), cfg
+        self.clip_ids = [r.id for r in self.rows]
         self.num_views = cfg.cache.num_views
         self.epoch = 0
 

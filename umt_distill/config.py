@@ -130,7 +130,7 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     """The training loop."""
 
-    stage: Literal["stage1", "stage2", "finetune"] = "stage1"
+    stage: Literal["stage1", "stage2", "finetune", "retrieval"] = "stage1"
     """Which loop `umt-distill train` runs."""
     output_dir: str = "runs/default"
     epochs: int = Field(201, ge=1)

@@ -62,6 +62,8 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
 
     step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
     ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
+    if resume is not None and ckpt is None:
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected model.safetensors or checkpoints/latest)")
     if ckpt is not None:
         state = load_checkpoint(ckpt, student)
         optimizer.load_state_dict(state["optimizer"])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from umt_distill.cache.spec import (
     SPEC_FORMAT,
@@ -35,6 +35,14 @@ from umt_distill.cache.spec import (
     read_spec,
 )
 from umt_distill.config import Recipe
+from umt_distill.data.clipviews import (  # noqa: F401  (re-exported: verify, datasets, benchmarks)
+    ClipFailure,
+    ClipViewsDataset,
+    clip_frame_range,
+    decode_clip_views,
+    policy_kwargs,
+    worker_init,
+)
 from umt_distill.training import distributed as du
 
 
@@ -124,88 +132,6 @@ def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
         "versions": package_versions(),
         "recipe": cfg.model_dump(mode="json"),
     }
-
-
-# --------------------------------------------------------------------------------------------------
-# decoding (DataLoader workers)
-
-
-class ClipViewsDataset(Dataset):
-    """One item per clip: its K views decoded and applied, or the reason it failed.
-
-    The video is opened once per clip and the union of the K views' frames is decoded once.
-    """
-
-    def __init__(self, rows, indices: list[int], cfg: Recipe) -> None:
-        self.rows, self.indices, self.cfg = rows, indices, cfg
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        idx = self.indices[i]
-        row = self.rows[idx]
-        try:
-            views, pixels = decode_clip_views(row, self.cfg)
-        except ClipFailure as e:
-            return {"index": idx, "error": str(e)}
-        return {"index": idx, "views": views, "pixels": pixels}
-
-
-class ClipFailure(Exception):
-    """A clip cannot be cached (undecodable, too short ...); becomes a line in failures.jsonl."""
-
-
-def decode_clip_views(row, cfg: Recipe, num_views: int | None = None):
-    """Sample and apply the K views of one clip → (list[ViewSpec], uint8 [K, T, 3, H, W])."""
-    from umt_distill.data.video import VideoDecodeError, open_video
-    from umt_distill.data.views import ViewError, apply_view, sample_view
-
-    v = cfg.views
-    k_views = cfg.cache.num_views if num_views is None else num_views
-    try:
-        with open_video(row.path, backend=cfg.corpus.video_backend) as reader:
-            info = reader.info
-            frame_range = clip_frame_range(row, info)
-            views = [
-                sample_view(
-                    v.policy, info, v.num_frames, v.size, cfg.seed, row.id, k,
-                    **policy_kwargs(cfg, frame_range),
-                )
-                for k in range(k_views)
-            ]
-            wanted = sorted({f for view in views for f in view.frame_indices})
-            frames = reader.get_frames(wanted)  # [F, H, W, 3]
-    except VideoDecodeError as e:  # the failure line carries the path already
-        raise ClipFailure(e.reason) from None
-    except ViewError as e:
-        raise ClipFailure(str(e)) from None
-    except (OSError, ValueError) as e:  # anything else the decoder raised about this file
-        raise ClipFailure(f"{row.path}: {type(e).__name__}: {e}") from None
-    pos = {f: i for i, f in enumerate(wanted)}
-    pixels = [apply_view(frames[[pos[f] for f in view.frame_indices]], view) for view in views]
-    return views, torch.stack(pixels)  # [K, T, 3, H, W]
-
-
-def clip_frame_range(row, info) -> tuple[int, int] | None:
-    """A manifest's start/end (seconds) as a frame range [lo, hi)."""
-    if row.start is None and row.end is None:
-        return None
-    lo = 0 if row.start is None else int(math.floor(row.start * info.fps))
-    hi = info.num_frames if row.end is None else min(info.num_frames, int(math.ceil(row.end * info.fps)))
-    return (lo, hi)
-
-
-def policy_kwargs(cfg: Recipe, frame_range) -> dict:
-    v = cfg.views
-    kwargs: dict = {"frame_range": frame_range}
-    if v.policy == "umt_train":
-        kwargs.update(scales=tuple(v.scales), max_distort=v.max_distort, flip=v.flip)
-    return kwargs
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,7 +298,7 @@ def _iter_items(cfg: Recipe, rows, plans: list[ShardPlan]) -> Iterator[dict]:
         batch_size=None,
         shuffle=False,
         num_workers=workers,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=worker_init if workers else None,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )

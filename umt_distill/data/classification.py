@@ -332,7 +332,7 @@ def _read_clip(row: ClipRow, backend: str, choose: Callable[[int], list[int]]) -
         VideoDecodeError: Unreadable video, or an empty start/end window. Training stops on it rather
             than substituting another clip; filter broken videos out of the manifest beforehand.
     """
-    from umt_distill.cache.pipeline import clip_frame_range
+    from umt_distill.data.clipviews import clip_frame_range
     from umt_distill.data.video import VideoDecodeError, open_video
 
     with open_video(row.path, backend=backend) as video:

@@ -116,7 +116,7 @@ class OnlineViewDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        from umt_distill.cache.pipeline import clip_frame_range, policy_kwargs
+        from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
         from umt_distill.data.video import open_video
         from umt_distill.data.views import apply_view, sample_view
 

@@ -1,161 +1,300 @@
-"""What caching costs: cache-teacher throughput against the bare teacher, and bytes per clip-view.
+"""What caching costs: cache-teacher throughput against the bare teacher, and storage vs fidelity.
 
-Run (CPU, about 2-4 minutes on 2 cores):
+1. Cache write: frames/s of ``cache-teacher`` end to end (decode in DataLoader workers → teacher →
+   codec → shard writer) against the teacher's forward-only frames/s on the same views, already
+   decoded, in the same batch size. The ratio is what the pipeline keeps of the teacher's speed.
+2. Storage vs fidelity: the teacher's fp32 targets of one store re-encoded with every codec
+   (fp32, fp16, bf16, int8; zstd on top) in mode full and visible — bytes per clip-view on disk,
+   write and cold-read MB/s, mean and 1st-percentile cosine of decoded tokens to fp32, and the
+   UTA-loss difference on a fixed batch; the UMT-B/UMT-L target shapes and a Kinetics-710 projection.
 
-    .venv/bin/python benchmarks/bench_cache.py
-    .venv/bin/python benchmarks/bench_cache.py --device cuda --clips 64 --batch-size 32 --precision bf16
+Standalone (``run.py`` runs both as part of the suite and writes the report):
 
-Prints two tables:
-
-1. Throughput: frames/s of `cache-teacher` end to end (decode in DataLoader workers → teacher →
-   codec → shard writer) against the teacher's forward-only frames/s on the same already-decoded
-   frames, same batch size. The ratio is what the pipeline keeps of the teacher's speed (goal ≥ 0.9).
-2. Storage vs fidelity for UMT-B's target set (6 layers × 196 tokens × 512, 8 frames) from the real
-   ViT-B-16 architecture (random weights): bytes per clip-view on disk for each codec × mode, and mean /
-   1st-percentile cosine of the decoded tokens to fp32.
+    .venv/bin/python benchmarks/bench_cache.py                      # CLIP-B/16, CPU, ~3 min
+    .venv/bin/python benchmarks/bench_cache.py --device cuda --clips 256 --batch-sizes 8,32,64 --precision fp16
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import platform
-import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from rich.console import Console
-from rich.table import Table
 
-console = Console()
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import K710_CLIPS, clean_dir, evict_page_cache, log, transcode_store
 
-def make_corpus(folder: Path, clips: int, frames: int, height: int, width: int) -> Path:
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path"])
-        for i in range(clips):
-            write_video(folder / f"c{i}.mp4", moving_shapes_video(frames, height, width, seed=i), fps=25)
-            w.writerow([f"c{i}", f"c{i}.mp4"])
-    return folder / "m.csv"
+CODECS = ("fp32", "fp16", "bf16", "int8")
+STORE_MODES = ("full", "visible")
+# Target shapes of the two UMT models (reference/umt.md): last 6 CLIP blocks, 8 frames, 14x14 tokens.
+UMT_TARGETS = {
+    "UMT-B/16 (CLIP-B/16, 224 px)": {"K": 6, "T": 8, "N": 196, "D": 512},
+    "UMT-L/16 (CLIP-L/14, 196 px)": {"K": 6, "T": 8, "N": 196, "D": 768},
+}
 
 
-def recipe(args, manifest: Path, store: Path, *extra: str):
-    from umt_distill.config import load_recipe
-
-    return load_recipe("stage1/b16_k710", [
-        f"corpus.source={manifest}", f"cache.store={store}", "teacher.pretrained=null",
-        f"teacher.precision={args.precision}", f"cache.device={args.device}", f"cache.num_views={args.views}",
-        f"cache.batch_size={args.batch_size}", f"cache.num_workers={args.workers}", "cache.clips_per_shard=4",
-        "corpus.video_backend=pyav", *extra,
-    ])
+# --------------------------------------------------------------------------------------------------
+# 1. cache write
 
 
-def bench_throughput(args, tmp: Path, manifest: Path) -> dict:
+def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size: int, forward_only: bool = True,
+                      min_seconds: float = 2.0) -> dict[str, Any]:
+    """cache-teacher into ``cache.store`` (from ``overrides``), and the teacher alone on the same views.
+
+    Forward-only times every batch after one untimed warm-up batch; cache-teacher builds its own
+    teacher and is timed whole (its first batch is cold: small on CPU, noticeable on a GPU with few
+    batches).
+    """
+    import torch
+
     from umt_distill.cache.pipeline import build_teacher, cache_teacher, decode_clip_views
+    from umt_distill.config import load_recipe
     from umt_distill.data.corpus import read_corpus
 
-    cfg = recipe(args, manifest, tmp / "store_tp")
-    device = torch.device(args.device)
-    teacher = build_teacher(cfg, device)
-    # Forward-only: the same views, decoded beforehand, in the same batch size.
-    pixels = torch.cat([decode_clip_views(r, cfg)[1] for r in read_corpus(manifest)])  # [clips*K, T, 3, H, W]
-    batches = pixels.split(args.batch_size)
-    teacher(batches[0].to(device))  # warm-up
-    t = time.perf_counter()
-    for b in batches:
-        out = teacher(b.to(device))
-        out.tokens.float().cpu()
-    forward_s = time.perf_counter() - t
-    frames = pixels.shape[0] * pixels.shape[1]
+    cfg = load_recipe(recipe, overrides + [f"cache.batch_size={batch_size}"])
     summary = cache_teacher(cfg, progress=False)
-    cache_s = summary["rank0_seconds"]
-    return {
-        "frames": frames,
-        "teacher_forward_fps": frames / forward_s,
-        "cache_teacher_fps": summary["rank0_frames"] / cache_s,
-        "cache_teacher_time_in_teacher": summary["rank0_teacher_seconds"] / cache_s,
-        "ratio": (summary["rank0_frames"] / cache_s) / (frames / forward_s),
+    point: dict[str, Any] = {
+        "teacher": cfg.teacher.name, "input_size": cfg.teacher.input_size or cfg.views.size, "frames": cfg.views.num_frames,
+        "batch_size": batch_size, "codec": cfg.cache.codec, "decode_workers": cfg.cache.num_workers,
+        "clip_views": summary["rank0_records"], "total_frames": summary["rank0_frames"],
+        "cache_teacher_seconds": summary["rank0_seconds"],
+        "cache_teacher_fps": summary["rank0_frames"] / summary["rank0_seconds"],
+        "share_of_time_in_teacher": summary["rank0_teacher_seconds"] / summary["rank0_seconds"],
     }
+    if forward_only:
+        dev = torch.device(device)
+        teacher = build_teacher(cfg, dev)
+        rows = read_corpus(cfg.corpus.source)[: cfg.cache.limit]
+        pixels = torch.cat([decode_clip_views(r, cfg)[1] for r in rows])  # [clips*K, T, 3, H, W], the cached views
+        batches = pixels.split(batch_size)
+        _sync(teacher(batches[0].to(dev)).tokens)  # warm-up, untimed
+        passes, t = 0, time.perf_counter()
+        while passes == 0 or time.perf_counter() - t < min_seconds:  # tiny teachers: repeat for a stable time
+            for b in batches:
+                out = teacher(b.to(dev))
+                out.tokens.float().cpu()  # the cache copies targets to host memory too
+            passes += 1
+        seconds = time.perf_counter() - t
+        point["teacher_forward_passes"] = passes
+        point["teacher_forward_fps"] = passes * pixels.shape[0] * pixels.shape[1] / seconds
+        point["ratio"] = point["cache_teacher_fps"] / point["teacher_forward_fps"]
+    return point
 
 
-def bench_storage(args, tmp: Path, manifest: Path) -> list[dict]:
-    from umt_distill.cache.pipeline import cache_teacher
+def _sync(x) -> None:
+    x.float().cpu()  # a device→host copy waits for the forward (CUDA is asynchronous)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. storage vs fidelity
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _at_visible(full: np.ndarray, visible_idx: np.ndarray) -> np.ndarray:
+    """fp32 tokens [K, T, N, D] at one mask's visible patches [T, N_vis] → [K, T, N_vis, D]."""
+    T = full.shape[1]
+    return full[:, np.arange(T)[:, None], visible_idx.astype(np.int64)]
+
+
+def _fixed_batch_preds(ref: list, cfg, student_name: str, device: str, visible_per_record: list | None):
+    """Predictions of a freshly initialised student (seed 0) on the first records' view pixels.
+
+    Returns (preds [K, B, L, D], visible_idx [B, L]). With ``visible_per_record`` the stored masks are
+    used; otherwise one semantic mask is drawn from the fp32 attention with a fixed generator.
+    """
+    import torch
+
+    from umt_distill.cache.spec import read_spec
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.pixels import normalize_video
+    from umt_distill.data.targets import _decode_view_pixels  # noqa: PLC2701 — the loop's own decode
+    from umt_distill.registry import MASKS
+    from umt_distill.training.stage_parts import build_student
+
+    rows = {r.id: r for r in read_corpus(cfg.corpus.source)}
+    pixels = torch.stack([_decode_view_pixels(rows[r.clip_id], r.view, cfg.corpus.video_backend) for r in ref])
+    T, N = ref[0].attn.shape
+    if visible_per_record is None:
+        attn = torch.from_numpy(np.stack([r.attn for r in ref]))  # [B, T, N]
+        vis = MASKS.get("semantic")(len(ref), T, N, cfg.mask.ratio, torch.Generator().manual_seed(0), attn=attn)
+    else:
+        v = torch.from_numpy(np.stack(visible_per_record).astype(np.int64))  # [B, T, N_vis]
+        vis = (v + torch.arange(T).view(1, T, 1) * N).flatten(1)  # [B, T*N_vis]
+    torch.manual_seed(0)
+    D = int(read_spec(cfg.cache.store)["teacher"]["D"])
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"name": student_name, "drop_path_rate": 0.0})})
+    student = build_student(cfg, D).to(device).eval()
+    with torch.no_grad():
+        preds = student(normalize_video(pixels.to(device)), vis.to(device)).float().cpu()  # [K, B, L, D]
+    return preds, vis
+
+
+def _targets_at(records_tokens: list[np.ndarray], vis, T: int, N: int):
+    """Full-mode tokens [K, T, N, D] per record → targets [K, B, L, D] at flat visible indices [B, L]."""
+    import torch
+
+    from umt_distill.losses import gather_visible
+
+    flat = torch.from_numpy(np.stack([t.reshape(t.shape[0], T * N, -1) for t in records_tokens], 1))  # [K, B, T*N, D]
+    return gather_visible(flat, vis)
+
+
+def storage_fidelity(ref_store: Path, work: Path, cfg, student: str, device: str, loss_batch: int = 2,
+                     mask_ratio: float = 0.8, codecs=CODECS, modes=STORE_MODES) -> dict[str, Any]:
+    """Every codec x mode over the reference (fp32, full) store's records.
+
+    ``mask_ratio`` is the mask of the loss batch (full mode) and of the stored masks (visible mode).
+    """
+    import torch
+
     from umt_distill.cache.stores import CacheReader
+    from umt_distill.losses import uta_loss
 
-    rows = []
-    reference = None
-    settings = [(codec, "full") for codec in ("fp32", "fp16", "bf16", "int8")]
-    settings += [(codec, "visible") for codec in ("fp16", "int8")]
-    for codec, mode in settings:
-        store = tmp / f"store_{codec}_{mode}"
-        extra = [f"cache.codec={codec}", f"cache.mode={mode}", "cache.num_views=1", "cache.masks_per_view=1"]
-        cache_teacher(recipe(args, manifest, store, *extra), progress=False)
-        reader = CacheReader(store)
-        recs = {key: reader.get(*key) for key in reader.keys}
-        data_bytes = sum(p.stat().st_size for p in (store / "shards").rglob("*") if p.is_file() and not p.name.endswith(".json"))
-        if codec == "fp32" and mode == "full":
-            reference = recs
-        cos = []
-        for key, rec in recs.items():
-            ref = reference[key].tokens  # [K, T, N, D]
-            if rec.visible_idx is not None:
-                T = ref.shape[1]
-                ref = ref[:, np.arange(T)[:, None], rec.visible_idx[0].astype(np.int64)][None]
-            a = rec.tokens.reshape(-1, rec.tokens.shape[-1]).astype(np.float64)
-            b = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-            cos.append((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
-        cos = np.concatenate(cos)
-        rows.append({
-            "codec": codec, "mode": mode, "bytes_per_clip_view": data_bytes / len(recs),
-            "tokens_shape": list(next(iter(recs.values())).tokens.shape),
-            "mean_cos": float(cos.mean()), "p1_cos": float(np.percentile(cos, 1)),
-        })
-    return rows
+    cfg = cfg.model_copy(update={"mask": cfg.mask.model_copy(update={"ratio": mask_ratio})})
+    reader = CacheReader(ref_store)
+    ref = [reader.get(*k) for k in reader.keys]
+    T, N = ref[0].attn.shape
+    K, D = ref[0].tokens.shape[0], ref[0].tokens.shape[-1]
+    batch = ref[:loss_batch]
+    preds_full, vis_full = _fixed_batch_preds(batch, cfg, student, device, None)
+    loss_ref_full = float(uta_loss(preds_full, _targets_at([r.tokens for r in batch], vis_full, T, N))[0])
+    rows, preds_vis = [], None
+    for mode in modes:
+        for codec in codecs:
+            log(f"storage: {codec}/{mode}")
+            dst = work / f"{codec}_{mode}"
+            w = transcode_store(ref_store, dst, codec, mode=mode, mask_ratio=cfg.mask.ratio,
+                                seed=int(reader.spec["views"]["seed"]))
+            evict_page_cache(dst)
+            t = time.perf_counter()
+            got_reader = CacheReader(dst)
+            got = [got_reader.get(*k) for k in reader.keys]
+            read_s = time.perf_counter() - t
+            cos, decoded_bytes = [], 0
+            for r, g in zip(ref, got):
+                decoded_bytes += g.tokens.nbytes + g.attn.nbytes + g.pooled.nbytes
+                want = r.tokens if g.visible_idx is None else _at_visible(r.tokens, g.visible_idx[0])[None]
+                cos.append(_cosines(g.tokens, want))
+            cos = np.concatenate(cos)
+            if mode == "full":
+                preds, vis, loss_ref = preds_full, vis_full, loss_ref_full
+                targets = _targets_at([g.tokens for g in got[:loss_batch]], vis, T, N)
+            else:
+                masks = [g.visible_idx[0] for g in got[:loss_batch]]
+                if preds_vis is None:  # the stored masks are the same for every codec (same seed, same attn)
+                    preds_vis = _fixed_batch_preds(batch, cfg, student, device, masks)
+                    loss_ref_vis = float(uta_loss(preds_vis[0], _targets_at([r.tokens for r in batch], preds_vis[1], T, N))[0])
+                preds, vis, loss_ref = preds_vis[0], preds_vis[1], loss_ref_vis
+                targets = torch.from_numpy(np.stack([g.tokens[0].reshape(K, -1, D) for g in got[:loss_batch]], 1))
+            loss = float(uta_loss(preds, targets)[0])
+            rows.append({
+                "codec": codec, "mode": mode, "records": len(got), "tokens_shape": list(got[0].tokens.shape),
+                "bytes_per_clip_view": w["nbytes"] / w["records"],
+                "write_mb_per_s": w["nbytes"] / 1e6 / w["write_seconds"],
+                "write_records_per_s": w["records"] / w["write_seconds"],
+                "read_mb_per_s": w["nbytes"] / 1e6 / read_s,
+                "read_decoded_mb_per_s": decoded_bytes / 1e6 / read_s,
+                "read_records_per_s": len(got) / read_s,
+                "mean_cos": float(cos.mean()), "p1_cos": float(np.percentile(cos, 1)), "min_cos": float(cos.min()),
+                "loss_fp32": loss_ref, "loss": loss, "loss_abs_diff": abs(loss - loss_ref),
+            })
+    n_vis = next((r["tokens_shape"][-2] for r in rows if r["mode"] == "visible"), None)
+    return {"reference": {"store": "fp32/full", "records": len(ref), "shape_KTND": [K, int(T), int(N), D],
+                          "tokens_compared": int(len(ref) * K * T * N), "loss_batch": len(batch),
+                          "loss_student": student, "visible_tokens_per_frame": n_vis, "mask_ratio": cfg.mask.ratio},
+            "rows": rows, "projection": project(rows, [K, int(T), int(N), D], cfg.mask.ratio)}
+
+
+def raw_bytes(shape: dict[str, int], codec: str, mode: str, mask_ratio: float) -> int:
+    """Exact uncompressed bytes of one record's arrays (tokens in the codec, attn/pooled float32)."""
+    from umt_distill.masking import num_visible
+
+    K, T, N, D = shape["K"], shape["T"], shape["N"], shape["D"]
+    n_vis = num_visible(N, mask_ratio)
+    tokens_n = N if mode == "full" else n_vis
+    values = K * T * tokens_n * D
+    size = values * {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}[codec]
+    if codec == "int8":
+        size += K * T * tokens_n * 4  # one float32 scale per token
+    size += T * N * 4 + T * D * 4  # attn, pooled
+    if mode == "visible":
+        size += T * n_vis * 2  # int16 visible indices
+    return size
+
+
+def project(rows: list[dict], measured_shape: list[int], mask_ratio: float) -> list[dict]:
+    """UMT-B/UMT-L bytes per clip-view and TB per view of Kinetics-710.
+
+    On disk = measured bytes x (raw bytes of the target shape / raw bytes of the measured shape):
+    the zstd ratio measured on our targets carried over to the larger shapes.
+    """
+    measured = dict(zip("KTND", measured_shape))
+    out = []
+    for r in rows:
+        ratio_disk = r["bytes_per_clip_view"] / raw_bytes(measured, r["codec"], r["mode"], mask_ratio)
+        for name, shape in UMT_TARGETS.items():
+            raw = raw_bytes(shape, r["codec"], r["mode"], mask_ratio)
+            disk = raw * ratio_disk
+            out.append({"model": name, "codec": r["codec"], "mode": r["mode"], "raw_mb_per_clip_view": raw / 1e6,
+                        "disk_mb_per_clip_view": disk / 1e6, "k710_tb_per_view_raw": raw * K710_CLIPS / 1e12,
+                        "k710_tb_per_view_disk": disk * K710_CLIPS / 1e12, "measured_shape": shape == measured})
+    return out
+
+
+def smallest_faithful(rows: list[dict], min_cos: float = 0.99, mode: str | None = None) -> dict | None:
+    """The codec/mode with the fewest bytes per clip-view whose mean cosine to fp32 is ≥ ``min_cos``."""
+    ok = [r for r in rows if r["mean_cos"] >= min_cos and (mode is None or r["mode"] == mode)]
+    return min(ok, key=lambda r: r["bytes_per_clip_view"]) if ok else None
 
 
 def main() -> None:
+    import os
+
+    from benchmarks.bench_step import SIZES, StepSettings, store_overrides
+    from benchmarks.common import write_corpus
+    from umt_distill.config import load_recipe
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="base", choices=list(SIZES), help="teacher/student pair (recipe)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="teacher precision")
     p.add_argument("--clips", type=int, default=6)
-    p.add_argument("--views", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=2, help="clip-views per teacher forward")
-    p.add_argument("--workers", type=int, default=1, help="decode workers")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--batch-sizes", default="2", help="comma-separated cache/teacher batch sizes")
+    p.add_argument("--workers", type=int, default=1, help="decode workers of cache-teacher")
+    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    torch.manual_seed(0)
+    s = StepSettings(device=args.device, teacher_precision=args.precision, threads=os.cpu_count() or 1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_cache_"))
-    try:
-        manifest = make_corpus(tmp / "videos", args.clips, frames=32, height=240, width=320)
-        tp = bench_throughput(args, tmp, manifest)
-        storage = bench_storage(args, tmp, manifest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads, {args.device}"
-    t = Table(title=f"cache-teacher vs teacher forward — ViT-B-16 (random weights), T=8, 224 px, {machine}")
-    for col in ("frames", "teacher forward frames/s", "cache-teacher frames/s", "ratio (goal ≥ 0.9)", "share of time in teacher"):
-        t.add_column(col)
-    t.add_row(str(tp["frames"]), f"{tp['teacher_forward_fps']:.2f}", f"{tp['cache_teacher_fps']:.2f}", f"{tp['ratio']:.3f}",
-              f"{tp['cache_teacher_time_in_teacher']:.3f}")
-    console.print(t)
-    t = Table(title="UMT-B targets per clip-view (6 layers x 8 frames x 196 tokens x 512), zstd on top")
-    for col in ("codec", "mode", "tokens shape", "MB per clip-view", "mean cos to fp32", "p1 cos"):
-        t.add_column(col)
-    for r in storage:
-        t.add_row(r["codec"], r["mode"], str(r["tokens_shape"]), f"{r['bytes_per_clip_view'] / 1e6:.3f}",
-                  f"{r['mean_cos']:.6f}", f"{r['p1_cos']:.6f}")
-    console.print(t)
+    corpus = write_corpus(tmp / "videos", min(args.clips, 8), args.clips, 64, 240, 320)
+    recipe = SIZES[args.size]["recipe"]
+    points = []
+    for i, bs in enumerate(int(b) for b in args.batch_sizes.split(",")):
+        store = str(clean_dir(tmp / f"store{i}") / "s")
+        codec = "fp32" if i == 0 else "fp16"  # the first store is the fidelity reference
+        points.append(cache_write_point(recipe, store_overrides(args.size, 8, corpus["manifest"], store, s, codec, bs,
+                                                                args.workers), args.device, bs))
+    ref = tmp / "store0" / "s"
+    cfg = load_recipe(recipe, store_overrides(args.size, 8, corpus["manifest"], str(ref), s, "fp32", 2, 0))
+    storage = storage_fidelity(ref, clean_dir(tmp / "codecs"), cfg, SIZES[args.size]["student"], args.device)
+    result = {"cache_write": points, "storage": storage}
+    print(json.dumps(result, indent=1))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "throughput": tp, "storage": storage}, indent=2))
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.bench_cache import main as package_main  # see bench_step.py: children import by package name
+
+    package_main()

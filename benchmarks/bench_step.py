@@ -1,174 +1,254 @@
 """Step cost of stage 1: student only vs cached targets vs online teacher, from one run.
 
-Run (CPU, about 5 minutes on 2 cores):
+Modes, all with the same student, teacher architecture (random weights), frames, mask ratio and views:
 
-    .venv/bin/python benchmarks/bench_step.py
-    .venv/bin/python benchmarks/bench_step.py --device cuda --batch-size 32 --steps 20 --student umt_base_patch16
+  student  targets and attention already in memory (on the device): mask, gather, forward, backward,
+           clip, step — the floor no target source can beat.
+  cached   the real stage-1 loop (``stages.stage1.train``) over a Zarr store through its DataLoader
+           (pixels re-decoded from the videos with the stored views, as in training).
+  online   the same loop with ``teacher.mode=online``: the teacher runs on every batch.
 
-Modes, all with the same student (UMT-B/16 by default), teacher architecture (ViT-B-16, random
-weights), T = 8, 224 px, 80 % semantic masking and the same views:
+Each (configuration, mode) runs in a fresh process forked from a preloaded server, so its peak memory
+(CPU resident set / CUDA allocated) is its own. Step time = median, min, max over the steps after
+the warm-up steps. Goals for UMT-B/16 + CLIP-B/16, T=8, 80 %: cached/student ≤ 1.05, online/cached ≥ 2.5.
 
-  a. student only — targets and attention already in memory; mask, gather, forward, backward, step.
-  b. cached       — the real stage-1 loop (`stages.stage1.train`) reading a Zarr store through a
-                    DataLoader (pixels re-decoded from the videos with the stored views).
-  c. online       — the same loop with `teacher.mode=online`: the teacher runs on every batch.
+Standalone (one configuration; ``run.py`` runs the grid and writes the report):
 
-Each mode runs in its own subprocess so its peak RSS (CPU) / peak CUDA memory is its own. Step time is
-the median (and min/max) over the steps after the warm-up steps. Goals: b/a ≤ 1.05, c/b ≥ 2.5.
+    .venv/bin/python benchmarks/bench_step.py                       # UMT-B/16, T=8, 80 %, CPU, ~6 min
+    .venv/bin/python benchmarks/bench_step.py --size tiny --frames 16 --ratio 0.9
+    .venv/bin/python benchmarks/bench_step.py --device cuda --batch-size 32 --steps 20 --warmup 5 --amp bf16
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import resource
-import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (
+    load_average,
+    log,
+    peak_memory_mb,
+    ratio,
+    reset_peak_memory,
+    run_isolated,
+    timing_stats,
+)
+
+# Student sizes with their matching teachers (the recipe supplies the teacher, its layers, resolution).
+SIZES: dict[str, dict[str, str]] = {
+    "tiny": {"recipe": "stage1/tiny", "student": "umt_test_tiny", "teacher": "umt-test-tiny",
+             "label": "UMT test-tiny + CLIP test-tiny (64 px, K=2, D=32)"},
+    "small": {"recipe": "stage1/b16_k710", "student": "umt_small_patch16", "teacher": "ViT-B-16",
+              "label": "UMT-S/16 + CLIP-B/16 (224 px, K=6, D=512)"},
+    "base": {"recipe": "stage1/b16_k710", "student": "umt_base_patch16", "teacher": "ViT-B-16",
+             "label": "UMT-B/16 + CLIP-B/16 (224 px, K=6, D=512)"},
+    "large": {"recipe": "stage1/l16_k710", "student": "umt_large_patch16", "teacher": "ViT-L-14",
+              "label": "UMT-L/16 + CLIP-L/14 at 196 px (K=6, D=768)"},
+}
+MODES = ("student", "cached", "online")
 
 
-def _overrides(args, manifest: Path, store: Path, out: Path) -> list[str]:
+@dataclass(frozen=True)
+class StepSettings:
+    """How each configuration is run (one preset fills these)."""
+
+    device: str = "cpu"
+    batch_size: int = 1
+    warmup: int = 1
+    steps: int = 5
+    workers: int = 1  # DataLoader workers of the cached/online loops
+    threads: int = 2
+    amp: str = "bf16"  # used on CUDA only (the loop runs fp32 on CPU)
+    teacher_precision: str = "fp32"
+    backend: str = "decord"
+    codec: str = "fp16"
+
+
+def store_overrides(size: str, frames: int, manifest: str, store: str, s: StepSettings, codec: str,
+                    batch_size: int, workers: int) -> list[str]:
+    """Recipe overrides of the cache-teacher run that builds a configuration's store (1 view per clip)."""
     return [
-        f"corpus.source={manifest}", f"cache.store={store}", "corpus.video_backend=pyav", "teacher.pretrained=null",
-        "teacher.precision=fp32", f"cache.device={args.device}", "cache.num_views=1", "cache.batch_size=2",
-        "cache.num_workers=1", f"cache.codec={args.codec}", f"student.name={args.student}",
-        f"train.device={args.device}", f"train.batch_size={args.batch_size}", f"train.num_workers={args.workers}",
-        f"train.max_steps={args.warmup + args.steps}", "train.log_every=1", "train.ckpt_every=100000",
-        f"train.output_dir={out}", "train.amp=bf16", "student.drop_path_rate=0.0",
+        f"corpus.source={manifest}", f"cache.store={store}", f"corpus.video_backend={s.backend}",
+        "teacher.pretrained=null", f"teacher.precision={s.teacher_precision}", f"cache.device={s.device}",
+        "cache.num_views=1", f"cache.batch_size={batch_size}", f"cache.num_workers={workers}",
+        f"cache.codec={codec}", "cache.mode=full", "cache.clips_per_shard=64", f"views.num_frames={frames}",
     ]
 
 
-def _peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def loop_overrides(size: str, frames: int, mask_ratio: float, manifest: str, store: str, out: str,
+                   s: StepSettings) -> list[str]:
+    """Overrides of the training runs (every mode uses the same ones; online adds teacher.mode)."""
+    return store_overrides(size, frames, manifest, store, s, s.codec, 1, 0) + [
+        f"student.name={SIZES[size]['student']}", "student.drop_path_rate=0.0", f"mask.ratio={mask_ratio}",
+        f"train.device={s.device}", f"train.batch_size={s.batch_size}", f"train.num_workers={s.workers}",
+        f"train.max_steps={s.warmup + s.steps}", "train.log_every=1", "train.ckpt_every=1000000",
+        f"train.output_dir={out}", f"train.amp={s.amp}", "train.accum_steps=1",
+    ]
 
 
-def run_student_only(args, cfg) -> list[float]:
-    """Mode a: everything the loop does on the GPU side, with targets already in memory."""
+def rows_needed(s: StepSettings) -> int:
+    """Clips in the store: one epoch covers every step, so no DataLoader restarts inside the timing."""
+    return s.batch_size * (s.warmup + s.steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# child side
+
+
+def _student_only(cfg, s: StepSettings) -> tuple[list[float], list[float]]:
+    """Mode ``student``: the loop's GPU-side work with targets already in device memory."""
+    import torch
+
     from umt_distill.data.pixels import normalize_video
-    from umt_distill.losses import gather_visible, uta_loss
-    from umt_distill.registry import MASKS
+    from umt_distill.losses import uta_loss
     from umt_distill.training.optim import build_adamw
-    from umt_distill.training.stage_parts import build_student, mask_generator
+    from umt_distill.training.stage_parts import build_student, mask_generator, step_targets
 
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    K, D, T, N, B = cfg.teacher.layers, 512, cfg.views.num_frames, (cfg.views.size // 16) ** 2, args.batch_size
+    device = torch.device(s.device)
+    torch.manual_seed(cfg.seed)
+    teacher = _teacher_shape(cfg)
+    K, D, N = cfg.teacher.layers, teacher["D"], teacher["N"]
+    B, T, H = s.batch_size, cfg.views.num_frames, cfg.views.size
     student = build_student(cfg, D).to(device)
-    opt = build_adamw(student, 1e-4, 0.05, (0.9, 0.95), 1e-8, skip=student.no_weight_decay())
-    pixels = torch.randint(0, 256, (B, T, 3, cfg.views.size, cfg.views.size), dtype=torch.uint8, device=device)
-    tokens = torch.randn(K, B, T * N, D, device=device)
-    attn = torch.rand(B, T, N, device=device)
+    o = cfg.optim
+    optimizer = build_adamw(student, o.lr, o.weight_decay, o.betas, o.eps, skip=student.no_weight_decay())
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (B, T, 3, H, H), dtype=torch.uint8, generator=gen).to(device)
+    batch = {"tokens": torch.randn(B, K, T, N, D, generator=gen).to(device),  # as the loader delivers them
+             "attn": torch.rand(B, T, N, generator=gen).to(device)}
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
     times = []
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    for step in range(args.warmup + args.steps):
+    for step in range(s.warmup + s.steps):
         t = time.perf_counter()
-        vis = MASKS.get("semantic")(B, T, N, cfg.mask.ratio, mask_generator(0, step, 0), attn=attn, device=device)
-        targets = gather_visible(tokens, vis)
+        targets, visible_idx = step_targets(cfg, batch, pixels, None, mask_generator(cfg.seed, step, 0), device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss, _ = uta_loss(student(normalize_video(pixels), vis).float(), targets)
+            preds = student(normalize_video(pixels), visible_idx)  # [K, B, L, D]
+            loss, _ = uta_loss(preds.float(), targets)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
+        loss.item()  # the loop's sync point
+        torch.nn.utils.clip_grad_norm_(student.parameters(), float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return times[args.warmup:]
+    return times[s.warmup:], [0.0] * s.steps
 
 
-def run_loop(args, cfg) -> list[float]:
-    """Modes b and c: the real stage-1 loop; step times from its metrics.jsonl."""
-    from umt_distill.stages.stage1 import train
-    from umt_distill.training.metrics import read_metrics
+def _teacher_shape(cfg) -> dict[str, int]:
+    """N and D of the recipe's teacher without building it (the store spec has them too)."""
+    from umt_distill.cache.spec import read_spec
 
-    train(cfg)
-    steps = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")
-    return [m["step_time"] for m in steps][args.warmup:]
+    spec = read_spec(cfg.cache.store)
+    return {"N": int(spec["teacher"]["N"]), "D": int(spec["teacher"]["D"])}
 
 
-def child(args) -> None:
+def measure_mode(mode: str, recipe: str, overrides: list[str], s: StepSettings) -> dict[str, Any]:
+    """One mode of one configuration, in the current (fresh) process. Returns times and memory."""
+    import torch
+
     from umt_distill.config import load_recipe
 
-    torch.set_num_threads(args.threads)
-    extra = ["teacher.mode=online"] if args.mode == "online" else []
-    cfg = load_recipe("stage1/b16_k710", _overrides(args, args.manifest, args.store, args.out) + extra)
-    times = run_student_only(args, cfg) if args.mode == "student" else run_loop(args, cfg)
-    print(json.dumps({"mode": args.mode, "times": times, "peak_mb": _peak_memory_mb(args.device)}))
+    torch.set_num_threads(s.threads)
+    load_start = load_average()
+    baseline = reset_peak_memory(s.device)
+    cfg = load_recipe(recipe, overrides + (["teacher.mode=online"] if mode == "online" else []))
+    if mode == "student":
+        times, data_times = _student_only(cfg, s)
+    else:
+        from umt_distill.stages.stage1 import train
+        from umt_distill.training.metrics import read_metrics
+
+        train(cfg)
+        metrics = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")[s.warmup:]
+        times, data_times = [m["step_time"] for m in metrics], [m["data_time"] for m in metrics]
+    return {"mode": mode, **timing_stats(times), "data_time_median": sorted(data_times)[len(data_times) // 2],
+            "peak_mb": round(peak_memory_mb(s.device), 1), "baseline_mb": round(baseline, 1),
+            "load_start": load_start, "load_end": load_average()}
 
 
-def parent(args) -> None:
-    from rich.console import Console
-    from rich.table import Table
+# --------------------------------------------------------------------------------------------------
+# parent side
 
-    from umt_distill.cache.pipeline import cache_teacher
-    from umt_distill.config import load_recipe
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
-    try:
-        clips = args.batch_size * (args.warmup + args.steps)
-        with open(tmp / "m.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "path"])
-            for i in range(clips):
-                write_video(tmp / f"c{i}.mp4", moving_shapes_video(16, 240, 320, seed=i), fps=25)
-                w.writerow([f"c{i}", f"c{i}.mp4"])
-        store = tmp / "store"
-        cache_teacher(load_recipe("stage1/b16_k710", _overrides(args, tmp / "m.csv", store, tmp / "unused")), progress=False)
-        results = {}
-        for mode in ("student", "cached", "online"):
-            cmd = [sys.executable, __file__, "--child", mode, "--manifest", str(tmp / "m.csv"), "--store", str(store),
-                   "--out", str(tmp / f"run_{mode}"), *sys.argv[1:]]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
-            results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    med = {m: statistics.median(r["times"]) for m, r in results.items()}
-    table = Table(title=f"stage-1 step, {args.student} + ViT-B-16 teacher (random weights), T=8, 224 px, 80% semantic mask, "
-                        f"batch {args.batch_size}, {args.device}, {args.threads} threads")
-    for col in ("mode", "median s", "min s", "max s", "steps", "peak MB", "ratio"):
-        table.add_column(col)
-    ratio = {"student": "1.00 (a)", "cached": f"{med['cached'] / med['student']:.3f} b/a (goal ≤ 1.05)",
-             "online": f"{med['online'] / med['cached']:.3f} c/b (goal ≥ 2.5); c/a {med['online'] / med['student']:.3f}"}
-    for mode, r in results.items():
-        table.add_row(mode, f"{med[mode]:.3f}", f"{min(r['times']):.3f}", f"{max(r['times']):.3f}", str(len(r["times"])),
-                      f"{r['peak_mb']:.0f}", ratio[mode])
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+def bench_config(size: str, frames: int, mask_ratio: float, manifest: str, store: str, out_dir: Path,
+                 s: StepSettings, modes: tuple[str, ...] = MODES, isolate: bool = True) -> dict[str, Any]:
+    """All modes of one configuration over the same store and corpus; ratios from the medians.
+
+    ``isolate=False`` measures in this process (peak memory then includes what ran before).
+    """
+    recipe = SIZES[size]["recipe"]
+    result: dict[str, Any] = {"size": size, "label": SIZES[size]["label"], "frames": frames, "mask_ratio": mask_ratio,
+                              "batch_size": s.batch_size, "modes": {}}
+    for mode in modes:
+        out = out_dir / f"{size}_T{frames}_r{mask_ratio}_{mode}"
+        log(f"step: {size} T={frames} ratio={mask_ratio} mode={mode}")
+        overrides = loop_overrides(size, frames, mask_ratio, manifest, store, str(out), s)
+        if isolate:
+            result["modes"][mode] = run_isolated(measure_mode, mode, recipe, overrides, s)
+        else:
+            result["modes"][mode] = measure_mode(mode, recipe, overrides, s)
+    med = {m: r["median"] for m, r in result["modes"].items()}
+    result["ratios"] = {
+        "cached_over_student": ratio(med.get("cached"), med.get("student")),
+        "online_over_cached": ratio(med.get("online"), med.get("cached")),
+        "online_over_student": ratio(med.get("online"), med.get("student")),  # the ceiling of online/cached
+    }
+    result["student_clips_per_s"] = ratio(s.batch_size, med.get("student"))
+    result["cached_clips_per_s"] = ratio(s.batch_size, med.get("cached"))
+    return result
 
 
 def main() -> None:
+    from benchmarks.common import clean_dir, write_corpus
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="base", choices=list(SIZES))
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--ratio", type=float, default=0.8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--student", default="umt_base_patch16")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="measured steps per mode")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the cached/online loops")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--amp", default="bf16", choices=["none", "bf16", "fp16"], help="CUDA autocast of the student")
+    p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--backend", default="decord", choices=["decord", "pyav"])
     p.add_argument("--codec", default="fp16")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--store", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args()
-    if args.child:
-        args.mode = args.child
-        child(args)
-    else:
-        parent(args)
+    import os
+
+    from umt_distill.cache.pipeline import cache_teacher
+    from umt_distill.config import load_recipe
+
+    s = StepSettings(device=args.device, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
+                     workers=args.workers, threads=args.threads or os.cpu_count() or 1, amp=args.amp,
+                     teacher_precision=args.teacher_precision, backend=args.backend, codec=args.codec)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
+    corpus = write_corpus(tmp / "videos", num_videos=min(rows_needed(s), 8), num_rows=rows_needed(s),
+                          frames=max(64, 4 * args.frames), height=240, width=320)
+    store = str(clean_dir(tmp / "store") / "s")
+    cache_teacher(load_recipe(SIZES[args.size]["recipe"], store_overrides(
+        args.size, args.frames, corpus["manifest"], store, s, s.codec, 2, 1)), progress=False)
+    result = bench_config(args.size, args.frames, args.ratio, corpus["manifest"], store, tmp / "runs", s)
+    result["settings"] = asdict(s)
+    print(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    # Child processes unpickle functions and settings by module name; `__main__` is not importable
+    # there, so run the copy of this module that lives under its package name.
+    from benchmarks.bench_step import main as package_main
+
+    package_main()

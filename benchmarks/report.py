@@ -1,0 +1,225 @@
+"""Turn one suite run's results into ``<stem>.json``, ``<stem>.md`` and ``<stem>-*.png``.
+
+Numbers are printed as measured (fixed decimals, no rounding toward a goal); the markdown says which
+machine, load and command produced them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_cache import smallest_faithful
+from benchmarks.common import K710_CLIPS
+
+MODE_NAMES = {"student": "student only", "cached": "cached", "online": "online"}
+GOALS = {"online_over_cached": 2.5, "cached_over_student": 1.05, "min_cos": 0.99, "bytes": 1e6}
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _row_key(r: dict) -> str:
+    return f"{r['size']} T={r['frames']} {int(round(r['mask_ratio'] * 100))}%"
+
+
+# --------------------------------------------------------------------------------------------------
+# headline
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The three numbers the issue asks for, with their goals, from whatever sections ran."""
+    h = results["meta"]["headline_config"]
+    out: dict[str, Any] = {"config": h}
+    rows = [r for r in results.get("step", []) if (r["size"], r["frames"], r["mask_ratio"]) == (h["size"], h["frames"], h["mask_ratio"])]
+    if rows:
+        r = rows[0]
+        out["step"] = {"label": r["label"], "batch_size": r["batch_size"],
+                       "median_s": {m: v["median"] for m, v in r["modes"].items()}, **r["ratios"],
+                       "online_over_cached_goal_met": (r["ratios"]["online_over_cached"] or 0) >= GOALS["online_over_cached"],
+                       "cached_over_student_goal_met": (r["ratios"]["cached_over_student"] or 9) <= GOALS["cached_over_student"]}
+    storage = results.get("storage")
+    if storage:
+        for key, mode in (("smallest_faithful", None), ("smallest_faithful_full", "full")):
+            best = smallest_faithful(storage["rows"], GOALS["min_cos"], mode)
+            if best:
+                out[key] = {"codec": best["codec"], "mode": best["mode"], "bytes_per_clip_view": best["bytes_per_clip_view"],
+                            "mean_cos": best["mean_cos"], "p1_cos": best["p1_cos"],
+                            "bytes_goal_met": best["bytes_per_clip_view"] <= GOALS["bytes"]}
+        out["targets"] = storage["reference"]["shape_KTND"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# markdown
+
+
+def _headline_md(res: dict) -> list[str]:
+    h, m = res["headline"], res["meta"]
+    lines = ["## Headline", ""]
+    cfg = h["config"]
+    lines.append(f"Configuration: size `{cfg['size']}`, T = {cfg['frames']}, mask ratio {cfg['mask_ratio']}, "
+                 f"targets K×T×N×D = {h.get('targets')}, teacher weights random (same cost and shapes as pretrained).")
+    lines += ["", "| quantity | measured | goal | met |", "|---|---|---|---|"]
+    if "step" in h:
+        s = h["step"]
+        lines.append(f"| online / cached step time | {_f(s['online_over_cached'])}× | ≥ 2.5× | {'yes' if s['online_over_cached_goal_met'] else 'no'} |")
+        lines.append(f"| cached / student-only step time | {_f(s['cached_over_student'])} | ≤ 1.05 | {'yes' if s['cached_over_student_goal_met'] else 'no'} |")
+        lines.append(f"| ceiling: online / student-only | {_f(s['online_over_student'])}× | — | — |")
+    for key, what in (("smallest_faithful", "smallest codec/mode with mean cos ≥ 0.99"),
+                      ("smallest_faithful_full", "smallest *full-mode* codec with mean cos ≥ 0.99")):
+        if key in h:
+            b = h[key]
+            lines.append(f"| {what} | {b['codec']}/{b['mode']}: {b['bytes_per_clip_view'] / 1e6:.3f} MB per clip-view "
+                         f"(mean cos {b['mean_cos']:.6f}) | ≤ 1 MB | {'yes' if b['bytes_goal_met'] else 'no'} |")
+    if "step" in h:
+        med = h["step"]["median_s"]
+        lines += ["", "Median step seconds (batch " + str(h["step"]["batch_size"]) + "): "
+                  + ", ".join(f"{MODE_NAMES[k]} {v:.3f}" for k, v in med.items()) + f" — {m['machine']['cpu']}"
+                  + (f", {m['machine']['gpu']}" if m["machine"].get("gpu") else "") + "."]
+    return lines + [""]
+
+
+def _step_md(res: dict) -> list[str]:
+    rows = res.get("step")
+    if not rows:
+        return []
+    lines = ["## 1. Step cost: student only vs cached vs online", "",
+             "Median / min / max seconds per training step over the measured steps after warm-up; peak memory of "
+             "the measuring process (CPU: resident set incl. the ~300 MB Python/torch runtime, shown as 'base'; "
+             "CUDA: allocated). Cached = the real stage-1 loop over a Zarr store; data = median seconds waiting for the loader.", "",
+             "| config | student/teacher | batch | mode | median s | min s | max s | steps | data s | peak MB (base) | load at start |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for mode, v in r["modes"].items():
+            lines.append(f"| {_row_key(r)} | {r['label']} | {r['batch_size']} | {MODE_NAMES[mode]} | {v['median']:.4f} | "
+                         f"{v['min']:.4f} | {v['max']:.4f} | {v['n']} | {v['data_time_median']:.4f} | "
+                         f"{v['peak_mb']:.0f} ({v['baseline_mb']:.0f}) | {v['load_start'][0]:.2f} |")
+    lines += ["", "| config | cached / student | online / cached | ceiling online / student | student clips/s |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        q = r["ratios"]
+        lines.append(f"| {_row_key(r)} | {_f(q['cached_over_student'])} | {_f(q['online_over_cached'])} | "
+                     f"{_f(q['online_over_student'])} | {_f(r['student_clips_per_s'], 3)} |")
+    if res.get("omitted"):
+        omitted = ", ".join(f"{s} T={t} {int(round(x * 100))}%" for s, t, x in res["omitted"])
+        lines += ["", f"Not measured in this run (preset `{res['meta']['preset']}`; `--grid full` runs them): {omitted}."]
+    return lines + [""]
+
+
+def _storage_md(res: dict, stem: str) -> list[str]:
+    st = res.get("storage")
+    if not st:
+        return []
+    ref = st["reference"]
+    lines = ["## 2. Storage vs fidelity", "",
+             f"The same {ref['records']} clip-views (targets K×T×N×D = {ref['shape_KTND']}, {ref['tokens_compared']} tokens) "
+             f"re-encoded with each codec (zstd on top). Visible mode keeps {ref['visible_tokens_per_frame']} tokens per frame "
+             f"(mask ratio {ref['mask_ratio']}, one mask per view). Cosine is per token against fp32. Loss = UTA loss of a "
+             f"freshly initialised `{ref['loss_student']}` on a fixed batch of {ref['loss_batch']} clip-views, fp32 targets vs codec targets "
+             "(same predictions and mask). Write = encode + compress + write + fsync; read = cold (page cache evicted) "
+             "read + decode to float32. MB/s are of on-disk bytes.", "",
+             "| codec | mode | MB per clip-view | write MB/s | read MB/s | read clip-views/s | mean cos | p1 cos | loss fp32 | |Δ loss| |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in st["rows"]:
+        lines.append(f"| {r['codec']} | {r['mode']} | {r['bytes_per_clip_view'] / 1e6:.4f} | {r['write_mb_per_s']:.1f} | "
+                     f"{r['read_mb_per_s']:.1f} | {r['read_records_per_s']:.2f} | {r['mean_cos']:.6f} | {r['p1_cos']:.6f} | "
+                     f"{r['loss_fp32']:.5f} | {r['loss_abs_diff']:.2e} |")
+    lines += ["", f"![bytes vs cosine]({stem}-storage.png)", "",
+              f"UMT target shapes and a Kinetics-710 projection ({K710_CLIPS / 1e6:.2f} M training clips, the count in "
+              "`reference/prior-art.md`; one view per clip — multiply by K views). Raw = exact array bytes from the "
+              "shapes; on disk = raw × the on-disk/raw ratio measured above for that codec and mode.", "",
+              "| model | codec | mode | raw MB / clip-view | on-disk MB / clip-view | K710 TB per view (raw) | K710 TB per view (on disk) |",
+              "|---|---|---|---|---|---|---|"]
+    for p in st["projection"]:
+        lines.append(f"| {p['model']} | {p['codec']} | {p['mode']} | {p['raw_mb_per_clip_view']:.3f} | {p['disk_mb_per_clip_view']:.3f} | "
+                     f"{p['k710_tb_per_view_raw']:.3f} | {p['k710_tb_per_view_disk']:.3f} |")
+    return lines + [""]
+
+
+def student_rates(res: dict) -> list[dict]:
+    """Clip-views/s the student consumes (student-only mode) per size at T=8 (ratio 0.8 if measured)."""
+    out = {}
+    for r in res.get("step", []):
+        if r["frames"] != 8 or r.get("student_clips_per_s") is None:
+            continue
+        if r["size"] not in out or r["mask_ratio"] == 0.8:
+            out[r["size"]] = {"size": r["size"], "label": r["label"], "mask_ratio": r["mask_ratio"],
+                              "clips_per_s": r["student_clips_per_s"]}
+    return list(out.values())
+
+
+def _input_md(res: dict, stem: str) -> list[str]:
+    inp = res.get("input")
+    if not inp:
+        return []
+    c = res.get("corpus") or {}
+    lines = ["## 3. Input pipeline", "",
+             f"Decode: {inp['decode'][0]['clips']} clips of {c.get('frames')} frames, {c.get('width')}×{c.get('height')}, "
+             f"{c.get('fps')} fps, {c.get('kbit_per_s')} kbit/s ({c.get('encoder')}); UMT sparse sampling of 8 frames "
+             "(one per segment), one decoder thread per DataLoader worker, decode only.", "",
+             "| backend | decoder that ran | workers | frames/s | clips/s |", "|---|---|---|---|---|"]
+    for d in inp["decode"]:
+        lines.append(f"| {d['backend']} | {', '.join(d['decoders_used'])} | {d['workers']} | {d['frames_per_s']:.1f} | {d['clips_per_s']:.2f} |")
+    rates = student_rates(res)
+    lines += ["", "Target reads, cold: Zarr in random order vs WebDataset streamed, through a DataLoader.", "",
+              "| targets (teacher) | layout | access | workers | clip-views/s | MB/s on disk | MB/s decoded | MB per clip-view |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in inp["reads"]:
+        lines.append(f"| {r['targets']} ({r['codec']}) | {r['layout']} | {r['access']} | {r['workers']} | {r['records_per_s']:.2f} | "
+                     f"{r['disk_mb_per_s']:.1f} | {r['decoded_mb_per_s']:.1f} | {r['bytes_per_record'] / 1e6:.3f} |")
+    if rates:
+        lines += ["", "The student consumes (student-only step, this machine): "
+                  + "; ".join(f"{x['size']} {x['clips_per_s']:.3f} clip-views/s" for x in rates)
+                  + ". A source keeps up when its clip-views/s is above the student's rate for the same teacher."]
+    return lines + ["", f"![input pipeline]({stem}-input.png)", ""]
+
+
+def _cache_md(res: dict, stem: str) -> list[str]:
+    points = res.get("cache_write")
+    if not points:
+        return []
+    lines = ["## 4. Cache write", "",
+             "cache-teacher end to end (decode workers → teacher → codec → shard writer) vs the teacher's forward "
+             "alone on the same, already decoded views in the same batch size. Ratio = share of the teacher's speed "
+             "the pipeline keeps.", "",
+             "| teacher | batch | codec | decode workers | clip-views | forward-only frames/s | cache-teacher frames/s | ratio | time in teacher |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p['teacher']} ({p['input_size']} px, T={p['frames']}) | {p['batch_size']} | {p['codec']} | {p['decode_workers']} | "
+                     f"{p['clip_views']} | {_f(p.get('teacher_forward_fps'), 2)} | {p['cache_teacher_fps']:.2f} | "
+                     f"{_f(p.get('ratio'))} | {p['share_of_time_in_teacher']:.3f} |")
+    return lines + ["", f"![cache write]({stem}-cache.png)", ""]
+
+
+def markdown(res: dict, stem: str) -> str:
+    m = res["meta"]
+    mi = m["machine"]
+    lines = [f"# umt-distill benchmarks — {stem}", "",
+             f"Command: `{m['command']}`  ", f"Wall time: {m['wall_seconds']:.0f} s ({m['started']} → {m['finished']})  ",
+             f"Machine: {mi['cpu']}, {mi['cores']} cores, {mi['memory_gb']} GB"
+             + (f", GPU {mi['gpu']}" if mi.get("gpu") else ", no GPU") + f"; torch {mi['torch']} ({mi['torch_threads']} threads), "
+             f"Python {mi['python']}, commit {mi['git_commit']}  ",
+             f"Load average (1/5/15 min) at start {m['load_start']}, at end {m['load_end']} — above {mi['cores']} means other "
+             "work shared the cores and absolute times are slower than on an idle machine; ratios within one section are "
+             "measured back to back on the same inputs.", ""]
+    lines += _headline_md(res)
+    lines += _step_md(res) + ([f"![step time]({stem}-step.png)", ""] if res.get("step") else [])
+    lines += _storage_md(res, stem) + _input_md(res, stem) + _cache_md(res, stem)
+    secs = res["sections"]
+    lines += ["## Section times", "", "| section | seconds | load start | load end |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']} | {v['load_start'][0]:.2f} | {v['load_end'][0]:.2f} |" for k, v in secs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
+    """JSON, markdown and the charts that have data; returns the paths written."""
+    from benchmarks.charts import write_charts
+
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=str))
+    paths.update(write_charts(results, out, stem))
+    paths["markdown"].write_text(markdown(results, stem))
+    return paths

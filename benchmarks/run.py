@@ -1,0 +1,330 @@
+"""The benchmark suite: what caching the teacher buys, measured side by side in one run.
+
+    .venv/bin/python benchmarks/run.py                          # CPU preset (~15 min on 2 cores)
+    .venv/bin/python benchmarks/run.py --grid full              # every size x T x mask ratio (hours on a CPU)
+    .venv/bin/python benchmarks/run.py --preset gpu             # CUDA, batch 32, full grid
+    .venv/bin/python benchmarks/run.py --sections step --sizes base,large --frames 8 --ratios 0.8
+
+Writes ``<out>/<machine>-<date>.json``, ``<machine>-<date>.md`` and ``<machine>-<date>-*.png``
+(``--out`` defaults to ``benchmarks/results``). See ``benchmarks/README.md`` for what each number means.
+
+Sections (``--sections``, all by default):
+  step     student-only vs cached vs online step time and peak memory (bench_step.py)
+  storage  bytes per clip-view and fidelity per codec x mode; UMT-B/L and K710 projection (bench_cache.py)
+  input    decode decord vs PyAV; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
+  cache    cache-teacher vs teacher forward-only frames/s by batch size (bench_cache.py)
+The headline configuration's store (its teacher, T=8, fp32) is always built: storage and the cached
+step read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_step import SIZES, StepSettings, rows_needed, store_overrides
+from benchmarks.common import (
+    BENCH_DIR,
+    clean_dir,
+    load_average,
+    log,
+    machine_info,
+    machine_slug,
+    now_iso,
+    today,
+    write_corpus,
+)
+
+HEADLINE = {"size": "base", "frames": 8, "mask_ratio": 0.8}
+ALL_SECTIONS = ("step", "storage", "input", "cache")
+
+# Presets: everything a run needs besides the flags. "grid" lists (size, T, ratio) configurations.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "device": "cpu", "teacher_precision": "fp32", "amp": "bf16", "loop_workers": 1,
+        "batch": {"tiny": 4, "small": 1, "base": 1, "large": 1}, "warmup": {"tiny": 2, "small": 1, "base": 1, "large": 1},
+        "steps": 5, "headline_size": "base",
+        # On 2 CPU cores one UMT-B/16 step takes ~15-30 s and the CLIP-B/16 forward as long again:
+        # the default grid is the headline row plus every T x ratio at tiny size.
+        "grid": [("base", 8, 0.8)] + [("tiny", t, r) for t in (8, 16) for r in (0.5, 0.8, 0.9)],
+        "full_grid": {"sizes": ("tiny", "small", "base"), "frames": (8, 16), "ratios": (0.5, 0.8, 0.9)},
+        "videos": 8, "video_frames": 300, "video_size": (240, 320),
+        "ref_cache_batch": 2, "cache_workers": 1,
+        "cache_sweep": {"size": "tiny", "batch_sizes": (1, 4, 16), "clips": 16},
+        "decode_clips": 32, "decode_workers": (1, os.cpu_count() or 2),
+        "read_records": 24, "read_workers": (0, 1, 2), "storage_loss_batch": 2,
+        "isolate": True, "forward_min_seconds": 2.0,
+    },
+    "gpu": {
+        "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
+        "batch": {"tiny": 64, "small": 32, "base": 32, "large": 16}, "warmup": {"tiny": 5, "small": 5, "base": 5, "large": 5},
+        "steps": 20, "headline_size": "base",
+        "grid": None,  # the full grid
+        "full_grid": {"sizes": ("tiny", "small", "base"), "frames": (8, 16), "ratios": (0.5, 0.8, 0.9)},
+        "videos": 32, "video_frames": 300, "video_size": (240, 320),
+        "ref_cache_batch": 32, "cache_workers": 8,
+        "cache_sweep": {"size": "base", "batch_sizes": (8, 16, 32, 64), "clips": 256},
+        "decode_clips": 256, "decode_workers": (1, min(8, os.cpu_count() or 8)),
+        "read_records": 512, "read_workers": (0, 1, 2, 8), "storage_loss_batch": 8,
+        "isolate": True, "forward_min_seconds": 5.0,
+    },
+    # Everything once at the tiniest size: the smoke test's settings (seconds, numbers meaningless).
+    "smoke": {
+        "device": "cpu", "teacher_precision": "fp32", "amp": "none", "loop_workers": 0,
+        "batch": {"tiny": 1}, "warmup": {"tiny": 1}, "steps": 1, "headline_size": "tiny",
+        "grid": [("tiny", 8, 0.8)],
+        "full_grid": {"sizes": ("tiny",), "frames": (8,), "ratios": (0.8,)},
+        "videos": 2, "video_frames": 24, "video_size": (64, 96),
+        "ref_cache_batch": 2, "cache_workers": 0,
+        "cache_sweep": {"size": "tiny", "batch_sizes": (), "clips": 2},  # the reference store is the cache point
+        "decode_clips": 2, "decode_workers": (1,),
+        "read_records": 2, "read_workers": (0, 1), "storage_loss_batch": 1,
+        # In-process: a forked measurement server would import torch + open_clip again (~10 s on 2 cores).
+        "isolate": False, "forward_min_seconds": 0.0,
+    },
+}
+
+
+def build_grid(preset: dict, args) -> list[tuple[str, int, float]]:
+    full = preset["full_grid"]
+    if args.sizes or args.frames or args.ratios or args.grid == "full" or preset["grid"] is None:
+        sizes = args.sizes.split(",") if args.sizes else full["sizes"]
+        frames = [int(x) for x in args.frames.split(",")] if args.frames else full["frames"]
+        ratios = [float(x) for x in args.ratios.split(",")] if args.ratios else full["ratios"]
+        return [(s, t, r) for s in sizes for t in frames for r in ratios]
+    return list(preset["grid"])
+
+
+def settings_for(preset: dict, size: str, args) -> StepSettings:
+    return StepSettings(
+        device=preset["device"], batch_size=args.batch_size or preset["batch"].get(size, 1),
+        warmup=args.warmup if args.warmup is not None else preset["warmup"].get(size, 1),
+        steps=args.steps or preset["steps"], workers=preset["loop_workers"], threads=args.threads,
+        amp=preset["amp"], teacher_precision=preset["teacher_precision"], backend=args.backend, codec=args.codec,
+    )
+
+
+class Suite:
+    """One run: the shared corpus and stores, the results so far, and where things go."""
+
+    def __init__(self, preset: dict, args, work: Path) -> None:
+        self.preset, self.args, self.work = preset, args, work
+        self.results: dict[str, Any] = {"sections": {}, "omitted": []}
+        self.corpus_dir = work / "videos"
+        self.corpus: dict[str, Any] | None = None
+        self.step_stores: dict[tuple[str, int], str] = {}
+        self.headline = {**HEADLINE, "size": preset["headline_size"]}
+
+    def manifest(self, rows: int) -> str:
+        p = self.preset
+        info = write_corpus(self.corpus_dir, p["videos"], rows, p["video_frames"], *p["video_size"])
+        self.corpus = {k: v for k, v in info.items() if k not in ("manifest", "rows")}
+        return info["manifest"]
+
+    def timed(self, name: str, fn, *args):
+        log(f"section {name} ...")
+        t, load = time.perf_counter(), load_average()
+        out = fn(*args)
+        self.results["sections"][name] = {"seconds": round(time.perf_counter() - t, 1), "load_start": load,
+                                          "load_end": load_average()}
+        return out
+
+    # -- reference store (headline teacher, T=8, fp32, full) and the headline cache-write point --------
+    def reference(self) -> dict[str, Any]:
+        from benchmarks.bench_cache import cache_write_point
+
+        size = self.preset["headline_size"]
+        s = settings_for(self.preset, size, self.args)
+        self.ref_manifest = self.manifest(rows_needed(s))
+        self.ref_store = str(clean_dir(self.work / "ref") / "store")
+        overrides = store_overrides(size, 8, self.ref_manifest, self.ref_store, s, "fp32", 1, self.preset["cache_workers"])
+        point = cache_write_point(SIZES[size]["recipe"], overrides, s.device, self.preset["ref_cache_batch"],
+                                  min_seconds=self.preset["forward_min_seconds"])
+        return {**point, "role": "reference store of the storage and step sections"}
+
+    def storage(self) -> dict[str, Any]:
+        from benchmarks.bench_cache import storage_fidelity
+        from umt_distill.config import load_recipe
+
+        size = self.preset["headline_size"]
+        s = settings_for(self.preset, size, self.args)
+        cfg = load_recipe(SIZES[size]["recipe"], store_overrides(size, 8, self.ref_manifest, self.ref_store, s, "fp32", 1, 0))
+        out = storage_fidelity(Path(self.ref_store), clean_dir(self.work / "codecs"), cfg, SIZES[size]["student"], s.device,
+                               loss_batch=self.preset["storage_loss_batch"], mask_ratio=self.headline["mask_ratio"])
+        # The headline step reads the recipe codec's full-mode store: the same records, re-encoded.
+        self.step_stores[(size, 8)] = str(self.work / "codecs" / f"{self.args.codec}_full")
+        return out
+
+    def store_for(self, size: str, frames: int, s: StepSettings) -> tuple[str, str]:
+        """(manifest, store) of a step configuration: one store per size and T, shared by the ratios."""
+        from umt_distill.cache.pipeline import cache_teacher
+        from umt_distill.config import load_recipe
+
+        manifest = self.manifest(rows_needed(s))
+        key = (size, frames)
+        if key in self.step_stores and size == self.preset["headline_size"] and frames == 8:
+            return self.ref_manifest, self.step_stores[key]
+        if key not in self.step_stores:
+            store = str(clean_dir(self.work / f"step_{size}_T{frames}") / "store")
+            log(f"step: caching {size} T={frames} ({rows_needed(s)} clips)")
+            cache_teacher(load_recipe(SIZES[size]["recipe"], store_overrides(
+                size, frames, manifest, store, s, s.codec, self.preset["ref_cache_batch"], self.preset["cache_workers"])),
+                progress=False)
+            self.step_stores[key] = store
+        return manifest, self.step_stores[key]
+
+    def step(self, grid: list[tuple[str, int, float]]) -> list[dict[str, Any]]:
+        from benchmarks.bench_step import bench_config
+
+        rows = []
+        for size, frames, ratio in grid:
+            s = settings_for(self.preset, size, self.args)
+            manifest, store = self.store_for(size, frames, s)
+            row = bench_config(size, frames, ratio, manifest, store, self.work / "runs", s, isolate=self.preset["isolate"])
+            row["settings"] = asdict(s)
+            rows.append(row)
+            self.save_partial("step", rows)
+        return rows
+
+    def input(self) -> dict[str, Any]:
+        from benchmarks.bench_input import bench_reads, decode_throughput
+
+        p = self.preset
+        manifest = self.manifest(p["decode_clips"])
+        decode = []
+        for backend in ("decord", "pyav"):
+            for w in p["decode_workers"]:
+                log(f"decode: {backend} workers={w}")
+                decode.append(decode_throughput(manifest, backend, w, self.headline["frames"]))
+        reads = []
+        work = clean_dir(self.work / "reads")
+        head = self.preset["headline_size"]
+        reads += bench_reads(Path(self.ref_store), work, SIZES[head]["teacher"], list(p["read_workers"]), self.args.codec,
+                             p["read_records"])
+        for (size, frames), store in self.step_stores.items():  # other target shapes the step section cached
+            if SIZES[size]["teacher"] != SIZES[head]["teacher"] and frames == 8:
+                reads += bench_reads(Path(store), work, SIZES[size]["teacher"], list(p["read_workers"]), self.args.codec,
+                                     p["read_records"])
+        return {"decode": decode, "reads": reads}
+
+    def cache(self) -> list[dict[str, Any]]:
+        from benchmarks.bench_cache import cache_write_point
+
+        sweep = self.preset["cache_sweep"]
+        size = sweep["size"]
+        s = settings_for(self.preset, size, self.args)
+        manifest = self.manifest(sweep["clips"])
+        points = []
+        for bs in sweep["batch_sizes"]:
+            log(f"cache write: {size} batch {bs}")
+            store = str(clean_dir(self.work / f"cache_bs{bs}") / "store")
+            overrides = store_overrides(size, 8, manifest, store, s, self.args.codec, bs, self.preset["cache_workers"])
+            points.append(cache_write_point(SIZES[size]["recipe"], overrides, s.device, bs,
+                                            min_seconds=self.preset["forward_min_seconds"]))
+            shutil.rmtree(Path(store).parent, ignore_errors=True)
+        return points
+
+    def save_partial(self, key: str, value: Any) -> None:
+        """Keep what is measured so far (a crash or Ctrl-C late in a long GPU run loses nothing)."""
+        self.results[key] = value
+        (self.work / "partial.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+
+def run_suite(args) -> dict[str, Path]:
+    """Run the sections ``args`` asks for and write JSON, markdown and charts; returns their paths."""
+    from benchmarks.report import headline, write_report
+
+    preset = dict(PRESETS[args.preset])
+    if args.device:
+        preset["device"] = args.device
+    t0, started, load_start = time.perf_counter(), now_iso(), load_average()
+    sections = args.sections.split(",") if args.sections else list(ALL_SECTIONS)
+    unknown = sorted(set(sections) - set(ALL_SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown section(s) {unknown}; choose from {list(ALL_SECTIONS)}")
+    grid = build_grid(preset, args)
+    work = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="umt_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine_info(preset["device"])
+    suite = Suite(preset, args, work)
+    try:
+        suite.results["cache_reference"] = suite.timed("reference", suite.reference)
+        if "storage" in sections or "step" in sections:
+            suite.results["storage"] = suite.timed("storage", suite.storage)
+        if "step" in sections:
+            suite.results["step"] = suite.timed("step", suite.step, grid)
+        if "input" in sections:
+            suite.results["input"] = suite.timed("input", suite.input)
+        if "cache" in sections:
+            suite.results["cache_write"] = [suite.results["cache_reference"]] + suite.timed("cache", suite.cache)
+    finally:
+        if not args.keep_tmp and not args.tmp:
+            shutil.rmtree(work, ignore_errors=True)
+    full = preset["full_grid"]
+    full_grid = [(s, t, r) for s in full["sizes"] for t in full["frames"] for r in full["ratios"]]
+    suite.results["omitted"] = [list(c) for c in full_grid if c not in grid] if "step" in sections else []
+    results = {
+        "meta": {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]) if args.command is None else args.command,
+            "preset": args.preset, "sections": sections, "started": started, "finished": now_iso(),
+            "wall_seconds": round(time.perf_counter() - t0, 1), "load_start": load_start, "load_end": load_average(),
+            "machine": info, "grid": [list(c) for c in grid], "headline_config": suite.headline,
+            "teacher_weights": "random (offline): same architecture and cost as the pretrained teacher",
+        },
+        "corpus": suite.corpus,
+        **{k: v for k, v in suite.results.items() if k != "partial"},
+    }
+    results["headline"] = headline(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.machine or machine_slug(info)}-{today()}"
+    return write_report(results, out, stem)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="sizes, batch, steps, corpus (default cpu)")
+    p.add_argument("--device", default=None, help="override the preset's device (cpu, cuda, cuda:1)")
+    p.add_argument("--grid", default="default", choices=["default", "full"],
+                   help="step configurations: the preset's subset or every size x T x ratio")
+    p.add_argument("--sizes", default=None, help="comma list from " + ",".join(SIZES) + " (implies a full grid over them)")
+    p.add_argument("--frames", default=None, help="comma list of T, e.g. 8,16")
+    p.add_argument("--ratios", default=None, help="comma list of mask ratios, e.g. 0.5,0.8,0.9")
+    p.add_argument("--batch-size", type=int, default=None, help="step batch size for every size")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per mode (>= 5 for the report)")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each measurement")
+    p.add_argument("--backend", default="decord", choices=["decord", "pyav"], help="video decoder of the loops")
+    p.add_argument("--codec", default="fp16", help="codec of the stores the cached loop and reads use")
+    p.add_argument("--sections", default=None, help="comma list from " + ",".join(ALL_SECTIONS))
+    p.add_argument("--out", default=str(BENCH_DIR / "results"), help="where JSON, markdown and PNGs go")
+    p.add_argument("--machine", default=None, help="label in file names (default: from CPU/GPU model)")
+    p.add_argument("--tmp", default=None, help="work directory (kept); default a temporary one (removed)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary work directory")
+    p.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    args = parse_args(argv)
+    paths = run_suite(args)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    from benchmarks.run import main as package_main  # see bench_step.py: children import by package name
+
+    package_main()

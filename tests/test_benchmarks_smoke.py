@@ -1,0 +1,66 @@
+"""The benchmark suite runs end to end at the tiniest size, so its scripts cannot rot.
+
+Nothing here asserts a timing: the numbers of a smoke run are meaningless. The real suite is run by
+hand (``python benchmarks/run.py``, see benchmarks/README.md), never by the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_suite_smoke_writes_json_markdown_and_charts(tmp_path: Path) -> None:
+    from benchmarks.run import main
+
+    paths = main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--tmp", str(tmp_path / "work"),
+                  "--machine", "smoke", "--command", "pytest smoke"])
+
+    assert set(paths) == {"json", "markdown", "step_chart", "storage_chart", "input_chart", "cache_chart"}
+    for key, path in paths.items():
+        assert path.parent == tmp_path / "out" and path.name.startswith("smoke-"), path
+        assert path.stat().st_size > 0, key
+        if key.endswith("chart"):
+            assert path.read_bytes()[:8] == PNG_MAGIC, key
+
+    res = json.loads(paths["json"].read_text())
+    step = res["step"]
+    assert [(r["size"], r["frames"], r["mask_ratio"]) for r in step] == [("tiny", 8, 0.8)]
+    assert set(step[0]["modes"]) == {"student", "cached", "online"}
+    for mode in step[0]["modes"].values():
+        assert mode["n"] == 1 and mode["median"] > 0 and mode["peak_mb"] > 0
+    rows = res["storage"]["rows"]
+    assert {(r["codec"], r["mode"]) for r in rows} == {(c, m) for c in ("fp32", "fp16", "bf16", "int8") for m in ("full", "visible")}
+    fp32 = next(r for r in rows if (r["codec"], r["mode"]) == ("fp32", "full"))
+    assert fp32["mean_cos"] == pytest.approx(1.0) and fp32["loss_abs_diff"] == 0.0  # lossless against itself
+    assert {p["model"].split()[0] for p in res["storage"]["projection"]} == {"UMT-B/16", "UMT-L/16"}
+    assert {d["backend"] for d in res["input"]["decode"]} == {"decord", "pyav"}
+    assert {(r["layout"], r["workers"]) for r in res["input"]["reads"]} == {(l, w) for l in ("zarr", "wds") for w in (0, 1)}
+    assert len(res["cache_write"]) == 1 and all(p["cache_teacher_fps"] > 0 and p["teacher_forward_fps"] > 0 for p in res["cache_write"])
+    assert {"step", "smallest_faithful", "smallest_faithful_full"} <= set(res["headline"])
+    assert res["meta"]["load_start"] and res["meta"]["load_end"] and res["meta"]["machine"]["cores"]
+
+    md = paths["markdown"].read_text()
+    for heading in ("## Headline", "## 1. Step cost", "## 2. Storage vs fidelity", "## 3. Input pipeline", "## 4. Cache write"):
+        assert heading in md
+    assert "pytest smoke" in md and "online / cached" in md
+
+
+def test_run_isolated_returns_results_and_raises_child_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forkserver path the real suite measures in (a light preload keeps this test fast)."""
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "PRELOAD", ["benchmarks.common"])
+    monkeypatch.setattr(common, "_CONTEXT", None)
+    assert common.run_isolated(common.timing_stats, [3.0, 1.0, 2.0])["median"] == 2.0
+    with pytest.raises(RuntimeError, match="timing_stats failed in its child process"):
+        common.run_isolated(common.timing_stats, [])

@@ -320,3 +320,17 @@ def test_file_size_limit_fails_cleanly_and_resume_completes(corpus: Path, tmp_pa
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 3, err
     assert json.loads((store / "spec.json").read_text())["status"] == "complete"
+
+
+def test_read_only_output_is_a_clear_error(corpus: Path, tmp_path: Path) -> None:
+    """An immutable (read-only even for root) store folder: a clear error before any work, nothing written."""
+    store = tmp_path / "readonly"
+    store.mkdir()
+    if subprocess.run(["chattr", "+i", str(store)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        with pytest.raises(CacheError, match="cannot write the store"):
+            cache_teacher(_recipe(corpus, store, "cache.limit=2"), progress=False)
+        assert not any(store.iterdir())
+    finally:
+        subprocess.run(["chattr", "-i", str(store)], check=True)

@@ -208,24 +208,31 @@ class _Writer:
 
 def _prepare_store(cfg: Recipe, spec: dict, env: du.DistEnv) -> Path:
     """Create the store (rank 0) or check that an existing one was written by the same recipe."""
-    from umt_distill.cache.stores import init_store_root
-
     root = Path(cfg.cache.store)
     if env.is_main:
-        spec_path = root / "spec.json"
-        if spec_path.exists():
-            try:
-                check_spec(read_spec(root), spec, f"cannot resume into {root}")
-            except (SpecMismatchError, ValueError) as e:
-                raise CacheError(f"{e}\n  (use another cache.store, or delete {root} to start over)") from None
-        elif root.exists() and any(root.iterdir()):
-            raise CacheError(f"{root} exists, is not empty and has no spec.json: refusing to write into it")
-        (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        if not spec_path.exists():
-            init_store_root(root, cfg.cache.layout, {"umt_distill_spec": "spec.json"})
-            atomic_write_json(spec_path, spec)
+        try:
+            _create_store(root, cfg, spec)
+        except OSError as e:  # read-only or full disk, no permission: say so before any work
+            raise CacheError(f"cannot write the store {root}: {e.strerror or e}") from None
     du.barrier()
     return root
+
+
+def _create_store(root: Path, cfg: Recipe, spec: dict) -> None:
+    from umt_distill.cache.stores import init_store_root
+
+    spec_path = root / "spec.json"
+    if spec_path.exists():
+        try:
+            check_spec(read_spec(root), spec, f"cannot resume into {root}")
+        except (SpecMismatchError, ValueError) as e:
+            raise CacheError(f"{e}\n  (use another cache.store, or delete {root} to start over)") from None
+    elif root.exists() and any(root.iterdir()):
+        raise CacheError(f"{root} exists, is not empty and has no spec.json: refusing to write into it")
+    (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    if not spec_path.exists():
+        init_store_root(root, cfg.cache.layout, {"umt_distill_spec": "spec.json"})
+        atomic_write_json(spec_path, spec)
 
 
 def _lock(root: Path, env: du.DistEnv):

@@ -48,9 +48,9 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
                       min_seconds: float = 2.0) -> dict[str, Any]:
     """cache-teacher into ``cache.store`` (from ``overrides``), and the teacher alone on the same views.
 
-    Forward-only times every batch after one untimed warm-up batch; cache-teacher builds its own
-    teacher and is timed whole (its first batch is cold: small on CPU, noticeable on a GPU with few
-    batches).
+    Forward-only times every batch after one untimed warm-up batch, once before and once after the
+    cache run; cache-teacher builds its own teacher and is timed whole (its first batch is cold:
+    small on CPU, noticeable on a GPU with few batches).
     """
     import torch
 
@@ -59,7 +59,28 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
     from umt_distill.data.corpus import read_corpus
 
     cfg = load_recipe(recipe, overrides + [f"cache.batch_size={batch_size}"])
+    dev = torch.device(device)
+    forward = None
+    if forward_only:
+        teacher = build_teacher(cfg, dev)
+        rows = read_corpus(cfg.corpus.source)[: cfg.cache.limit]
+        pixels = torch.cat([decode_clip_views(r, cfg)[1] for r in rows])  # [clips*K, T, 3, H, W], the cached views
+        batches = pixels.split(batch_size)
+        _sync(teacher(batches[0].to(dev)).tokens)  # warm-up, untimed
+
+        def forward() -> tuple[int, float]:  # (frames, seconds)
+            passes, t = 0, time.perf_counter()
+            while passes == 0 or time.perf_counter() - t < min_seconds:  # tiny teachers: repeat for a stable time
+                for b in batches:
+                    teacher(b.to(dev)).tokens.float().cpu()  # the cache copies targets to host memory too
+                passes += 1
+            return passes * pixels.shape[0] * pixels.shape[1], time.perf_counter() - t
+
+    # Forward-only before and after cache-teacher, pooled: a machine whose speed drifts during the
+    # measurement (other jobs) biases the ratio less than with one measurement on one side.
+    before = forward() if forward else None
     summary = cache_teacher(cfg, progress=False)
+    after = forward() if forward else None
     point: dict[str, Any] = {
         "teacher": cfg.teacher.name, "input_size": cfg.teacher.input_size or cfg.views.size, "frames": cfg.views.num_frames,
         "batch_size": batch_size, "codec": cfg.cache.codec, "decode_workers": cfg.cache.num_workers,
@@ -68,22 +89,9 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
         "cache_teacher_fps": summary["rank0_frames"] / summary["rank0_seconds"],
         "share_of_time_in_teacher": summary["rank0_teacher_seconds"] / summary["rank0_seconds"],
     }
-    if forward_only:
-        dev = torch.device(device)
-        teacher = build_teacher(cfg, dev)
-        rows = read_corpus(cfg.corpus.source)[: cfg.cache.limit]
-        pixels = torch.cat([decode_clip_views(r, cfg)[1] for r in rows])  # [clips*K, T, 3, H, W], the cached views
-        batches = pixels.split(batch_size)
-        _sync(teacher(batches[0].to(dev)).tokens)  # warm-up, untimed
-        passes, t = 0, time.perf_counter()
-        while passes == 0 or time.perf_counter() - t < min_seconds:  # tiny teachers: repeat for a stable time
-            for b in batches:
-                out = teacher(b.to(dev))
-                out.tokens.float().cpu()  # the cache copies targets to host memory too
-            passes += 1
-        seconds = time.perf_counter() - t
-        point["teacher_forward_passes"] = passes
-        point["teacher_forward_fps"] = passes * pixels.shape[0] * pixels.shape[1] / seconds
+    if forward:
+        point["teacher_forward_fps_before_after"] = [before[0] / before[1], after[0] / after[1]]
+        point["teacher_forward_fps"] = (before[0] + after[0]) / (before[1] + after[1])
         point["ratio"] = point["cache_teacher_fps"] / point["teacher_forward_fps"]
     return point
 
@@ -119,12 +127,18 @@ def _fixed_batch_preds(ref: list, cfg, student_name: str, device: str, visible_p
     from umt_distill.cache.spec import read_spec
     from umt_distill.data.corpus import read_corpus
     from umt_distill.data.pixels import normalize_video
-    from umt_distill.data.targets import _decode_view_pixels  # noqa: PLC2701 — the loop's own decode
+    from umt_distill.data.video import open_video
+    from umt_distill.data.views import apply_view
     from umt_distill.registry import MASKS
     from umt_distill.training.stage_parts import build_student
 
     rows = {r.id: r for r in read_corpus(cfg.corpus.source)}
-    pixels = torch.stack([_decode_view_pixels(rows[r.clip_id], r.view, cfg.corpus.video_backend) for r in ref])
+
+    def view_pixels(record) -> torch.Tensor:  # the exact pixels the teacher saw: [T, 3, H, W] uint8
+        with open_video(rows[record.clip_id].path, backend=cfg.corpus.video_backend) as video:
+            return apply_view(video.get_frames(list(record.view.frame_indices)), record.view)
+
+    pixels = torch.stack([view_pixels(r) for r in ref])  # [B, T, 3, H, W]
     T, N = ref[0].attn.shape
     if visible_per_record is None:
         attn = torch.from_numpy(np.stack([r.attn for r in ref]))  # [B, T, N]

@@ -87,21 +87,25 @@ def _step_md(res: dict) -> list[str]:
     if not rows:
         return []
     lines = ["## 1. Step cost: student only vs cached vs online", "",
-             "Median / min / max seconds per training step over the measured steps after warm-up; peak memory of "
-             "the measuring process (CPU: resident set incl. the ~300 MB Python/torch runtime, shown as 'base'; "
-             "CUDA: allocated). Cached = the real stage-1 loop over a Zarr store; data = median seconds waiting for the loader.", "",
-             "| config | student/teacher | batch | mode | median s | min s | max s | steps | data s | peak MB (base) | load at start |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Seconds per training step: median / min / max over the measured steps of all rounds (modes run in "
+             "mirrored order, each round after its own warm-up, all on the same clips and store); the per-round "
+             "medians show how steady the machine was. Peak memory of the measuring process (CPU: resident set, "
+             "'base' = the Python/torch runtime before the model; CUDA: allocated bytes). Student only = targets in "
+             "memory; cached = the real stage-1 loop over a Zarr store (pixels decoded by its DataLoader); online = "
+             "the same loop running the teacher.", "",
+             "| config | batch | mode | median s | min s | max s | steps | round medians s | peak MB (base) | load at start |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for mode, v in r["modes"].items():
-            lines.append(f"| {_row_key(r)} | {r['label']} | {r['batch_size']} | {MODE_NAMES[mode]} | {v['median']:.4f} | "
-                         f"{v['min']:.4f} | {v['max']:.4f} | {v['n']} | {v['data_time_median']:.4f} | "
+            rounds = " / ".join(f"{x:.3f}" for x in v.get("round_medians", [v["median"]]))
+            lines.append(f"| {_row_key(r)} | {r['batch_size']} | {MODE_NAMES[mode]} | {v['median']:.4f} | "
+                         f"{v['min']:.4f} | {v['max']:.4f} | {v['n']} | {rounds} | "
                          f"{v['peak_mb']:.0f} ({v['baseline_mb']:.0f}) | {v['load_start'][0]:.2f} |")
-    lines += ["", "| config | cached / student | online / cached | ceiling online / student | student clips/s |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| config | student / teacher | cached / student | online / cached | ceiling online / student | student clip-views/s |",
+              "|---|---|---|---|---|---|"]
     for r in rows:
         q = r["ratios"]
-        lines.append(f"| {_row_key(r)} | {_f(q['cached_over_student'])} | {_f(q['online_over_cached'])} | "
+        lines.append(f"| {_row_key(r)} | {r['label']} | {_f(q['cached_over_student'])} | {_f(q['online_over_cached'])} | "
                      f"{_f(q['online_over_student'])} | {_f(r['student_clips_per_s'], 3)} |")
     if res.get("omitted"):
         omitted = ", ".join(f"{s} T={t} {int(round(x * 100))}%" for s, t, x in res["omitted"])

@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "device": "cpu", "teacher_precision": "fp32", "amp": "bf16", "loop_workers": 1,
         "batch": {"tiny": 4, "small": 1, "base": 1, "large": 1}, "warmup": {"tiny": 2, "small": 1, "base": 1, "large": 1},
-        "steps": 5, "headline_size": "base",
+        "steps": 3, "rounds": 2, "headline_size": "base",
         # On 2 CPU cores one UMT-B/16 step takes ~15-30 s and the CLIP-B/16 forward as long again:
         # the default grid is the headline row plus every T x ratio at tiny size.
         "grid": [("base", 8, 0.8)] + [("tiny", t, r) for t in (8, 16) for r in (0.5, 0.8, 0.9)],
@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {
         "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
         "batch": {"tiny": 64, "small": 32, "base": 32, "large": 16}, "warmup": {"tiny": 5, "small": 5, "base": 5, "large": 5},
-        "steps": 20, "headline_size": "base",
+        "steps": 10, "rounds": 2, "headline_size": "base",
         "grid": None,  # the full grid
         "full_grid": {"sizes": ("tiny", "small", "base"), "frames": (8, 16), "ratios": (0.5, 0.8, 0.9)},
         "videos": 32, "video_frames": 300, "video_size": (240, 320),
@@ -82,7 +82,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Everything once at the tiniest size: the smoke test's settings (seconds, numbers meaningless).
     "smoke": {
         "device": "cpu", "teacher_precision": "fp32", "amp": "none", "loop_workers": 0,
-        "batch": {"tiny": 1}, "warmup": {"tiny": 1}, "steps": 1, "headline_size": "tiny",
+        "batch": {"tiny": 1}, "warmup": {"tiny": 1}, "steps": 1, "rounds": 1,
+        "headline_size": "tiny",
         "grid": [("tiny", 8, 0.8)],
         "full_grid": {"sizes": ("tiny",), "frames": (8,), "ratios": (0.8,)},
         "videos": 2, "video_frames": 24, "video_size": (64, 96),
@@ -110,7 +111,8 @@ def settings_for(preset: dict, size: str, args) -> StepSettings:
     return StepSettings(
         device=preset["device"], batch_size=args.batch_size or preset["batch"].get(size, 1),
         warmup=args.warmup if args.warmup is not None else preset["warmup"].get(size, 1),
-        steps=args.steps or preset["steps"], workers=preset["loop_workers"], threads=args.threads,
+        steps=args.steps or preset["steps"], rounds=args.rounds or preset["rounds"], workers=preset["loop_workers"],
+        threads=args.threads,
         amp=preset["amp"], teacher_precision=preset["teacher_precision"], backend=args.backend, codec=args.codec,
     )
 
@@ -302,7 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", default=None, help="comma list of T, e.g. 8,16")
     p.add_argument("--ratios", default=None, help="comma list of mask ratios, e.g. 0.5,0.8,0.9")
     p.add_argument("--batch-size", type=int, default=None, help="step batch size for every size")
-    p.add_argument("--steps", type=int, default=None, help="measured steps per mode (>= 5 for the report)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per mode and round")
+    p.add_argument("--rounds", type=int, default=None, help="mirrored rounds of the modes (measured = steps x rounds)")
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each measurement")
     p.add_argument("--backend", default="decord", choices=["decord", "pyav"], help="video decoder of the loops")

@@ -1,0 +1,279 @@
+"""Retrieval fine-tuning: VTC + VTM on captioned videos, then UMT's retrieval protocol (reference/umt.md §4.9).
+
+One explicit loop (``train``): captioned videos decoded directly (no teacher, no cache, no mask) →
+one fresh ``views.policy`` view per clip and epoch and one of its captions → the stage-2 model on all
+tokens, pooled per frame (UMT keeps frames apart when nothing is masked, §4.2) → VTC + VTM (UTA and
+MLM are off, as in UMT's downstream recipes) → AdamW with a per-iteration cosine schedule. After
+training, :mod:`umt_distill.evaluation.retrieval` tests the model (ITC top-k re-ranked by the matching
+head), plus multiple-choice accuracy when a multiple-choice manifest is configured.
+
+The model, losses, hard-negative sampling, optimizer groups, schedule and checkpoints are the stage-2
+parts; only the data (no cached targets) and the objective's pooling differ.
+
+Differences from UMT: training items are clips (a caption drawn per epoch), not (clip, caption) pairs;
+views use the ``umt_train`` multi-scale crop rather than RandomResizedCrop(0.5, 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from umt_distill.config import Recipe, recipe_to_yaml
+from umt_distill.data.pixels import normalize_video
+from umt_distill.data.targets import EpochSampler
+from umt_distill.data.text import prepare_tokenizer, tokenize
+from umt_distill.data.vl import CaptionedDataset, CaptionError
+from umt_distill.evaluation.retrieval import (
+    evaluate_multiple_choice_model,
+    evaluate_retrieval_model,
+    find_tokenizer_dir,
+    vl_shapes,
+    weights_file,
+)
+from umt_distill.losses_vl import freeze_unused, similarity, vtc_loss, vtm_loss, vtm_pairs
+from umt_distill.training import distributed as du
+from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from umt_distill.training.metrics import MetricsLogger
+from umt_distill.training.optim import build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.stage_parts import NonFiniteLossError, mask_generator
+
+WEIGHTS = {"uta": 0.0, "vtc": 1.0, "vtm": 1.0, "mlm": 0.0}
+
+
+def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
+    """Fine-tune for retrieval as the recipe says; returns the last logged metrics (with ``test_*`` if tested).
+
+    Data: ``corpus.source`` (captioned videos), views from ``views.*`` (UMT: 12 frames); initialisation
+    from ``stage2.init`` (a stage-2 model) or ``stage2.init_vision`` (a stage-1 student); ``text.*``
+    and ``stage2.embed_dim``/``temp_init``/``vtm_hard_negatives`` as in stage 2. Resumes from
+    ``train.output_dir`` (or ``resume``) mid-epoch.
+    """
+    from umt_distill.data.corpus import read_corpus
+
+    env = du.init_distributed()
+    device = du.resolve_device(cfg.train.device, env)
+    out_dir = Path(cfg.train.output_dir)
+    if cfg.train.batch_size < 2:
+        raise ValueError("train.batch_size must be >= 2 per process for VTM (it draws negatives within the batch)")
+    rows = sorted(read_corpus(cfg.corpus.source, cfg.corpus.root), key=lambda r: r.id)
+    missing = [r.id for r in rows if not r.captions]
+    if missing:
+        raise CaptionError(f"{cfg.corpus.source}: {len(missing)} clip(s) have no caption (first: {missing[0]!r})")
+    captions = {r.id: r.captions for r in rows}
+    tokenizer = _tokenizer(cfg, sorted(c for caps in captions.values() for c in caps), out_dir, env)
+    torch.manual_seed(cfg.seed)  # the same fresh heads on every rank
+    model = build_retrieval_model(cfg, len(tokenizer)).to(device)
+    freeze_unused(model, WEIGHTS)  # alignment heads and the MLM head: no loss uses them
+    objective = RetrievalObjective(model, cfg.stage2.vtm_hard_negatives)
+
+    dataset = CaptionedDataset(FreshViewDataset(rows, cfg), captions, "video", cfg.seed)
+    sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
+    micro, accum = cfg.train.batch_size, cfg.train.accum_steps
+    steps_per_epoch = sampler.per_rank() // (micro * accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{sampler.per_rank()} clips per rank are fewer than one step of {micro} x {accum}")
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    o = cfg.optim
+    lr, min_lr, warmup_lr = scaled_lrs(o.lr, o.min_lr, o.warmup_lr, micro * accum * env.world_size, o.scale_lr)
+    lrs = cosine_schedule(lr, min_lr, total_steps, int(o.warmup_epochs * steps_per_epoch), warmup_lr)
+    optimizer = build_adamw(model, lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())
+    ddp_objective = du.wrap_ddp(objective, env, device)
+
+    step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
+    ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        metrics.truncate_after(step)
+        if env.is_main:
+            print(f"resuming from {ckpt} at step {step}", flush=True)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    recipe_yaml, last = recipe_to_yaml(cfg), {}
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start=done_in_epoch * micro * accum)
+        batches = iter(DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=cfg.train.num_workers,
+                                  drop_last=True, pin_memory=torch.cuda.is_available(),
+                                  generator=torch.Generator().manual_seed(cfg.seed)))
+        t_data = time.perf_counter()
+        for _ in range(steps_per_epoch - done_in_epoch):
+            if step >= total_steps:
+                break
+            set_lr(optimizer, float(lrs[step]))
+            model.train()
+            gen = mask_generator(cfg.seed, step, env.rank)  # the step's hard negatives
+            sums, data_time, t_step = {"loss": 0.0, "vtc": 0.0, "vtm": 0.0}, 0.0, time.perf_counter()
+            for m in range(accum):
+                batch = next(batches)
+                data_time += time.perf_counter() - t_data
+                pixels = batch["pixels"].to(device, non_blocking=True)  # [B, T, 3, H, W] uint8
+                text = {k: v.to(device) for k, v in tokenize(tokenizer, batch["caption"], cfg.text.max_length).items()}
+                with ddp_objective.no_sync() if (env.distributed and m < accum - 1) else nullcontext(), \
+                        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = ddp_objective(normalize_video(pixels), text["input_ids"], text["attention_mask"],
+                                        batch["sample_id"].to(device), gen)
+                    scaler.scale(out["loss"] / accum).backward()
+                for k, v in out.items():  # sync point: .item() per loss and micro-batch
+                    sums[k] += v.item() / accum
+                t_data = time.perf_counter()
+            if not math.isfinite(sums["loss"]):
+                raise NonFiniteLossError(f"loss is {sums['loss']} at step {step + 1}; the last good checkpoint is kept in {out_dir}")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       o.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_time = time.perf_counter() - t_step
+            last = {"step": step, "epoch": epoch, "loss": sums["loss"], "loss_vtc": sums["vtc"], "loss_vtm": sums["vtm"],
+                    "temp": model.temp.item(), "lr": float(lrs[step - 1]), "grad_norm": float(grad_norm),
+                    "step_time": step_time, "data_time": data_time, "samples_per_s": micro * accum * env.world_size / step_time}
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                metrics.log(last)
+            if step % cfg.train.ckpt_every == 0 or step == total_steps:
+                state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
+                if env.is_main:
+                    save_checkpoint(out_dir, step, model, state, recipe_yaml)
+                du.barrier()
+    test = evaluate_after_training(model, tokenizer, cfg, device, step)
+    if test:
+        metrics.log(test)
+        last = {**last, **test}
+    metrics.close()
+    return last
+
+
+def evaluate_after_training(model, tokenizer, cfg: Recipe, device: torch.device, step: int) -> dict:
+    """``test_*`` retrieval metrics on ``finetune.test_source`` (else ``val_source``); {} without one."""
+    source = cfg.finetune.test_source or cfg.finetune.val_source
+    result: dict = {}
+    if source:
+        result.update(evaluate_retrieval_model(model, tokenizer, cfg, source, device))
+    mc_source = getattr(getattr(cfg, "retrieval", None), "mc_source", None)  # transitional: proposed field
+    if mc_source:
+        result.update(evaluate_multiple_choice_model(model, tokenizer, cfg, mc_source, device))
+    return {"step": step, **{f"test_{k}": v for k, v in result.items()}} if result else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# parts
+
+
+class FreshViewDataset(Dataset):
+    """Captioned clips decoded directly: clip ``i`` shows view ``epoch`` of ``views.policy`` (a new view
+    every epoch, drawn from (seed, clip id, epoch)); items ``{"clip_id", "pixels" uint8 [T, 3, H, W]}``."""
+
+    def __init__(self, rows, cfg: Recipe) -> None:
+        self.rows, self.cfg, self.epoch = rows, cfg, 0
+        self.clip_ids = [r.id for r in rows]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
+        from umt_distill.data.video import open_video
+        from umt_distill.data.views import apply_view, sample_view
+
+        row, v = self.rows[i], self.cfg.views
+        with open_video(row.path, backend=self.cfg.corpus.video_backend) as video:
+            view = sample_view(v.policy, video.info, v.num_frames, v.size, self.cfg.seed, row.id, self.epoch,
+                               **policy_kwargs(self.cfg, clip_frame_range(row, video.info)))
+            frames = video.get_frames(list(view.frame_indices))
+        return {"clip_id": row.id, "pixels": apply_view(frames, view)}
+
+
+class RetrievalObjective(nn.Module):
+    """VTC + VTM of one batch on all tokens, pooled per frame; DDP wraps this module.
+
+    Args:
+        model: A :class:`~umt_distill.models.umt_vl.UMTVisionLanguage`.
+        hard_negatives: VTM negatives ∝ similarity (UMT) or uniform.
+    """
+
+    def __init__(self, model: nn.Module, hard_negatives: bool = True) -> None:
+        super().__init__()
+        self.model, self.hard_negatives = model, hard_negatives
+
+    def forward(self, pixels: Tensor, input_ids: Tensor, text_mask: Tensor, ids: Tensor,
+                generator: torch.Generator) -> dict[str, Tensor]:
+        """``loss`` = VTC + VTM, and both parts. pixels float [B, 3, T, H, W]; text long [B, L]; ids long [B]."""
+        m = self.model
+        m.clamp_temp()
+        vision = m.vision_encoder(pixels, None, align=False, keep_temporal=True)  # pooled [B, T, C]
+        text_hidden = m.text_encoder.forward_text(input_ids, text_mask)  # [B, L, H]
+        v_emb, t_emb = m.vision_embedding(vision.pooled), m.text_embedding(text_hidden)  # [B, T, E], [B, E]
+        vtc = vtc_loss(v_emb, t_emb, ids, m.temp)
+        with torch.no_grad():
+            sim = similarity(v_emb.float(), t_emb.float()) / m.temp  # [B, B], local batch as in UMT
+        vi, ti, labels = vtm_pairs(sim, ids, generator, self.hard_negatives)
+        vtm = vtm_loss(m.match_logits(text_hidden[ti], text_mask[ti], vision.tokens[vi]), labels)
+        return {"loss": vtc + vtm, "vtc": vtc, "vtm": vtm}
+
+
+_ANY_HEAD = re.compile(r"(^|\.)clip_decoder\.(\d+)\.head\.weight$")
+
+
+def build_retrieval_model(cfg: Recipe, vocab_size: int):
+    """The stage-2 model, from ``stage2.init`` (whole model) or ``stage2.init_vision`` (student) or random.
+
+    The alignment heads are unused here but kept so the weights load strictly and the result is a
+    complete stage-2 checkpoint; their width and count come from the init file.
+    """
+    from umt_distill.models.checkpoints import read_state_dict, unwrap_state_dict
+    from umt_distill.models.umt_vl import load_umt_vl_checkpoint
+    from umt_distill.stages.stage2 import build_model
+
+    s = cfg.stage2
+    teacher_dim, heads, state = s.embed_dim, cfg.teacher.layers, None
+    if s.init or s.init_vision:
+        file = weights_file(s.init or s.init_vision)
+        state = unwrap_state_dict(read_state_dict(file), str(file))
+        if s.init:
+            teacher_dim, heads, vocab = vl_shapes(state, str(file))
+            if vocab != vocab_size:
+                raise ValueError(f"{file}: the text encoder has {vocab} tokens, the tokenizer {vocab_size}; use the "
+                                 "tokenizer the model was trained with (its run's tokenizer/ folder or text.tokenizer)")
+        else:
+            found = {int(mt.group(2)): v.shape[0] for k, v in state.items() if (mt := _ANY_HEAD.search(k))}
+            if found:
+                teacher_dim, heads = next(iter(found.values())), len(found)
+    bare = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"layers": heads}),
+                                  "stage2": s.model_copy(update={"init": None})})
+    model = build_model(bare, teacher_dim, vocab_size)  # loads init_vision (strict) if given
+    if s.init:
+        load_umt_vl_checkpoint(model, state)
+    return model
+
+
+def _tokenizer(cfg: Recipe, captions: list[str], out_dir: Path, env: du.DistEnv):
+    """The init model's tokenizer (its run's ``tokenizer/``) if it has one, else ``text.tokenizer``; saved
+    in ``<output_dir>/tokenizer`` by rank 0, then loaded by the others."""
+    init = cfg.stage2.init
+    spec = str(find_tokenizer_dir(init) or cfg.text.tokenizer) if init else cfg.text.tokenizer
+    tok = None
+    if env.is_main:
+        tok = prepare_tokenizer(spec, captions, out_dir / "tokenizer", cfg.text.tokenizer_vocab_size)
+    du.barrier()
+    if tok is None:
+        tok = prepare_tokenizer(spec, captions, out_dir / "tokenizer", cfg.text.tokenizer_vocab_size)
+    return tok
+
+
+__all__ = ["train", "evaluate_after_training", "FreshViewDataset", "RetrievalObjective", "build_retrieval_model", "WEIGHTS"]

@@ -186,7 +186,7 @@ def cache_verify_cmd(
 @app.command()
 def train(recipe: RecipeArg, overrides: OverridesArg = None,
           resume: Annotated[Optional[Path], typer.Option(help="Checkpoint dir to resume from.")] = None) -> None:
-    """Train the stage named by `train.stage` (stage1, stage2 or finetune) as the recipe says.
+    """Train the stage named by `train.stage` (stage1, stage2, finetune or retrieval) as the recipe says.
 
     Stage 1 streams cached teacher targets (`teacher.mode=cached`) or runs the teacher online
     (`teacher.mode=online`). A re-run with the same `train.output_dir` resumes mid-epoch.
@@ -216,14 +216,25 @@ def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Fine-tuned run/checkpoint dir or an official .pth file.")],
     overrides: OverridesArg = None,
 ) -> None:
-    """Multi-view test (clips x crops, softmax averaged per video): top-1/5, per-class accuracy, confusion PNG.
+    """Evaluate a fine-tuned model: action recognition or, for `train.stage=retrieval` recipes, retrieval.
 
-    Example: `umt-distill eval finetune/b16_k400 runs/ft_b16_k400 finetune.test_source=data/k400_val.csv`
+    Action recognition: multi-view test (clips x crops, softmax averaged per video), top-1/5, per-class
+    accuracy, confusion PNG. Retrieval: UMT's protocol (contrastive scores, top-k re-ranked by the
+    matching head), R@1/5/10 both ways, and contrastive-only scores.
+
+    Examples:
+
+        umt-distill eval finetune/b16_k400 runs/ft_b16_k400 finetune.test_source=data/k400_val.csv
+
+        umt-distill eval finetune/b16_msrvtt_ret runs/ret_msrvtt
     """
     import json
 
     cfg = _load(recipe, overrides)
-    from umt_distill.stages.finetune import evaluate
+    if cfg.train.stage == "retrieval":
+        from umt_distill.evaluation.retrieval import evaluate_retrieval as evaluate
+    else:
+        from umt_distill.stages.finetune import evaluate
 
     try:
         summary = evaluate(cfg, checkpoint)
@@ -239,12 +250,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from umt_distill.cache.spec import SpecMismatchError
     from umt_distill.data.classification import LabelError
     from umt_distill.data.corpus import CorpusError
+    from umt_distill.data.text import TokenizerError
     from umt_distill.data.video import VideoDecodeError
+    from umt_distill.data.vl import CaptionError
     from umt_distill.models.checkpoints import CheckpointError
     from umt_distill.training.stage_parts import NonFiniteLossError
 
     return (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError, CorpusError,
-            StoreDamagedError, CheckpointError, LabelError, VideoDecodeError)
+            StoreDamagedError, CheckpointError, LabelError, VideoDecodeError, CaptionError, TokenizerError)
 
 
 @app.command()

@@ -48,8 +48,8 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
                       min_seconds: float = 2.0) -> dict[str, Any]:
     """cache-teacher into ``cache.store`` (from ``overrides``), and the teacher alone on the same views.
 
-    Forward-only times every batch after one untimed warm-up batch, once before and once after the
-    cache run; cache-teacher builds its own teacher and is timed whole (its first batch is cold:
+    Forward-only times every batch (after one untimed warm-up batch on CUDA), once before and once
+    after the cache run; cache-teacher builds its own teacher and is timed whole (its first batch is cold:
     small on CPU, noticeable on a GPU with few batches).
     """
     import torch
@@ -66,7 +66,8 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
         rows = read_corpus(cfg.corpus.source)[: cfg.cache.limit]
         pixels = torch.cat([decode_clip_views(r, cfg)[1] for r in rows])  # [clips*K, T, 3, H, W], the cached views
         batches = pixels.split(batch_size)
-        _sync(teacher(batches[0].to(dev)).tokens)  # warm-up, untimed
+        if dev.type == "cuda":  # lazy CUDA init and kernel selection; a CPU forward has no such first-call cost
+            _sync(teacher(batches[0].to(dev)).tokens)  # warm-up, untimed
 
         def forward() -> tuple[int, float]:  # (frames, seconds)
             passes, t = 0, time.perf_counter()

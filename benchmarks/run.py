@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,23 +53,25 @@ ALL_SECTIONS = ("step", "storage", "input", "cache")
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "device": "cpu", "teacher_precision": "fp32", "amp": "bf16", "loop_workers": 1,
-        "batch": {"tiny": 4, "small": 1, "base": 1, "large": 1}, "warmup": {"tiny": 2, "small": 1, "base": 1, "large": 1},
-        "steps": 3, "rounds": 2, "headline_size": "base",
+        # Per size: batch, warm-up steps per round, measured steps per round, rounds. Tiny steps take
+        # milliseconds and a round costs mostly process and loader start-up: one round of 5 steps.
+        "plan": {"tiny": (4, 2, 5, 1), "small": (1, 1, 3, 2), "base": (1, 1, 3, 2), "large": (1, 1, 3, 2)},
+        "headline_size": "base",
         # On 2 CPU cores one UMT-B/16 step takes ~15-30 s and the CLIP-B/16 forward as long again:
         # the default grid is the headline row plus every T x ratio at tiny size.
         "grid": [("base", 8, 0.8)] + [("tiny", t, r) for t in (8, 16) for r in (0.5, 0.8, 0.9)],
         "full_grid": {"sizes": ("tiny", "small", "base"), "frames": (8, 16), "ratios": (0.5, 0.8, 0.9)},
-        "videos": 8, "video_frames": 300, "video_size": (240, 320),
+        "videos": 4, "video_frames": 300, "video_size": (240, 320),
         "ref_cache_batch": 2, "cache_workers": 1,
         "cache_sweep": {"size": "tiny", "batch_sizes": (1, 4, 16), "clips": 16},
         "decode_clips": 32, "decode_workers": (1, os.cpu_count() or 2),
         "read_records": 24, "read_workers": (0, 1, 2), "storage_loss_batch": 2,
-        "isolate": True, "forward_min_seconds": 2.0,
+        "isolate": True, "forward_min_seconds": 1.0,
     },
     "gpu": {
         "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
-        "batch": {"tiny": 64, "small": 32, "base": 32, "large": 16}, "warmup": {"tiny": 5, "small": 5, "base": 5, "large": 5},
-        "steps": 10, "rounds": 2, "headline_size": "base",
+        "plan": {"tiny": (64, 5, 10, 2), "small": (32, 5, 10, 2), "base": (32, 5, 10, 2), "large": (16, 5, 10, 2)},
+        "headline_size": "base",
         "grid": None,  # the full grid
         "full_grid": {"sizes": ("tiny", "small", "base"), "frames": (8, 16), "ratios": (0.5, 0.8, 0.9)},
         "videos": 32, "video_frames": 300, "video_size": (240, 320),
@@ -82,8 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Everything once at the tiniest size: the smoke test's settings (seconds, numbers meaningless).
     "smoke": {
         "device": "cpu", "teacher_precision": "fp32", "amp": "none", "loop_workers": 0,
-        "batch": {"tiny": 1}, "warmup": {"tiny": 1}, "steps": 1, "rounds": 1,
-        "headline_size": "tiny",
+        "plan": {"tiny": (1, 1, 1, 1)}, "headline_size": "tiny",
         "grid": [("tiny", 8, 0.8)],
         "full_grid": {"sizes": ("tiny",), "frames": (8,), "ratios": (0.8,)},
         "videos": 2, "video_frames": 24, "video_size": (64, 96),
@@ -108,10 +109,12 @@ def build_grid(preset: dict, args) -> list[tuple[str, int, float]]:
 
 
 def settings_for(preset: dict, size: str, args) -> StepSettings:
+    # A size the preset has no plan for (e.g. --sizes large with the smoke preset) takes its first plan.
+    batch, warmup, steps, rounds = preset["plan"].get(size) or next(iter(preset["plan"].values()))
     return StepSettings(
-        device=preset["device"], batch_size=args.batch_size or preset["batch"].get(size, 1),
-        warmup=args.warmup if args.warmup is not None else preset["warmup"].get(size, 1),
-        steps=args.steps or preset["steps"], rounds=args.rounds or preset["rounds"], workers=preset["loop_workers"],
+        device=preset["device"], batch_size=args.batch_size or batch,
+        warmup=args.warmup if args.warmup is not None else warmup,
+        steps=args.steps or steps, rounds=args.rounds or rounds, workers=preset["loop_workers"],
         threads=args.threads,
         amp=preset["amp"], teacher_precision=preset["teacher_precision"], backend=args.backend, codec=args.codec,
     )

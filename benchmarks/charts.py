@@ -94,7 +94,7 @@ def input_chart(inp: dict, rates: list[dict], path: Path, machine: str) -> None:
     ax.set_title("video decode")
     r = inp["reads"]
     bx.bar(range(len(r)), [x["records_per_s"] for x in r], color=["#55a868" if x["layout"] == "zarr" else "#8172b2" for x in r])
-    bx.set_xticks(range(len(r)), [f"{x['targets']}\n{x['layout']} w{x['workers']}" for x in r], fontsize=7)
+    bx.set_xticks(range(len(r)), [f"{x['targets']} {x['layout']} w{x['workers']}" for x in r], fontsize=7, rotation=45, ha="right")
     styles = ["--", ":", "-.", (0, (5, 1))]
     for i, rate in enumerate(rates):
         bx.axhline(rate["clips_per_s"], ls=styles[i % len(styles)], color="black", lw=1, label=f"student {rate['size']} consumes")

@@ -48,8 +48,8 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
                       min_seconds: float = 2.0) -> dict[str, Any]:
     """cache-teacher into ``cache.store`` (from ``overrides``), and the teacher alone on the same views.
 
-    Forward-only times every batch (after one untimed warm-up batch on CUDA), once before and once
-    after the cache run; cache-teacher builds its own teacher and is timed whole (its first batch is cold:
+    Forward-only times every batch once (after one untimed warm-up batch on CUDA), half before and
+    half after the cache run; cache-teacher builds its own teacher and is timed whole (its first batch is cold:
     small on CPU, noticeable on a GPU with few batches).
     """
     import torch
@@ -60,7 +60,6 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
 
     cfg = load_recipe(recipe, overrides + [f"cache.batch_size={batch_size}"])
     dev = torch.device(device)
-    forward = None
     if forward_only:
         teacher = build_teacher(cfg, dev)
         rows = read_corpus(cfg.corpus.source)[: cfg.cache.limit]
@@ -69,19 +68,21 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
         if dev.type == "cuda":  # lazy CUDA init and kernel selection; a CPU forward has no such first-call cost
             _sync(teacher(batches[0].to(dev)).tokens)  # warm-up, untimed
 
-        def forward() -> tuple[int, float]:  # (frames, seconds)
+        def forward(part: list) -> tuple[int, float]:  # (frames, seconds)
             passes, t = 0, time.perf_counter()
             while passes == 0 or time.perf_counter() - t < min_seconds:  # tiny teachers: repeat for a stable time
-                for b in batches:
+                for b in part:
                     teacher(b.to(dev)).tokens.float().cpu()  # the cache copies targets to host memory too
                 passes += 1
-            return passes * pixels.shape[0] * pixels.shape[1], time.perf_counter() - t
+            return passes * sum(b.shape[0] * b.shape[1] for b in part), time.perf_counter() - t
 
-    # Forward-only before and after cache-teacher, pooled: a machine whose speed drifts during the
-    # measurement (other jobs) biases the ratio less than with one measurement on one side.
-    before = forward() if forward else None
+    # Forward-only on the first half of the batches before cache-teacher and on the rest after it,
+    # pooled: every view is forwarded once (the cost does not depend on the pixels), and a machine
+    # whose speed drifts during the measurement (other jobs) biases the ratio less.
+    half = (len(batches) + 1) // 2 if forward_only else 0
+    before = forward(batches[:half]) if forward_only else None
     summary = cache_teacher(cfg, progress=False)
-    after = forward() if forward else None
+    after = forward(batches[half:] or batches[:half]) if forward_only else None
     point: dict[str, Any] = {
         "teacher": cfg.teacher.name, "input_size": cfg.teacher.input_size or cfg.views.size, "frames": cfg.views.num_frames,
         "batch_size": batch_size, "codec": cfg.cache.codec, "decode_workers": cfg.cache.num_workers,
@@ -90,7 +91,7 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
         "cache_teacher_fps": summary["rank0_frames"] / summary["rank0_seconds"],
         "share_of_time_in_teacher": summary["rank0_teacher_seconds"] / summary["rank0_seconds"],
     }
-    if forward:
+    if forward_only:
         point["teacher_forward_fps_before_after"] = [before[0] / before[1], after[0] / after[1]]
         point["teacher_forward_fps"] = (before[0] + after[0]) / (before[1] + after[1])
         point["ratio"] = point["cache_teacher_fps"] / point["teacher_forward_fps"]

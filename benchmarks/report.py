@@ -75,6 +75,9 @@ def _headline_md(res: dict) -> list[str]:
             lines.append(f"| {what} | {b['codec']}/{b['mode']}: {b['bytes_per_clip_view'] / 1e6:.3f} MB per clip-view "
                          f"(mean cos {b['mean_cos']:.6f}) | ≤ 1 MB | {'yes' if b['bytes_goal_met'] else 'no'} |")
     if "step" in h:
+        lines += ["", "online / cached can at best reach the ceiling online / student-only (a free loader); the gap between "
+                  "them is the loader's cost (cached / student-only). When the ceiling itself is below 2.5×, the teacher's "
+                  "forward is cheap relative to the student's step on this hardware, whatever the cache does."]
         med = h["step"]["median_s"]
         lines += ["", "Median step seconds (batch " + str(h["step"]["batch_size"]) + "): "
                   + ", ".join(f"{MODE_NAMES[k]} {v:.3f}" for k, v in med.items()) + f" — {m['machine']['cpu']}"
@@ -93,12 +96,13 @@ def _step_md(res: dict) -> list[str]:
              "'base' = the Python/torch runtime before the model; CUDA: allocated bytes). Student only = targets in "
              "memory; cached = the real stage-1 loop over a Zarr store (pixels decoded by its DataLoader); online = "
              "the same loop running the teacher.", "",
-             "| config | batch | mode | median s | min s | max s | steps | round medians s | peak MB (base) | load at start |",
+             "| config | batch / threads | mode | median s | min s | max s | steps | round medians s | peak MB (base) | load at start |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for mode, v in r["modes"].items():
             rounds = " / ".join(f"{x:.3f}" for x in v.get("round_medians", [v["median"]]))
-            lines.append(f"| {_row_key(r)} | {r['batch_size']} | {MODE_NAMES[mode]} | {v['median']:.4f} | "
+            threads = r.get("settings", {}).get("threads", "?")
+            lines.append(f"| {_row_key(r)} | {r['batch_size']} / {threads} | {MODE_NAMES[mode]} | {v['median']:.4f} | "
                          f"{v['min']:.4f} | {v['max']:.4f} | {v['n']} | {rounds} | "
                          f"{v['peak_mb']:.0f} ({v['baseline_mb']:.0f}) | {v['load_start'][0]:.2f} |")
     lines += ["", "| config | student / teacher | cached / student | online / cached | ceiling online / student | student clip-views/s |",

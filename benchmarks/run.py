@@ -56,6 +56,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Per size: batch, warm-up steps per round, measured steps per round, rounds. Tiny steps take
         # milliseconds and a round costs mostly process and loader start-up: one round of 5 steps.
         "plan": {"tiny": (4, 2, 5, 1), "small": (1, 1, 3, 2), "base": (1, 1, 3, 2), "large": (1, 1, 3, 2)},
+        # Tiny ops gain nothing from a second intra-op thread, and on a shared machine a descheduled
+        # OpenMP thread stalls every small op of a step: tiny runs one thread, larger sizes all cores.
+        "threads": {"tiny": 1},
         "headline_size": "base",
         # On 2 CPU cores one UMT-B/16 step takes ~15-30 s and the CLIP-B/16 forward as long again:
         # the default grid is the headline row plus every T x ratio at tiny size.
@@ -115,7 +118,7 @@ def settings_for(preset: dict, size: str, args) -> StepSettings:
         device=preset["device"], batch_size=args.batch_size or batch,
         warmup=args.warmup if args.warmup is not None else warmup,
         steps=args.steps or steps, rounds=args.rounds or rounds, workers=preset["loop_workers"],
-        threads=args.threads,
+        threads=args.threads or preset.get("threads", {}).get(size) or os.cpu_count() or 1,
         amp=preset["amp"], teacher_precision=preset["teacher_precision"], backend=args.backend, codec=args.codec,
     )
 
@@ -310,7 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="measured steps per mode and round")
     p.add_argument("--rounds", type=int, default=None, help="mirrored rounds of the modes (measured = steps x rounds)")
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each measurement")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of each step measurement (default: all cores; the cpu preset runs tiny on 1)")
     p.add_argument("--backend", default="decord", choices=["decord", "pyav"], help="video decoder of the loops")
     p.add_argument("--codec", default="fp16", help="codec of the stores the cached loop and reads use")
     p.add_argument("--sections", default=None, help="comma list from " + ",".join(ALL_SECTIONS))

@@ -1,75 +1,376 @@
-"""``umt-distill quickstart``: the whole available loop at toy scale, offline, on a CPU.
+"""``umt-distill quickstart``: the whole UMT loop at toy scale on a CPU, offline, in minutes.
 
-Today it generates toy videos, caches a tiny randomly initialised CLIP teacher over K views of each,
-verifies a sample of the store against a fresh teacher run, and prints what was stored. Each finished
-step is reused on a re-run.
+1. **World** — toy MP4 clips of patterned discs that move or change size (``data/toyworld.py``):
+   appearance is visible in any frame, motion only across frames.
+2. **Teacher** — a tiny open_clip image CLIP trained on still images with appearance-only captions
+   (``teachers/tiny_clip.py``): like a web CLIP, it knows what things look like, not how they move.
+3. **Cache** — ``cache-teacher`` over K augmented views of every training clip (skipped with
+   ``teacher.mode=online``, where the teacher runs at every training step instead).
+4. **Distil** — stage 1 (``stages/stage1.py``): the tiny video student aligns its unmasked tokens
+   with the teacher's, under semantic masks.
+5. **Evaluate** — linear and kNN probes on frozen features (``evaluation/probe.py``) for appearance
+   and motion: the teacher (frame-averaged embedding), the distilled student, and the same student
+   with its initial random weights (the control).
+6. **Report** — a table in the terminal, ``report.md``, ``results.json`` and PNG plots.
+
+Every step that finished before is reused on a re-run, and the output says so. Settings: the recipe
+``recipes/quickstart/stage1.yaml`` (any ``key=value`` override) plus the quickstart's own
+``quickstart.world.*``, ``quickstart.clip.*`` and ``quickstart.*`` keys (:class:`QuickstartSettings`).
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
+import difflib
 import json
+import shutil
+import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from rich.console import Console
-from rich.table import Table
 
-console = Console()
+from umt_distill.config import Recipe, RecipeError, load_recipe, parse_override, recipe_to_yaml
+from umt_distill.data.toyworld import WorldSettings, appearance_caption, read_labels, sample_images, write_world
+from umt_distill.teachers.tiny_clip import ClipTrainSettings, train_tiny_clip
 
-
-def make_toy_corpus(folder: Path, clips: int, seed: int = 0, frames: int = 24, size: int = 64) -> Path:
-    """Write ``clips`` H.264 toy videos and a CSV manifest; reuse them if the manifest exists."""
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
-
-    manifest = folder / "manifest.csv"
-    if manifest.exists():
-        console.print(f"[dim]reusing toy videos in {folder}[/]")
-        return manifest
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(clips):
-        path = folder / f"clip{i:03d}.mp4"
-        write_video(path, moving_shapes_video(frames, size, size, seed=seed + i), fps=12)
-        rows.append({"id": f"clip{i:03d}", "path": path.name})
-    tmp = manifest.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "path"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(manifest)
-    return manifest
+RECIPE = "quickstart/stage1"
+DONE_FILE = "quickstart_done.json"
 
 
-def run_quickstart(output: str | Path, clips: int = 12) -> dict:
-    """Run the toy pipeline into ``output``; returns the cache summary."""
-    from umt_distill.cache.pipeline import cache_teacher, store_info
-    from umt_distill.cache.verify import verify_store
-    from umt_distill.config import load_recipe
+@dataclass(frozen=True)
+class QuickstartSettings:
+    """What the quickstart itself decides (the stage-1 settings are the recipe's).
 
+    Attributes:
+        world: The toy world (``quickstart.world.clips=240``).
+        clip: Training of the tiny image CLIP (``quickstart.clip.steps=300``).
+        clip_images: Still images in the tiny CLIP's image–caption corpus.
+        clip_eval_images: Held-out stills for its zero-shot accuracy.
+        knn_k: Neighbours of the kNN probe.
+        threads: torch CPU threads. The models are so small that one op's work does not pay for
+            splitting it: measured here, a stage-1 step of the tiny student took 81 ms on 1 thread and
+            900 ms on 2 while another process used the second core (threads spin-wait for each other).
+    """
+
+    world: WorldSettings = WorldSettings()
+    clip: ClipTrainSettings = ClipTrainSettings()
+    clip_images: int = 6000
+    clip_eval_images: int = 500
+    knn_k: int = 10
+    threads: int = 1
+
+
+def parse_settings(overrides: Sequence[str], clips: int | None = None) -> tuple[QuickstartSettings, list[str]]:
+    """Split overrides into quickstart settings (``quickstart.*``) and recipe overrides (the rest).
+
+    Raises:
+        RecipeError: An unknown ``quickstart.*`` key (naming the closest valid one) or a wrong type.
+    """
+    settings, recipe_overrides = QuickstartSettings(), []
+    if clips is not None:
+        settings = dataclasses.replace(settings, world=dataclasses.replace(settings.world, clips=clips))
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] != "quickstart":
+            recipe_overrides.append(text)
+            continue
+        settings = _set_field(settings, path[1:], value, "quickstart")
+    return settings, recipe_overrides
+
+
+def _set_field(obj, path: list[str], value, prefix: str):
+    names = [f.name for f in dataclasses.fields(obj)]
+    if not path or path[0] not in names:
+        key = ".".join([prefix, *path])
+        close = difflib.get_close_matches(path[0] if path else "", names, n=1)
+        hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
+        raise RecipeError(f"unknown key {key!r}{hint}")
+    name, current = path[0], getattr(obj, path[0])
+    key = f"{prefix}.{name}"
+    if dataclasses.is_dataclass(current):
+        return dataclasses.replace(obj, **{name: _set_field(current, path[1:], value, key)})
+    if len(path) > 1:
+        raise RecipeError(f"{key} is not a section")
+    if isinstance(current, tuple):
+        if not isinstance(value, list) or len(value) != len(current):
+            raise RecipeError(f"{key}: expected a list of {len(current)} numbers, got {value!r}")
+        value = tuple(float(v) for v in value)
+    elif isinstance(current, bool) or not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or (isinstance(current, int) and not isinstance(value, int)):
+        raise RecipeError(f"{key}: expected {type(current).__name__}, got {value!r}")
+    return dataclasses.replace(obj, **{name: type(current)(value)})
+
+
+@dataclass
+class StepLog:
+    """What each pipeline step did: ``(name, "done" | "reused", seconds, detail)``."""
+
+    steps: list[tuple[str, str, float, str]] = field(default_factory=list)
+
+    def add(self, name: str, reused: bool, seconds: float, detail: str = "") -> None:
+        self.steps.append((name, "reused" if reused else "done", round(seconds, 1), detail))
+
+
+# --------------------------------------------------------------------------------------------------
+# the steps
+
+
+def build_teacher_weights(folder: Path, settings: QuickstartSettings, console: Console) -> dict:
+    """Train (or reuse) the tiny image CLIP on toy stills with appearance-only captions."""
+    rng = np.random.default_rng([settings.world.seed, 7])  # the image corpus; held-out stills use [seed, 8]
+    images, names = sample_images(settings.clip_images, settings.world, rng)
+    eval_images, eval_names = sample_images(settings.clip_eval_images, settings.world, np.random.default_rng([settings.world.seed, 8]))
+    return train_tiny_clip(
+        folder, images, [appearance_caption(n) for n in names], settings.clip,
+        eval_frames=eval_images, eval_captions=[appearance_caption(n) for n in eval_names],
+        log=lambda line: console.print(f"  [dim]{line}[/]", highlight=False),
+    )
+
+
+def make_recipe(output: Path, world: dict, teacher: dict, recipe_overrides: Sequence[str]) -> Recipe:
+    """The quickstart recipe with its paths pointing into ``output``; user overrides come last."""
+    base = load_recipe(RECIPE, list(recipe_overrides))
+    mode = base.teacher.mode
+    paths = [
+        f"corpus.source={world['splits']['train'].resolve()}",
+        f"teacher.pretrained={teacher['weights']}",
+        f"teacher.model_config_path={teacher['model_config']}",
+        f"cache.store={(output / 'cache').resolve()}",
+        f"train.output_dir={(output / 'runs' / f'stage1-{mode}').resolve()}",
+    ]
+    return load_recipe(RECIPE, [*paths, *recipe_overrides])
+
+
+def ensure_cache(cfg: Recipe, console: Console) -> tuple[bool, dict]:
+    """Cache the teacher over the training clips, or reuse a finished store made the same way.
+
+    A store left by another teacher or other settings lives inside the quickstart's own output, so it
+    is rebuilt (with a message) rather than refused.
+    """
+    from umt_distill.cache.pipeline import build_spec, build_teacher, cache_teacher
+    from umt_distill.cache.spec import SpecMismatchError, check_spec, read_spec
+    from umt_distill.data.corpus import corpus_digest, read_corpus
+
+    store = Path(cfg.cache.store)
+    if (store / "spec.json").exists():
+        rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
+        wanted = build_spec(cfg, build_teacher(cfg, torch.device("cpu")), rows, corpus_digest(rows))
+        stored = read_spec(store)
+        try:
+            check_spec(stored, wanted, f"cache {store}")
+        except SpecMismatchError as e:
+            console.print(f"  [yellow]{e}[/]\n  rebuilding the cache", highlight=False)
+            shutil.rmtree(store)
+        else:
+            if stored.get("status") == "complete":
+                return True, stored.get("counts", {})
+    summary = cache_teacher(cfg, progress=True)
+    return False, summary
+
+
+def ensure_trained(cfg: Recipe, teacher_sha256: str, console: Console) -> tuple[bool, Path]:
+    """Run stage 1, resume an interrupted run, or reuse a finished one (same recipe, same teacher weights)."""
+    from umt_distill.stages.stage1 import train
+
+    run = Path(cfg.train.output_dir)
+    marker = run / DONE_FILE
+    identity = {"recipe": recipe_to_yaml(cfg), "teacher_sha256": teacher_sha256}
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if {k: done.get(k) for k in identity} == identity:
+            return True, run
+        console.print(f"  [yellow]{run} was trained with another recipe or teacher; training again[/]")
+        shutil.rmtree(run)
+    elif run.exists() and not (run / "checkpoints").exists():
+        shutil.rmtree(run)  # metrics of a run killed before its first checkpoint: start clean
+    with _TrainingProgress(run / "metrics.jsonl", console):
+        last = train(cfg)
+    marker.write_text(json.dumps({**identity, "last": last}), encoding="utf-8")
+    return False, run
+
+
+class _TrainingProgress:
+    """Shows step and loss while stage 1 runs, by following its metrics.jsonl (the loop stays untouched)."""
+
+    def __init__(self, metrics: Path, console: Console) -> None:
+        self.metrics, self.console, self.stop = metrics, console, threading.Event()
+
+    def __enter__(self):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]stage 1[/] {task.description}"), TimeElapsedColumn(),
+                                 console=self.console, transient=True)
+        self.task = self.progress.add_task("starting")
+        self.progress.start()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+        return self
+
+    def _follow(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                lines = self.metrics.read_text(encoding="utf-8").splitlines()
+                last = json.loads(lines[-1]) if lines else None
+            except (OSError, json.JSONDecodeError, IndexError):
+                continue
+            if last and "loss" in last:
+                self.progress.update(self.task, description=f"step {last['step']}  loss {last['loss']:.4f}")
+
+    def __exit__(self, *exc) -> bool:
+        self.stop.set()
+        self.thread.join()
+        self.progress.stop()
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: QuickstartSettings) -> dict:
+    """Probe appearance and motion on frozen features of the teacher, each distilled student and the control.
+
+    Returns:
+        ``{"models": {name: {"appearance": {...}, "motion": {...}}}, "num_clips": {...}}``; each task
+        holds ``linear`` and ``knn`` probe results (test split; ridge chosen on val).
+    """
+    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.evaluation.probe import decode_eval_views, knn_probe, linear_probe, student_features, teacher_features
+    from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint
+    from umt_distill.training.stage_parts import build_student
+
+    labels = read_labels(world["labels"])["clips"]
+    splits = {s: read_corpus(world["splits"][s]) for s in ("train", "val", "test")}
+    pixels = {s: decode_eval_views(rows, cfg.views.num_frames, cfg.views.size, cfg.corpus.video_backend) for s, rows in splits.items()}
+    targets = {task: {s: np.array([labels[r.id][f"{task}_label"] for r in rows]) for s, rows in splits.items()}
+               for task in ("appearance", "motion")}
+
+    teacher = build_teacher(cfg, torch.device("cpu"))
+    features = {"teacher (image CLIP)": {s: teacher_features(teacher, p) for s, p in pixels.items()}}
+    for mode, run in runs.items():
+        student = build_student(cfg, teacher.embed_dim)
+        load_checkpoint(latest_checkpoint(run), student)
+        features[f"student, distilled ({mode})"] = {s: student_features(student, p) for s, p in pixels.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # exactly the weights stage 1 started from
+        control = build_student(cfg, teacher.embed_dim)
+    features["student, random init (control)"] = {s: student_features(control, p) for s, p in pixels.items()}
+
+    results: dict = {"models": {}, "num_clips": {s: len(r) for s, r in splits.items()}}
+    for name, feats in features.items():
+        results["models"][name] = {
+            task: {
+                "linear": linear_probe(feats["train"], y["train"], feats["test"], y["test"], feats["val"], y["val"]).to_dict(),
+                "knn": knn_probe(feats["train"], y["train"], feats["test"], y["test"], k=settings.knn_k).to_dict(),
+            }
+            for task, y in targets.items()
+        }
+    results["_example"] = {"pixels": pixels["test"][:1], "teacher": teacher, "clip_id": splits["test"][0].id}
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def run_quickstart(output: str | Path, clips: int | None = None, overrides: Sequence[str] = (),
+                   console: Console | None = None) -> dict:
+    """Run (or resume) the whole toy pipeline into ``output`` and write the report there.
+
+    Args:
+        output: Output folder (world, teacher, cache, runs, report).
+        clips: Number of toy clips (default: ``QuickstartSettings.world.clips``).
+        overrides: ``key=value`` overrides of the recipe (e.g. ``teacher.mode=online``) and of the
+            quickstart settings (``quickstart.world.clips=240``, ``quickstart.clip.steps=200``).
+        console: Where progress and the table are printed.
+
+    Returns:
+        The results (also in ``results.json``), with ``failures``: clips the cache could not read.
+    """
+    console = console or Console()
     output = Path(output)
-    t0 = time.perf_counter()
-    manifest = make_toy_corpus(output / "videos", clips)
-    store = output / "cache"
-    cfg = load_recipe("stage1/tiny", [f"corpus.source={manifest}", f"cache.store={store}"])
-    if (store / "spec.json").exists() and json.loads((store / "spec.json").read_text()).get("status") == "complete":
-        console.print(f"[dim]reusing the finished cache {store}[/]")
-        summary = {"failures": json.loads((store / "spec.json").read_text())["counts"]["failures"]}
+    output.mkdir(parents=True, exist_ok=True)
+    settings, recipe_overrides = parse_settings(overrides, clips)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _run(output, settings, recipe_overrides, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str], console: Console) -> dict:
+    from umt_distill.evaluation.quickstart_report import print_table, write_report
+
+    log, t_start = StepLog(), time.perf_counter()
+
+    t = time.perf_counter()
+    console.print(f"[bold]1/5 toy world[/] ({settings.world.clips} clips) → {output / 'world'}")
+    world = write_world(output / "world", settings.world)
+    log.add("toy world", world["reused"], time.perf_counter() - t, f"{settings.world.clips} clips")
+    _said(console, world["reused"], "videos")
+
+    t = time.perf_counter()
+    console.print(f"[bold]2/5 tiny image CLIP teacher[/] ({settings.clip_images} stills, {settings.clip.steps} steps) → {output / 'teacher'}")
+    teacher = build_teacher_weights(output / "teacher", settings, console)
+    log.add("tiny CLIP teacher", teacher["reused"], time.perf_counter() - t, f"zero-shot appearance accuracy {teacher['zero_shot_accuracy']:.2f}")
+    _said(console, teacher["reused"], "teacher weights")
+
+    cfg = make_recipe(output, world, teacher, recipe_overrides)
+    (output / "recipe.yaml").write_text(recipe_to_yaml(cfg), encoding="utf-8")
+    failures = 0
+    t = time.perf_counter()
+    if cfg.teacher.mode == "cached":
+        console.print(f"[bold]3/5 cache-teacher[/] ({cfg.cache.num_views} views per clip) → {cfg.cache.store}")
+        reused, summary = ensure_cache(cfg, console)
+        failures = int(summary.get("failures", 0))
+        log.add("cache-teacher", reused, time.perf_counter() - t, f"{summary.get('records', '?')} clip-views")
+        _said(console, reused, "cache")
     else:
-        summary = cache_teacher(cfg)
-    info = store_info(store)
-    report = verify_store(store, sample=4)
-    table = Table(title="quickstart: what the teacher cache holds")
-    table.add_column("what")
-    table.add_column("value")
-    table.add_row("clips / views per clip", f"{info['counts']['clips']} / {info['views']['num_views']}")
-    table.add_row("records (clip-views)", str(info["counts"]["records"]))
-    table.add_row("failed clips", str(info["counts"]["failures"]))
-    table.add_row("teacher", f"{info['teacher']['name']} layers {info['teacher']['layer_indices']}")
-    table.add_row("codec / layout", f"{info['codec']['name']} + {info['codec']['compressor']} / {info['layout']}")
-    table.add_row("bytes per clip-view", str(info["sizes"]["bytes_per_clip_view"]))
-    for row in report["fields"]:
-        table.add_row(f"verify {row['field']}: min cosine", f"{row['min_cos']:.6f} ({'ok' if row['ok'] else 'MISMATCH'})")
-    table.add_row("time", f"{time.perf_counter() - t0:.1f} s")
-    console.print(table)
-    return summary
+        console.print("[bold]3/5 cache-teacher[/]: skipped (teacher.mode=online runs the teacher at every step)")
+
+    t = time.perf_counter()
+    console.print(f"[bold]4/5 stage 1[/] (teacher.mode={cfg.teacher.mode}) → {cfg.train.output_dir}")
+    reused, run = ensure_trained(cfg, teacher["weights_sha256"], console)
+    log.add(f"stage 1 ({cfg.teacher.mode})", reused, time.perf_counter() - t)
+    _said(console, reused, "training run")
+
+    t = time.perf_counter()
+    console.print("[bold]5/5 probes[/] on frozen features (train → fit, val → ridge strength, test → accuracy)")
+    # Both teacher modes are reported when both have finished runs on this world and teacher.
+    runs = {m: output / "runs" / f"stage1-{m}" for m in ("cached", "online")}
+    runs = {m: r for m, r in runs.items() if (r / DONE_FILE).exists() and _same_world(r, cfg, teacher["weights_sha256"])}
+    results = evaluate(cfg, world, runs, settings)
+    log.add("probes", False, time.perf_counter() - t)
+
+    results.update(
+        failures=failures, total_seconds=round(time.perf_counter() - t_start, 1), steps=log.steps,
+        runs={m: str(r) for m, r in runs.items()},
+        teacher={k: teacher[k] for k in ("zero_shot_accuracy", "final_loss", "seconds", "weights", "weights_sha256")},
+        settings={"world": settings.world.to_json(), "clip": dataclasses.asdict(settings.clip),
+                  "clip_images": settings.clip_images, "knn_k": settings.knn_k},
+        mode=cfg.teacher.mode,
+    )
+    write_report(output, cfg, results)
+    print_table(console, results)
+    return results
+
+
+def _same_world(run: Path, cfg: Recipe, teacher_sha256: str) -> bool:
+    """A finished run of the other teacher mode counts only if it trained on the same clips and teacher."""
+    import yaml
+
+    done = json.loads((run / DONE_FILE).read_text())
+    other = yaml.safe_load(done["recipe"])
+    return other["corpus"]["source"] == cfg.corpus.source and done.get("teacher_sha256") == teacher_sha256
+
+
+def _said(console: Console, reused: bool, what: str) -> None:
+    if reused:
+        console.print(f"  [green]reusing the finished {what}[/]")

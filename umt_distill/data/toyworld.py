@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-# Appearance is colour x surface pattern rather than colour x outline: a patch-16 ViT learns patterns
-# (local texture) in a few hundred steps, while outlines of objects about one patch wide took it
-# thousands of steps to tell apart -- too long for a quickstart teacher.
-PATTERNS: tuple[str, ...] = ("plain", "striped", "barred", "checked")
+# Appearance is colour x pattern, where each pattern is a coarse light/dark layout of the disc. A
+# patch-16 ViT tells these apart in a few hundred steps; fine textures (stripes vs checks) and outlines
+# of objects about one patch wide (circle vs square) took it thousands -- too long for a quickstart.
+PATTERNS: tuple[str, ...] = ("plain", "ringed", "banded", "two-tone")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 45, 40),
     "green": (40, 200, 70),
@@ -73,9 +73,9 @@ class WorldSettings:
     num_frames: int = 16
     size: int = 64
     fps: int = 8
-    travel: float = 30.0
-    radius: float = 9.0
-    scale_range: tuple[float, float] = (0.5, 1.5)
+    travel: float = 28.0
+    radius: float = 11.0
+    scale_range: tuple[float, float] = (0.6, 1.4)
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     crf: int = 18
 
@@ -181,27 +181,24 @@ def _plan_clip(s: WorldSettings, index: int, split: str, motion: str, colour: st
 
 
 def _pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Where the object shows its full colour (True) or its dark shade (False).
+    """Where the disc shows its full colour (True) or its dark shade (False).
 
-    ``(u, v)`` are offsets from the centre in units of :data:`PATTERN_PERIOD` (scaled with the object,
-    so a growing disc keeps its pattern). All patterns are left-right symmetric about the centre, so a
-    horizontal flip keeps the appearance class.
+    ``(u, v)`` are offsets from the centre in radii (v points down), so a growing disc keeps its
+    pattern. Every pattern is left-right symmetric: a horizontal flip keeps the appearance class.
     """
-    if pattern == "plain":
-        return np.ones(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
     shape = np.broadcast_shapes(u.shape, v.shape)
-    # Distinct edge orientations: none, horizontal, vertical, both -- what a patch embedding sees first.
-    if pattern == "striped":  # horizontal stripes
-        return np.broadcast_to((np.floor(v) % 2) == 0, shape)
-    if pattern == "barred":  # vertical bars, one centred on the disc
-        return np.broadcast_to((np.floor(u + 0.5) % 2) == 0, shape)
-    if pattern == "checked":
-        return ((np.floor(u + 0.5) + np.floor(v)) % 2) == 0
+    if pattern == "plain":
+        return np.ones(shape, dtype=bool)
+    if pattern == "ringed":  # a light ring around a dark centre
+        return u * u + v * v > 0.55**2
+    if pattern == "banded":  # a dark band across the middle
+        return np.broadcast_to(np.abs(v) > 0.3, shape)
+    if pattern == "two-tone":  # light top half, dark bottom half
+        return np.broadcast_to(v < 0, shape)
     raise ToyWorldError(f"unknown pattern {pattern!r} (known: {', '.join(PATTERNS)})")
 
 
-PATTERN_PERIOD = 5.0  # pixels per pattern cell at the nominal radius (``WorldSettings.radius``)
-DARK_SHADE = 0.4  # the pattern's dark parts: this fraction of the object's colour
+DARK_SHADE = 0.35  # the pattern's dark parts: this fraction of the object's colour
 
 
 def _background(size: int, seed: int) -> np.ndarray:
@@ -215,8 +212,7 @@ def _background(size: int, seed: int) -> np.ndarray:
     return image + grain
 
 
-def draw_object(background: np.ndarray, pattern: str, colour: str, centre: tuple[float, float], radius: float,
-                nominal_radius: float) -> np.ndarray:
+def draw_object(background: np.ndarray, pattern: str, colour: str, centre: tuple[float, float], radius: float) -> np.ndarray:
     """Composite one patterned disc onto a float [H, W, 3] background; returns uint8 [H, W, 3]."""
     size = background.shape[0]
     ss = _SUPERSAMPLE
@@ -230,8 +226,7 @@ def draw_object(background: np.ndarray, pattern: str, colour: str, centre: tuple
         dy = (np.arange(y0 * ss, y1 * ss, dtype=np.float32) + 0.5) / ss - cy  # [h*ss]
         dx, dy = dx[None, :], dy[:, None]
         inside = dx * dx + dy * dy <= radius * radius  # [h*ss, w*ss]
-        cell = PATTERN_PERIOD * radius / nominal_radius
-        light = inside & _pattern_mask(pattern, dx / cell, dy / cell)
+        light = inside & _pattern_mask(pattern, dx / radius, dy / radius)
         h, w = y1 - y0, x1 - x0
         # Coverage of each pixel by the disc and by its light parts: anti-aliased edges and pattern.
         cover = inside.reshape(h, ss, w, ss).mean(axis=(1, 3))[..., None]  # [h, w, 1]
@@ -242,12 +237,12 @@ def draw_object(background: np.ndarray, pattern: str, colour: str, centre: tuple
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_clip(plan: ClipPlan, size: int, nominal_radius: float = 9.0) -> np.ndarray:
+def render_clip(plan: ClipPlan, size: int) -> np.ndarray:
     """Draw one clip: uint8 [T, H, W, 3]."""
     background = _background(size, plan.background_seed)  # [H, W, 3]
     frames = np.empty((len(plan.radii), size, size, 3), dtype=np.uint8)
     for t, (centre, radius) in enumerate(zip(plan.centres, plan.radii)):
-        frames[t] = draw_object(background, plan.pattern, plan.colour, centre, radius, nominal_radius)
+        frames[t] = draw_object(background, plan.pattern, plan.colour, centre, radius)
     return frames
 
 
@@ -267,7 +262,7 @@ def sample_images(count: int, settings: WorldSettings, rng: np.random.Generator)
         radius = settings.radius * rng.uniform(0.85, 1.15) * rng.uniform(lo, hi)
         centre = rng.uniform(radius * 0.5, size - radius * 0.5, size=2)  # may be cut by the frame edge
         background = _background(size, int(rng.integers(2**31)))
-        images.append(draw_object(background, pattern, colour, (float(centre[0]), float(centre[1])), radius, settings.radius))
+        images.append(draw_object(background, pattern, colour, (float(centre[0]), float(centre[1])), radius))
         names.append(f"{colour} {pattern} disc")
     return np.stack(images), names
 
@@ -309,7 +304,7 @@ def write_world(folder: str | Path, settings: WorldSettings = WorldSettings()) -
     (folder / "videos").mkdir(parents=True, exist_ok=True)
     options = {"crf": str(settings.crf), "preset": "veryfast", "g": str(settings.num_frames)}
     for plan in plans:
-        write_video(folder / "videos" / f"{plan.id}.mp4", render_clip(plan, settings.size, settings.radius), fps=settings.fps, options=options)
+        write_video(folder / "videos" / f"{plan.id}.mp4", render_clip(plan, settings.size), fps=settings.fps, options=options)
     _write_manifest(result["manifest"], plans)
     for split in SPLITS:
         _write_manifest(result["splits"][split], [p for p in plans if p.split == split])

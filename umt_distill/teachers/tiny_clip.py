@@ -58,10 +58,10 @@ class ClipTrainSettings:
         seed: Initial weights, frame sampling and augmentation.
     """
 
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 20
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 30
     weight_decay: float = 0.05
     seed: int = 0
 

@@ -1,0 +1,94 @@
+"""The quickstart end to end: a miniature run (default suite) and the full run (slow)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from umt_distill.config import RecipeError
+from umt_distill.quickstart import DONE_FILE, parse_settings, run_quickstart
+
+# A miniature world and budget: every step runs for real (MP4s, open_clip training, a WebDataset
+# store, stage 1, probes, plots), only smaller.
+MINI = [
+    "quickstart.world.clips=30", "quickstart.world.num_frames=8",
+    "quickstart.clip.steps=3", "quickstart.clip.batch_size=16", "quickstart.clip_images=48", "quickstart.clip_eval_images=16",
+    "views.num_frames=4", "cache.num_views=1", "train.epochs=1", "train.batch_size=4", "train.log_every=1",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def quiet() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=200), buffer
+
+
+def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> None:
+    out = tmp_path / "qs"
+    console, printed = quiet()
+    results = run_quickstart(out, overrides=MINI, console=console)
+
+    for name in ("report.md", "results.json", "recipe.yaml", "world/manifest.csv", "teacher/clip.safetensors",
+                 "cache/spec.json", f"runs/stage1-cached/{DONE_FILE}", "runs/stage1-cached/metrics.jsonl"):
+        assert (out / name).is_file(), name
+    for name in ("loss.png", "accuracy.png", "semantic_mask.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+
+    models = results["models"]
+    assert set(models) == {"teacher (image CLIP)", "student, distilled (cached)", "student, random init (control)"}
+    for model in models.values():
+        for task in ("appearance", "motion"):
+            assert 0.0 <= model[task]["linear"]["accuracy"] <= 1.0 and 0.0 <= model[task]["knn"]["accuracy"] <= 1.0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["models"] == models and len(saved["checks"]) == 4
+    assert {c["check"] for c in saved["checks"]} >= {"motion > random-init control", "appearance > random-init control"}
+    report = (out / "report.md").read_text()
+    assert "| teacher (image CLIP) |" in report and "## Checks" in report and "semantic_mask.png" in report
+    assert "teacher (image CLIP)" in printed.getvalue() and "chance" in printed.getvalue()
+    assert [s[1] for s in results["steps"]] == ["done"] * 5
+
+    metrics = (out / "runs/stage1-cached/metrics.jsonl").read_text()
+    console, printed = quiet()
+    again = run_quickstart(out, overrides=MINI, console=console)
+    said = printed.getvalue()
+    for what in ("videos", "teacher weights", "cache", "training run"):
+        assert f"reusing the finished {what}" in said, what
+    assert [s[1] for s in again["steps"][:4]] == ["reused"] * 4
+    assert (out / "runs/stage1-cached/metrics.jsonl").read_text() == metrics  # not trained again
+    assert again["models"] == models  # same weights, same deterministic probes
+
+
+def test_online_mode_runs_without_a_cache_and_reports_both_runs(tmp_path) -> None:
+    out = tmp_path / "qs"
+    console, _ = quiet()
+    run_quickstart(out, overrides=MINI, console=console)
+    console, printed = quiet()
+    results = run_quickstart(out, overrides=[*MINI, "teacher.mode=online"], console=console)
+    assert "skipped (teacher.mode=online" in printed.getvalue()
+    assert set(results["runs"]) == {"cached", "online"}
+    assert {"student, distilled (cached)", "student, distilled (online)"} <= set(results["models"])
+    assert "Both teacher modes were run" in (out / "report.md").read_text()
+
+
+def test_quickstart_settings_are_strict() -> None:
+    settings, rest = parse_settings(["quickstart.world.clips=60", "quickstart.clip.lr=0.01", "train.epochs=3"], clips=None)
+    assert settings.world.clips == 60 and settings.clip.lr == 0.01 and rest == ["train.epochs=3"]
+    assert parse_settings([], clips=24)[0].world.clips == 24
+    with pytest.raises(RecipeError, match="quickstart.world.clips"):
+        parse_settings(["quickstart.world.clip=3"])
+    with pytest.raises(RecipeError, match="quickstart.clip.steps: expected int"):
+        parse_settings(["quickstart.clip.steps=many"])
+    with pytest.raises(RecipeError, match="quickstart.world.scale_range"):
+        parse_settings(["quickstart.world.scale_range=0.5"])
+
+
+@pytest.mark.slow
+def test_full_quickstart_shows_the_student_learns_motion_its_teacher_cannot_see(tmp_path) -> None:
+    """The issue's bar, at the default size: every check of the report passes."""
+    console, printed = quiet()
+    results = run_quickstart(tmp_path / "qs", console=console)
+    failed = [c for c in results["checks"] if not c["ok"]]
+    assert not failed, (failed, printed.getvalue())

@@ -241,13 +241,16 @@ def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: Quicksta
     """
     from umt_distill.cache.pipeline import build_teacher
     from umt_distill.data.corpus import read_corpus
-    from umt_distill.evaluation.probe import decode_eval_views, knn_probe, linear_probe, student_features, teacher_features
+    from umt_distill.evaluation.probe import (
+        decode_eval_views, knn_probe, linear_probe, order_sensitivity, student_features, teacher_features,
+    )
     from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint
     from umt_distill.training.stage_parts import build_student
 
     labels = read_labels(world["labels"])["clips"]
     splits = {s: read_corpus(world["splits"][s]) for s in ("train", "val", "test")}
     pixels = {s: decode_eval_views(rows, cfg.views.num_frames, cfg.views.size, cfg.corpus.video_backend) for s, rows in splits.items()}
+    pixels["test_reversed"] = pixels["test"].flip(1)  # the test clips played backwards
     targets = {task: {s: np.array([labels[r.id][f"{task}_label"] for r in rows]) for s, rows in splits.items()}
                for task in ("appearance", "motion")}
 
@@ -271,6 +274,7 @@ def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: Quicksta
             }
             for task, y in targets.items()
         }
+        results["models"][name]["order_sensitivity"] = order_sensitivity(feats["test"], feats["test_reversed"])
     results["_example"] = {"pixels": pixels["test"][:1], "teacher": teacher, "clip_id": splits["test"][0].id}
     return results
 

@@ -9,6 +9,8 @@ already holds. Two readers, both deterministic:
   rate, no epochs, nothing to tune by hand.
 - :func:`knn_probe` — cosine k-nearest-neighbours vote (standardised features).
 
+:func:`order_sensitivity` measures whether a feature can tell a clip from its time reversal at all.
+
 Feature helpers: :func:`decode_eval_views` decodes the views once; :func:`teacher_features` (the
 image teacher's pooled embedding averaged over frames) and :func:`student_features` (the student's
 final-norm tokens, mean-pooled) turn them into one vector per clip.
@@ -153,6 +155,26 @@ def knn_probe(
     np.add.at(votes, (rows.repeat(k, 1), train_y[nearest]), np.take_along_axis(sims, nearest, 1) + 1.0)
     pred = votes.argmax(1)
     return ProbeResult(_accuracy(pred, test_y), None, None, k, len(train_y), len(test_y), _per_class(pred, test_y))
+
+
+def order_sensitivity(features: np.ndarray, reversed_features: np.ndarray) -> float:
+    """How far a clip's feature moves when the clip is played backwards, relative to how far clips lie apart.
+
+    ``mean_i ||f(x_i) − f(reverse(x_i))|| / mean_i ||f(x_i) − mean_j f(x_j)||``: 0 for a feature that cannot
+    tell a clip from its time reversal (a frame average), about 1 when reversing a clip moves its feature
+    as far as a typical clip lies from the average clip. Direction classes (left/right, growing/shrinking)
+    are time reversals of each other, so a linear probe can only separate them along such movement.
+
+    Args:
+        features: [N, D] features of N clips.
+        reversed_features: [N, D] features of the same clips with their frames in reverse order.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    reversed_features = np.asarray(reversed_features, dtype=np.float64)
+    if features.shape != reversed_features.shape or features.ndim != 2:
+        raise ValueError(f"order_sensitivity: expected two [N, D] arrays of one shape, got {features.shape} and {reversed_features.shape}")
+    spread = np.linalg.norm(features - features.mean(axis=0), axis=1).mean()
+    return float(np.linalg.norm(features - reversed_features, axis=1).mean() / max(spread, 1e-12))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def train_tiny_clip(
         captions: One caption per frame (appearance only).
         settings: Training settings.
         eval_frames: Optional held-out frames [E, H, W, 3] for zero-shot accuracy.
-        eval_captions: Their captions (the candidate set is all distinct captions of training).
+        eval_captions: Their captions (candidates: all distinct captions of training and evaluation).
         log: Progress lines go here.
 
     Returns:
@@ -182,7 +182,8 @@ def train_tiny_clip(
 
     t0 = time.perf_counter()
     model, tokenizer = build_clip(settings.seed)
-    classes = sorted(set(captions))
+    # Zero-shot candidates: every caption seen in training or evaluation (a tiny run may miss some classes).
+    classes = sorted(set(captions) | set(eval_captions or ()))
     class_of = torch.tensor([classes.index(c) for c in captions])  # [F]
     tokens = tokenizer(classes)  # [U_all, context]
     size = QUICKSTART_CLIP_CONFIG["vision_cfg"]["image_size"]

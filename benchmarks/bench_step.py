@@ -9,16 +9,18 @@ Modes, all with the same student, teacher architecture (random weights), frames,
   online   the same loop with ``teacher.mode=online``: the teacher runs on every batch.
 
 Each (configuration, mode) runs in a fresh process forked from a preloaded server, so its peak memory
-(CPU resident set / CUDA allocated) is its own. The modes run in rounds, in mirrored order
-(student, cached, online, online, cached, student for two rounds), each round over the same clips,
-so a machine that speeds up or slows down during the run (other users' jobs) biases no mode. Step
-time = median, min, max over the measured steps of all rounds (each round skips its warm-up steps). Goals for UMT-B/16 + CLIP-B/16, T=8, 80 %: cached/student ≤ 1.05, online/cached ≥ 2.5.
+(CPU resident set / CUDA allocated) is its own. The three processes live side by side and take turns,
+one training step at a time in mirrored order (student, cached, online, online, cached, student ...),
+the waiting ones paused with their DataLoader workers stopped: on a shared machine whose speed
+changes from minute to minute (other users' jobs), the modes are compared within seconds of each
+other. ``interleave=False`` runs the modes one after the other instead (e.g. when three processes
+do not fit on one GPU). Step time = median, min, max over the steps after the warm-up steps. Goals for UMT-B/16 + CLIP-B/16, T=8, 80 %: cached/student ≤ 1.05, online/cached ≥ 2.5.
 
 Standalone (one configuration; ``run.py`` runs the grid and writes the report):
 
     .venv/bin/python benchmarks/bench_step.py                       # UMT-B/16, T=8, 80 %, CPU, ~6 min
     .venv/bin/python benchmarks/bench_step.py --size tiny --frames 16 --ratio 0.9
-    .venv/bin/python benchmarks/bench_step.py --device cuda --batch-size 32 --steps 10 --warmup 5 --amp bf16
+    .venv/bin/python benchmarks/bench_step.py --device cuda --batch-size 32 --steps 20 --warmup 5 --amp bf16
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_d
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
+    IsolatedRun,
+    gate,
     load_average,
     log,
     peak_memory_mb,
     ratio,
     reset_peak_memory,
+    run_interleaved,
     run_isolated,
     timing_stats,
 )
@@ -66,8 +71,8 @@ class StepSettings:
     device: str = "cpu"
     batch_size: int = 1
     warmup: int = 1
-    steps: int = 3  # measured steps per round
-    rounds: int = 2  # mirrored rounds; measured steps per mode = steps x rounds
+    steps: int = 6  # measured steps per mode
+    interleave: bool = True  # modes take turns step by step (else one mode after the other)
     workers: int = 1  # DataLoader workers of the cached/online loops
     threads: int = 2
     amp: str = "bf16"  # used on CUDA only (the loop runs fp32 on CPU)
@@ -131,6 +136,7 @@ def _student_only(cfg, s: StepSettings) -> tuple[list[float], list[float]]:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
     times = []
     for step in range(s.warmup + s.steps):
+        gate()  # interleaved runs: wait for this mode's turn (untimed)
         t = time.perf_counter()
         targets, visible_idx = step_targets(cfg, batch, pixels, None, mask_generator(cfg.seed, step, 0), device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -153,6 +159,26 @@ def _teacher_shape(cfg) -> dict[str, int]:
     return {"N": int(spec["teacher"]["N"]), "D": int(spec["teacher"]["D"])}
 
 
+def _pace_loop(stage1_module) -> None:
+    """Make the stage-1 loop wait at a gate before its first step and after each logged step.
+
+    The loop logs every step (``train.log_every=1``) after its step time is taken and before the next
+    step's clock starts, so the waits fall outside the timed region. (Patches this child process only.)
+    """
+    from umt_distill.training.metrics import MetricsLogger
+
+    class PacedMetricsLogger(MetricsLogger):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            gate()
+
+        def log(self, record: dict) -> None:
+            super().log(record)
+            gate()
+
+    stage1_module.MetricsLogger = PacedMetricsLogger
+
+
 def measure_mode(mode: str, recipe: str, overrides: list[str], s: StepSettings) -> dict[str, Any]:
     """One mode of one configuration, in the current (fresh) process. Returns times and memory."""
     import torch
@@ -166,29 +192,20 @@ def measure_mode(mode: str, recipe: str, overrides: list[str], s: StepSettings) 
     if mode == "student":
         times, data_times = _student_only(cfg, s)
     else:
-        from umt_distill.stages.stage1 import train
+        from umt_distill.stages import stage1
         from umt_distill.training.metrics import read_metrics
 
-        train(cfg)
+        _pace_loop(stage1)
+        stage1.train(cfg)
         metrics = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")[s.warmup:]
         times, data_times = [m["step_time"] for m in metrics], [m["data_time"] for m in metrics]
-    return {"mode": mode, **timing_stats(times), "data_times": data_times,
+    return {"mode": mode, **timing_stats(times), "data_time_median": sorted(data_times)[len(data_times) // 2],
             "peak_mb": round(peak_memory_mb(s.device), 1), "baseline_mb": round(baseline, 1),
             "load_start": load_start, "load_end": load_average()}
 
 
 # --------------------------------------------------------------------------------------------------
 # parent side
-
-
-def pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One mode's rounds → statistics over all measured steps; the rounds are kept for re-analysis."""
-    times = [t for r in rounds for t in r["times"]]
-    data = sorted(t for r in rounds for t in r["data_times"])
-    return {"mode": rounds[0]["mode"], **timing_stats(times), "data_time_median": data[len(data) // 2],
-            "peak_mb": max(r["peak_mb"] for r in rounds), "baseline_mb": min(r["baseline_mb"] for r in rounds),
-            "load_start": rounds[0]["load_start"], "load_end": rounds[-1]["load_end"],
-            "round_medians": [r["median"] for r in rounds], "rounds": len(rounds)}
 
 
 def bench_config(size: str, frames: int, mask_ratio: float, manifest: str, store: str, out_dir: Path,
@@ -200,17 +217,17 @@ def bench_config(size: str, frames: int, mask_ratio: float, manifest: str, store
     recipe = SIZES[size]["recipe"]
     result: dict[str, Any] = {"size": size, "label": SIZES[size]["label"], "frames": frames, "mask_ratio": mask_ratio,
                               "batch_size": s.batch_size, "modes": {}}
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for r in range(s.rounds):
-        for mode in (modes if r % 2 == 0 else modes[::-1]):
-            out = out_dir / f"{size}_T{frames}_r{mask_ratio}_{mode}_{r}"
-            log(f"step: {size} T={frames} ratio={mask_ratio} mode={mode} round {r + 1}/{s.rounds}")
-            overrides = loop_overrides(size, frames, mask_ratio, manifest, store, str(out), s)
-            if isolate:
-                runs[mode].append(run_isolated(measure_mode, mode, recipe, overrides, s))
-            else:
-                runs[mode].append(measure_mode(mode, recipe, overrides, s))
-    result["modes"] = {m: pool_rounds(rs) for m, rs in runs.items()}
+    args = {m: (m, recipe, loop_overrides(size, frames, mask_ratio, manifest, store, str(out_dir / f"{size}_T{frames}_r{mask_ratio}_{m}"), s), s)
+            for m in modes}
+    if isolate and s.interleave:
+        log(f"step: {size} T={frames} ratio={mask_ratio}, modes {'/'.join(modes)} interleaved")
+        measured = run_interleaved({m: IsolatedRun(measure_mode, *a) for m, a in args.items()})
+    else:
+        measured = {}
+        for m, a in args.items():
+            log(f"step: {size} T={frames} ratio={mask_ratio} mode={m}")
+            measured[m] = run_isolated(measure_mode, *a) if isolate else measure_mode(*a)
+    result["modes"] = {m: measured[m] for m in modes}
     med = {m: r["median"] for m, r in result["modes"].items()}
     result["ratios"] = {
         "cached_over_student": ratio(med.get("cached"), med.get("student")),
@@ -231,8 +248,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="measured steps per mode and round")
-    p.add_argument("--rounds", type=int, default=2, help="mirrored rounds of all modes")
+    p.add_argument("--steps", type=int, default=6, help="measured steps per mode")
+    p.add_argument("--sequential", action="store_true", help="run the modes one after the other, not step by step")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the cached/online loops")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -247,7 +264,7 @@ def main() -> None:
     from umt_distill.cache.pipeline import cache_teacher
     from umt_distill.config import load_recipe
 
-    s = StepSettings(device=args.device, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, rounds=args.rounds,
+    s = StepSettings(device=args.device, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, interleave=not args.sequential,
                      workers=args.workers, threads=args.threads or os.cpu_count() or 1, amp=args.amp,
                      teacher_precision=args.teacher_precision, backend=args.backend, codec=args.codec)
     tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))

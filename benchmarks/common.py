@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -188,7 +189,38 @@ def _context():
     return _CONTEXT
 
 
+_GATE: Any = None  # in a measurement child: the connection to the parent that paces it
+
+
+def gate() -> None:
+    """Wait here until the parent says go (a no-op outside a paced child).
+
+    While waiting, this process's own children (DataLoader workers) are stopped with SIGSTOP, so a
+    paused measurement takes no CPU from the one being timed; they continue when this one does.
+    """
+    if _GATE is None:
+        return
+    _GATE.send(("gate", None))
+    workers = [p.pid for p in mp.active_children() if p.pid]
+    for pid in workers:
+        _signal(pid, signal.SIGSTOP)
+    try:
+        _GATE.recv()
+    finally:
+        for pid in workers:
+            _signal(pid, signal.SIGCONT)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # a worker that has just exited
+        pass
+
+
 def _child_main(conn, fn: Callable, args: tuple, kwargs: dict) -> None:
+    global _GATE
+    _GATE = conn
     try:
         result = ("ok", fn(*args, **kwargs))
     except BaseException as e:  # sent back whole: the parent names the failing measurement
@@ -197,26 +229,89 @@ def _child_main(conn, fn: Callable, args: tuple, kwargs: dict) -> None:
     conn.close()
 
 
+class IsolatedRun:
+    """``fn(*args, **kwargs)`` running in a fresh process forked from the preloaded server.
+
+    The child stops at every :func:`gate` until :meth:`go`; :meth:`next_event` returns ``"gate"`` or,
+    at the end, ``("ok", result)``. ``fn`` must be a module-level function (pickled by reference).
+    """
+
+    def __init__(self, fn: Callable, *args: Any, **kwargs: Any) -> None:
+        ctx = _context()
+        self.name = fn.__name__
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_child_main, args=(child, fn, args, kwargs))
+        self.proc.start()
+        child.close()
+
+    def next_event(self) -> tuple[str, Any]:
+        """Block until the child reaches a gate (``("gate", None)``) or finishes (``("ok", result)``)."""
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.proc.join()
+            raise RuntimeError(f"{self.name} died without a result (exit code {self.proc.exitcode})") from None
+        if status == "error":
+            self.proc.join()
+            raise RuntimeError(f"{self.name} failed in its child process:\n{value}")
+        if status == "ok":
+            self.proc.join()
+        return status, value
+
+    def go(self) -> None:
+        self.conn.send("go")
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
 def run_isolated(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` in a fresh process (forked from a preloaded server); return its result.
 
-    ``fn`` must be a module-level function (it is pickled by reference). A failure in the child is
-    raised here as a ``RuntimeError`` carrying the child's traceback.
+    Gates in the child are passed straight through. A failure in the child is raised here as a
+    ``RuntimeError`` carrying the child's traceback.
     """
-    ctx = _context()
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(child, fn, args, kwargs))
-    proc.start()
-    child.close()
+    run = IsolatedRun(fn, *args, **kwargs)
     try:
-        status, value = parent.recv()
-    except EOFError:
-        proc.join()
-        raise RuntimeError(f"{fn.__name__} died without a result (exit code {proc.exitcode})") from None
-    proc.join()
-    if status == "error":
-        raise RuntimeError(f"{fn.__name__} failed in its child process:\n{value}")
-    return value
+        while True:
+            status, value = run.next_event()
+            if status == "ok":
+                return value
+            run.go()
+    finally:
+        run.kill()
+
+
+def run_interleaved(runs: dict[str, IsolatedRun]) -> dict[str, Any]:
+    """Pace several gated runs one step each in turn, in mirrored order (A B C, C B A, A B C ...).
+
+    Every run first reaches its setup gate (setups overlap, untimed); then exactly one run works at a
+    time, so runs measured side by side see the same machine within seconds of each other.
+
+    Returns:
+        Each run's result by name.
+    """
+    results: dict[str, Any] = {}
+    try:
+        for run in runs.values():
+            status, value = run.next_event()
+            if status == "ok":
+                raise RuntimeError(f"{run.name} finished without reaching a gate")
+        active, turn = list(runs), 0
+        while active:
+            for name in list(active if turn % 2 == 0 else active[::-1]):
+                runs[name].go()
+                status, value = runs[name].next_event()
+                if status == "ok":
+                    results[name] = value
+                    active.remove(name)
+            turn += 1
+    finally:
+        for run in runs.values():
+            run.kill()
+    return results
 
 
 # --------------------------------------------------------------------------------------------------

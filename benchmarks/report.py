@@ -89,21 +89,21 @@ def _step_md(res: dict) -> list[str]:
     rows = res.get("step")
     if not rows:
         return []
-    lines = ["## 1. Step cost: student only vs cached vs online", "",
-             "Seconds per training step: median / min / max over the measured steps of all rounds (modes run in "
-             "mirrored order, each round after its own warm-up, all on the same clips and store); the per-round "
-             "medians show how steady the machine was. Peak memory of the measuring process (CPU: resident set, "
+    sequential = any(not r.get("settings", {}).get("interleave", True) for r in rows)
+    lines = ["## 1. Step cost: student only vs cached vs online" + (" (sequential)" if sequential else ""), "",
+             "Seconds per training step: median / min / max over the measured steps after warm-up. The three modes "
+             "run side by side on the same clips and store and take turns one step at a time (mirrored order; the "
+             "waiting ones paused, DataLoader workers stopped), unless the run says 'sequential'. Peak memory of the measuring process (CPU: resident set, "
              "'base' = the Python/torch runtime before the model; CUDA: allocated bytes). Student only = targets in "
              "memory; cached = the real stage-1 loop over a Zarr store (pixels decoded by its DataLoader); online = "
              "the same loop running the teacher.", "",
-             "| config | batch / threads | mode | median s | min s | max s | steps | round medians s | peak MB (base) | load at start |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | batch / threads | mode | median s | min s | max s | steps | peak MB (base) | load at start |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for mode, v in r["modes"].items():
-            rounds = " / ".join(f"{x:.3f}" for x in v.get("round_medians", [v["median"]]))
             threads = r.get("settings", {}).get("threads", "?")
             lines.append(f"| {_row_key(r)} | {r['batch_size']} / {threads} | {MODE_NAMES[mode]} | {v['median']:.4f} | "
-                         f"{v['min']:.4f} | {v['max']:.4f} | {v['n']} | {rounds} | "
+                         f"{v['min']:.4f} | {v['max']:.4f} | {v['n']} | "
                          f"{v['peak_mb']:.0f} ({v['baseline_mb']:.0f}) | {v['load_start'][0]:.2f} |")
     lines += ["", "| config | student / teacher | cached / student | online / cached | ceiling online / student | student clip-views/s |",
               "|---|---|---|---|---|---|"]
@@ -130,7 +130,7 @@ def _storage_md(res: dict, stem: str) -> list[str]:
              "(same predictions and mask). Write = encode + compress + write + fsync; read = cold (page cache evicted) "
              "read + decode to float32. MB/s are of on-disk bytes.", "",
              "| codec | mode | MB per clip-view | write MB/s | read MB/s | read clip-views/s | mean cos | p1 cos | loss fp32 | |Δ loss| |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in st["rows"]:
         lines.append(f"| {r['codec']} | {r['mode']} | {r['bytes_per_clip_view'] / 1e6:.4f} | {r['write_mb_per_s']:.1f} | "
                      f"{r['read_mb_per_s']:.1f} | {r['read_records_per_s']:.2f} | {r['mean_cos']:.6f} | {r['p1_cos']:.6f} | "

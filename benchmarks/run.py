@@ -53,9 +53,8 @@ ALL_SECTIONS = ("step", "storage", "input", "cache")
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "device": "cpu", "teacher_precision": "fp32", "amp": "bf16", "loop_workers": 1,
-        # Per size: batch, warm-up steps per round, measured steps per round, rounds. Tiny steps take
-        # milliseconds and a round costs mostly process and loader start-up: one round of 5 steps.
-        "plan": {"tiny": (4, 2, 5, 1), "small": (1, 1, 3, 2), "base": (1, 1, 3, 2), "large": (1, 1, 3, 2)},
+        # Per size: batch, warm-up steps, measured steps.
+        "plan": {"tiny": (4, 2, 6), "small": (1, 1, 6), "base": (1, 1, 6), "large": (1, 1, 6)},
         # Tiny ops gain nothing from a second intra-op thread, and on a shared machine a descheduled
         # OpenMP thread stalls every small op of a step: tiny runs one thread, larger sizes all cores.
         "threads": {"tiny": 1},
@@ -73,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "gpu": {
         "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
-        "plan": {"tiny": (64, 5, 10, 2), "small": (32, 5, 10, 2), "base": (32, 5, 10, 2), "large": (16, 5, 10, 2)},
+        "plan": {"tiny": (64, 5, 20), "small": (32, 5, 20), "base": (32, 5, 20), "large": (16, 5, 20)},
         "headline_size": "base",
         "grid": None,  # the full grid
         "full_grid": {"sizes": ("tiny", "small", "base"), "frames": (8, 16), "ratios": (0.5, 0.8, 0.9)},
@@ -87,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Everything once at the tiniest size: the smoke test's settings (seconds, numbers meaningless).
     "smoke": {
         "device": "cpu", "teacher_precision": "fp32", "amp": "none", "loop_workers": 0,
-        "plan": {"tiny": (1, 1, 1, 1)}, "headline_size": "tiny",
+        "plan": {"tiny": (1, 1, 1)}, "headline_size": "tiny",
         "grid": [("tiny", 8, 0.8)],
         "full_grid": {"sizes": ("tiny",), "frames": (8,), "ratios": (0.8,)},
         "videos": 2, "video_frames": 24, "video_size": (64, 96),
@@ -113,11 +112,11 @@ def build_grid(preset: dict, args) -> list[tuple[str, int, float]]:
 
 def settings_for(preset: dict, size: str, args) -> StepSettings:
     # A size the preset has no plan for (e.g. --sizes large with the smoke preset) takes its first plan.
-    batch, warmup, steps, rounds = preset["plan"].get(size) or next(iter(preset["plan"].values()))
+    batch, warmup, steps = preset["plan"].get(size) or next(iter(preset["plan"].values()))
     return StepSettings(
         device=preset["device"], batch_size=args.batch_size or batch,
         warmup=args.warmup if args.warmup is not None else warmup,
-        steps=args.steps or steps, rounds=args.rounds or rounds, workers=preset["loop_workers"],
+        steps=args.steps or steps, interleave=not args.sequential, workers=preset["loop_workers"],
         threads=args.threads or preset.get("threads", {}).get(size) or os.cpu_count() or 1,
         amp=preset["amp"], teacher_precision=preset["teacher_precision"], backend=args.backend, codec=args.codec,
     )
@@ -310,8 +309,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", default=None, help="comma list of T, e.g. 8,16")
     p.add_argument("--ratios", default=None, help="comma list of mask ratios, e.g. 0.5,0.8,0.9")
     p.add_argument("--batch-size", type=int, default=None, help="step batch size for every size")
-    p.add_argument("--steps", type=int, default=None, help="measured steps per mode and round")
-    p.add_argument("--rounds", type=int, default=None, help="mirrored rounds of the modes (measured = steps x rounds)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per mode")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the step modes one after the other instead of step by step side by side "
+                        "(three processes at once may not fit on one GPU)")
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of each step measurement (default: all cores; the cpu preset runs tiny on 1)")

@@ -64,3 +64,28 @@ def test_run_isolated_returns_results_and_raises_child_errors(monkeypatch: pytes
     assert common.run_isolated(common.timing_stats, [3.0, 1.0, 2.0])["median"] == 2.0
     with pytest.raises(RuntimeError, match="timing_stats failed in its child process"):
         common.run_isolated(common.timing_stats, [])
+
+
+def gated_steps(steps: int) -> list[float]:
+    """A paced child: one timestamp per step, each after waiting at the gate."""
+    import time
+
+    from benchmarks import common
+
+    stamps = []
+    for _ in range(steps):
+        common.gate()
+        stamps.append(time.monotonic())
+    return stamps
+
+
+def test_run_interleaved_takes_turns_in_mirrored_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "PRELOAD", ["benchmarks.common"])
+    monkeypatch.setattr(common, "_CONTEXT", None)
+    runs = {name: common.IsolatedRun(gated_steps, 3) for name in ("a", "b")}
+    stamps = common.run_interleaved(runs)
+    order = [name for _, name in sorted((t, name) for name, ts in stamps.items() for t in ts)]
+    # the first gate is the setup gate; then turns go a b, b a, a b
+    assert order == ["a", "b", "b", "a", "a", "b"]

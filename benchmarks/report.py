@@ -7,8 +7,12 @@ machine, load and command produced them.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_cache import smallest_faithful
 from benchmarks.common import K710_CLIPS
@@ -19,6 +23,20 @@ GOALS = {"online_over_cached": 2.5, "cached_over_student": 1.05, "min_cos": 0.99
 
 def _f(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
+
+
+def paired_ratio(r: dict, a: str, b: str) -> float | None:
+    """Median over turns of (step time of mode a / step time of mode b) in the same turn.
+
+    In an interleaved run the i-th measured steps of all modes ran within seconds of each other, so
+    each pair sees the same machine; the median of the pairs resists speed swings that last minutes.
+    """
+    import statistics
+
+    ta, tb = r["modes"].get(a, {}).get("times"), r["modes"].get(b, {}).get("times")
+    if not ta or not tb or len(ta) != len(tb) or not r.get("settings", {}).get("interleave", False):
+        return None
+    return statistics.median(x / y for x, y in zip(ta, tb))
 
 
 def _row_key(r: dict) -> str:
@@ -36,8 +54,13 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in results.get("step", []) if (r["size"], r["frames"], r["mask_ratio"]) == (h["size"], h["frames"], h["mask_ratio"])]
     if rows:
         r = rows[0]
-        out["step"] = {"label": r["label"], "batch_size": r["batch_size"],
+        spread = {m: (v["max"] - v["min"]) / v["median"] for m, v in r["modes"].items()}
+        out["step"] = {"label": r["label"], "batch_size": r["batch_size"], "spread": spread,
+                       # a cached step does strictly more work than a student-only one: below 1 is noise
+                       "noisy": (r["ratios"]["cached_over_student"] or 1) < 1 or max(spread.values()) > 0.25,
                        "median_s": {m: v["median"] for m, v in r["modes"].items()}, **r["ratios"],
+                       "online_over_cached_paired": paired_ratio(r, "online", "cached"),
+                       "cached_over_student_paired": paired_ratio(r, "cached", "student"),
                        "online_over_cached_goal_met": (r["ratios"]["online_over_cached"] or 0) >= GOALS["online_over_cached"],
                        "cached_over_student_goal_met": (r["ratios"]["cached_over_student"] or 9) <= GOALS["cached_over_student"]}
     storage = results.get("storage")
@@ -65,16 +88,29 @@ def _headline_md(res: dict) -> list[str]:
     lines += ["", "| quantity | measured | goal | met |", "|---|---|---|---|"]
     if "step" in h:
         s = h["step"]
-        lines.append(f"| online / cached step time | {_f(s['online_over_cached'])}× | ≥ 2.5× | {'yes' if s['online_over_cached_goal_met'] else 'no'} |")
-        lines.append(f"| cached / student-only step time | {_f(s['cached_over_student'])} | ≤ 1.05 | {'yes' if s['cached_over_student_goal_met'] else 'no'} |")
+        def met(ok: bool) -> str:
+            return "unresolved (noise, see below)" if s["noisy"] else ("yes" if ok else "no")
+
+        lines.append(f"| online / cached step time | {_f(s['online_over_cached'])}× | ≥ 2.5× | {met(s['online_over_cached_goal_met'])} |")
+        lines.append(f"| cached / student-only step time | {_f(s['cached_over_student'])} | ≤ 1.05 | {met(s['cached_over_student_goal_met'])} |")
         lines.append(f"| ceiling: online / student-only | {_f(s['online_over_student'])}× | — | — |")
+        if s.get("online_over_cached_paired") is not None:
+            lines.append(f"| online / cached, median of same-turn pairs | {_f(s['online_over_cached_paired'])}× | (check) | — |")
+            lines.append(f"| cached / student-only, median of same-turn pairs | {_f(s['cached_over_student_paired'])} | (check) | — |")
     for key, what in (("smallest_faithful", "smallest codec/mode with mean cos ≥ 0.99"),
                       ("smallest_faithful_full", "smallest *full-mode* codec with mean cos ≥ 0.99")):
         if key in h:
             b = h[key]
-            lines.append(f"| {what} | {b['codec']}/{b['mode']}: {b['bytes_per_clip_view'] / 1e6:.3f} MB per clip-view "
+            lines.append(f"| {what} | {b['codec']}/{b['mode']}: {b['bytes_per_clip_view'] / 1e6:.4f} MB "
+                         f"({b['bytes_per_clip_view']:,.0f} bytes) per clip-view "
                          f"(mean cos {b['mean_cos']:.6f}) | ≤ 1 MB | {'yes' if b['bytes_goal_met'] else 'no'} |")
     if "step" in h:
+        lines += ["", "Spread of the headline steps, (max − min) / median: "
+                  + ", ".join(f"{MODE_NAMES[m]} {x:.0%}" for m, x in h["step"]["spread"].items()) + "."]
+        if h["step"]["noisy"]:
+            lines += ["", "**Noise warning:** the step times of this run vary more than the effects measured (a cached step "
+                      "does strictly more work than a student-only step, so a ratio below 1 is noise). Treat the step ratios "
+                      "above as unresolved on this machine; re-run on an idle machine or a GPU."]
         lines += ["", "online / cached can at best reach the ceiling online / student-only (a free loader); the gap between "
                   "them is the loader's cost (cached / student-only). When the ceiling itself is below 2.5×, the teacher's "
                   "forward is cheap relative to the student's step on this hardware, whatever the cache does."]
@@ -105,12 +141,19 @@ def _step_md(res: dict) -> list[str]:
             lines.append(f"| {_row_key(r)} | {r['batch_size']} / {threads} | {MODE_NAMES[mode]} | {v['median']:.4f} | "
                          f"{v['min']:.4f} | {v['max']:.4f} | {v['n']} | "
                          f"{v['peak_mb']:.0f} ({v['baseline_mb']:.0f}) | {v['load_start'][0]:.2f} |")
-    lines += ["", "| config | student / teacher | cached / student | online / cached | ceiling online / student | student clip-views/s |",
+    lines += ["", "Ratios of the medians; in brackets the median of same-turn pairs (steps of the modes taken within "
+              "seconds of each other — the steadier figure when the machine's speed swings).", "",
+              "| config | student / teacher | cached / student | online / cached | ceiling online / student | student clip-views/s |",
               "|---|---|---|---|---|---|"]
+
+    def both(r: dict, key: str, a: str, b: str) -> str:
+        p = paired_ratio(r, a, b)
+        return _f(r["ratios"][key]) + ("" if p is None else f" ({_f(p)})")
+
     for r in rows:
-        q = r["ratios"]
-        lines.append(f"| {_row_key(r)} | {r['label']} | {_f(q['cached_over_student'])} | {_f(q['online_over_cached'])} | "
-                     f"{_f(q['online_over_student'])} | {_f(r['student_clips_per_s'], 3)} |")
+        lines.append(f"| {_row_key(r)} | {r['label']} | {both(r, 'cached_over_student', 'cached', 'student')} | "
+                     f"{both(r, 'online_over_cached', 'online', 'cached')} | {both(r, 'online_over_student', 'online', 'student')} | "
+                     f"{_f(r['student_clips_per_s'], 3)} |")
     if res.get("omitted"):
         omitted = ", ".join(f"{s} T={t} {int(round(x * 100))}%" for s, t, x in res["omitted"])
         lines += ["", f"Not measured in this run (preset `{res['meta']['preset']}`; `--grid full` runs them): {omitted}."]
@@ -142,7 +185,7 @@ def _storage_md(res: dict, stem: str) -> list[str]:
               "| model | codec | mode | raw MB / clip-view | on-disk MB / clip-view | K710 TB per view (raw) | K710 TB per view (on disk) |",
               "|---|---|---|---|---|---|---|"]
     for p in st["projection"]:
-        lines.append(f"| {p['model']} | {p['codec']} | {p['mode']} | {p['raw_mb_per_clip_view']:.3f} | {p['disk_mb_per_clip_view']:.3f} | "
+        lines.append(f"| {p['model']} | {p['codec']} | {p['mode']} | {p['raw_mb_per_clip_view']:.4f} | {p['disk_mb_per_clip_view']:.4f} | "
                      f"{p['k710_tb_per_view_raw']:.3f} | {p['k710_tb_per_view_disk']:.3f} |")
     return lines + [""]
 
@@ -231,3 +274,22 @@ def write_report(results: dict[str, Any], out: Path, stem: str) -> dict[str, Pat
     paths.update(write_charts(results, out, stem))
     paths["markdown"].write_text(markdown(results, stem))
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-render the markdown and charts of a results JSON (same measurements, current report code)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("json", type=Path, help="a benchmarks/results/<machine>-<date>.json")
+    args = p.parse_args(argv)
+    results = json.loads(args.json.read_text())
+    results["headline"] = headline(results)
+    for kind, path in write_report(results, args.json.parent, args.json.stem).items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    from benchmarks.report import main as package_main  # see bench_step.py
+
+    package_main()

@@ -163,7 +163,7 @@ def _pace_loop(stage1_module) -> None:
     """Make the stage-1 loop wait at a gate before its first step and after each logged step.
 
     The loop logs every step (``train.log_every=1``) after its step time is taken and before the next
-    step's clock starts, so the waits fall outside the timed region. (Patches this child process only.)
+    step's clock starts, so the waits fall outside the timed region. The caller restores the original.
     """
     from umt_distill.training.metrics import MetricsLogger
 
@@ -195,8 +195,12 @@ def measure_mode(mode: str, recipe: str, overrides: list[str], s: StepSettings) 
         from umt_distill.stages import stage1
         from umt_distill.training.metrics import read_metrics
 
+        original = stage1.MetricsLogger
         _pace_loop(stage1)
-        stage1.train(cfg)
+        try:
+            stage1.train(cfg)
+        finally:
+            stage1.MetricsLogger = original  # in-process runs (smoke preset) leave the loop as they found it
         metrics = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")[s.warmup:]
         times, data_times = [m["step_time"] for m in metrics], [m["data_time"] for m in metrics]
     return {"mode": mode, **timing_stats(times), "data_time_median": sorted(data_times)[len(data_times) // 2],

@@ -49,6 +49,11 @@ def test_suite_smoke_writes_json_markdown_and_charts(tmp_path: Path) -> None:
     assert {"step", "smallest_faithful", "smallest_faithful_full"} <= set(res["headline"])
     assert res["meta"]["load_start"] and res["meta"]["load_end"] and res["meta"]["machine"]["cores"]
 
+    from umt_distill.stages import stage1
+    from umt_distill.training.metrics import MetricsLogger
+
+    assert stage1.MetricsLogger is MetricsLogger  # the pacing patch is undone after in-process runs
+
     md = paths["markdown"].read_text()
     for heading in ("## Headline", "## 1. Step cost", "## 2. Storage vs fidelity", "## 3. Input pipeline", "## 4. Cache write"):
         assert heading in md

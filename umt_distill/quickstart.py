@@ -39,7 +39,8 @@ from umt_distill.data.toyworld import WorldSettings, appearance_caption, read_la
 from umt_distill.teachers.tiny_clip import ClipTrainSettings, train_tiny_clip
 
 RECIPE = "quickstart/stage1"
-DONE_FILE = "quickstart_done.json"
+DONE_FILE = "quickstart_done.json"  # a finished stage-1 run: its recipe and teacher
+STARTED_FILE = "quickstart_started.json"  # a started one: resumed only with the same recipe and teacher
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,14 @@ def _set_field(obj, path: list[str], value, prefix: str):
         return dataclasses.replace(obj, **{name: _set_field(current, path[1:], value, key)})
     if len(path) > 1:
         raise RecipeError(f"{key} is not a section")
+    def number(v) -> bool:  # YAML ints are fine for floats; booleans and strings are never numbers
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     if isinstance(current, tuple):
-        if not isinstance(value, list) or len(value) != len(current):
+        if not isinstance(value, list) or len(value) != len(current) or not all(map(number, value)):
             raise RecipeError(f"{key}: expected a list of {len(current)} numbers, got {value!r}")
         value = tuple(float(v) for v in value)
-    elif isinstance(current, bool) or not isinstance(value, (int, float)) or isinstance(value, bool) \
-            or (isinstance(current, int) and not isinstance(value, int)):
+    elif not number(value) or (isinstance(current, int) and not isinstance(value, int)):
         raise RecipeError(f"{key}: expected {type(current).__name__}, got {value!r}")
     return dataclasses.replace(obj, **{name: type(current)(value)})
 
@@ -178,20 +181,26 @@ def ensure_trained(cfg: Recipe, teacher_sha256: str, console: Console) -> tuple[
     from umt_distill.stages.stage1 import train
 
     run = Path(cfg.train.output_dir)
-    marker = run / DONE_FILE
+    marker, started = run / DONE_FILE, run / STARTED_FILE
     identity = {"recipe": recipe_to_yaml(cfg), "teacher_sha256": teacher_sha256}
-    if marker.exists():
-        done = json.loads(marker.read_text())
-        if {k: done.get(k) for k in identity} == identity:
-            return True, run
-        console.print(f"  [yellow]{run} was trained with another recipe or teacher; training again[/]")
+    if marker.exists() and _same(json.loads(marker.read_text()), identity):
+        return True, run
+    if run.exists() and not (started.exists() and _same(json.loads(started.read_text()), identity)):
+        # Another recipe or teacher (or a run from before this marker existed): a resume would mix them.
+        console.print(f"  [yellow]{run} holds a run of another recipe or teacher; training again[/]")
         shutil.rmtree(run)
-    elif run.exists() and not (run / "checkpoints").exists():
-        shutil.rmtree(run)  # metrics of a run killed before its first checkpoint: start clean
+    elif started.exists():
+        console.print("  [green]resuming the interrupted training run[/]")
+    run.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(identity), encoding="utf-8")
     with _TrainingProgress(run / "metrics.jsonl", console):
         last = train(cfg)
     marker.write_text(json.dumps({**identity, "last": last}), encoding="utf-8")
     return False, run
+
+
+def _same(found: dict, identity: dict) -> bool:
+    return {k: found.get(k) for k in identity} == identity
 
 
 class _TrainingProgress:

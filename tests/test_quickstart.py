@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from umt_distill.config import RecipeError
 from umt_distill.quickstart import DONE_FILE, parse_settings, run_quickstart
+from umt_distill.quickstart_finetune import CONTROL, IMAGE_TEACHER
 
 # A miniature world and budget: every step runs for real (MP4s, open_clip training, a WebDataset
 # store, stage 1, probes, plots), only smaller.
@@ -17,7 +19,9 @@ MINI = [
     "quickstart.world.clips=30", "quickstart.world.num_frames=8",
     "quickstart.clip.steps=3", "quickstart.clip.batch_size=16", "quickstart.clip_images=48", "quickstart.clip_eval_images=16",
     "views.num_frames=4", "cache.num_views=1", "train.epochs=1", "train.batch_size=4", "train.log_every=1",
+    "quickstart.finetune.steps=2", "quickstart.finetune.test_clips=1", "quickstart.finetune.workers=0",
 ]
+DISTILLED = "student, distilled (cached)"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -48,22 +52,37 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     report = (out / "report.md").read_text()
     assert "| teacher (image CLIP) |" in report and "## Checks" in report and "semantic_mask.png" in report
     assert "teacher (image CLIP)" in printed.getvalue() and "chance" in printed.getvalue()
-    assert [s[1] for s in results["steps"]] == ["done"] * 5
+    assert [s[1] for s in results["steps"]] == ["done"] * 6
+
+    finetune = results["finetune"]  # fine-tuned on the motion labels, tested on the test split
+    assert set(finetune["models"]) == {DISTILLED, CONTROL, IMAGE_TEACHER}
+    for name, model in finetune["models"].items():
+        for key in ("top1", "mean_class_accuracy", "axis_accuracy"):
+            assert 0.0 <= model[key] <= 1.0, (name, key)
+        assert model["num_videos"] == saved["num_clips"]["test"] and not model["reused"]
+        assert (out / "runs" / Path(model["run"]).name / DONE_FILE).is_file()
+    assert finetune["models"][CONTROL]["init"].startswith(str(out / "runs" / "stage1-init"))
+    assert saved["finetune"] == finetune and saved["settings"]["finetune"]["steps"] == 2
+    assert "## Fine-tuned on the motion labels" in report and f"| {IMAGE_TEACHER} | {finetune['models'][IMAGE_TEACHER]['top1']:.3f} |" in report
+    assert "fine-tuned on motion labels" in printed.getvalue()
 
     metrics = (out / "runs/stage1-cached/metrics.jsonl").read_text()
     console, printed = quiet()
     again = run_quickstart(out, overrides=MINI, console=console)
     said = printed.getvalue()
-    for what in ("videos", "teacher weights", "cache", "training run"):
+    for what in ("videos", "teacher weights", "cache", "training run", *(f"fine-tuning run ({m})" for m in finetune["models"])):
         assert f"reusing the finished {what}" in said, what
-    assert [s[1] for s in again["steps"][:4]] == ["reused"] * 4
+    assert [s[1] for s in again["steps"]] == ["reused"] * 4 + ["done", "reused"]
     assert (out / "runs/stage1-cached/metrics.jsonl").read_text() == metrics  # not trained again
     assert again["models"] == models  # same weights, same deterministic probes
+    assert {m: r["top1"] for m, r in again["finetune"]["models"].items()} == {m: r["top1"] for m, r in finetune["models"].items()}
 
     console, printed = quiet()
     changed = run_quickstart(out, overrides=[*MINI, "train.epochs=2"], console=console)
     assert "holds a run of another recipe or teacher; training again" in printed.getvalue()
-    assert [s[1] for s in changed["steps"]] == ["reused", "reused", "reused", "done", "done"]
+    assert [s[1] for s in changed["steps"]] == ["reused", "reused", "reused", "done", "done", "done"]
+    # another stage-1 run: its student is fine-tuned again; the control and the image teacher start as before
+    assert {m: r["reused"] for m, r in changed["finetune"]["models"].items()} == {DISTILLED: False, CONTROL: True, IMAGE_TEACHER: True}
 
 
 def test_online_mode_runs_without_a_cache_and_reports_both_runs(tmp_path) -> None:
@@ -75,6 +94,8 @@ def test_online_mode_runs_without_a_cache_and_reports_both_runs(tmp_path) -> Non
     assert "skipped (teacher.mode=online" in printed.getvalue()
     assert set(results["runs"]) == {"cached", "online"}
     assert {"student, distilled (cached)", "student, distilled (online)"} <= set(results["models"])
+    assert set(results["finetune"]["models"]) == {DISTILLED, "student, distilled (online)", CONTROL, IMAGE_TEACHER}
+    assert [results["finetune"]["models"][m]["reused"] for m in (DISTILLED, CONTROL, IMAGE_TEACHER)] == [True] * 3
     assert "Both teacher modes were run" in (out / "report.md").read_text()
 
 

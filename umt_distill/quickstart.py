@@ -11,11 +11,14 @@
 5. **Evaluate** — linear and kNN probes on frozen features (``evaluation/probe.py``) for appearance
    and motion: the teacher (frame-averaged embedding), the distilled student, and the same student
    with its initial random weights (the control).
-6. **Report** — a table in the terminal, ``report.md``, ``results.json`` and PNG plots.
+6. **Fine-tune** — the distilled student, the control and the image teacher (its tower per frame)
+   fine-tuned on the motion labels with one recipe, then tested (``quickstart_finetune.py``).
+7. **Report** — a table in the terminal, ``report.md``, ``results.json`` and PNG plots.
 
 Every step that finished before is reused on a re-run, and the output says so. Settings: the recipe
 ``recipes/quickstart/stage1.yaml`` (any ``key=value`` override) plus the quickstart's own
-``quickstart.world.*``, ``quickstart.clip.*`` and ``quickstart.*`` keys (:class:`QuickstartSettings`).
+``quickstart.world.*``, ``quickstart.clip.*``, ``quickstart.finetune.*`` and ``quickstart.*`` keys
+(:class:`QuickstartSettings`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +39,13 @@ from rich.console import Console
 
 from umt_distill.config import Recipe, RecipeError, load_recipe, parse_override, recipe_to_yaml
 from umt_distill.data.toyworld import WorldSettings, appearance_caption, read_labels, sample_images, write_world
+from umt_distill.quickstart_finetune import FinetuneSettings
 from umt_distill.teachers.tiny_clip import ClipTrainSettings, train_tiny_clip
 
 RECIPE = "quickstart/stage1"
 DONE_FILE = "quickstart_done.json"  # a finished stage-1 run: its recipe and teacher
 STARTED_FILE = "quickstart_started.json"  # a started one: resumed only with the same recipe and teacher
+NUM_STEPS = 6  # numbered steps printed while running (the report is not one)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class QuickstartSettings:
     Attributes:
         world: The toy world (``quickstart.world.clips=240``).
         clip: Training of the tiny image CLIP (``quickstart.clip.steps=300``).
+        finetune: Fine-tuning on the motion labels (``quickstart.finetune.steps=300``).
         clip_images: Still images in the tiny CLIP's image–caption corpus.
         clip_eval_images: Held-out stills for its zero-shot accuracy.
         knn_k: Neighbours of the kNN probe.
@@ -60,6 +66,7 @@ class QuickstartSettings:
 
     world: WorldSettings = WorldSettings()
     clip: ClipTrainSettings = ClipTrainSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
     clip_images: int = 6000
     clip_eval_images: int = 500
     knn_k: int = 10
@@ -181,10 +188,28 @@ def ensure_trained(cfg: Recipe, teacher_sha256: str, console: Console) -> tuple[
     from umt_distill.stages.stage1 import train
 
     run = Path(cfg.train.output_dir)
-    marker, started = run / DONE_FILE, run / STARTED_FILE
     identity = {"recipe": recipe_to_yaml(cfg), "teacher_sha256": teacher_sha256}
-    if marker.exists() and _same(json.loads(marker.read_text()), identity):
-        return True, run
+    reused, _ = ensure_run(run, identity, lambda: train(cfg), console, "stage 1")
+    return reused, run
+
+
+def ensure_run(run: Path, identity: dict, train: Callable[[], dict], console: Console, label: str) -> tuple[bool, dict]:
+    """Train into ``run``, resume an interrupted run, or reuse a finished one with the same ``identity``.
+
+    Args:
+        run: The run folder (``train`` writes its checkpoints and metrics.jsonl there).
+        identity: JSON-able; everything that makes two runs the same (recipe, initial weights ...).
+        train: Trains (resuming from ``run``'s checkpoints) and returns JSON-able final metrics.
+        console: Messages and a progress line labelled ``label``.
+
+    Returns:
+        (reused, what ``train`` returned: kept in the done marker, so a reused run returns it too).
+    """
+    marker, started = run / DONE_FILE, run / STARTED_FILE
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if _same(done, identity):
+            return True, done.get("last", {})
     if run.exists() and not (started.exists() and _same(json.loads(started.read_text()), identity)):
         # Another recipe or teacher (or a run from before this marker existed): a resume would mix them.
         console.print(f"  [yellow]{run} holds a run of another recipe or teacher; training again[/]")
@@ -193,10 +218,10 @@ def ensure_trained(cfg: Recipe, teacher_sha256: str, console: Console) -> tuple[
         console.print("  [green]resuming the interrupted training run[/]")
     run.mkdir(parents=True, exist_ok=True)
     started.write_text(json.dumps(identity), encoding="utf-8")
-    with _TrainingProgress(run / "metrics.jsonl", console):
-        last = train(cfg)
+    with _TrainingProgress(run / "metrics.jsonl", console, label):
+        last = train()
     marker.write_text(json.dumps({**identity, "last": last}), encoding="utf-8")
-    return False, run
+    return False, last
 
 
 def _same(found: dict, identity: dict) -> bool:
@@ -204,15 +229,15 @@ def _same(found: dict, identity: dict) -> bool:
 
 
 class _TrainingProgress:
-    """Shows step and loss while stage 1 runs, by following its metrics.jsonl (the loop stays untouched)."""
+    """Shows step and loss while a training loop runs, by following its metrics.jsonl (the loop stays untouched)."""
 
-    def __init__(self, metrics: Path, console: Console) -> None:
-        self.metrics, self.console, self.stop = metrics, console, threading.Event()
+    def __init__(self, metrics: Path, console: Console, label: str = "stage 1") -> None:
+        self.metrics, self.console, self.label, self.stop = metrics, console, label, threading.Event()
 
     def __enter__(self):
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]stage 1[/] {task.description}"), TimeElapsedColumn(),
+        self.progress = Progress(SpinnerColumn(), TextColumn(f"[bold]{self.label}[/] {{task.description}}"), TimeElapsedColumn(),
                                  console=self.console, transient=True)
         self.task = self.progress.add_task("starting")
         self.progress.start()
@@ -324,13 +349,13 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
     log, t_start = StepLog(), time.perf_counter()
 
     t = time.perf_counter()
-    console.print(f"[bold]1/5 toy world[/] ({settings.world.clips} clips) → {output / 'world'}")
+    console.print(f"[bold]1/{NUM_STEPS} toy world[/] ({settings.world.clips} clips) → {output / 'world'}")
     world = write_world(output / "world", settings.world)
     log.add("toy world", world["reused"], time.perf_counter() - t, f"{settings.world.clips} clips")
     _said(console, world["reused"], "videos")
 
     t = time.perf_counter()
-    console.print(f"[bold]2/5 tiny image CLIP teacher[/] ({settings.clip_images} stills, {settings.clip.steps} steps) → {output / 'teacher'}")
+    console.print(f"[bold]2/{NUM_STEPS} tiny image CLIP teacher[/] ({settings.clip_images} stills, {settings.clip.steps} steps) → {output / 'teacher'}")
     teacher = build_teacher_weights(output / "teacher", settings, console)
     log.add("tiny CLIP teacher", teacher["reused"], time.perf_counter() - t, f"zero-shot appearance accuracy {teacher['zero_shot_accuracy']:.2f}")
     _said(console, teacher["reused"], "teacher weights")
@@ -340,33 +365,43 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
     failures = 0
     t = time.perf_counter()
     if cfg.teacher.mode == "cached":
-        console.print(f"[bold]3/5 cache-teacher[/] ({cfg.cache.num_views} views per clip) → {cfg.cache.store}")
+        console.print(f"[bold]3/{NUM_STEPS} cache-teacher[/] ({cfg.cache.num_views} views per clip) → {cfg.cache.store}")
         reused, summary = ensure_cache(cfg, console)
         failures = int(summary.get("failures", 0))
         log.add("cache-teacher", reused, time.perf_counter() - t, f"{summary.get('records', '?')} clip-views")
         _said(console, reused, "cache")
     else:
-        console.print("[bold]3/5 cache-teacher[/]: skipped (teacher.mode=online runs the teacher at every step)")
+        console.print(f"[bold]3/{NUM_STEPS} cache-teacher[/]: skipped (teacher.mode=online runs the teacher at every step)")
 
     t = time.perf_counter()
-    console.print(f"[bold]4/5 stage 1[/] (teacher.mode={cfg.teacher.mode}) → {cfg.train.output_dir}")
+    console.print(f"[bold]4/{NUM_STEPS} stage 1[/] (teacher.mode={cfg.teacher.mode}) → {cfg.train.output_dir}")
     reused, run = ensure_trained(cfg, teacher["weights_sha256"], console)
     log.add(f"stage 1 ({cfg.teacher.mode})", reused, time.perf_counter() - t)
     _said(console, reused, "training run")
 
     t = time.perf_counter()
-    console.print("[bold]5/5 probes[/] on frozen features (train → fit, val → ridge strength, test → accuracy)")
+    console.print(f"[bold]5/{NUM_STEPS} probes[/] on frozen features (train → fit, val → ridge strength, test → accuracy)")
     # Both teacher modes are reported when both have finished runs on this world and teacher.
     runs = {m: output / "runs" / f"stage1-{m}" for m in ("cached", "online")}
     runs = {m: r for m, r in runs.items() if (r / DONE_FILE).exists() and _same_world(r, cfg, teacher["weights_sha256"])}
     results = evaluate(cfg, world, runs, settings)
     log.add("probes", False, time.perf_counter() - t)
 
+    # ---- fine-tuning on the motion labels (quickstart_finetune.py); reuses finished runs of the same init
+    from umt_distill.quickstart_finetune import run_finetune
+
+    t = time.perf_counter()
+    console.print(f"[bold]6/{NUM_STEPS} fine-tune[/] on the motion labels ({settings.finetune.steps} steps per model; "
+                  "train split → fit, test split → top-1)")
+    results["finetune"] = run_finetune(output, cfg, world, teacher, runs, settings.finetune, console)
+    log.add("fine-tune", results["finetune"]["reused"], time.perf_counter() - t, f"{len(results['finetune']['models'])} models")
+
     results.update(
         failures=failures, total_seconds=round(time.perf_counter() - t_start, 1), steps=log.steps,
         runs={m: str(r) for m, r in runs.items()},
         teacher={k: teacher[k] for k in ("zero_shot_accuracy", "final_loss", "seconds", "weights", "weights_sha256")},
         settings={"world": settings.world.to_json(), "clip": dataclasses.asdict(settings.clip),
+                  "finetune": dataclasses.asdict(settings.finetune),
                   "clip_images": settings.clip_images, "knn_k": settings.knn_k},
         mode=cfg.teacher.mode,
     )

@@ -61,6 +61,10 @@ def print_table(console: Console, results: dict) -> None:
     for c in checks(results):
         mark = "[green]✓[/]" if c["ok"] else "[red]✗[/]"
         console.print(f"{mark} {c['model']}: {c['check']} ({c['value']})", highlight=False)
+    if "finetune" in results:
+        from umt_distill import quickstart_finetune
+
+        quickstart_finetune.print_table(console, results["finetune"])
     steps = ", ".join(f"{name} {status} {sec:.0f} s" for name, status, sec, _ in results["steps"])
     console.print(f"[dim]{steps}; total {results['total_seconds']:.0f} s[/]", highlight=False)
 
@@ -118,12 +122,17 @@ def render_markdown(cfg: Recipe, results: dict) -> str:
     if len(results["runs"]) > 1:
         lines += ["", "Both teacher modes were run: `cached` trained from the stored targets, `online` ran the teacher "
                   "at every step on the same views."]
+    if "finetune" in results:
+        from umt_distill import quickstart_finetune
+
+        lines += ["", *quickstart_finetune.markdown(results["finetune"])]
     lines += ["", "## Closing note", "", *closing_note(results)]
     lines += ["", "## Steps", "", "| step | status | seconds | note |", "|---|---|---:|---|"]
     lines += [f"| {name} | {status} | {sec:.1f} | {note} |" for name, status, sec, note in results["steps"]]
     lines += ["", f"Total: {results['total_seconds']:.1f} s.", "", "## Plots", "",
               "- `loss.png` — stage-1 alignment loss per step.",
-              "- `accuracy.png` — the table above as bars.",
+              "- `accuracy.png` — the probes' table as bars" + (", and the fine-tuned models' motion top-1."
+                                                                if "finetune" in results else "."),
               "- `semantic_mask.png` — a test clip: frames, the teacher's CLS attention, and a semantic mask "
               f"(ratio {cfg.mask.ratio}) drawn from it (hidden tokens greyed).",
               "", "![loss](loss.png)", "", "![accuracy](accuracy.png)", "", "![semantic mask](semantic_mask.png)", ""]
@@ -166,8 +175,9 @@ def closing_note(results: dict) -> list[str]:
                          "sensitivity above)." if less else "; in this run too little of it for a linear probe."),
             "",
             "UMT reports its temporal gains over the CLIP teacher for *fine-tuned* students (action recognition), "
-            "where labels train the order-aware tokens; this quickstart measures frozen features, which is the "
-            "harder test at toy scale.",
+            "where labels train the order-aware tokens; "
+            + ("the section \"Fine-tuned on the motion labels\" above tests that in miniature." if "finetune" in results
+               else "this quickstart measures frozen features, which is the harder test at toy scale."),
         ]
     return notes
 
@@ -206,7 +216,13 @@ def plot_accuracy(path: Path, results: dict) -> None:
     plt = _pyplot()
     names = list(results["models"])
     tasks = ("appearance", "motion")
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    if "finetune" in results:  # the fine-tuned models' motion top-1 in a second panel
+        from umt_distill import quickstart_finetune
+
+        fig, (ax, ax_ft) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [7, 5]})
+        quickstart_finetune.draw_bars(ax_ft, results["finetune"])
+    else:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.8 / len(names)
     x = np.arange(len(tasks))
     for i, name in enumerate(names):

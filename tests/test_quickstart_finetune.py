@@ -1,0 +1,147 @@
+"""The quickstart's fine-tuning step: its recipe, the control's initial weights, reuse, and the reading of
+its numbers. The step itself runs end to end in tests/test_quickstart.py (miniature quickstart)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from umt_distill.config import RecipeError, load_recipe
+from umt_distill.data.toyworld import MOTIONS
+from umt_distill.quickstart import DONE_FILE, STARTED_FILE, ensure_run, parse_settings
+from umt_distill.quickstart_finetune import (
+    CONTROL, IMAGE_TEACHER, FinetuneSettings, axis_accuracy, finetune_recipe, markdown, reading, write_initial_student,
+)
+
+
+def _stage1(tmp_path: Path, *extra: str):
+    """The quickstart's stage-1 recipe with a test teacher (random weights: nothing is trained here)."""
+    return load_recipe("quickstart/stage1", ["teacher.name=umt-test-tiny", "teacher.pretrained=null",
+                                             f"corpus.source={tmp_path / 'train.csv'}", *extra])
+
+
+def _world(tmp_path: Path) -> dict:
+    return {"splits": {s: tmp_path / f"{s}.csv" for s in ("train", "val", "test")}, "manifest": tmp_path / "manifest.csv"}
+
+
+def quiet() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=200), buffer
+
+
+def test_motion_recipe_has_no_flip_and_stage1_geometry(tmp_path) -> None:
+    cfg = _stage1(tmp_path, "views.num_frames=6", "views.size=48", "seed=3")
+    init = tmp_path / "ckpt"
+    ft = finetune_recipe(cfg, _world(tmp_path), tmp_path / "run", "student", init, FinetuneSettings(steps=7), tmp_path / "m.txt")
+    f = ft.finetune
+    assert load_recipe("finetune/tiny").finetune.flip, "the base recipe flips; the motion recipe must turn it off"
+    assert f.flip is False  # a flip would swap "moving left" and "moving right"
+    assert f.num_classes == len(MOTIONS) and f.backbone == "student" and f.init == str(init)
+    assert (f.num_frames, f.size, f.pretrain_num_frames, f.pretrain_size) == (6, 48, 6, 48)
+    assert f.train_source == str((tmp_path / "train.csv").resolve()) and f.test_source == str((tmp_path / "test.csv").resolve())
+    assert f.val_source is None and f.test_num_crops == 1
+    assert ft.train.max_steps == 7 and ft.seed == 3 and ft.student.name == cfg.student.name
+    baseline = finetune_recipe(cfg, _world(tmp_path), tmp_path / "run", "image_teacher", None, FinetuneSettings(), tmp_path / "m.txt")
+    assert baseline.finetune.init is None and baseline.finetune.flip is False
+    assert (baseline.teacher.name, baseline.teacher.pretrained, baseline.teacher.normalize) == \
+        (cfg.teacher.name, cfg.teacher.pretrained, cfg.teacher.normalize)
+    # identical settings for every model: only backbone and init differ
+    a, b = ft.model_dump(), baseline.model_dump()
+    assert {k for k in a["finetune"] if a["finetune"][k] != b["finetune"][k]} == {"backbone", "init"}
+    assert {k for k in a if a[k] != b[k]} == {"finetune"}
+
+
+def test_control_starts_from_the_weights_stage1_started_from(tmp_path) -> None:
+    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.stages.finetune import build_classifier
+    from umt_distill.training.stage_parts import build_student
+
+    cfg = _stage1(tmp_path)
+    ckpt = write_initial_student(tmp_path / "init", cfg)
+    dim = build_teacher(cfg, torch.device("cpu")).embed_dim
+    torch.manual_seed(cfg.seed)  # as stage1.train does before building its student
+    start = build_student(cfg, dim).state_dict()
+    stored = load_file(str(ckpt / "model.safetensors"))
+    assert stored.keys() == start.keys() and all(torch.equal(stored[k], start[k]) for k in start)
+    before = (ckpt / "model.safetensors").stat().st_mtime_ns
+    assert write_initial_student(tmp_path / "init", cfg) == ckpt
+    assert (ckpt / "model.safetensors").stat().st_mtime_ns == before  # unchanged: kept
+    ft = finetune_recipe(cfg, _world(tmp_path), tmp_path / "run", "student", ckpt, FinetuneSettings(), tmp_path / "m.txt")
+    model, report = build_classifier(ft)
+    assert report.layout == "stage1" and torch.equal(model.blocks[1].mlp.fc1.weight, start["encoder.blocks.1.mlp.fc1.weight"])
+    assert model.pretrain_grid == (cfg.views.num_frames, cfg.views.size // 16, cfg.views.size // 16)
+    other = write_initial_student(tmp_path / "init", _stage1(tmp_path, "seed=1"))  # another start: rewritten
+    key = "encoder.blocks.1.mlp.fc1.weight"
+    assert not torch.equal(load_file(str(other / "model.safetensors"))[key], start[key])
+
+
+def test_a_finished_run_is_reused_only_with_the_same_identity(tmp_path) -> None:
+    run, calls = tmp_path / "run", []
+
+    def train() -> dict:
+        calls.append(1)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+        return {"top1": 0.5 + len(calls)}
+
+    identity = {"recipe": "a", "init_sha256": "x"}
+    console, printed = quiet()
+    assert ensure_run(run, identity, train, console, "fine-tune") == (False, {"top1": 1.5})
+    assert ensure_run(run, identity, train, console, "fine-tune") == (True, {"top1": 1.5}) and len(calls) == 1
+    # another initial checkpoint (e.g. stage 1 trained again): the old run is removed, not resumed
+    (run / "stale").write_text("")
+    assert ensure_run(run, {**identity, "init_sha256": "y"}, train, console, "fine-tune") == (False, {"top1": 2.5})
+    assert "holds a run of another recipe or teacher" in printed.getvalue() and not (run / "stale").exists()
+    # an interrupted run of the same identity is resumed (its folder kept)
+    (run / DONE_FILE).unlink()
+    (run / "keep").write_text("")
+    console, printed = quiet()
+    assert ensure_run(run, {**identity, "init_sha256": "y"}, train, console, "fine-tune") == (False, {"top1": 3.5})
+    assert "resuming the interrupted training run" in printed.getvalue() and (run / "keep").exists()
+    assert json.loads((run / STARTED_FILE).read_text()) == {**identity, "init_sha256": "y"}
+
+
+def test_axis_accuracy_ignores_direction() -> None:
+    cm = np.zeros((6, 6), dtype=int)
+    cm[0, 1] = cm[1, 0] = 5  # left <-> right swapped: wrong class, right axis
+    cm[2, 2] = 4  # up correct
+    cm[4, 0] = 6  # growing called left: wrong axis
+    assert axis_accuracy(cm) == pytest.approx(14 / 20)
+    assert axis_accuracy(np.zeros((6, 6))) == 0.0
+
+
+def _finetune(student: float, control: float, teacher: float, teacher_axis: float, n: int = 96) -> dict:
+    def m(top1: float, axis: float) -> dict:
+        return {"top1": top1, "top5": 1.0, "mean_class_accuracy": top1, "axis_accuracy": axis, "reused": False, "seconds": 1.0}
+
+    return {"models": {"student, distilled (cached)": m(student, 1.0), CONTROL: m(control, 0.9), IMAGE_TEACHER: m(teacher, teacher_axis)},
+            "num_clips": {"train": 288, "test": n}, "views_per_clip": 2, "settings": {"steps": 300, "batch_size": 4},
+            "recipe": "finetune/tiny", "recipe_overrides": ["finetune.flip=false"], "reused": False}
+
+
+def test_reading_states_what_the_numbers_support() -> None:
+    clear = " ".join(reading(_finetune(student=0.9, control=0.6, teacher=0.5, teacher_axis=0.98)))
+    assert "beats its image teacher" in clear and "distillation helped" in clear and "not the direction" in clear
+    close = " ".join(reading(_finetune(student=0.55, control=0.52, teacher=0.5, teacher_axis=0.7)))
+    assert "does not clearly beat its image teacher" in close and "no clear difference" in close
+    assert "beats its image teacher on motion" not in close and "helped" not in close
+    worse = " ".join(reading(_finetune(student=0.2, control=0.6, teacher=0.5, teacher_axis=0.6)))
+    assert "clearly below its image teacher" in worse and "clearly worse than random weights" in worse
+    section = "\n".join(markdown(_finetune(0.9, 0.6, 0.5, 0.98)))
+    assert "## Fine-tuned on the motion labels" in section and f"| {IMAGE_TEACHER} | 0.500 |" in section
+    assert "finetune.flip=false" in section and "| chance | 0.167 | 0.167 | 0.333 |" in section
+
+
+def test_finetune_settings_are_quickstart_settings() -> None:
+    settings, rest = parse_settings(["quickstart.finetune.steps=5", "quickstart.finetune.test_clips=1", "train.epochs=1"])
+    assert (settings.finetune.steps, settings.finetune.test_clips, rest) == (5, 1, ["train.epochs=1"])
+    with pytest.raises(RecipeError, match="quickstart.finetune.step"):
+        parse_settings(["quickstart.finetune.step=5"])
+    with pytest.raises(RecipeError, match="quickstart.finetune.steps: expected int"):
+        parse_settings(["quickstart.finetune.steps=0.5"])

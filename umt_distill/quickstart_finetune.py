@@ -1,0 +1,346 @@
+"""The quickstart's fine-tuning step: student vs image teacher on the toy motion labels, fine-tuned.
+
+Frozen-feature probes (``quickstart.evaluate``) cannot show UMT's temporal claim at toy scale: every
+motion class is the time reversal of another, and a mean-pooled frozen feature barely changes when a
+clip is played backwards. UMT's claim is about *fine-tuned* students (Table 3: the student beats its
+CLIP teacher on temporal tasks). This step fine-tunes, with one recipe and identical settings,
+
+- every finished distilled student (the stage-1 run of each teacher mode the probes report),
+- the same student architecture from the random weights stage 1 started from (the control: with the
+  same seed, data order and head, the only difference to the distilled run is the distillation), and
+- the image-teacher baseline: the tiny CLIP's image tower on every frame, frame embeddings averaged,
+  a linear head (``finetune.backbone=image_teacher``), starting from the quickstart teacher's weights,
+
+on the motion labels of the train split, and tests each on the test split with several temporal views
+per clip (``stages/finetune.py``: ``train`` then its multi-view test). Nothing is chosen on val.
+
+The recipe is ``recipes/finetune/tiny.yaml`` with the quickstart's geometry (frames, size and the
+pretraining grid of stage 1) and :data:`MOTION_RECIPE` (why each setting differs from UMT's is said
+there). A finished run is reused only when its recipe, its initial weights, the teacher weights and
+the world are the same (``quickstart.ensure_run``). Settings: ``quickstart.finetune.*``
+(:class:`FinetuneSettings`).
+
+The report part (terminal table, ``report.md`` section, bars) is at the end of this file, so this step
+is one module that ``quickstart.py`` and ``evaluation/quickstart_report.py`` each call in a few lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from umt_distill.config import Recipe, load_recipe, recipe_to_yaml
+from umt_distill.data.toyworld import MOTIONS
+
+FINETUNE_RECIPE = "finetune/tiny"
+IMAGE_TEACHER = "image teacher (CLIP per frame)"
+CONTROL = "student, random init (control)"
+INIT_RUN = "stage1-init"  # the control's initial weights, in stage-1 checkpoint format, under runs/
+# Pairs of motions that are each other's time reversal: the axis of change, without its direction.
+AXES: dict[str, tuple[str, str]] = {
+    "horizontal": ("moving left", "moving right"),
+    "vertical": ("moving up", "moving down"),
+    "size": ("growing", "shrinking"),
+}
+# How fine-tuning on motion labels differs from UMT's Kinetics recipe (finetune/tiny). Identical for
+# every model of the step.
+MOTION_RECIPE: tuple[str, ...] = (
+    # A horizontal flip turns "moving left" into "moving right": off, as UMT has it for SSv2.
+    "finetune.flip=false",
+    # Toy frames are square, so UMT's 3 crops along the long side would be one crop 3 times.
+    "finetune.test_num_crops=1",
+    "finetune.val_source=null",
+)
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How the quickstart fine-tunes (``quickstart.finetune.steps=300``).
+
+    Attributes:
+        steps: Optimizer steps per model (each ``batch_size`` videos × 2 augmented clips).
+        batch_size: Videos per step.
+        test_clips: Temporal views per test clip (softmax averaged), one crop each.
+        workers: DataLoader processes that decode and augment while the model trains.
+    """
+
+    steps: int = 300
+    batch_size: int = 4
+    test_clips: int = 2
+    workers: int = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# the step
+
+
+def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: dict[str, Path],
+                 settings: FinetuneSettings, console: Console) -> dict:
+    """Fine-tune the distilled students, the control and the image teacher on motion; test each.
+
+    Args:
+        output: The quickstart's output folder (runs go to ``runs/finetune-*``).
+        cfg: The quickstart's stage-1 recipe (geometry, teacher, seed).
+        world: ``write_world``'s result.
+        teacher: The tiny CLIP's summary (``weights_sha256``).
+        runs: Finished stage-1 runs by teacher mode (those the probes report).
+        settings: Steps, batch, test views.
+        console: Progress and reuse messages.
+
+    Returns:
+        ``{"models": {name: {top1, top5, mean_class_accuracy, axis_accuracy, ...}}, "reused": bool,
+        "num_clips", "views_per_clip", "settings", "recipe_overrides"}`` — the ``finetune`` section of
+        ``results.json``.
+    """
+    from umt_distill.quickstart import ensure_run
+    from umt_distill.stages.finetune import train
+    from umt_distill.training.checkpoint import latest_checkpoint
+
+    label_map = output / "runs" / "motion_classes.txt"
+    label_map.parent.mkdir(parents=True, exist_ok=True)
+    label_map.write_text("\n".join(MOTIONS) + "\n", encoding="utf-8")
+    inits: dict[str, tuple[str, Path | None]] = {
+        f"student, distilled ({mode})": ("student", latest_checkpoint(run)) for mode, run in runs.items()
+    }
+    inits[CONTROL] = ("student", write_initial_student(output / "runs" / INIT_RUN, cfg))
+    inits[IMAGE_TEACHER] = ("image_teacher", None)
+    world_settings = json.loads((Path(world["manifest"]).parent / "world.json").read_text())
+
+    models, all_reused = {}, True
+    for name, (backbone, init) in inits.items():
+        run = output / "runs" / f"finetune-{_slug(name)}"
+        ft = finetune_recipe(cfg, world, run, backbone, init, settings, label_map)
+        identity = {
+            "recipe": recipe_to_yaml(ft),
+            # the weights the run starts from: the stage-1 checkpoint (student) or the teacher (baseline)
+            "init_sha256": _sha256(init / "model.safetensors") if init is not None else None,
+            "teacher_sha256": teacher["weights_sha256"],
+            "world": world_settings,
+        }
+        console.print(f"  {name} ← {'teacher weights' if init is None else init}", highlight=False)
+        t = time.perf_counter()
+        reused, last = ensure_run(run, identity, lambda ft=ft: _train_and_score(train, ft), console, f"fine-tune: {name}")
+        if reused:
+            console.print(f"  [green]reusing the finished fine-tuning run ({name})[/]", highlight=False)
+        all_reused &= reused
+        models[name] = {**last, "reused": reused, "run": str(run), "init": None if init is None else str(init),
+                        "seconds": round(time.perf_counter() - t, 1)}
+    first = next(iter(models.values()))
+    return {
+        "models": models, "reused": all_reused,
+        "num_clips": {"train": _count_rows(world["splits"]["train"]), "test": first["num_videos"]},
+        "views_per_clip": first["num_views"],
+        "settings": asdict(settings), "recipe": FINETUNE_RECIPE, "recipe_overrides": list(MOTION_RECIPE),
+    }
+
+
+def finetune_recipe(cfg: Recipe, world: dict, run: Path, backbone: str, init: Path | None,
+                    settings: FinetuneSettings, label_map: Path) -> Recipe:
+    """``finetune/tiny`` on the toy motion labels with stage 1's geometry, teacher and seed."""
+    t, v = cfg.teacher, cfg.views
+
+    def value(x) -> str:  # an override's YAML value: None is null, not the string "None"
+        return "null" if x is None else str(x)
+
+    return load_recipe(FINETUNE_RECIPE, [
+        f"seed={cfg.seed}",
+        f"corpus.video_backend={cfg.corpus.video_backend}",
+        f"student.name={cfg.student.name}",
+        # the image-teacher baseline starts from the quickstart's tiny CLIP
+        f"teacher.name={t.name}", f"teacher.pretrained={value(t.pretrained)}",
+        f"teacher.model_config_path={value(t.model_config_path)}", f"teacher.normalize={t.normalize}",
+        f"finetune.backbone={backbone}", f"finetune.init={value(init)}",
+        f"finetune.train_source={Path(world['splits']['train']).resolve()}",
+        f"finetune.test_source={Path(world['splits']['test']).resolve()}",
+        f"finetune.label_map={label_map.resolve()}", f"finetune.num_classes={len(MOTIONS)}",
+        # stage 1's clips: no interpolation of the position table
+        f"finetune.num_frames={v.num_frames}", f"finetune.size={v.size}",
+        f"finetune.pretrain_num_frames={v.num_frames}", f"finetune.pretrain_size={v.size}",
+        f"finetune.test_num_clips={settings.test_clips}",
+        f"train.max_steps={settings.steps}", f"train.batch_size={settings.batch_size}",
+        f"train.num_workers={settings.workers}", f"train.output_dir={run.resolve()}",
+        f"train.log_every={max(1, min(10, settings.steps))}", f"train.ckpt_every={max(1, settings.steps // 2)}",
+        *MOTION_RECIPE,
+    ])
+
+
+def write_initial_student(folder: Path, cfg: Recipe) -> Path:
+    """The weights stage 1 started from, as a stage-1 checkpoint (the control's init); kept if unchanged.
+
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import load_file
+
+    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.training.checkpoint import latest_checkpoint, save_checkpoint
+    from umt_distill.training.stage_parts import build_student
+
+    teacher_dim = build_teacher(cfg, torch.device("cpu")).embed_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # as stage1.train: exactly the weights it started from
+        student = build_student(cfg, teacher_dim)
+    ckpt = latest_checkpoint(folder) if folder.exists() else None
+    if ckpt is not None:
+        stored, state = load_file(str(ckpt / "model.safetensors")), student.state_dict()
+        if stored.keys() == state.keys() and all(torch.equal(stored[k], state[k]) for k in state):
+            return ckpt
+        import shutil
+
+        shutil.rmtree(folder)
+    return save_checkpoint(folder, 0, student, {"step": 0}, recipe_to_yaml(cfg))
+
+
+def _train_and_score(train, ft: Recipe) -> dict:
+    """Fine-tune and test; the JSON-able test metrics plus the axis accuracy of the final test."""
+    t = time.perf_counter()
+    last = train(ft)
+    confusion = np.load(Path(ft.train.output_dir) / "eval" / "final" / "confusion.npy")
+    return {
+        "top1": float(last["test_top1"]), "top5": float(last["test_top5"]),
+        "mean_class_accuracy": float(last["test_mean_class_accuracy"]), "axis_accuracy": axis_accuracy(confusion),
+        "num_videos": int(last["test_num_videos"]), "num_views": int(last["test_num_views"]),
+        "final_train_loss": last.get("loss"), "train_seconds": round(time.perf_counter() - t, 1),
+    }
+
+
+def axis_accuracy(confusion: np.ndarray) -> float:
+    """Fraction of clips whose predicted motion is on the right axis (:data:`AXES`), direction aside."""
+    hits = sum(confusion[np.ix_(idx, idx)].sum() for idx in
+               ([MOTIONS.index(a), MOTIONS.index(b)] for a, b in AXES.values()))
+    return float(hits / max(confusion.sum(), 1))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _slug(name: str) -> str:
+    """``student, distilled (cached)`` → ``student-distilled-cached``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def _count_rows(manifest: str | Path) -> int:
+    from umt_distill.data.corpus import read_corpus
+
+    return len(read_corpus(str(manifest)))
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy ``p`` on ``n`` clips (one seed: the noise floor)."""
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def print_table(console: Console, finetune: dict) -> None:
+    """The fine-tuning table, after the probes' table."""
+    n, views, steps = finetune["num_clips"], finetune["views_per_clip"], finetune["settings"]["steps"]
+    table = Table(title=f"fine-tuned on motion labels ({steps} steps on {n['train']} clips), "
+                        f"test accuracy ({n['test']} clips × {views} views)")
+    table.add_column("model")
+    for col in ("motion top-1", "mean class acc.", "axis acc.", "run"):
+        table.add_column(col, justify="right")
+    for name, m in finetune["models"].items():
+        table.add_row(name, f"{m['top1']:.3f}", f"{m['mean_class_accuracy']:.3f}", f"{m['axis_accuracy']:.3f}",
+                      "reused" if m["reused"] else f"{m['seconds']:.0f} s")
+    table.add_row("[dim]chance[/]", *(f"[dim]{c:.3f}[/]" for c in (1 / len(MOTIONS), 1 / len(MOTIONS), 1 / len(AXES))), "")
+    console.print(table)
+    for line in reading(finetune):
+        console.print(f"[dim]{line}[/]", highlight=False)
+
+
+def markdown(finetune: dict) -> list[str]:
+    """The ``report.md`` section: what was run, the numbers, and what they mean."""
+    n, s = finetune["num_clips"], finetune["settings"]
+    lines = [
+        "## Fine-tuned on the motion labels",
+        "",
+        f"Each model below was fine-tuned end to end on the motion labels of the {n['train']} training clips with "
+        f"one recipe (`{finetune['recipe']}` at stage 1's frames and size, plus `{' '.join(finetune['recipe_overrides'])}`): "
+        f"{s['steps']} steps of {s['batch_size']} videos × 2 augmented clips, UMT's augmentation (RandAugment, random "
+        "resized crop, random erasing, Mixup/CutMix, label smoothing) except the horizontal flip, which would turn "
+        "\"moving left\" into \"moving right\". Nothing was chosen on val; the final weights were tested on the "
+        f"{n['test']} test clips with {finetune['views_per_clip']} temporal views each (softmax averaged).",
+        "",
+        "- distilled students start from their stage-1 checkpoint; the control from the random weights stage 1 "
+        "started from (same seed, data order and head: distillation is the only difference);",
+        "- the image teacher is UMT's image baseline in miniature: the tiny CLIP's image tower on every frame, frame "
+        "embeddings averaged, a linear head, starting from the teacher's weights.",
+        "",
+        "| model | motion top-1 | mean class accuracy | axis accuracy |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, m in finetune["models"].items():
+        lines.append(f"| {name} | {m['top1']:.3f} | {m['mean_class_accuracy']:.3f} | {m['axis_accuracy']:.3f} |")
+    lines.append(f"| chance | {1 / len(MOTIONS):.3f} | {1 / len(MOTIONS):.3f} | {1 / len(AXES):.3f} |")
+    lines += [
+        "",
+        "Axis accuracy: the predicted motion is on the right axis (horizontal, vertical or size) whatever its "
+        "direction. A frame average is the same for a clip and the clip played backwards, and every motion here "
+        "is the reversal of another, so the image teacher can at best find the axis: about 0.5 top-1 with axis "
+        "accuracy up to 1 (up to small differences in which frames a test view samples).",
+        "",
+        *reading(finetune),
+    ]
+    return lines
+
+
+def reading(finetune: dict) -> list[str]:
+    """What this run's numbers say, with their noise (one seed, a binomial standard error per model)."""
+    models, n = finetune["models"], finetune["num_clips"]["test"]
+    teacher, control = models[IMAGE_TEACHER], models[CONTROL]
+    lines = []
+
+    def compare(a: dict, b: dict) -> tuple[float, float]:
+        return a["top1"] - b["top1"], 2 * math.hypot(standard_error(a["top1"], n), standard_error(b["top1"], n))
+
+    for name in (k for k in models if k.startswith("student, distilled")):
+        s = models[name]
+        gap_t, noise_t = compare(s, teacher)
+        gap_c, noise_c = compare(s, control)
+        verdict_t = ("beats its image teacher on motion after fine-tuning, UMT's claim in miniature" if gap_t > noise_t
+                     else "does not clearly beat its image teacher" if gap_t > -noise_t
+                     else "is clearly below its image teacher")
+        verdict_c = ("distillation helped fine-tuning" if gap_c > noise_c
+                     else "distillation made no clear difference to fine-tuning" if gap_c > -noise_c
+                     else "the distilled start fine-tuned clearly worse than random weights")
+        lines.append(f"- {name}: top-1 {s['top1']:.3f}; it {verdict_t} ({gap_t:+.3f} vs {teacher['top1']:.3f}, "
+                     f"noise ±{noise_t:.3f}); against the control ({control['top1']:.3f}) {verdict_c} "
+                     f"({gap_c:+.3f}, noise ±{noise_c:.3f}).")
+    lines.append(f"- image teacher: top-1 {teacher['top1']:.3f}, axis accuracy {teacher['axis_accuracy']:.3f} "
+                 + ("— it finds the axis but not the direction, as a frame average must."
+                    if teacher["axis_accuracy"] - teacher["top1"] > 0.25 else
+                    "(the order-blind ceiling is about 0.5 top-1: the axis, not the direction)."))
+    lines.append(f"- Noise: ±2 binomial standard errors on {n} test clips, one seed and one run per model; "
+                 "differences inside it are not results.")
+    return lines
+
+
+def draw_bars(ax, finetune: dict) -> None:
+    """Motion top-1 of each fine-tuned model as bars on ``ax`` (dashed: chance, dotted: the order-blind 0.5)."""
+    names = list(finetune["models"])
+    values = [finetune["models"][n]["top1"] for n in names]
+    bars = ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.axhline(1 / len(MOTIONS), color="grey", linestyle="dashed", linewidth=1)
+    ax.axhline(0.5, color="grey", linestyle="dotted", linewidth=1)
+    ax.set_xticks(range(len(names)), [n.replace(", ", ",\n").replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("motion top-1, test")
+    ax.set_title(f"fine-tuned ({finetune['settings']['steps']} steps)")
+
+
+__all__ = ["FinetuneSettings", "run_finetune", "finetune_recipe", "write_initial_student", "axis_accuracy",
+           "print_table", "markdown", "reading", "draw_bars", "MOTION_RECIPE", "IMAGE_TEACHER", "CONTROL"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,7 @@ def bench_reads(source_store: Path, work: Path, label: str, workers_list: list[i
 
 
 def main() -> None:
-    from benchmarks.common import write_corpus
+    from benchmarks.common import scratch_dir, write_corpus
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=24)
@@ -174,10 +173,10 @@ def main() -> None:
     p.add_argument("--workers", default="1,2", help="decode worker counts")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_input_"))
-    corpus = write_corpus(tmp / "videos", min(args.clips, 8), args.clips, 300, 240, 320)
-    rows = [decode_throughput(corpus["manifest"], b, int(w), args.frames) for b in ("decord", "pyav")
-            for w in args.workers.split(",")]
+    with scratch_dir("bench_input_") as tmp:
+        corpus = write_corpus(tmp / "videos", min(args.clips, 8), args.clips, 300, 240, 320)
+        rows = [decode_throughput(corpus["manifest"], b, int(w), args.frames) for b in ("decord", "pyav")
+                for w in args.workers.split(",")]
     print(json.dumps({"corpus": corpus, "decode": rows}, indent=1))
     if args.json:
         args.json.write_text(json.dumps({"corpus": corpus, "decode": rows}, indent=1))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -174,9 +173,21 @@ def _pace_loop(stage1_module) -> None:
 
         def log(self, record: dict) -> None:
             super().log(record)
+            t = time.perf_counter()
             gate()
+            # The next step's data clock started before this wait: measure_mode takes it back out.
+            _GATE_WAITS.append(time.perf_counter() - t)
 
+    _GATE_WAITS.clear()
     stage1_module.MetricsLogger = PacedMetricsLogger
+
+
+_GATE_WAITS: list[float] = []  # seconds paused after each logged step of a paced loop
+
+
+def _without_waits(data_times: list[float], waits: list[float]) -> list[float]:
+    """Data time of each step minus the pause that preceded it (step i+1 follows the wait after step i)."""
+    return [max(0.0, d - (waits[i - 1] if 0 < i <= len(waits) else 0.0)) for i, d in enumerate(data_times)]
 
 
 def measure_mode(mode: str, recipe: str, overrides: list[str], s: StepSettings) -> dict[str, Any]:
@@ -201,8 +212,9 @@ def measure_mode(mode: str, recipe: str, overrides: list[str], s: StepSettings) 
             stage1.train(cfg)
         finally:
             stage1.MetricsLogger = original  # in-process runs (smoke preset) leave the loop as they found it
-        metrics = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")[s.warmup:]
-        times, data_times = [m["step_time"] for m in metrics], [m["data_time"] for m in metrics]
+        metrics = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")
+        data_all = _without_waits([m["data_time"] for m in metrics], _GATE_WAITS)
+        times, data_times = [m["step_time"] for m in metrics][s.warmup:], data_all[s.warmup:]
     return {"mode": mode, **timing_stats(times), "data_time_median": sorted(data_times)[len(data_times) // 2],
             "peak_mb": round(peak_memory_mb(s.device), 1), "baseline_mb": round(baseline, 1),
             "load_start": load_start, "load_end": load_average()}
@@ -243,8 +255,26 @@ def bench_config(size: str, frames: int, mask_ratio: float, manifest: str, store
     return result
 
 
+def step_table(result: dict[str, Any]) -> str:
+    """The result of one configuration as a markdown table (times in seconds), with the goal ratios."""
+    st = result["settings"]
+    lines = [f"{result['label']}, T={result['frames']}, mask {result['mask_ratio']:.0%}, batch {st['batch_size']}, "
+             f"{st['device']} ({st['threads']} threads), {st['steps']} steps after {st['warmup']} warm-up"
+             f"{'' if st['interleave'] else ', sequential'}", "",
+             "| mode | median s | min s | max s | data wait median s | peak MB |", "|---|---|---|---|---|---|"]
+    for name, m in result["modes"].items():
+        lines.append(f"| {name} | {m['median']:.3f} | {m['min']:.3f} | {m['max']:.3f} | {m['data_time_median']:.3f} "
+                     f"| {m['peak_mb']:.0f} |")
+    r = result["ratios"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    lines += ["", f"cached / student-only = {fmt(r.get('cached_over_student'))} (goal <= 1.05); "
+              f"online / cached = {fmt(r.get('online_over_cached'))} (goal >= 2.5); "
+              f"ceiling online / student-only = {fmt(r.get('online_over_student'))}"]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    from benchmarks.common import clean_dir, write_corpus
+    from benchmarks.common import clean_dir, scratch_dir, write_corpus
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="base", choices=list(SIZES))
@@ -271,15 +301,15 @@ def main() -> None:
     s = StepSettings(device=args.device, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, interleave=not args.sequential,
                      workers=args.workers, threads=args.threads or os.cpu_count() or 1, amp=args.amp,
                      teacher_precision=args.teacher_precision, backend=args.backend, codec=args.codec)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
-    corpus = write_corpus(tmp / "videos", num_videos=min(rows_needed(s), 8), num_rows=rows_needed(s),
-                          frames=max(64, 4 * args.frames), height=240, width=320)
-    store = str(clean_dir(tmp / "store") / "s")
-    cache_teacher(load_recipe(SIZES[args.size]["recipe"], store_overrides(
-        args.size, args.frames, corpus["manifest"], store, s, s.codec, 2, 1)), progress=False)
-    result = bench_config(args.size, args.frames, args.ratio, corpus["manifest"], store, tmp / "runs", s)
+    with scratch_dir("bench_step_") as tmp:
+        corpus = write_corpus(tmp / "videos", num_videos=min(rows_needed(s), 8), num_rows=rows_needed(s),
+                              frames=max(64, 4 * args.frames), height=240, width=320)
+        store = str(clean_dir(tmp / "store") / "s")
+        cache_teacher(load_recipe(SIZES[args.size]["recipe"], store_overrides(
+            args.size, args.frames, corpus["manifest"], store, s, s.codec, 2, 1)), progress=False)
+        result = bench_config(args.size, args.frames, args.ratio, corpus["manifest"], store, tmp / "runs", s)
     result["settings"] = asdict(s)
-    print(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
+    print(step_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

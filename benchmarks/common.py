@@ -6,6 +6,7 @@ Nothing here measures anything by itself; ``bench_*.py`` do, and ``run.py`` puts
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import multiprocessing as mp
 import os
@@ -16,9 +17,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -458,6 +460,16 @@ def transcode_store(
     atomic_write_json(dst / "spec.json", spec)
     return {"write_seconds": write_seconds, "nbytes": sum(i["nbytes"] for i in infos), "records": len(all_records),
             "shards": len(infos)}
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary work directory, removed afterwards (stores of a run can take gigabytes)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def clean_dir(path: Path) -> Path:

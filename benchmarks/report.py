@@ -160,7 +160,7 @@ def _step_md(res: dict) -> list[str]:
     return lines + [""]
 
 
-def _storage_md(res: dict, stem: str) -> list[str]:
+def storage_md(res: dict, stem: str) -> list[str]:
     st = res.get("storage")
     if not st:
         return []
@@ -228,7 +228,7 @@ def _input_md(res: dict, stem: str) -> list[str]:
     return lines + ["", f"![input pipeline]({stem}-input.png)", ""]
 
 
-def _cache_md(res: dict, stem: str) -> list[str]:
+def cache_md(res: dict, stem: str) -> list[str]:
     points = res.get("cache_write")
     if not points:
         return []
@@ -236,12 +236,14 @@ def _cache_md(res: dict, stem: str) -> list[str]:
              "cache-teacher end to end (decode workers → teacher → codec → shard writer) vs the teacher's forward "
              "alone on the same, already decoded views in the same batch size. Ratio = share of the teacher's speed "
              "the pipeline keeps.", "",
-             "| teacher | batch | codec | decode workers | clip-views | forward-only frames/s | cache-teacher frames/s | ratio | time in teacher |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| teacher | batch | codec | decode workers | clip-views | forward-only frames/s | cache-teacher frames/s | ratio "
+             "| time in teacher | s to first clip | s draining writer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p['teacher']} ({p['input_size']} px, T={p['frames']}) | {p['batch_size']} | {p['codec']} | {p['decode_workers']} | "
                      f"{p['clip_views']} | {_f(p.get('teacher_forward_fps'), 2)} | {p['cache_teacher_fps']:.2f} | "
-                     f"{_f(p.get('ratio'))} | {p['share_of_time_in_teacher']:.3f} |")
+                     f"{_f(p.get('ratio'))} | {p['share_of_time_in_teacher']:.3f} | {_f(p.get('first_clip_seconds'), 2)} "
+                     f"| {_f(p.get('drain_seconds'), 2)} |")
     return lines + ["", f"![cache write]({stem}-cache.png)", ""]
 
 
@@ -258,7 +260,7 @@ def markdown(res: dict, stem: str) -> str:
              "measured back to back on the same inputs.", ""]
     lines += _headline_md(res)
     lines += _step_md(res) + ([f"![step time]({stem}-step.png)", ""] if res.get("step") else [])
-    lines += _storage_md(res, stem) + _input_md(res, stem) + _cache_md(res, stem)
+    lines += storage_md(res, stem) + _input_md(res, stem) + cache_md(res, stem)
     secs = res["sections"]
     lines += ["## Section times", "", "| section | seconds | load start | load end |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['seconds']} | {v['load_start'][0]:.2f} | {v['load_end'][0]:.2f} |" for k, v in secs.items()]

@@ -45,7 +45,7 @@ def test_suite_smoke_writes_json_markdown_and_charts(tmp_path: Path) -> None:
     assert {p["model"].split()[0] for p in res["storage"]["projection"]} == {"UMT-B/16", "UMT-L/16"}
     assert {d["backend"] for d in res["input"]["decode"]} == {"decord", "pyav"}
     assert {(r["layout"], r["workers"]) for r in res["input"]["reads"]} == {(l, w) for l in ("zarr", "wds") for w in (0, 1)}
-    assert len(res["cache_write"]) == 1 and all(p["cache_teacher_fps"] > 0 and p["teacher_forward_fps"] > 0 for p in res["cache_write"])
+    assert [p["codec"] for p in res["cache_write"]] == ["fp32", "fp16"] and all(p["cache_teacher_fps"] > 0 and p["teacher_forward_fps"] > 0 for p in res["cache_write"])
     assert {"step", "smallest_faithful", "smallest_faithful_full"} <= set(res["headline"])
     assert res["meta"]["load_start"] and res["meta"]["load_end"] and res["meta"]["machine"]["cores"]
 
@@ -94,3 +94,18 @@ def test_run_interleaved_takes_turns_in_mirrored_order(monkeypatch: pytest.Monke
     order = [name for _, name in sorted((t, name) for name, ts in stamps.items() for t in ts)]
     # the first gate is the setup gate; then turns go a b, b a, a b
     assert order == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_paced_data_time_excludes_the_pause_and_table_prints_goals() -> None:
+    from benchmarks.bench_step import _without_waits, step_table
+
+    # step 1 has no pause before it; step i+1 follows the pause after step i
+    assert _without_waits([0.5, 10.2, 7.1], [10.0, 7.0, 3.0]) == pytest.approx([0.5, 0.2, 0.1])
+    assert _without_waits([0.1, 0.1], []) == [0.1, 0.1]  # an unpaced loop
+    mode = {"median": 2.0, "min": 1.5, "max": 2.5, "data_time_median": 0.01, "peak_mb": 100.0}
+    result = {"label": "L", "frames": 8, "mask_ratio": 0.8, "modes": {"student": mode, "cached": mode},
+              "ratios": {"cached_over_student": 1.0, "online_over_cached": None, "online_over_student": None},
+              "settings": {"batch_size": 2, "device": "cpu", "threads": 2, "steps": 6, "warmup": 2, "interleave": True}}
+    table = step_table(result)
+    assert "| cached | 2.000 | 1.500 | 2.500 | 0.010 | 100 |" in table
+    assert "cached / student-only = 1.000 (goal <= 1.05)" in table and "online / cached = n/a" in table

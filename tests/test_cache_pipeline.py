@@ -74,6 +74,9 @@ def fp32_store(corpus, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("stores") / "fp32"
     summary = cache_teacher(_recipe(corpus, store, "cache.codec=fp32"), progress=False)
     assert summary["failures"] == 2
+    # where the time went: parts of the whole, each measured
+    parts = [summary[f"rank0_{k}_seconds"] for k in ("teacher", "first_clip", "drain")]
+    assert all(p > 0 for p in parts) and sum(parts) <= summary["rank0_seconds"]
     return store
 
 

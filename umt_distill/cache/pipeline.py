@@ -321,7 +321,10 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
     failures: dict[str, list] = {p.name: [] for p in plans}
     pending: list[tuple] = []  # (plan, row, k, view, pixels [T,3,H,W])
     n_clips = sum(p.stop - p.start for p in plans)
-    stats = {"clips": 0, "records": 0, "failures": 0, "frames": 0, "teacher_seconds": 0.0}
+    # Where the wall time went: in the teacher, waiting for the first decoded clip (worker start-up),
+    # and draining the writer at the end; the rest is the main thread's own work and decode stalls.
+    stats = {"clips": 0, "records": 0, "failures": 0, "frames": 0, "teacher_seconds": 0.0,
+             "first_clip_seconds": 0.0, "drain_seconds": 0.0}
     t0 = time.perf_counter()
 
     def flush() -> None:
@@ -355,6 +358,8 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
     bar = _progress(progress and env.is_main, n_clips)
     try:
         for item in _iter_items(cfg, rows, plans):
+            if stats["clips"] == 0:
+                stats["first_clip_seconds"] = time.perf_counter() - t0
             idx = item["index"]
             plan, row = shard_of[idx], rows[idx]
             if "error" in item:
@@ -371,7 +376,9 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 bar.update(stats["clips"], stats["clips"] / elapsed, stats["frames"] / elapsed, stats["failures"])
         flush()
+        t = time.perf_counter()
         writer.finish()
+        stats["drain_seconds"] = time.perf_counter() - t
     except BaseException:
         writer.abort()
         raise
@@ -379,7 +386,8 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
         if bar is not None:
             bar.close()
     stats["seconds"] = round(time.perf_counter() - t0, 3)
-    stats["teacher_seconds"] = round(stats["teacher_seconds"], 3)
+    for key in ("teacher_seconds", "first_clip_seconds", "drain_seconds"):
+        stats[key] = round(stats[key], 3)
     stats["shards_written"] = len(writer.done)
     return stats
 

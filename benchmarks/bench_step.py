@@ -18,7 +18,7 @@ do not fit on one GPU). Step time = median, min, max over the steps after the wa
 
 Standalone (one configuration; ``run.py`` runs the grid and writes the report):
 
-    .venv/bin/python benchmarks/bench_step.py                       # UMT-B/16, T=8, 80 %, CPU, ~6 min
+    .venv/bin/python benchmarks/bench_step.py                       # UMT-B/16, T=8, 80 %, batch 2, CPU, ~5 min
     .venv/bin/python benchmarks/bench_step.py --size tiny --frames 16 --ratio 0.9
     .venv/bin/python benchmarks/bench_step.py --device cuda --batch-size 32 --steps 20 --warmup 5 --amp bf16
 """
@@ -281,10 +281,10 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--ratio", type=float, default=0.8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="measured steps per mode")
     p.add_argument("--sequential", action="store_true", help="run the modes one after the other, not step by step")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the cached/online loops")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--amp", default="bf16", choices=["none", "bf16", "fp16"], help="CUDA autocast of the student")

@@ -76,3 +76,13 @@ def test_checkpoint_round_trip_and_latest(tmp_path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
     with pytest.raises(RuntimeError, match="missing"):
         load_checkpoint(ckpt, nn.Linear(4, 4))
+
+
+def test_find_resume_checkpoint_refuses_an_empty_resume_path(tmp_path) -> None:
+    from umt_distill.training.checkpoint import find_resume_checkpoint
+
+    assert find_resume_checkpoint(tmp_path / "new_run") is None  # a fresh run starts from scratch
+    (tmp_path / "empty").mkdir()
+    for missing in (tmp_path / "empty", tmp_path / "nowhere"):
+        with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+            find_resume_checkpoint(tmp_path / "run", resume=missing)

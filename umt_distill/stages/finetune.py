@@ -32,10 +32,10 @@ from umt_distill.data.targets import EpochSampler
 from umt_distill.evaluation.multiview import classification_report, merge_views, write_report
 from umt_distill.models.checkpoints import CheckpointError
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from umt_distill.training.checkpoint import find_resume_checkpoint, latest_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.layer_decay import layer_decay_lr_scale
 from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.optim import amp_setup, build_adamw, cosine_schedule, scaled_lrs, set_lr
 from umt_distill.training.stage_parts import NonFiniteLossError
 
 
@@ -48,7 +48,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     device = du.resolve_device(cfg.train.device, env)
     ft, out_dir = cfg.finetune, Path(cfg.train.output_dir)
     torch.manual_seed(cfg.seed)  # identical initial head (and drop-path stream start) on every rank
-    ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
+    ckpt = find_resume_checkpoint(out_dir, resume)
     model, report = build_classifier(cfg, load_init=ckpt is None)  # a resumed run loads its own weights below
     model.to(device)
     if env.is_main and report is not None:
@@ -75,15 +75,8 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
 
     step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        metrics.truncate_after(step)
-        if env.is_main:
-            print(f"resuming from {ckpt} at step {step}", flush=True)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        step = resume_training(ckpt, model, optimizer, metrics, env.is_main)
+    amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     recipe_yaml = recipe_to_yaml(cfg)
     last: dict = {}
     while step < total_steps:

@@ -40,9 +40,9 @@ from umt_distill.evaluation.retrieval import (
 )
 from umt_distill.losses_vl import freeze_unused, similarity, vtc_loss, vtm_loss, vtm_pairs
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.optim import amp_setup, build_adamw, cosine_schedule, scaled_lrs, set_lr
 from umt_distill.training.stage_parts import NonFiniteLossError, mask_generator
 
 WEIGHTS = {"uta": 0.0, "vtc": 1.0, "vtm": 1.0, "mlm": 0.0}
@@ -88,17 +88,10 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     ddp_objective = du.wrap_ddp(objective, env, device)
 
     step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
-    ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
+    ckpt = find_resume_checkpoint(out_dir, resume)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        metrics.truncate_after(step)
-        if env.is_main:
-            print(f"resuming from {ckpt} at step {step}", flush=True)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        step = resume_training(ckpt, model, optimizer, metrics, env.is_main)
+    amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     recipe_yaml, last = recipe_to_yaml(cfg), {}
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)

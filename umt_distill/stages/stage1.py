@@ -17,9 +17,9 @@ from umt_distill.cache.spec import SpecMismatchError, read_spec
 from umt_distill.config import Recipe, recipe_to_yaml
 from umt_distill.data.pixels import normalize_video
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.optim import amp_setup, build_adamw, cosine_schedule, scaled_lrs, set_lr
 from umt_distill.training.stage_parts import (
     NonFiniteLossError,
     build_data,
@@ -61,19 +61,10 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     model = du.wrap_ddp(student, env, device)
 
     step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
-    ckpt = latest_checkpoint(resume or out_dir) if (resume or out_dir.exists()) else None
-    if resume is not None and ckpt is None:
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected model.safetensors or checkpoints/latest)")
+    ckpt = find_resume_checkpoint(out_dir, resume)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, student)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        metrics.truncate_after(step)
-        if env.is_main:
-            print(f"resuming from {ckpt} at step {step}", flush=True)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        step = resume_training(ckpt, student, optimizer, metrics, env.is_main)
+    amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     recipe_yaml = recipe_to_yaml(cfg)
     last: dict = {}
     while step < total_steps:

@@ -89,3 +89,28 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
     if missing or unexpected:
         raise RuntimeError(f"{path}: weights do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def find_resume_checkpoint(out_dir: str | Path, resume: str | Path | None = None) -> Path | None:
+    """The checkpoint a training run continues from: ``resume`` if given, else ``out_dir``'s latest.
+
+    Raises:
+        FileNotFoundError: ``resume`` was given but holds no checkpoint.
+    """
+    if resume is not None:
+        ckpt = latest_checkpoint(resume) if Path(resume).exists() else None
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected model.safetensors or checkpoints/latest)")
+        return ckpt
+    return latest_checkpoint(out_dir) if Path(out_dir).exists() else None
+
+
+def resume_training(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics, announce: bool) -> int:
+    """Restore weights, optimizer and RNG from ``ckpt``; drop metrics logged after it. Returns its step."""
+    state = load_checkpoint(ckpt, model)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    metrics.truncate_after(state["step"])
+    if announce:
+        print(f"resuming from {ckpt} at step {state['step']}", flush=True)
+    return state["step"]

@@ -76,3 +76,9 @@ def scaled_lrs(lr: float, min_lr: float, warmup_lr: float, total_batch: int, sca
     """UMT's rule: learning rates are given per 256 samples."""
     factor = total_batch / 256 if scale else 1.0
     return lr * factor, min_lr * factor, warmup_lr * factor
+
+
+def amp_setup(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """Autocast dtype (None = fp32) and grad scaler of a loop: AMP runs on CUDA only; fp16 needs the scaler."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
+    return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

@@ -226,3 +226,16 @@ def test_one_step_resume_and_bad_manifest(captioned_clips, tmp_path) -> None:
     bad.write_text(json.dumps({"id": "x", "path": str(captioned_clips / "c0.mp4")}) + "\n")
     with pytest.raises(CaptionError, match="'x'"):
         train(load_recipe("finetune/tiny_ret", [f"corpus.source={bad}", f"train.output_dir={tmp_path / 'bad'}"]))
+
+
+def test_retrieval_section_is_a_strict_recipe_section() -> None:
+    from umt_distill.config import RecipeError
+    from umt_distill.evaluation.retrieval import k_test_of
+
+    cfg = load_recipe("finetune/tiny_ret", ["retrieval.k_test=4", "retrieval.mc_source=mc.jsonl"])
+    assert k_test_of(cfg) == 4 and cfg.retrieval.mc_source == "mc.jsonl"
+    assert k_test_of(load_recipe("finetune/b16_msrvtt_ret")) == 128
+    with pytest.raises(RecipeError, match="k_test"):
+        load_recipe("finetune/tiny_ret", ["retrieval.ktest=4"])
+    with pytest.raises(RecipeError, match="retrieval.k_test"):
+        load_recipe("finetune/tiny_ret", ["retrieval.k_test=0"])

@@ -289,6 +289,16 @@ class FinetuneConfig(_Section):
     """Videos per evaluation batch (each with clips × crops views)."""
 
 
+class RetrievalConfig(_Section):
+    """Video-text retrieval evaluation (stage 2 zero-shot and retrieval fine-tuning; reference/umt.md §4.5)."""
+
+    k_test: int = Field(128, ge=1)
+    """Candidates per query that the matching head re-ranks after the contrastive scores (UMT: 128)."""
+    mc_source: str | None = None
+    """Multiple-choice manifest (``captions`` = candidate answers, ``label`` = the right one's index),
+    scored as retrieval after the retrieval test (MSRVTT-MC); null = none."""
+
+
 class Recipe(_Section):
     """A complete recipe. Sections a command does not use are ignored by it."""
 
@@ -304,6 +314,7 @@ class Recipe(_Section):
     text: TextConfig = TextConfig()
     stage2: Stage2Config = Stage2Config()
     finetune: FinetuneConfig = FinetuneConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -276,9 +276,8 @@ def _rank_world() -> tuple[int, int]:
 
 
 def k_test_of(cfg: Recipe) -> int:
-    """``retrieval.k_test`` once the recipe has that section, else UMT's 128."""
-    section = getattr(cfg, "retrieval", None)  # transitional: the field is proposed for config.py
-    return int(section.k_test) if section is not None else DEFAULT_K_TEST
+    """The recipe's ``retrieval.k_test`` (UMT: 128)."""
+    return cfg.retrieval.k_test
 
 
 @torch.no_grad()
@@ -439,7 +438,7 @@ def evaluate_retrieval(cfg: Recipe, checkpoint: str | Path) -> dict:
     model, tokenizer = load_vl_model(cfg, checkpoint)
     model.to(device)
     result = evaluate_retrieval_model(model, tokenizer, cfg, source, device)
-    mc_source = getattr(getattr(cfg, "retrieval", None), "mc_source", None)  # transitional, see k_test_of
+    mc_source = cfg.retrieval.mc_source
     if mc_source:
         result.update(evaluate_multiple_choice_model(model, tokenizer, cfg, mc_source, device))
     name = Path(str(checkpoint).rstrip("/")).name or "checkpoint"

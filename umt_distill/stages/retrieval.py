@@ -155,7 +155,7 @@ def evaluate_after_training(model, tokenizer, cfg: Recipe, device: torch.device,
     result: dict = {}
     if source:
         result.update(evaluate_retrieval_model(model, tokenizer, cfg, source, device))
-    mc_source = getattr(getattr(cfg, "retrieval", None), "mc_source", None)  # transitional: proposed field
+    mc_source = cfg.retrieval.mc_source
     if mc_source:
         result.update(evaluate_multiple_choice_model(model, tokenizer, cfg, mc_source, device))
     return {"step": step, **{f"test_{k}": v for k, v in result.items()}} if result else {}

@@ -20,6 +20,7 @@ from umt_distill.quickstart_stage2 import (
     class_level_metrics,
     make_stage2_recipe,
     motion_metrics,
+    retrieval_checks,
     retrieval_markdown,
     retrieval_table,
     run_stage2_retrieval,
@@ -88,6 +89,7 @@ def test_stage2_step_reports_retrieval_rows_and_reuses_the_run(stage1) -> None:
     assert result["train"]["step"] == 18 // 4 and all(result["seconds_parts"][k] >= 0 for k in ("cache", "train", "retrieval"))
     assert "t2v R@1" in retrieval_markdown(result) and f"**{TEACHER}**" in retrieval_markdown(result)
     Console(file=io.StringIO()).print(retrieval_table(result))
+    assert [c["check"] for c in retrieval_checks(result)] == ["zero-shot t2v R@1 > teacher's", "zero-shot v2t R@1 > teacher's"]
 
     metrics = (run / "metrics.jsonl").read_text()
     console, printed = quiet()

@@ -48,7 +48,7 @@ def test_motion_recipe_has_no_flip_and_stage1_geometry(tmp_path) -> None:
     assert f.train_source == str((tmp_path / "train.csv").resolve()) and f.test_source == str((tmp_path / "test.csv").resolve())
     assert f.val_source is None and f.test_num_crops == 1
     assert ft.train.max_steps == 7 and ft.seed == 3 and ft.student.name == cfg.student.name
-    baseline = finetune_recipe(cfg, _world(tmp_path), tmp_path / "run", "image_teacher", None, FinetuneSettings(), tmp_path / "m.txt")
+    baseline = finetune_recipe(cfg, _world(tmp_path), tmp_path / "run", "image_teacher", None, FinetuneSettings(steps=7), tmp_path / "m.txt")
     assert baseline.finetune.init is None and baseline.finetune.flip is False
     assert (baseline.teacher.name, baseline.teacher.pretrained, baseline.teacher.normalize) == \
         (cfg.teacher.name, cfg.teacher.pretrained, cfg.teacher.normalize)

@@ -9,17 +9,17 @@ import pytest
 import torch
 from rich.console import Console
 
-from umt_distill.config import RecipeError, load_recipe
+from umt_distill.config import RecipeError
+from umt_distill.quickstart import DONE_FILE
 from umt_distill.quickstart_stage2 import (
     CHANCE,
-    DONE_FILE,
     STUDENT_ITC,
     STUDENT_ITM,
     TEACHER,
     chance_metrics,
     class_level_metrics,
+    class_view_metrics,
     make_stage2_recipe,
-    motion_metrics,
     retrieval_checks,
     retrieval_markdown,
     retrieval_table,
@@ -83,13 +83,15 @@ def test_stage2_step_reports_retrieval_rows_and_reuses_the_run(stage1) -> None:
     assert result["num_videos"] == test_clips and 1 <= result["num_texts"] <= test_clips
     assert "caption equals the query's" in result["rule"] and "chance 1/6" in result["motion_rule"]
     for name, row in result["rows"].items():
-        for key in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "r_mean", "motion_given_appearance"):
+        for key in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "r_mean", "appearance_top1", "motion_given_appearance"):
             assert 0.0 <= row[key] <= 100.0, (name, key, row[key])
     assert result["rows"][CHANCE]["v2t_r1"] == pytest.approx(100.0 / result["num_texts"])
     assert result["train"]["step"] == 18 // 4 and all(result["seconds_parts"][k] >= 0 for k in ("cache", "train", "retrieval"))
     assert "t2v R@1" in retrieval_markdown(result) and f"**{TEACHER}**" in retrieval_markdown(result)
     Console(file=io.StringIO()).print(retrieval_table(result))
-    assert [c["check"] for c in retrieval_checks(result)] == ["zero-shot t2v R@1 > teacher's", "zero-shot v2t R@1 > teacher's"]
+    checks = retrieval_checks(result)
+    assert [c["check"] for c in checks] == ["zero-shot t2v R@1 > teacher's", "zero-shot v2t R@1 > teacher's"]
+    assert all(c["noise"] >= 0 and c["clear"] <= c["ok"] for c in checks)
 
     metrics = (run / "metrics.jsonl").read_text()
     console, printed = quiet()
@@ -101,7 +103,7 @@ def test_stage2_step_reports_retrieval_rows_and_reuses_the_run(stage1) -> None:
 
     console, printed = quiet()
     changed = run_stage2_retrieval(s["out"], s["cfg"], s["world"], s["teacher"], s["run"], console, [*MINI_STAGE2, "optim.lr=0.002"])
-    assert "holds a stage-2 run of another recipe" in printed.getvalue() and changed["reused"] is False
+    assert "holds a run of another recipe or teacher; training again" in printed.getvalue() and changed["reused"] is False
 
 
 def test_stage2_recipe_must_keep_stage1_teacher_student_and_frames(stage1) -> None:
@@ -147,12 +149,17 @@ def test_class_level_metrics_count_any_clip_with_the_query_caption() -> None:
     assert m["r_mean"] == pytest.approx((50 + 100 + 100 + 100 / 3 + 100 + 100) / 6)
 
 
-def test_motion_metrics_and_chance() -> None:
-    scores = torch.tensor([[0.9, 0.1, 0, 0, 0, 0], [0.5, 0.5, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0.3]])
-    m = motion_metrics(scores, torch.tensor([0, 1, 5]))  # hit, tie (a miss), hit
+def test_appearance_and_motion_read_apart_and_chance() -> None:
+    # Two appearances × three motions (caption index a·3 + m); clip classes 0 (a0 m0), 4 (a1 m1), 5 (a1 m2).
+    scores = torch.tensor([[0.9, 0.1, 0.0, 0.2, 0.3, 0.0],   # appearance right, motion right
+                           [0.0, 0.0, 0.0, 0.5, 0.5, 0.1],   # appearance right, motion tied with m0: a miss
+                           [0.0, 0.0, 0.9, 0.0, 0.1, 0.3]])  # appearance wrong (0.9 in a0), motion right within a1
+    m = class_view_metrics(scores, torch.tensor([0, 4, 5]), 3)
+    assert m["appearance_top1"] == pytest.approx(200 / 3)
     assert m["motion_given_appearance"] == pytest.approx(200 / 3)
-    assert m["motion_given_appearance_per_motion"] == {"moving left": 100.0, "moving right": 0.0, "shrinking": 100.0}
+    assert m["motion_given_appearance_per_motion"] == {"moving left": 100.0, "moving right": 0.0, "moving up": 100.0}
     positives = torch.tensor([[True, True, False, False], [False, False, True, False], [False, False, False, True]])
-    c = chance_metrics(positives, 6)
+    c = chance_metrics(positives, 16, 6)
     assert c["t2v_r1"] == pytest.approx(100 * (2 / 4 + 1 / 4 + 1 / 4) / 3)
-    assert c["v2t_r1"] == pytest.approx(100 / 3) and c["v2t_r5"] == 100 and c["motion_given_appearance"] == pytest.approx(100 / 6)
+    assert c["v2t_r1"] == pytest.approx(100 / 3) and c["v2t_r5"] == 100
+    assert c["appearance_top1"] == pytest.approx(100 / 16) and c["motion_given_appearance"] == pytest.approx(100 / 6)

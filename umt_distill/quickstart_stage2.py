@@ -16,8 +16,10 @@ Counting a hit (:data:`RULE`): many test clips share a caption (16 appearances �
 queries are the *distinct* captions of the test clips, and a retrieved clip is correct when its caption
 equals the query's (class-level retrieval: every clip with that caption is a true item and the
 best-ranked one counts). Video→text ranks those distinct captions, the clip's own being the true one.
-The *motion view* (:data:`MOTION_RULE`) asks each test clip which of the six captions with its own
-appearance fits: chance 1/6, and an image model can only guess the direction.
+Two more columns read the two halves of a caption apart, so that an R@1 can be traced to knowing
+what a clip shows or how it moves: :data:`APPEARANCE_RULE` (the best of all 96 captions has the clip's
+appearance; chance 1/16) and :data:`MOTION_RULE` (which of the six captions with the clip's own
+appearance fits best; chance 1/6 — an image model can at best tell the axis, never the direction).
 
 The headline compares like with like: the student's contrastive (dual-encoder, ITC) scores against the
 teacher's. The student's matching-head re-ranking (UMT's protocol, top ``k_test`` by ITC) is reported
@@ -29,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,8 +43,6 @@ from rich.table import Table
 from umt_distill.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 
 RECIPE = "quickstart/stage2"
-DONE_FILE = "stage2_done.json"  # a finished stage-2 run: its identity (recipe, stage-1 weights, teacher, world)
-STARTED_FILE = "stage2_started.json"  # a started one: resumed only with the same identity
 K_TEST = 16  # texts (videos) per video (text) re-ranked by the matching head; UMT: 128 of 1000
 STUDENT_ITC = "student (stage 2), contrastive"
 STUDENT_ITM = "student (stage 2), matching-head re-rank"
@@ -54,6 +52,8 @@ HEADLINE = (STUDENT_ITC, TEACHER)
 RULE = ("class-level: the queries are the distinct captions of the test clips; a retrieved clip is correct when "
         "its caption equals the query's (the best-ranked such clip counts); video→text ranks the distinct captions, "
         "the clip's own is the true one")
+APPEARANCE_RULE = ("appearance: each test clip scores all 96 captions (16 appearances × 6 motions); correct when "
+                   "a caption with its own appearance scores highest (chance 1/16)")
 MOTION_RULE = ("motion given appearance: each test clip ranks the 6 captions with its own appearance (one per motion); "
                "correct when its own motion ranks first (chance 1/6)")
 
@@ -157,65 +157,18 @@ def run_identity(cfg: Recipe, world: dict, teacher: dict, stage1_run: str | Path
 
 
 def ensure_stage2(cfg: Recipe, identity: dict, console: Console) -> tuple[bool, Path, dict]:
-    """Train stage 2, resume an interrupted run of the same identity, or reuse a finished one.
+    """Train stage 2, resume an interrupted run of the same identity, or reuse a finished one
+    (``quickstart.ensure_run``).
 
     Returns:
         (reused, run folder, last logged metrics).
     """
+    from umt_distill.quickstart import ensure_run
     from umt_distill.stages.stage2 import train
 
     run = Path(cfg.train.output_dir)
-    done, started = run / DONE_FILE, run / STARTED_FILE
-    if done.exists():
-        found = json.loads(done.read_text(encoding="utf-8"))
-        if {k: found.get(k) for k in identity} == identity:
-            return True, run, found.get("last", {})
-    if run.exists() and not (started.exists() and json.loads(started.read_text(encoding="utf-8")) == identity):
-        # Another recipe, stage-1 run, teacher or world: resuming would mix them.
-        console.print(f"  [yellow]{run} holds a stage-2 run of another recipe, stage-1 run, teacher or world; training again[/]")
-        shutil.rmtree(run)
-    elif started.exists():
-        console.print("  [green]resuming the interrupted stage-2 run[/]")
-    run.mkdir(parents=True, exist_ok=True)
-    started.write_text(json.dumps(identity), encoding="utf-8")
-    with _FollowLoss(run / "metrics.jsonl", console, "stage 2"):
-        last = train(cfg)
-    done.write_text(json.dumps({**identity, "last": last}), encoding="utf-8")
-    return False, run, last
-
-
-class _FollowLoss:
-    """Shows step and loss while a loop runs, by following its metrics.jsonl (the loop stays untouched)."""
-
-    def __init__(self, metrics: Path, console: Console, label: str) -> None:
-        self.metrics, self.console, self.label, self.stop = metrics, console, label, threading.Event()
-
-    def __enter__(self):
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(SpinnerColumn(), TextColumn(f"[bold]{self.label}[/] {{task.description}}"),
-                                 TimeElapsedColumn(), console=self.console, transient=True)
-        self.task = self.progress.add_task("starting")
-        self.progress.start()
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-        self.thread.start()
-        return self
-
-    def _follow(self) -> None:
-        while not self.stop.wait(0.5):
-            try:
-                lines = self.metrics.read_text(encoding="utf-8").splitlines()
-                last = json.loads(lines[-1]) if lines else None
-            except (OSError, json.JSONDecodeError, IndexError):
-                continue
-            if last and "loss" in last:
-                self.progress.update(self.task, description=f"step {last['step']}  loss {last['loss']:.4f}")
-
-    def __exit__(self, *exc) -> bool:
-        self.stop.set()
-        self.thread.join()
-        self.progress.stop()
-        return False
+    reused, last = ensure_run(run, identity, lambda: train(cfg), console, "stage 2")
+    return reused, run, last
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +185,8 @@ def evaluate_zero_shot(cfg: Recipe, run: Path, world: dict, k_test: int = K_TEST
     """Zero-shot retrieval of the stage-2 student in ``run`` and of the recipe's teacher on the test split.
 
     Returns:
-        ``rows``, ``headline``, ``rule``, ``motion_rule``, ``num_videos``, ``num_texts``, ``k_test``.
+        ``rows``, ``headline``, ``note``, ``rule``, ``appearance_rule``, ``motion_rule``, ``num_videos``,
+        ``num_texts``, ``k_test``.
     """
     from umt_distill.data.corpus import read_corpus
     from umt_distill.data.toyworld import MOTIONS, appearance_classes, read_labels
@@ -250,33 +204,36 @@ def evaluate_zero_shot(cfg: Recipe, run: Path, world: dict, k_test: int = K_TEST
     clip_class_t = torch.tensor(clip_class)  # [Nv]
     present = torch.tensor(sorted(set(clip_class)))  # [Nt] the distinct test captions, as class indices
     positives = present[:, None] == clip_class_t[None, :]  # [Nt, Nv]
-    # The six captions with each clip's appearance, and which of them is its own.
-    per_appearance = len(MOTIONS)
-    candidates = (clip_class_t // per_appearance)[:, None] * per_appearance + torch.arange(per_appearance)  # [Nv, 6]
-    truth = clip_class_t % per_appearance  # [Nv]
     if test_pixels is None:
         test_pixels = decode_eval_views(rows, cfg.views.num_frames, cfg.views.size, cfg.corpus.video_backend)
     if test_pixels.shape[0] != len(rows):
         raise ValueError(f"test_pixels holds {test_pixels.shape[0]} clips, the test manifest {len(rows)}")
 
-    out_rows = student_rows(cfg, run, test_pixels, classes, present, positives, candidates, truth, k_test)
-    teacher_sim = teacher_scores(cfg, test_pixels, classes)  # [Nv, 96]
-    out_rows[TEACHER] = {**class_level_metrics(teacher_sim[:, present], teacher_sim[:, present].t(), positives),
-                         **motion_metrics(teacher_sim.gather(1, candidates), truth)}
-    out_rows[CHANCE] = chance_metrics(positives, per_appearance)
+    out_rows = {}
+    for name, (v2t, t2v, per_class) in student_scores(cfg, run, test_pixels, classes, present, k_test).items():
+        out_rows[name] = {**class_level_metrics(v2t, t2v, positives), **class_view_metrics(per_class, clip_class_t, len(MOTIONS))}
+    teacher = teacher_scores(cfg, test_pixels, classes)  # [Nv, 96]
+    out_rows[TEACHER] = {**class_level_metrics(teacher[:, present], teacher[:, present].t(), positives),
+                         **class_view_metrics(teacher, clip_class_t, len(MOTIONS))}
+    out_rows[CHANCE] = chance_metrics(positives, len(appearance_classes()), len(MOTIONS))
     return {"rows": out_rows, "headline": {"student": HEADLINE[0], "teacher": HEADLINE[1],
                                            "why": "both are dual-encoder cosine scores; the teacher has no matching head"},
             "note": ("the teacher's text tower learnt from appearance-only captions, so motion words are untrained "
                      "tokens to it, and a frame average cannot tell a direction from its reverse: it can only rank by "
                      "appearance. That is the gap stage 2 is meant to close."),
-            "rule": RULE, "motion_rule": MOTION_RULE, "num_videos": len(rows), "num_texts": int(len(present)),
+            "rule": RULE, "appearance_rule": APPEARANCE_RULE, "motion_rule": MOTION_RULE, "num_videos": len(rows), "num_texts": int(len(present)),
             "k_test": k_test}
 
 
 @torch.no_grad()
-def student_rows(cfg: Recipe, run: Path, pixels: torch.Tensor, classes: list[str], present: torch.Tensor,
-                 positives: torch.Tensor, candidates: torch.Tensor, truth: torch.Tensor, k_test: int) -> dict:
-    """The stage-2 model's contrastive and re-ranked rows (UMT's protocol, :mod:`evaluation.retrieval`)."""
+def student_scores(cfg: Recipe, run: Path, pixels: torch.Tensor, classes: list[str], present: torch.Tensor,
+                   k_test: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The stage-2 model's scores, contrastive and re-ranked (UMT's protocol, :mod:`evaluation.retrieval`).
+
+    Returns:
+        By row name: (v2t [Nv, Nt] over the ``present`` captions, t2v [Nt, Nv], every clip against every
+        class caption [Nv, C]: cosine for the contrastive row, the match logit for the re-ranked one).
+    """
     from umt_distill.evaluation.retrieval import (
         PAIR_BATCH, TextFeatures, encode_texts, encode_videos, load_vl_model, score_retrieval,
     )
@@ -289,18 +246,13 @@ def student_rows(cfg: Recipe, run: Path, pixels: torch.Tensor, classes: list[str
     text = TextFeatures(text_all.hidden[present], text_all.mask[present], text_all.embedding[present])
     video = encode_videos(model, pixels.split(32), device)  # [Nv, T, E], [Nv, T·N, C]
     scores = score_retrieval(model, video, text, k_test, device)
-    itc_all = similarity(video.embedding, text_all.embedding)  # [Nv, 96]
-    vi = torch.arange(len(pixels)).repeat_interleave(candidates.shape[1])  # [Nv·6]
-    ti = candidates.reshape(-1)
-    itm = torch.cat([model.match_logits(text_all.hidden[ti[s:s + PAIR_BATCH]], text_all.mask[ti[s:s + PAIR_BATCH]],
-                                        video.tokens[vi[s:s + PAIR_BATCH]])[:, 1]
-                     for s in range(0, len(vi), PAIR_BATCH)]).view_as(candidates)  # [Nv, 6] match logits
-    return {
-        STUDENT_ITC: {**class_level_metrics(scores["itc"], scores["itc"].t(), positives),
-                      **motion_metrics(itc_all.gather(1, candidates), truth)},
-        STUDENT_ITM: {**class_level_metrics(scores["itm_v2t"], scores["itm_t2v"], positives),
-                      **motion_metrics(itm, truth)},
-    }
+    Nv, C = len(pixels), len(classes)
+    vi, ti = torch.arange(Nv).repeat_interleave(C), torch.arange(C).repeat(Nv)  # every (clip, class caption) pair
+    match = torch.cat([model.match_logits(text_all.hidden[ti[s:s + PAIR_BATCH]], text_all.mask[ti[s:s + PAIR_BATCH]],
+                                          video.tokens[vi[s:s + PAIR_BATCH]])[:, 1]
+                       for s in range(0, len(vi), PAIR_BATCH)]).view(Nv, C)  # [Nv, C] match logits
+    return {STUDENT_ITC: (scores["itc"], scores["itc"].t(), similarity(video.embedding, text_all.embedding)),
+            STUDENT_ITM: (scores["itm_v2t"], scores["itm_t2v"], match)}
 
 
 @torch.no_grad()
@@ -355,23 +307,40 @@ def class_level_metrics(v2t: torch.Tensor, t2v: torch.Tensor, positives: torch.T
     return out
 
 
-def motion_metrics(scores: torch.Tensor, truth: torch.Tensor) -> dict:
-    """Accuracy (percent) of :data:`MOTION_RULE`, overall and per motion: scores [Nv, 6], truth long [Nv].
+def class_view_metrics(scores: torch.Tensor, clip_class: torch.Tensor, motions: int) -> dict:
+    """Appearance and motion read apart, from every clip's scores of every class caption.
 
-    Ties count against the clip (a constant scorer scores 0), as in the retrieval ranks.
+    Args:
+        scores: [Nv, A·M] scores of the captions ``caption_of(appearance a, motion m)`` at index a·M + m.
+        clip_class: long [Nv], each clip's caption index.
+        motions: M.
+
+    Returns:
+        Percent: ``appearance_top1`` (the clip's appearance holds its best caption score; chance 1/A) and
+        :data:`MOTION_RULE`'s ``motion_given_appearance``, overall and per motion. Ties count against the
+        clip (a constant scorer scores 0), as in the retrieval ranks.
     """
     from umt_distill.data.toyworld import MOTIONS
 
-    own = scores.gather(1, truth[:, None])  # [Nv, 1]
-    beaten = ((scores >= own) & (torch.arange(scores.shape[1]) != truth[:, None])).any(1)  # [Nv]
-    hit = (~beaten).double()
-    return {"motion_given_appearance": 100.0 * float(hit.mean()),
-            "motion_given_appearance_per_motion": {m: 100.0 * float(hit[truth == i].mean())
-                                                   for i, m in enumerate(MOTIONS) if bool((truth == i).any())}}
+    by_appearance = scores.view(len(scores), -1, motions)  # [Nv, A, M]
+    own_appearance, own_motion = clip_class // motions, clip_class % motions
+    appearance_hit = _first(by_appearance.amax(2), own_appearance)
+    motion_hit = _first(by_appearance[torch.arange(len(scores)), own_appearance], own_motion)  # among the 6 captions
+    return {"appearance_top1": 100.0 * float(appearance_hit.mean()),
+            "motion_given_appearance": 100.0 * float(motion_hit.mean()),
+            "motion_given_appearance_per_motion": {m: 100.0 * float(motion_hit[own_motion == i].mean())
+                                                   for i, m in enumerate(MOTIONS) if bool((own_motion == i).any())}}
 
 
-def chance_metrics(positives: torch.Tensor, motions: int) -> dict[str, float]:
-    """Expected recalls (percent) of a random ranking under :data:`RULE`, and 1/6 for the motion view."""
+def _first(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """float [N]: 1 where ``truth`` strictly outscores every other column of ``scores`` [N, K]."""
+    own = scores.gather(1, truth[:, None])  # [N, 1]
+    beaten = ((scores >= own) & (torch.arange(scores.shape[1]) != truth[:, None])).any(1)
+    return (~beaten).double()
+
+
+def chance_metrics(positives: torch.Tensor, appearances: int, motions: int) -> dict[str, float]:
+    """Expected scores (percent) of a random ranking: recalls under :data:`RULE`, 1/A and 1/M for the class view."""
     from umt_distill.evaluation.retrieval import RECALL_AT
 
     def hit_within(k: int, num_true: int, total: int) -> float:
@@ -385,6 +354,7 @@ def chance_metrics(positives: torch.Tensor, motions: int) -> dict[str, float]:
         out[f"t2v_r{k}"] = 100.0 * sum(hit_within(k, int(p), Nv) for p in positives.sum(1)) / Nt
         out[f"v2t_r{k}"] = 100.0 * hit_within(k, 1, Nt)
     out["r_mean"] = sum(out[f"{d}_r{k}"] for d in ("t2v", "v2t") for k in RECALL_AT) / (2 * len(RECALL_AT))
+    out["appearance_top1"] = 100.0 / appearances
     out["motion_given_appearance"] = 100.0 / motions
     return out
 
@@ -393,16 +363,23 @@ def chance_metrics(positives: torch.Tensor, motions: int) -> dict[str, float]:
 # report helpers (for the quickstart's terminal table and report.md)
 
 _COLUMNS = (("t2v_r1", "t2v R@1"), ("t2v_r5", "t2v R@5"), ("v2t_r1", "v2t R@1"), ("v2t_r5", "v2t R@5"),
-            ("r_mean", "mean recall"), ("motion_given_appearance", "motion | appearance"))
+            ("r_mean", "mean recall"), ("appearance_top1", "appearance"), ("motion_given_appearance", "motion | appearance"))
 
 
 def retrieval_checks(result: dict) -> list[dict]:
     """The issue's bar, in the quickstart report's check format: the headline student's R@1 above the
-    teacher's in both directions on motion captions."""
+    teacher's in both directions on motion captions. ``noise`` is two binomial standard errors of the
+    difference (queries: the distinct captions for t2v, the clips for v2t); ``clear`` says whether the
+    difference exceeds it — one seed and one run per model, so a smaller difference is not a result."""
     s, t = (result["rows"][result["headline"][k]] for k in ("student", "teacher"))
-    return [{"model": result["headline"]["student"], "check": f"zero-shot {d} R@1 > teacher's",
-             "value": f"{s[f'{d}_r1']:.1f} vs {t[f'{d}_r1']:.1f}", "ok": s[f"{d}_r1"] > t[f"{d}_r1"]}
-            for d in ("t2v", "v2t")]
+    out = []
+    for d, n in (("t2v", result["num_texts"]), ("v2t", result["num_videos"])):
+        a, b = s[f"{d}_r1"], t[f"{d}_r1"]
+        noise = 200.0 * math.sqrt((a / 100 * (1 - a / 100) + b / 100 * (1 - b / 100)) / n)
+        out.append({"model": result["headline"]["student"], "check": f"zero-shot {d} R@1 > teacher's",
+                    "value": f"{a:.1f} vs {b:.1f} (noise ±{noise:.1f})", "ok": a > b, "clear": a - b > noise,
+                    "noise": noise})
+    return out
 
 
 def retrieval_table(result: dict) -> Table:
@@ -424,18 +401,24 @@ def retrieval_markdown(result: dict) -> str:
     head = set(result["headline"][k] for k in ("student", "teacher"))
     lines = ["## Zero-shot retrieval on motion captions (stage 2)", "",
              f"{result['num_videos']} test clips, {result['num_texts']} distinct captions. Rule: {result['rule']}. "
-             f"Motion column: {result['motion_rule']}. Headline: **{result['headline']['student']}** vs "
+             f"Appearance column: {result['appearance_rule']}. Motion column: {result['motion_rule']}. Headline: **{result['headline']['student']}** vs "
              f"**{result['headline']['teacher']}** ({result['headline']['why']}). Re-ranking: top {result['k_test']}.", "",
              "| model | " + " | ".join(t for _, t in _COLUMNS) + " |", "|---|" + "---:|" * len(_COLUMNS)]
     for name, m in result["rows"].items():
         label = f"**{name}**" if name in head else name
         lines.append(f"| {label} | " + " | ".join(f"{m[k]:.1f}" for k, _ in _COLUMNS) + " |")
+    lines.append("")
+    for c in retrieval_checks(result):
+        verdict = "PASS" if c["ok"] else "FAIL"
+        lines.append(f"- {verdict}: {c['model']}: {c['check']}: {c['value']}"
+                     f"{'' if c['clear'] else ' — within the noise, not a result'}")
+    lines += ["", f"Note: {result['note']}"]
     return "\n".join(lines) + "\n"
 
 
 __all__ = [
     "run_stage2_retrieval", "make_stage2_recipe", "run_identity", "ensure_stage2", "evaluate_zero_shot",
-    "student_rows", "teacher_scores", "load_clip_text_tower", "class_level_metrics", "motion_metrics",
-    "chance_metrics", "retrieval_checks", "retrieval_table", "retrieval_markdown", "caption_of", "RULE", "MOTION_RULE", "HEADLINE",
+    "student_scores", "teacher_scores", "load_clip_text_tower", "class_level_metrics", "class_view_metrics",
+    "chance_metrics", "retrieval_checks", "retrieval_table", "retrieval_markdown", "caption_of", "RULE", "APPEARANCE_RULE", "MOTION_RULE", "HEADLINE",
     "STUDENT_ITC", "STUDENT_ITM", "TEACHER", "CHANCE", "K_TEST",
 ]

@@ -87,7 +87,10 @@ def test_stage2_step_reports_retrieval_rows_and_reuses_the_run(stage1) -> None:
             assert 0.0 <= row[key] <= 100.0, (name, key, row[key])
     assert result["rows"][CHANCE]["v2t_r1"] == pytest.approx(100.0 / result["num_texts"])
     assert result["train"]["step"] == 18 // 4 and all(result["seconds_parts"][k] >= 0 for k in ("cache", "train", "retrieval"))
-    assert "t2v R@1" in retrieval_markdown(result) and f"**{TEACHER}**" in retrieval_markdown(result)
+    markdown = retrieval_markdown(result)
+    assert "t2v R@1" in markdown and f"**{TEACHER}**" in markdown
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1 and len(table) == 2 + len(result["rows"])  # one column count
     Console(file=io.StringIO()).print(retrieval_table(result))
     checks = retrieval_checks(result)
     assert [c["check"] for c in checks] == ["zero-shot t2v R@1 > teacher's", "zero-shot v2t R@1 > teacher's"]

@@ -52,9 +52,9 @@ HEADLINE = (STUDENT_ITC, TEACHER)
 RULE = ("class-level: the queries are the distinct captions of the test clips; a retrieved clip is correct when "
         "its caption equals the query's (the best-ranked such clip counts); video→text ranks the distinct captions, "
         "the clip's own is the true one")
-APPEARANCE_RULE = ("appearance: each test clip scores all 96 captions (16 appearances × 6 motions); correct when "
+APPEARANCE_RULE = ("each test clip scores all 96 captions (16 appearances × 6 motions); correct when "
                    "a caption with its own appearance scores highest (chance 1/16)")
-MOTION_RULE = ("motion given appearance: each test clip ranks the 6 captions with its own appearance (one per motion); "
+MOTION_RULE = ("each test clip ranks the 6 captions with its own appearance (one per motion); "
                "correct when its own motion ranks first (chance 1/6)")
 
 
@@ -363,7 +363,7 @@ def chance_metrics(positives: torch.Tensor, appearances: int, motions: int) -> d
 # report helpers (for the quickstart's terminal table and report.md)
 
 _COLUMNS = (("t2v_r1", "t2v R@1"), ("t2v_r5", "t2v R@5"), ("v2t_r1", "v2t R@1"), ("v2t_r5", "v2t R@5"),
-            ("r_mean", "mean recall"), ("appearance_top1", "appearance"), ("motion_given_appearance", "motion | appearance"))
+            ("r_mean", "mean recall"), ("appearance_top1", "appearance"), ("motion_given_appearance", "motion given appearance"))
 
 
 def retrieval_checks(result: dict) -> list[dict]:
@@ -380,6 +380,32 @@ def retrieval_checks(result: dict) -> list[dict]:
                     "value": f"{a:.1f} vs {b:.1f} (noise ±{noise:.1f})", "ok": a > b, "clear": a - b > noise,
                     "noise": noise})
     return out
+
+
+def retrieval_reading(result: dict) -> list[str]:
+    """What the headline rows say and do not say, in sentences (noise: two binomial standard errors)."""
+    s, t = (result["rows"][result["headline"][k]] for k in ("student", "teacher"))
+    chance, n = result["rows"][CHANCE], result["num_videos"]
+
+    def noise(a: float, b: float) -> float:  # of the difference of two percentages over n clips each
+        return 200.0 * math.sqrt((a / 100 * (1 - a / 100) + b / 100 * (1 - b / 100)) / n)
+
+    m, c = s["motion_given_appearance"], chance["motion_given_appearance"]
+    m_noise = 200.0 * math.sqrt(c / 100 * (1 - c / 100) / n)
+    motion = (f"picks the right motion among the captions with the clip's appearance {m:.1f} % of the time "
+              f"(chance {c:.1f} %, noise ±{m_noise:.1f})")
+    motion += (": stage 2 taught it some of the motion words." if m - c > m_noise else
+               ": indistinguishable from chance, so stage 2 did not teach the motion words at this budget.")
+    a, b = s["appearance_top1"], t["appearance_top1"]
+    appearance = (f"Appearance: {a:.1f} % vs the teacher's {b:.1f} % (noise ±{noise(a, b):.1f})"
+                  + ("." if abs(a - b) > noise(a, b) else ", within the noise."))
+    checks = retrieval_checks(result)
+    r1 = ", ".join(f"{c['check'].split()[1]} {c['value']}" for c in checks)
+    verdict = ("clearly above the teacher's" if all(c["clear"] for c in checks) else
+               "above the teacher's" if all(c["ok"] for c in checks) else "not above the teacher's in both directions")
+    return [f"The student {motion}", appearance,
+            f"R@1 on motion captions (student vs teacher): {r1}: {verdict}"
+            + ("." if all(c["clear"] for c in checks) else "; differences inside the noise are not results.")]
 
 
 def retrieval_table(result: dict) -> Table:
@@ -412,13 +438,13 @@ def retrieval_markdown(result: dict) -> str:
         verdict = "PASS" if c["ok"] else "FAIL"
         lines.append(f"- {verdict}: {c['model']}: {c['check']}: {c['value']}"
                      f"{'' if c['clear'] else ' — within the noise, not a result'}")
-    lines += ["", f"Note: {result['note']}"]
+    lines += ["", *(f"- {sentence}" for sentence in retrieval_reading(result)), "", f"Note: {result['note']}"]
     return "\n".join(lines) + "\n"
 
 
 __all__ = [
     "run_stage2_retrieval", "make_stage2_recipe", "run_identity", "ensure_stage2", "evaluate_zero_shot",
     "student_scores", "teacher_scores", "load_clip_text_tower", "class_level_metrics", "class_view_metrics",
-    "chance_metrics", "retrieval_checks", "retrieval_table", "retrieval_markdown", "caption_of", "RULE", "APPEARANCE_RULE", "MOTION_RULE", "HEADLINE",
+    "chance_metrics", "retrieval_checks", "retrieval_reading", "retrieval_table", "retrieval_markdown", "caption_of", "RULE", "APPEARANCE_RULE", "MOTION_RULE", "HEADLINE",
     "STUDENT_ITC", "STUDENT_ITM", "TEACHER", "CHANCE", "K_TEST",
 ]

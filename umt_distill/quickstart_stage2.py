@@ -211,7 +211,8 @@ def evaluate_zero_shot(cfg: Recipe, run: Path, world: dict, k_test: int = K_TEST
 
     out_rows = {}
     for name, (v2t, t2v, per_class) in student_scores(cfg, run, test_pixels, classes, present, k_test).items():
-        out_rows[name] = {**class_level_metrics(v2t, t2v, positives), **class_view_metrics(per_class, clip_class_t, len(MOTIONS))}
+        out_rows[name] = {**class_level_metrics(v2t, t2v, positives),
+                          **class_view_metrics(per_class, clip_class_t, len(MOTIONS))}
     teacher = teacher_scores(cfg, test_pixels, classes)  # [Nv, 96]
     out_rows[TEACHER] = {**class_level_metrics(teacher[:, present], teacher[:, present].t(), positives),
                          **class_view_metrics(teacher, clip_class_t, len(MOTIONS))}
@@ -221,8 +222,8 @@ def evaluate_zero_shot(cfg: Recipe, run: Path, world: dict, k_test: int = K_TEST
             "note": ("the teacher's text tower learnt from appearance-only captions, so motion words are untrained "
                      "tokens to it, and a frame average cannot tell a direction from its reverse: it can only rank by "
                      "appearance. That is the gap stage 2 is meant to close."),
-            "rule": RULE, "appearance_rule": APPEARANCE_RULE, "motion_rule": MOTION_RULE, "num_videos": len(rows), "num_texts": int(len(present)),
-            "k_test": k_test}
+            "rule": RULE, "appearance_rule": APPEARANCE_RULE, "motion_rule": MOTION_RULE,
+            "num_videos": len(rows), "num_texts": int(len(present)), "k_test": k_test}
 
 
 @torch.no_grad()
@@ -425,10 +426,11 @@ def retrieval_table(result: dict) -> Table:
 def retrieval_markdown(result: dict) -> str:
     """The retrieval rows as a markdown section (headline rows in bold), with the counting rules."""
     head = set(result["headline"][k] for k in ("student", "teacher"))
+    h = result["headline"]
     lines = ["## Zero-shot retrieval on motion captions (stage 2)", "",
              f"{result['num_videos']} test clips, {result['num_texts']} distinct captions. Rule: {result['rule']}. "
-             f"Appearance column: {result['appearance_rule']}. Motion column: {result['motion_rule']}. Headline: **{result['headline']['student']}** vs "
-             f"**{result['headline']['teacher']}** ({result['headline']['why']}). Re-ranking: top {result['k_test']}.", "",
+             f"Appearance column: {result['appearance_rule']}. Motion column: {result['motion_rule']}. "
+             f"Headline: **{h['student']}** vs **{h['teacher']}** ({h['why']}). Re-ranking: top {result['k_test']}.", "",
              "| model | " + " | ".join(t for _, t in _COLUMNS) + " |", "|---|" + "---:|" * len(_COLUMNS)]
     for name, m in result["rows"].items():
         label = f"**{name}**" if name in head else name
@@ -445,6 +447,6 @@ def retrieval_markdown(result: dict) -> str:
 __all__ = [
     "run_stage2_retrieval", "make_stage2_recipe", "run_identity", "ensure_stage2", "evaluate_zero_shot",
     "student_scores", "teacher_scores", "load_clip_text_tower", "class_level_metrics", "class_view_metrics",
-    "chance_metrics", "retrieval_checks", "retrieval_reading", "retrieval_table", "retrieval_markdown", "caption_of", "RULE", "APPEARANCE_RULE", "MOTION_RULE", "HEADLINE",
-    "STUDENT_ITC", "STUDENT_ITM", "TEACHER", "CHANCE", "K_TEST",
+    "chance_metrics", "retrieval_checks", "retrieval_reading", "retrieval_table", "retrieval_markdown", "caption_of",
+    "RULE", "APPEARANCE_RULE", "MOTION_RULE", "HEADLINE", "STUDENT_ITC", "STUDENT_ITM", "TEACHER", "CHANCE", "K_TEST",
 ]

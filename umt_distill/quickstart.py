@@ -55,7 +55,7 @@ class QuickstartSettings:
     Attributes:
         world: The toy world (``quickstart.world.clips=240``).
         clip: Training of the tiny image CLIP (``quickstart.clip.steps=300``).
-        finetune: Fine-tuning on the motion labels (``quickstart.finetune.steps=500``).
+        finetune: Fine-tuning on the motion labels (``quickstart.finetune.steps=400``).
         clip_images: Still images in the tiny CLIP's image–caption corpus.
         clip_eval_images: Held-out stills for its zero-shot accuracy.
         knn_k: Neighbours of the kNN probe.

@@ -73,7 +73,7 @@ MOTION_RECIPE: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """How the quickstart fine-tunes (``quickstart.finetune.steps=500``).
+    """How the quickstart fine-tunes (``quickstart.finetune.steps=400``).
 
     Attributes:
         steps: Optimizer steps per model (each ``batch_size`` videos × 2 random crops).
@@ -83,10 +83,10 @@ class FinetuneSettings:
     """
 
     # Measured at full scale (1 thread + 1 loader worker): 0.065 s a step with the machine to itself, 0.10 s
-    # with another job on the second core -- 500 steps are 35-55 s per model. No model left chance within
-    # 1500 steps; at 3000 (outside the quickstart's budget) the distilled student reached 0.26 top-1 and
-    # the control 0.22 (chance 0.17; one seed, the gap within noise).
-    steps: int = 500
+    # with another job on the other core; 500 steps took 141 s for the three models under that load, over
+    # the step's 2-minute budget. No model left chance within 1500 steps; at 3000 (outside the budget) the
+    # distilled student reached 0.26 top-1 and the control 0.22 (chance 0.17; one seed, gap within noise).
+    steps: int = 400
     batch_size: int = 4
     test_clips: int = 2
     workers: int = 1
@@ -284,8 +284,8 @@ def markdown(finetune: dict) -> list[str]:
         f"one recipe (`{finetune['recipe']}` at stage 1's frames and size, plus `{' '.join(finetune['recipe_overrides'])}`): "
         f"{s['steps']} steps of {s['batch_size']} videos × 2 random crops, UMT's optimisation (AdamW, cosine schedule, "
         "layer-wise LR decay, label smoothing, drop path). No horizontal flip: it would turn \"moving left\" into "
-        "\"moving right\". Crops stay within stage 1's range, and RandAugment, random erasing and Mixup/CutMix are "
-        "off: at a budget of minutes they cost more steps than they regularise (`MOTION_RECIPE` in "
+        "\"moving right\". Crops stay within stage 1's range; RandAugment, random erasing and Mixup/CutMix, regularisers "
+        "for long schedules and the slowest part of a toy step, are off (`MOTION_RECIPE` in "
         "`umt_distill/quickstart_finetune.py` says why each). Nothing was chosen on val; the final weights were tested "
         f"on the {n['test']} test clips with {finetune['views_per_clip']} temporal views each (softmax averaged).",
         "",
@@ -350,18 +350,23 @@ def reading(finetune: dict) -> list[str]:
     return lines
 
 
-def draw_bars(ax, finetune: dict) -> None:
-    """Motion top-1 of each fine-tuned model as bars on ``ax`` (dashed: chance, dotted: the order-blind 0.5)."""
+def draw_bars(ax, finetune: dict, colours: dict[str, str] | None = None) -> None:
+    """Motion top-1 of each fine-tuned model as bars on ``ax`` (dashed: chance, dotted: the order-blind 0.5).
+
+    Args:
+        colours: Colour per model name (the probe plot's, so a model keeps its colour); default: cycle.
+    """
     names = list(finetune["models"])
     values = [finetune["models"][n]["top1"] for n in names]
-    bars = ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+    colours = colours or {}
+    bars = ax.bar(range(len(names)), values, color=[colours.get(n, f"C{i}") for i, n in enumerate(names)])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(1 / len(MOTIONS), color="grey", linestyle="dashed", linewidth=1)
     ax.axhline(0.5, color="grey", linestyle="dotted", linewidth=1)
     ax.set_xticks(range(len(names)), [n.replace(", ", ",\n").replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("motion top-1, test")
-    ax.set_title(f"fine-tuned ({finetune['settings']['steps']} steps)")
+    ax.set_title(f"fine-tuned on motion, {finetune['settings']['steps']} steps (dotted: order-blind ceiling)", fontsize=10)
 
 
 __all__ = ["FinetuneSettings", "run_finetune", "finetune_recipe", "write_initial_student", "axis_accuracy",

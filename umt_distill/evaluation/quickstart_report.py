@@ -216,18 +216,19 @@ def plot_accuracy(path: Path, results: dict) -> None:
     plt = _pyplot()
     names = list(results["models"])
     tasks = ("appearance", "motion")
-    if "finetune" in results:  # the fine-tuned models' motion top-1 in a second panel
+    colours = {name: f"C{i}" for i, name in enumerate(names)}
+    if "finetune" in results:  # the fine-tuned models' motion top-1 in a second panel, same colour per model
         from umt_distill import quickstart_finetune
 
         fig, (ax, ax_ft) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [7, 5]})
-        quickstart_finetune.draw_bars(ax_ft, results["finetune"])
+        quickstart_finetune.draw_bars(ax_ft, results["finetune"], {**colours, quickstart_finetune.IMAGE_TEACHER: colours[TEACHER]})
     else:
         fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.8 / len(names)
     x = np.arange(len(tasks))
     for i, name in enumerate(names):
         values = [results["models"][name][t]["linear"]["accuracy"] for t in tasks]
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name)
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name, color=colours[name])
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     for j, classes in enumerate((len(appearance_classes()), len(MOTIONS))):
         ax.hlines(1 / classes, j - 0.45, j + 0.45, colors="grey", linestyles="dashed", linewidth=1)

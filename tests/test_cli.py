@@ -62,3 +62,11 @@ def test_validate_unknown_recipe() -> None:
 def test_validate_unknown_part_name(override: str) -> None:
     result = invoke("validate", "stage1/tiny", override)
     assert result.exit_code == 2 and override.split("=")[0] in result.stderr
+
+
+def test_quickstart_takes_overrides_and_names_a_bad_key(tmp_path) -> None:
+    result = invoke("quickstart", "--help")
+    assert result.exit_code == 0 and "teacher.mode=online" in result.stdout
+    result = invoke("quickstart", "--output", str(tmp_path / "qs"), "quickstart.wrld.clips=3")
+    assert result.exit_code == 2 and "quickstart.wrld.clips" in result.output and "quickstart.world" in result.output
+    assert not (tmp_path / "qs" / "world").exists()  # nothing generated before the settings are valid

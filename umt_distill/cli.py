@@ -262,16 +262,35 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 @app.command()
 def quickstart(
-    output: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/quickstart"),
-    clips: Annotated[int, typer.Option(help="Number of toy clips to generate.")] = 12,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Overrides key=value of recipes/quickstart/stage1.yaml (e.g. teacher.mode=online) "
+                            "and of the quickstart's own settings (quickstart.world.clips=240, quickstart.clip.steps=300)."),
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Output folder (world, teacher, cache, runs, report).")] = Path("outputs/quickstart"),
+    clips: Annotated[Optional[int], typer.Option(help="Number of toy clips (default: the quickstart's 480).")] = None,
 ) -> None:
-    """Generate toy videos, cache a tiny teacher over them, and report what was stored. Offline, CPU.
+    """The whole UMT loop at toy scale, offline, on the CPU, in minutes.
 
-    Example: `umt-distill quickstart --output outputs/quickstart`
+    Generates a toy world of MP4 clips, trains a tiny image CLIP teacher on stills, caches it, distils
+    the tiny video student (stage 1), probes frozen features of teacher, student and a random-init
+    control, fine-tunes them on the motion labels, runs stage 2 with zero-shot retrieval, and writes
+    report.md, results.json and plots into --output. A re-run reuses every finished step and says so.
+
+    Examples:
+
+        umt-distill quickstart --output outputs/quickstart
+
+        umt-distill quickstart --output outputs/quickstart teacher.mode=online
+
+        umt-distill quickstart --output /tmp/qs --clips 120 quickstart.clip.steps=200
     """
     from umt_distill.quickstart import run_quickstart
 
-    summary = run_quickstart(output, clips=clips)
+    try:
+        summary = run_quickstart(output, clips=clips, overrides=overrides or [])
+    except _user_errors() as e:
+        _fail(str(e), EXIT_ERROR if not isinstance(e, RecipeError) else EXIT_USAGE)
     raise typer.Exit(EXIT_PARTIAL if summary.get("failures", 0) else EXIT_OK)
 
 

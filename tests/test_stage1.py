@@ -115,6 +115,10 @@ def test_spec_mismatch_is_refused(corpus, stores, tmp_path) -> None:
     cfg = load_recipe("stage1/tiny", [*_args(corpus, stores["fp32"], "fp32"), "views.num_frames=8", f"train.output_dir={tmp_path}"])
     with pytest.raises(SpecMismatchError, match="views.num_frames"):
         train(cfg)
+    # stored views are what cached training gets: a recipe without flips must not read flipped views
+    cfg = load_recipe("stage1/tiny", [*_args(corpus, stores["fp32"], "fp32"), "views.flip=false", f"train.output_dir={tmp_path}"])
+    with pytest.raises(SpecMismatchError, match="views.flip: store has True, recipe gives False"):
+        train(cfg)
 
 
 def _cli(*args: str) -> subprocess.Popen:

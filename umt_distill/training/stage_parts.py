@@ -24,6 +24,9 @@ def check_store_matches(spec: dict, cfg: Recipe) -> None:
         "teacher.input_size": spec["teacher"].get("input_size"),
         "views.num_frames": spec["views"]["num_frames"],
         "views.size": spec["views"]["size"],
+        # Cached training uses the stored views; a recipe that asks for other ones (e.g. no flips for
+        # direction labels) must not silently get them.
+        "views": {k: spec["views"].get(k) for k in ("policy", "flip", "scales", "max_distort")},
         "cache.codec": spec["codec"]["name"],
     }
     wanted = {
@@ -33,6 +36,8 @@ def check_store_matches(spec: dict, cfg: Recipe) -> None:
         "teacher.input_size": t.input_size if t.input_size is not None else spec["teacher"].get("input_size"),
         "views.num_frames": cfg.views.num_frames,
         "views.size": cfg.views.size,
+        "views": {"policy": cfg.views.policy, "flip": cfg.views.flip, "scales": list(cfg.views.scales),
+                  "max_distort": cfg.views.max_distort},
         "cache.codec": cfg.cache.codec,
     }
     if spec.get("status") != "complete":

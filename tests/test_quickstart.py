@@ -59,6 +59,7 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     for name, model in finetune["models"].items():
         for key in ("top1", "mean_class_accuracy", "axis_accuracy"):
             assert 0.0 <= model[key] <= 1.0, (name, key)
+        assert 1 <= model["predicted_classes"] <= 6
         assert model["num_videos"] == saved["num_clips"]["test"] and not model["reused"]
         assert (out / "runs" / Path(model["run"]).name / DONE_FILE).is_file()
     assert finetune["models"][CONTROL]["init"].startswith(str(out / "runs" / "stage1-init"))

@@ -135,8 +135,13 @@ def test_reading_states_what_the_numbers_support() -> None:
     assert "clearly below its image teacher" in worse and "clearly worse than random weights" in worse
     assert "No model is clearly above chance" not in worse
     # all at chance: said first, and no "beats" or "helped" from noise below chance
-    chance = " ".join(reading(_finetune(student=0.2, control=0.1, teacher=0.05, teacher_axis=0.3)))
+    at_chance = _finetune(student=0.2, control=0.1, teacher=0.05, teacher_axis=0.3)
+    chance = " ".join(reading(at_chance))
     assert "No model is clearly above chance" in chance and "beats" not in chance and "helped" not in chance
+    assert "Classes predicted" not in chance  # runs finished before the field existed
+    at_chance["models"][CONTROL]["predicted_classes"] = 1
+    assert f"Classes predicted on the test clips (of 6): {CONTROL} 1 -- a model that predicts one class" \
+        in " ".join(reading(at_chance))
     section = "\n".join(markdown(_finetune(0.9, 0.6, 0.5, 0.98)))
     assert "## Fine-tuned on the motion labels" in section and f"| {IMAGE_TEACHER} | 0.500 |" in section
     assert "finetune.flip=false" in section and "| chance | 0.167 | 0.167 | 0.333 |" in section

@@ -54,7 +54,8 @@ AXES: dict[str, tuple[str, str]] = {
 # How fine-tuning on the motion labels departs from UMT's Kinetics recipe (finetune/tiny); the same for
 # every model of the step. Measured at full quickstart scale (288 training clips, 300 steps, 1 thread + 1
 # loader worker): with UMT's augmentation (flip off) a step took 0.19 s, data-bound on RandAugment, and
-# every model stayed at chance with the loss at ln 6; without it a step takes 0.065 s. At a budget of
+# every model stayed at chance with the loss at ln 6; without it a step took 0.065 s (minutes later, on
+# a machine other jobs shared, so the ratio is rough). At a budget of
 # minutes the steps are worth more than the regularisers of a 30-epoch Kinetics schedule.
 MOTION_RECIPE: tuple[str, ...] = (
     # A horizontal flip turns "moving left" into "moving right": off, as UMT has it for SSv2.
@@ -221,6 +222,7 @@ def _train_and_score(train, ft: Recipe) -> dict:
     return {
         "top1": float(last["test_top1"]), "top5": float(last["test_top5"]),
         "mean_class_accuracy": float(last["test_mean_class_accuracy"]), "axis_accuracy": axis_accuracy(confusion),
+        "predicted_classes": int((confusion.sum(axis=0) > 0).sum()),  # columns: predicted class
         "num_videos": int(last["test_num_videos"]), "num_views": int(last["test_num_views"]),
         "final_train_loss": last.get("loss"), "train_seconds": round(time.perf_counter() - t, 1),
     }
@@ -345,6 +347,12 @@ def reading(finetune: dict) -> list[str]:
                  + ("— it finds the axis but not the direction, as a frame average must."
                     if teacher["axis_accuracy"] - teacher["top1"] > 0.25 else
                     "(the order-blind ceiling is about 0.5 top-1: the axis, not the direction)."))
+    spread = {name: m["predicted_classes"] for name, m in models.items() if "predicted_classes" in m}
+    if spread:
+        lines.append(f"- Classes predicted on the test clips (of {len(MOTIONS)}): "
+                     + ", ".join(f"{name} {k}" for name, k in spread.items())
+                     + (" -- a model that predicts one class for every clip scores that class's share of the test set."
+                        if 1 in spread.values() else "."))
     lines.append(f"- Noise: ±2 binomial standard errors on {n} test clips, one seed and one run per model; "
                  "differences inside it are not results.")
     return lines

@@ -20,6 +20,7 @@ MINI = [
     "quickstart.clip.steps=3", "quickstart.clip.batch_size=16", "quickstart.clip_images=48", "quickstart.clip_eval_images=16",
     "views.num_frames=4", "cache.num_views=1", "train.epochs=1", "train.batch_size=4", "train.log_every=1",
     "quickstart.finetune.steps=2", "quickstart.finetune.test_clips=1", "quickstart.finetune.workers=0",
+    "quickstart.stage2_epochs=1",
 ]
 DISTILLED = "student, distilled (cached)"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,7 +53,7 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     report = (out / "report.md").read_text()
     assert "| teacher (image CLIP) |" in report and "## Checks" in report and "semantic_mask.png" in report
     assert "teacher (image CLIP)" in printed.getvalue() and "chance" in printed.getvalue()
-    assert [s[1] for s in results["steps"]] == ["done"] * 6
+    assert [s[1] for s in results["steps"]] == ["done"] * 7
 
     finetune = results["finetune"]  # fine-tuned on the motion labels, tested on the test split
     assert set(finetune["models"]) == {DISTILLED, CONTROL, IMAGE_TEACHER}
@@ -67,13 +68,23 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     assert "## Fine-tuned on the motion labels" in report and f"| {IMAGE_TEACHER} | {finetune['models'][IMAGE_TEACHER]['top1']:.3f} |" in report
     assert "fine-tuned on motion labels" in printed.getvalue()
 
+    retrieval = results["retrieval"]  # stage 2 on the training captions, zero-shot retrieval on the test split
+    student, teacher = (retrieval["rows"][retrieval["headline"][k]] for k in ("student", "teacher"))
+    for row in (student, teacher):
+        assert all(0.0 <= row[k] <= 100.0 for k in ("t2v_r1", "v2t_r1", "r_mean", "motion_given_appearance"))
+    assert retrieval["num_videos"] == saved["num_clips"]["test"] and not retrieval["reused"]
+    assert saved["retrieval"] == retrieval and "_test_pixels" not in saved
+    assert (out / "runs" / "stage2" / DONE_FILE).is_file()
+    assert "## Zero-shot retrieval on motion captions (stage 2)" in report and "zero-shot retrieval" in printed.getvalue()
+
     metrics = (out / "runs/stage1-cached/metrics.jsonl").read_text()
     console, printed = quiet()
     again = run_quickstart(out, overrides=MINI, console=console)
     said = printed.getvalue()
     for what in ("videos", "teacher weights", "cache", "training run", *(f"fine-tuning run ({m})" for m in finetune["models"])):
         assert f"reusing the finished {what}" in said, what
-    assert [s[1] for s in again["steps"]] == ["reused"] * 4 + ["done", "reused"]
+    assert [s[1] for s in again["steps"]] == ["reused"] * 4 + ["done", "reused", "reused"]
+    assert "reusing the finished stage-2 run" in said and again["retrieval"]["rows"] == retrieval["rows"]
     assert (out / "runs/stage1-cached/metrics.jsonl").read_text() == metrics  # not trained again
     assert again["models"] == models  # same weights, same deterministic probes
     assert {m: r["top1"] for m, r in again["finetune"]["models"].items()} == {m: r["top1"] for m, r in finetune["models"].items()}
@@ -81,7 +92,7 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     console, printed = quiet()
     changed = run_quickstart(out, overrides=[*MINI, "train.epochs=2"], console=console)
     assert "holds a run of another recipe or teacher; training again" in printed.getvalue()
-    assert [s[1] for s in changed["steps"]] == ["reused", "reused", "reused", "done", "done", "done"]
+    assert [s[1] for s in changed["steps"]] == ["reused", "reused", "reused", "done", "done", "done", "done"]
     # another stage-1 run: its student is fine-tuned again; the control and the image teacher start as before
     assert {m: r["reused"] for m, r in changed["finetune"]["models"].items()} == {DISTILLED: False, CONTROL: True, IMAGE_TEACHER: True}
 

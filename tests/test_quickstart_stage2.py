@@ -116,8 +116,9 @@ def test_stage2_recipe_must_keep_stage1_teacher_student_and_frames(stage1) -> No
     assert cfg.stage2.init_vision == str(s["run"].resolve())
     with pytest.raises(RecipeError, match="teacher.layers: stage 2 has 1, stage 1 has 2"):
         make_stage2_recipe(s["out"], s["cfg"], s["run"], [*MINI_STAGE2, "teacher.layers=1"])
+    assert make_stage2_recipe(s["out"], s["cfg"], s["run"], []).views.num_frames == 4  # stage 1's frames by default
     with pytest.raises(RecipeError, match="views.num_frames: stage 2 has 8, stage 1 has 4"):
-        make_stage2_recipe(s["out"], s["cfg"], s["run"], [])
+        make_stage2_recipe(s["out"], s["cfg"], s["run"], ["views.num_frames=8"])
 
 
 def test_teacher_image_side_is_the_open_clip_image_embedding(stage1) -> None:

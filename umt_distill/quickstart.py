@@ -13,12 +13,15 @@
    with its initial random weights (the control).
 6. **Fine-tune** — the distilled student, the control and the image teacher (its tower per frame)
    fine-tuned on the motion labels with one recipe, then tested (``quickstart_finetune.py``).
-7. **Report** — a table in the terminal, ``report.md``, ``results.json`` and PNG plots.
+7. **Stage 2** — video-text pretraining on the training captions (which name appearance and motion)
+   from the stage-1 student, then zero-shot retrieval on the test split against the teacher's own
+   image-text model, frame-averaged (``quickstart_stage2.py``, ``recipes/quickstart/stage2.yaml``).
+8. **Report** — tables in the terminal, ``report.md``, ``results.json`` and PNG plots.
 
 Every step that finished before is reused on a re-run, and the output says so. Settings: the recipe
 ``recipes/quickstart/stage1.yaml`` (any ``key=value`` override) plus the quickstart's own
 ``quickstart.world.*``, ``quickstart.clip.*``, ``quickstart.finetune.*`` and ``quickstart.*`` keys
-(:class:`QuickstartSettings`).
+(:class:`QuickstartSettings`; ``quickstart.stage2_epochs`` for stage 2).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from umt_distill.teachers.tiny_clip import ClipTrainSettings, train_tiny_clip
 RECIPE = "quickstart/stage1"
 DONE_FILE = "quickstart_done.json"  # a finished stage-1 run: its recipe and teacher
 STARTED_FILE = "quickstart_started.json"  # a started one: resumed only with the same recipe and teacher
-NUM_STEPS = 6  # numbered steps printed while running (the report is not one)
+NUM_STEPS = 7  # numbered steps printed while running (the report is not one)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class QuickstartSettings:
         world: The toy world (``quickstart.world.clips=240``).
         clip: Training of the tiny image CLIP (``quickstart.clip.steps=300``).
         finetune: Fine-tuning on the motion labels (``quickstart.finetune.steps=400``).
+        stage2_epochs: Epochs of stage 2 (0 = the epochs of ``recipes/quickstart/stage2.yaml``).
         clip_images: Still images in the tiny CLIP's image–caption corpus.
         clip_eval_images: Held-out stills for its zero-shot accuracy.
         knn_k: Neighbours of the kNN probe.
@@ -67,6 +71,7 @@ class QuickstartSettings:
     world: WorldSettings = WorldSettings()
     clip: ClipTrainSettings = ClipTrainSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    stage2_epochs: int = 0
     clip_images: int = 6000
     clip_eval_images: int = 500
     knn_k: int = 10
@@ -310,6 +315,7 @@ def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: Quicksta
         }
         results["models"][name]["order_sensitivity"] = order_sensitivity(feats["test"], feats["test_reversed"])
     results["_example"] = {"pixels": pixels["test"][:1], "teacher": teacher, "clip_id": splits["test"][0].id}
+    results["_test_pixels"] = pixels["test"]  # stage 2's retrieval test reuses the decoded test views
     return results
 
 
@@ -396,12 +402,25 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
     results["finetune"] = run_finetune(output, cfg, world, teacher, runs, settings.finetune, console)
     log.add("fine-tune", results["finetune"]["reused"], time.perf_counter() - t, f"{len(results['finetune']['models'])} models")
 
+    # ---- stage 2 on the toy captions and zero-shot retrieval (quickstart_stage2.py), from this mode's stage-1 run
+    from umt_distill.quickstart_stage2 import run_stage2_retrieval
+
+    t = time.perf_counter()
+    console.print(f"[bold]7/{NUM_STEPS} stage 2[/] on the training captions, then zero-shot retrieval on the test "
+                  "split (student vs the teacher's own image-text model)")
+    stage2 = [f"train.epochs={settings.stage2_epochs}"] if settings.stage2_epochs else []
+    results["retrieval"] = run_stage2_retrieval(output, cfg, world, teacher, run, console, overrides=stage2,
+                                                test_pixels=results.get("_test_pixels"))
+    log.add("stage 2 + retrieval", results["retrieval"]["reused"], time.perf_counter() - t,
+            f"{results['retrieval']['num_texts']} captions")
+    results.pop("_test_pixels", None)
+
     results.update(
         failures=failures, total_seconds=round(time.perf_counter() - t_start, 1), steps=log.steps,
         runs={m: str(r) for m, r in runs.items()},
         teacher={k: teacher[k] for k in ("zero_shot_accuracy", "final_loss", "seconds", "weights", "weights_sha256")},
         settings={"world": settings.world.to_json(), "clip": dataclasses.asdict(settings.clip),
-                  "finetune": dataclasses.asdict(settings.finetune),
+                  "finetune": dataclasses.asdict(settings.finetune), "stage2_epochs": settings.stage2_epochs,
                   "clip_images": settings.clip_images, "knn_k": settings.knn_k},
         mode=cfg.teacher.mode,
     )

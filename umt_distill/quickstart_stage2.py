@@ -123,7 +123,7 @@ def run_stage2_retrieval(output: str | Path, cfg_stage1: Recipe, world: dict, te
 
 
 def make_stage2_recipe(output: Path, cfg_stage1: Recipe, stage1_run: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """``recipes/quickstart/stage2.yaml`` with the stage-1 run's paths and teacher mode; overrides come last.
+    """``recipes/quickstart/stage2.yaml`` with the stage-1 run's paths, teacher mode, frames and size; overrides come last.
 
     Raises:
         RecipeError: The teacher, student, frames or size differ from stage 1's (naming the key): the
@@ -132,7 +132,8 @@ def make_stage2_recipe(output: Path, cfg_stage1: Recipe, stage1_run: str | Path,
     s1 = cfg_stage1
     taken = {"corpus.source": s1.corpus.source, "corpus.video_backend": s1.corpus.video_backend,
              "teacher.pretrained": s1.teacher.pretrained, "teacher.model_config_path": s1.teacher.model_config_path,
-             "teacher.mode": s1.teacher.mode, "cache.store": (Path(output) / "cache-stage2").resolve(),
+             "teacher.mode": s1.teacher.mode, "views.num_frames": s1.views.num_frames, "views.size": s1.views.size,
+             "cache.store": (Path(output) / "cache-stage2").resolve(),
              "stage2.init_vision": Path(stage1_run).resolve(),
              "train.output_dir": (Path(output) / "runs" / "stage2").resolve()}
     cfg = load_recipe(RECIPE, [*(f"{k}={v}" for k, v in taken.items() if v is not None), *overrides])

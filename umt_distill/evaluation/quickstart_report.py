@@ -65,6 +65,12 @@ def print_table(console: Console, results: dict) -> None:
         from umt_distill import quickstart_finetune
 
         quickstart_finetune.print_table(console, results["finetune"])
+    if "retrieval" in results:
+        from umt_distill import quickstart_stage2
+
+        console.print(quickstart_stage2.retrieval_table(results["retrieval"]))
+        for line in quickstart_stage2.retrieval_reading(results["retrieval"]):
+            console.print(line, highlight=False)
     steps = ", ".join(f"{name} {status} {sec:.0f} s" for name, status, sec, _ in results["steps"])
     console.print(f"[dim]{steps}; total {results['total_seconds']:.0f} s[/]", highlight=False)
 
@@ -126,6 +132,10 @@ def render_markdown(cfg: Recipe, results: dict) -> str:
         from umt_distill import quickstart_finetune
 
         lines += ["", *quickstart_finetune.markdown(results["finetune"])]
+    if "retrieval" in results:
+        from umt_distill import quickstart_stage2
+
+        lines += ["", quickstart_stage2.retrieval_markdown(results["retrieval"])]
     lines += ["", "## Closing note", "", *closing_note(results)]
     lines += ["", "## Steps", "", "| step | status | seconds | note |", "|---|---|---:|---|"]
     lines += [f"| {name} | {status} | {sec:.1f} | {note} |" for name, status, sec, note in results["steps"]]

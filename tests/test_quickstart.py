@@ -74,7 +74,7 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
         assert all(0.0 <= row[k] <= 100.0 for k in ("t2v_r1", "v2t_r1", "r_mean", "motion_given_appearance"))
     assert retrieval["num_videos"] == saved["num_clips"]["test"] and not retrieval["reused"]
     assert saved["retrieval"] == retrieval and "_test_pixels" not in saved
-    assert (out / "runs" / "stage2" / DONE_FILE).is_file()
+    assert (out / "runs" / "stage2-cached" / DONE_FILE).is_file()
     assert "## Zero-shot retrieval on motion captions (stage 2)" in report and "zero-shot retrieval" in printed.getvalue()
 
     metrics = (out / "runs/stage1-cached/metrics.jsonl").read_text()
@@ -109,6 +109,9 @@ def test_online_mode_runs_without_a_cache_and_reports_both_runs(tmp_path) -> Non
     assert set(results["finetune"]["models"]) == {DISTILLED, "student, distilled (online)", CONTROL, IMAGE_TEACHER}
     assert [results["finetune"]["models"][m]["reused"] for m in (DISTILLED, CONTROL, IMAGE_TEACHER)] == [True] * 3
     assert "Both teacher modes were run" in (out / "report.md").read_text()
+    # stage 2 starts from this mode's stage-1 run, in its own folder: the cached mode's run is kept
+    assert all((out / "runs" / f"stage2-{m}" / DONE_FILE).is_file() for m in ("cached", "online"))
+    assert results["retrieval"]["run"] == str((out / "runs" / "stage2-online").resolve())
 
 
 def test_quickstart_settings_are_strict() -> None:

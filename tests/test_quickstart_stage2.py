@@ -71,7 +71,7 @@ def test_stage2_step_reports_retrieval_rows_and_reuses_the_run(stage1) -> None:
     console, printed = quiet()
     result = run_stage2_retrieval(s["out"], s["cfg"], s["world"], s["teacher"], s["run"], console, MINI_STAGE2)
 
-    run = s["out"] / "runs" / "stage2"
+    run = s["out"] / "runs" / "stage2-cached"
     for name in (DONE_FILE, "metrics.jsonl", "tokenizer/tokenizer.json"):
         assert (run / name).is_file(), name
     assert (s["out"] / "cache-stage2" / "spec.json").is_file()

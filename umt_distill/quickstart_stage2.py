@@ -64,7 +64,7 @@ def run_stage2_retrieval(output: str | Path, cfg_stage1: Recipe, world: dict, te
     """Stage 2 on the toy training captions, then zero-shot retrieval on the test split (see the module doc).
 
     Args:
-        output: The quickstart's output folder (``cache-stage2`` and ``runs/stage2`` go there).
+        output: The quickstart's output folder (``cache-stage2`` and ``runs/stage2-<teacher mode>`` go there).
         cfg_stage1: The stage-1 recipe that was run (paths, teacher, student and views are taken from it).
         world: :func:`~umt_distill.data.toyworld.write_world`'s result (``splits``, ``labels``).
         teacher: :func:`~umt_distill.teachers.tiny_clip.train_tiny_clip`'s summary (``weights``,
@@ -135,7 +135,7 @@ def make_stage2_recipe(output: Path, cfg_stage1: Recipe, stage1_run: str | Path,
              "teacher.mode": s1.teacher.mode, "views.num_frames": s1.views.num_frames, "views.size": s1.views.size,
              "cache.store": (Path(output) / "cache-stage2").resolve(),
              "stage2.init_vision": Path(stage1_run).resolve(),
-             "train.output_dir": (Path(output) / "runs" / "stage2").resolve()}
+             "train.output_dir": (Path(output) / "runs" / f"stage2-{s1.teacher.mode}").resolve()}  # one run per teacher mode
     cfg = load_recipe(RECIPE, [*(f"{k}={v}" for k, v in taken.items() if v is not None), *overrides])
     differ = [f"{section}.{k}: stage 2 has {v!r}, stage 1 has {getattr(getattr(s1, section), k)!r}"
               for section in ("teacher", "student") for k, v in getattr(cfg, section).model_dump().items()

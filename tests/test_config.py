@@ -101,3 +101,14 @@ def test_unknown_part_names_are_rejected() -> None:
         pytest.skip("codecs not registered in this build")
     with pytest.raises(RecipeError, match="cache.codec"):
         check_parts(load_recipe(None, ["cache.codec=fp17"]))
+
+
+def test_scientific_notation_is_a_number_in_overrides_and_files(tmp_path) -> None:
+    from umt_distill.config import load_recipe, parse_override
+
+    assert parse_override("optim.lr=5e-3") == (["optim", "lr"], 0.005)  # YAML 1.1 would read a string
+    assert parse_override("corpus.source=1e") == (["corpus", "source"], "1e")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 3e-4\n  min_lr: 1E-6\n")
+    cfg = load_recipe(str(recipe))
+    assert cfg.optim.lr == 3e-4 and cfg.optim.min_lr == 1e-6

@@ -29,14 +29,7 @@ from umt_distill.losses_vl import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and with other jobs on a 2-core machine two
-    threads wait on each other at every op (steps ~10x slower); one thread keeps the timing stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _unit(*shape: int, seed: int) -> torch.Tensor:

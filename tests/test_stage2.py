@@ -15,14 +15,7 @@ from umt_distill.config import load_recipe
 from umt_distill.training.metrics import read_metrics
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and with other jobs on a 2-core machine two
-    threads wait on each other at every op (steps ~10x slower); one thread keeps the timing stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_VIDEOS, NUM_IMAGES = 6, 4
 DIRECTIONS = ["left", "right", "up", "down"]

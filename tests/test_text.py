@@ -18,14 +18,7 @@ from umt_distill.data.text import (
 from umt_distill.models.text import BertTextEncoder, TextEncoderError, build_text_encoder, load_bert_weights, tiny_bert_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and with other jobs on a 2-core machine two
-    threads wait on each other at every op (steps ~10x slower); one thread keeps the timing stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CAPTIONS = [
@@ -146,3 +139,7 @@ def test_bad_bert_checkpoints_fail_naming_the_keys(tmp_path) -> None:
         load_bert_weights(ours, extra)
     new = load_bert_weights(ours, state)
     assert new and all(".crossattention." in k for k in new)
+
+
+def test_module_runs_on_one_torch_thread() -> None:
+    assert torch.get_num_threads() == 1  # conftest's one_torch_thread, opted in by pytestmark

@@ -86,3 +86,11 @@ def test_find_resume_checkpoint_refuses_an_empty_resume_path(tmp_path) -> None:
     for missing in (tmp_path / "empty", tmp_path / "nowhere"):
         with pytest.raises(FileNotFoundError, match="no checkpoint there"):
             find_resume_checkpoint(tmp_path / "run", resume=missing)
+
+
+def test_weights_file_passes_files_and_names_empty_run_folders(tmp_path) -> None:
+    from umt_distill.training.checkpoint import weights_file
+
+    assert weights_file(tmp_path / "umt_b16.pth") == tmp_path / "umt_b16.pth"  # an official file as given
+    with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+        weights_file(tmp_path)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from umt_distill.config import Recipe
+from umt_distill.training.checkpoint import weights_file
 
 DEFAULT_K_TEST = 128
 RECALL_AT = (1, 5, 10)
@@ -363,19 +364,6 @@ def find_tokenizer_dir(checkpoint: str | Path) -> Path | None:
     return None
 
 
-def weights_file(path: str | Path) -> Path:
-    """A weights file, or the newest ``model.safetensors`` of one of our run/checkpoint folders."""
-    from umt_distill.training.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: no checkpoint found (expected checkpoints/latest or model.safetensors)")
-        return ckpt / "model.safetensors"
-    return path
-
-
 _HEAD = re.compile(r"^vision_encoder\.clip_decoder\.(\d+)\.head\.weight$")
 
 
@@ -455,5 +443,5 @@ __all__ = [
     "DEFAULT_K_TEST", "ground_truth_ranks", "rank_summary", "retrieval_metrics", "multiple_choice_accuracy",
     "multiple_choice_texts", "rerank_top_k", "finish_rerank", "rerank_top_k_reference", "encode_texts",
     "encode_videos", "score_retrieval", "evaluate_retrieval_model", "evaluate_multiple_choice_model",
-    "load_vl_model", "evaluate_retrieval", "find_tokenizer_dir", "weights_file", "vl_shapes", "k_test_of",
+    "load_vl_model", "evaluate_retrieval", "find_tokenizer_dir", "vl_shapes", "k_test_of",
 ]

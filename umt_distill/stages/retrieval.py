@@ -36,11 +36,10 @@ from umt_distill.evaluation.retrieval import (
     evaluate_retrieval_model,
     find_tokenizer_dir,
     vl_shapes,
-    weights_file,
 )
 from umt_distill.losses_vl import freeze_unused, similarity, vtc_loss, vtm_loss, vtm_pairs
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
+from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint, weights_file
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, cosine_schedule, scaled_lrs, set_lr
 from umt_distill.training.stage_parts import NonFiniteLossError, mask_generator

@@ -23,7 +23,7 @@ from umt_distill.data.text import prepare_tokenizer, special_ids, tokenize
 from umt_distill.data.vl import SourceData, build_source, source_schedule
 from umt_distill.losses_vl import LOSS_NAMES, Stage2Objective, freeze_unused
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import find_resume_checkpoint, latest_checkpoint, resume_training, rng_state, save_checkpoint
+from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint, weights_file
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, cosine_schedule, scaled_lrs, set_lr
 from umt_distill.training.stage_parts import NonFiniteLossError, build_student, check_store_matches, mask_generator, step_targets
@@ -142,24 +142,13 @@ def build_model(cfg: Recipe, teacher_dim: int, vocab_size: int):
     s, t = cfg.stage2, cfg.text
     student = build_student(cfg, teacher_dim)
     if s.init_vision:
-        load_umt_checkpoint(student, _weights_file(s.init_vision))  # strict: stage-1 (ours or UMT's) or stage-2 file
+        load_umt_checkpoint(student, weights_file(s.init_vision))  # strict: stage-1 (ours or UMT's) or stage-2 file
     text = build_text_encoder(t.encoder, t.fusion_layer, student.embed_dim, vocab_size,
                               gradient_checkpointing=t.gradient_checkpointing)
     model = UMTVisionLanguage(student, text, s.embed_dim, s.temp_init)
     if s.init:
-        load_umt_vl_checkpoint(model, _weights_file(s.init))
+        load_umt_vl_checkpoint(model, weights_file(s.init))
     return model
-
-
-def _weights_file(path: str | Path) -> Path:
-    """A weights file, or the newest checkpoint of one of our run/checkpoint folders."""
-    path = Path(path)
-    if path.is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: no checkpoint found (expected checkpoints/latest or model.safetensors)")
-        return ckpt / "model.safetensors"
-    return path
 
 
 def _teacher_and_dim(cfg: Recipe, sources: dict[str, SourceData], device: torch.device):

@@ -81,6 +81,17 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     return target
 
 
+def weights_file(path: str | Path) -> Path:
+    """A weights file, or the newest ``model.safetensors`` of one of our run/checkpoint folders."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: no checkpoint found (expected checkpoints/latest or model.safetensors)")
+        return ckpt / "model.safetensors"
+    return path
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
     """Load weights strictly into ``model`` and return the state dict (optimizer, step, RNG ...)."""
     path = Path(path)

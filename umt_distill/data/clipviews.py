@@ -71,6 +71,23 @@ def decode_clip_views(row, cfg: Recipe, num_views: int | None = None):
     return views, torch.stack(pixels)  # [K, T, 3, H, W]
 
 
+def decode_view(row, cfg: Recipe, view_index: int) -> torch.Tensor:
+    """View ``view_index`` of one clip under the recipe's view policy, decoded and applied.
+
+    Returns:
+        uint8 [T, 3, H, W].
+    """
+    from umt_distill.data.video import open_video
+    from umt_distill.data.views import apply_view, sample_view
+
+    v = cfg.views
+    with open_video(row.path, backend=cfg.corpus.video_backend) as video:
+        view = sample_view(v.policy, video.info, v.num_frames, v.size, cfg.seed, row.id, view_index,
+                           **policy_kwargs(cfg, clip_frame_range(row, video.info)))
+        frames = video.get_frames(list(view.frame_indices))
+    return apply_view(frames, view)
+
+
 def clip_frame_range(row, info) -> tuple[int, int] | None:
     """A manifest's start/end (seconds) as a frame range [lo, hi)."""
     if row.start is None and row.end is None:

@@ -116,18 +116,11 @@ class OnlineViewDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
-        from umt_distill.data.video import open_video
-        from umt_distill.data.views import apply_view, sample_view
+        from umt_distill.data.clipviews import decode_view
 
-        row, v = self.rows[i], self.cfg.views
+        row = self.rows[i]
         k = epoch_view(self.cfg.seed, row.id, self.epoch, self.num_views)
-        with open_video(row.path, backend=self.cfg.corpus.video_backend) as video:
-            info = video.info
-            view = sample_view(v.policy, info, v.num_frames, v.size, self.cfg.seed, row.id, k,
-                               **policy_kwargs(self.cfg, clip_frame_range(row, info)))
-            frames = video.get_frames(list(view.frame_indices))
-        return {"clip_id": row.id, "view_index": k, "pixels": apply_view(frames, view)}
+        return {"clip_id": row.id, "view_index": k, "pixels": decode_view(row, self.cfg, k)}
 
 
 class EpochSampler(Sampler[int]):

@@ -179,16 +179,10 @@ class FreshViewDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
-        from umt_distill.data.video import open_video
-        from umt_distill.data.views import apply_view, sample_view
+        from umt_distill.data.clipviews import decode_view
 
-        row, v = self.rows[i], self.cfg.views
-        with open_video(row.path, backend=self.cfg.corpus.video_backend) as video:
-            view = sample_view(v.policy, video.info, v.num_frames, v.size, self.cfg.seed, row.id, self.epoch,
-                               **policy_kwargs(self.cfg, clip_frame_range(row, video.info)))
-            frames = video.get_frames(list(view.frame_indices))
-        return {"clip_id": row.id, "pixels": apply_view(frames, view)}
+        row = self.rows[i]
+        return {"clip_id": row.id, "pixels": decode_view(row, self.cfg, self.epoch)}
 
 
 class RetrievalObjective(nn.Module):

@@ -35,7 +35,7 @@ from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, latest_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.layer_decay import layer_decay_lr_scale
 from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import amp_setup, build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
 from umt_distill.training.stage_parts import NonFiniteLossError
 
 
@@ -65,8 +65,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     # UMT scales LRs by every clip in the step, repeated samples included.
     total_batch = cfg.train.batch_size * cfg.train.accum_steps * env.world_size * ft.num_sample
     o = cfg.optim
-    lr, min_lr, warmup_lr = scaled_lrs(o.lr, o.min_lr, o.warmup_lr, total_batch, o.scale_lr)
-    lrs = cosine_schedule(lr, min_lr, total_steps, int(o.warmup_epochs * steps_per_epoch), warmup_lr)
+    lr, lrs = lr_schedule(o, total_batch, total_steps, steps_per_epoch)
     optimizer = build_adamw(model, lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay(),
                             lr_scale=layer_decay_lr_scale(ft.layer_decay, model.depth))
     mixup = build_mixup(cfg)

@@ -41,7 +41,7 @@ from umt_distill.losses_vl import freeze_unused, similarity, vtc_loss, vtm_loss,
 from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint, weights_file
 from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import amp_setup, build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
 from umt_distill.training.stage_parts import NonFiniteLossError, mask_generator
 
 WEIGHTS = {"uta": 0.0, "vtc": 1.0, "vtm": 1.0, "mlm": 0.0}
@@ -81,8 +81,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
         raise ValueError(f"{sampler.per_rank()} clips per rank are fewer than one step of {micro} x {accum}")
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     o = cfg.optim
-    lr, min_lr, warmup_lr = scaled_lrs(o.lr, o.min_lr, o.warmup_lr, micro * accum * env.world_size, o.scale_lr)
-    lrs = cosine_schedule(lr, min_lr, total_steps, int(o.warmup_epochs * steps_per_epoch), warmup_lr)
+    lr, lrs = lr_schedule(o, micro * accum * env.world_size, total_steps, steps_per_epoch)
     optimizer = build_adamw(model, lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())
     ddp_objective = du.wrap_ddp(objective, env, device)
 

@@ -19,7 +19,7 @@ from umt_distill.data.pixels import normalize_video
 from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import amp_setup, build_adamw, cosine_schedule, scaled_lrs, set_lr
+from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
 from umt_distill.training.stage_parts import (
     NonFiniteLossError,
     build_data,
@@ -54,8 +54,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
         raise ValueError(f"{clips_per_rank} clips per rank are fewer than one step of {cfg.train.batch_size} x {cfg.train.accum_steps}")
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     total_batch = cfg.train.batch_size * cfg.train.accum_steps * env.world_size
-    lr, min_lr, warmup_lr = scaled_lrs(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_lr, total_batch, cfg.optim.scale_lr)
-    lrs = cosine_schedule(lr, min_lr, total_steps, int(cfg.optim.warmup_epochs * steps_per_epoch), warmup_lr)
+    lr, lrs = lr_schedule(cfg.optim, total_batch, total_steps, steps_per_epoch)
     o = cfg.optim
     optimizer = build_adamw(student, lr, o.weight_decay, o.betas, o.eps, skip=student.no_weight_decay())
     model = du.wrap_ddp(student, env, device)

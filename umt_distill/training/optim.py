@@ -82,3 +82,10 @@ def amp_setup(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch
     """Autocast dtype (None = fp32) and grad scaler of a loop: AMP runs on CUDA only; fp16 needs the scaler."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
     return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def lr_schedule(optim, total_batch: int, total_steps: int, steps_per_epoch: int) -> tuple[float, np.ndarray]:
+    """The peak LR (scaled by ``total_batch``/256 when ``optim.scale_lr``) and the per-step cosine schedule
+    with linear warmup over ``optim.warmup_epochs`` of a recipe's ``optim`` section."""
+    lr, min_lr, warmup_lr = scaled_lrs(optim.lr, optim.min_lr, optim.warmup_lr, total_batch, optim.scale_lr)
+    return lr, cosine_schedule(lr, min_lr, total_steps, int(optim.warmup_epochs * steps_per_epoch), warmup_lr)

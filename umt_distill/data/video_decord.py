@@ -41,8 +41,8 @@ class DecordVideoReader(ReaderBase):
     is wrong when frames decoded after a keyframe are shown before it (open GOP, MPEG-4 part 2) or when
     its seeks are inexact (MPEG-TS, H.264 in AVI): it silently returns other frames. So the probe decides:
     containers other than MP4/MOV and Matroska/WebM, streams with leading frames or without usable pts,
-    files decord cannot open, and files whose decord frame count or timestamps disagree with the probe are
-    decoded by :class:`PyAVVideoReader`. ``decoder`` says which one serves the file, ``fallback_reason`` why.
+    files decord cannot open, files whose decord frame count or timestamps disagree with the probe, and
+    files decord fails to decode once opened are decoded by :class:`PyAVVideoReader`. ``decoder`` says which one serves the file, ``fallback_reason`` why.
     """
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
@@ -54,11 +54,18 @@ class DecordVideoReader(ReaderBase):
         self._reader: Any = None
         self._fallback: PyAVVideoReader | None = None
         self.fallback_reason = self._distrust(decord, threads)
+        self._threads = threads
+        self.decoder = "decord"
         if self.fallback_reason is not None:
-            self._reader = None
-            _log.debug("%s: decoding with PyAV, not decord: %s", self.path, self.fallback_reason)
-            self._fallback = PyAVVideoReader(self.path, threads=threads, index=self._index)
-        self.decoder = "decord" if self._fallback is None else "pyav"
+            self._use_pyav(self.fallback_reason)
+
+    def _use_pyav(self, reason: str) -> None:
+        """Serve this file with the PyAV reader from now on."""
+        _log.debug("%s: decoding with PyAV, not decord: %s", self.path, reason)
+        self._reader = None
+        self.fallback_reason = reason
+        self._fallback = PyAVVideoReader(self.path, threads=self._threads, index=self._index)
+        self.decoder = "pyav"
 
     def _distrust(self, decord: Any, threads: int) -> str | None:
         """Why decord cannot be trusted with this file, or None if it can (then ``_reader`` is open)."""
@@ -103,7 +110,12 @@ class DecordVideoReader(ReaderBase):
         try:
             batch = self._reader.get_batch(wanted.tolist()).asnumpy()  # [u, H, W, 3]
         except Exception as err:
-            raise VideoDecodeError(self.path, f"decord failed to decode frames: {_first_line(err)}") from None
+            # decord's threaded decoder reads ahead: a damaged packet past the wanted frames can fail a
+            # request at random (seen on a file cut inside its last packet). PyAV decodes exactly the
+            # frames asked for, and raises VideoDecodeError itself if they really are undecodable.
+            self._use_pyav(f"decord failed to decode frames: {_first_line(err)}")
+            assert self._fallback is not None
+            return self._fallback.get_frames(idx)
         expected = (wanted.size, self.info.height, self.info.width, 3)
         if batch.shape != expected or batch.dtype != np.uint8:
             raise VideoDecodeError(self.path, f"decord returned {batch.dtype} {batch.shape}, expected uint8 {expected}")

@@ -83,6 +83,8 @@ class CacheConfig(_Section):
     mask_ratio: float = Field(0.8, ge=0.0, lt=1.0)
     masks_per_view: int = Field(1, ge=1)
     codec: str = "fp16"
+    basis_clips: int = Field(32, ge=1)
+    """Codecs with a basis (``pca<r>``): clips (all K views) the per-layer basis is fitted on."""
     compressor: Literal["zstd", "blosc", "none"] = "zstd"
     frames: Literal["none", "jpeg", "raw"] = "none"
     """Also store the student's view pixels (WebDataset only) so training skips video decoding."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_basis
 from umt_distill.cache.spec import (
     SPEC_FORMAT,
     SpecMismatchError,
@@ -122,7 +123,7 @@ def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
             "num_views": c.num_views,
         },
         "mode": {"mode": c.mode, **({"mask_ratio": c.mask_ratio, "masks_per_view": c.masks_per_view} if c.mode == "visible" else {})},
-        "codec": {"name": c.codec, "compressor": c.compressor},
+        "codec": {"name": c.codec, "compressor": c.compressor, **codec_spec_fields(cfg)},
         "layout": c.layout,
         "frames": c.frames,
         "corpus": {"source": str(cfg.corpus.source), "root": cfg.corpus.root, "digest": corpus_digest, "num_clips": len(rows)},
@@ -143,6 +144,7 @@ class _Writer:
 
     def __init__(self, cfg: Recipe, shards_dir: Path) -> None:
         self.cfg, self.shards_dir = cfg, shards_dir
+        self.codec = codec_for_store(shards_dir.parent)  # pca codecs: bound to the store's basis
         self.queue: queue.Queue = queue.Queue(maxsize=4 * cfg.cache.batch_size)
         self.error: BaseException | None = None
         self.writers: dict[str, object] = {}
@@ -170,7 +172,7 @@ class _Writer:
                 if kind == "add":
                     if plan.name not in self.writers:
                         self.writers[plan.name] = open_shard_writer(
-                            c.layout, self.shards_dir, plan.name, c.codec, c.compressor, frames=c.frames
+                            c.layout, self.shards_dir, plan.name, self.codec, c.compressor, frames=c.frames
                         )
                     self.writers[plan.name].add(op[2])
                 elif kind == "close":
@@ -276,6 +278,7 @@ def cache_teacher(cfg: Recipe, progress: bool = True) -> dict:
     shards_dir = root / SHARDS_DIR
     lock = _lock(root, env)
     try:
+        ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
         plans = plan_shards(len(rows), cfg.cache.clips_per_shard)
         mine = rank_shards(plans, env)
         todo = [p for p in mine if not _clean_partial(shards_dir, p)]

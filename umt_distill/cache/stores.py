@@ -235,8 +235,8 @@ class CacheReader:
         shard = self._zarr.get(name)
         if shard is None:
             shard = ZarrShardReader(self.shard_path(name), self.shards[name]["records"])
-            if self.codec.needs_basis and shard.codec.name == self.codec.name:
-                shard.codec = self.codec  # the shard knows its codec by name only
+            if shard.codec.needs_basis:  # the shard knows its codec by name only; the basis is the store's
+                shard.codec = self.codec
             self._zarr[name] = shard
         return shard
 

@@ -159,3 +159,15 @@ def test_compressors_round_trip(compressor: str) -> None:
 def test_unknown_compressor_is_named() -> None:
     with pytest.raises(ValueError, match="'lz5'"):
         compress_bytes("lz5", b"x")
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8"])
+def test_decode_torch_matches_numpy_decode_bit_for_bit(codec: str, tokens: np.ndarray) -> None:
+    # The training step dequantises on the device from the stored parts; it must give exactly the
+    # float32 targets the numpy reader gives (the path it replaces).
+    c = get_codec(codec)
+    parts = c.encode(tokens)
+    want = c.decode(parts)
+    got = c.decode_torch({k: torch.from_numpy(v) for k, v in parts.items()})
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), want)

@@ -221,8 +221,9 @@ class Stage2Config(_Section):
 
 
 class FinetuneConfig(_Section):
-    """Action-recognition fine-tuning and evaluation (reference/umt.md §3). The backbone size is
-    ``student.name`` and its drop path ``student.drop_path_rate``; LRs are per 256 clips (``optim``)."""
+    """Action-recognition fine-tuning and evaluation (UMT code @4fb4049:
+    single_modality/run_class_finetuning.py). The backbone size is ``student.name`` and its drop path
+    ``student.drop_path_rate``; LRs are per 256 clips (``optim``)."""
 
     # data: labelled manifests (corpus.root and corpus.video_backend apply to all three)
     train_source: str = ""
@@ -293,7 +294,8 @@ class FinetuneConfig(_Section):
 
 
 class RetrievalConfig(_Section):
-    """Video-text retrieval evaluation (stage 2 zero-shot and retrieval fine-tuning; reference/umt.md §4.5)."""
+    """Video-text retrieval evaluation (stage 2 zero-shot and retrieval fine-tuning; UMT code
+    @4fb4049: multi_modality/tasks/retrieval_utils.py)."""
 
     k_test: int = Field(128, ge=1)
     """Candidates per query that the matching head re-ranks after the contrastive scores (UMT: 128)."""

@@ -9,7 +9,8 @@ and returns, per sample, the *sorted* indices of the visible tokens in the flatt
 All randomness comes from ``generator``: noise is drawn on the generator's device, so a CPU generator
 gives the same masks whatever device the result lands on.
 
-Visible counts (reference/umt.md §2.5):
+Visible counts (UMT code @4fb4049: single_modality/engines/engine_for_pretraining_umt.py,
+single_modality/datasets/masking_generator.py):
 
 - ``random``: ``T·N − int(ratio·T·N)`` tokens uniformly over the whole clip.
 - ``tube``: one frame pattern of ``N − int(ratio·N)`` patches, the same in every frame.

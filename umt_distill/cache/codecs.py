@@ -21,9 +21,14 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from umt_distill.registry import CODECS
+
+if TYPE_CHECKING:  # decode_torch takes tensors; the numpy side of this module never needs torch
+    import torch
 
 
 class CodecError(ValueError):
@@ -46,6 +51,15 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         """Decode parts back into float32 ``[..., D]``."""
+
+    @abc.abstractmethod
+    def decode_torch(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decode parts given as tensors in their stored dtypes into float32, on the parts' device.
+
+        The training path ships parts through the DataLoader untouched and calls this inside the step,
+        so the bytes that cross to the GPU are the stored ones. It computes exactly what :meth:`decode`
+        computes (same float32 operations), so both paths give bit-identical targets.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -73,6 +87,9 @@ class Fp32Codec(Codec):
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(parts["data"], dtype=np.float32)
 
+    def decode_torch(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["data"].float()
+
 
 @CODECS.register("fp16")
 class Fp16Codec(Codec):
@@ -89,6 +106,9 @@ class Fp16Codec(Codec):
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(parts["data"]).astype(np.float32)
+
+    def decode_torch(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["data"].float()
 
 
 def fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -121,6 +141,12 @@ class Bf16Codec(Codec):
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         return bf16_bits_to_fp32(parts["data"])
 
+    def decode_torch(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        bits = parts["data"]  # uint16 bit patterns (or int16 with the same bits)
+        return bits.view(torch.int16).view(torch.bfloat16).float()
+
 
 @CODECS.register("int8")
 class Int8Codec(Codec):
@@ -138,6 +164,9 @@ class Int8Codec(Codec):
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(parts["q"]).astype(np.float32) * np.asarray(parts["scale"], dtype=np.float32)
+
+    def decode_torch(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["q"].float() * parts["scale"].float()
 
 
 def get_codec(name: str) -> Codec:

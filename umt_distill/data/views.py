@@ -7,9 +7,10 @@ them exactly: the same view applied to the same decoded frames gives bit-identic
 
 Policies:
 
-- ``umt_train`` — UMT stage-1 augmentation (reference/umt.md §2.8): TSN-style sparse sampling (T equal
-  segments of ``n // T`` frames, one uniformly random frame per segment), the multi-scale crop with 13
-  fixed offsets (``GroupMultiScaleCrop(fix_crop, more_fix_crop)`` behaviour) and a p=0.5 flip.
+- ``umt_train`` — UMT stage-1 augmentation (UMT code @4fb4049: single_modality/datasets/mae.py,
+  transforms.py): TSN-style sparse sampling (T equal segments of ``n // T`` frames, one uniformly random
+  frame per segment), the multi-scale crop with 13 fixed offsets (``GroupMultiScaleCrop(fix_crop,
+  more_fix_crop)`` behaviour) and a p=0.5 flip.
 - ``eval_center`` — segment midpoints, short-side resize and centre crop (UMT's validation view).
 
 Pixels (:func:`apply_view`): crop the box, resize it to the output size with antialiased bilinear

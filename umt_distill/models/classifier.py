@@ -1,13 +1,15 @@
 """Action-recognition classifiers: the UMT video ViT with a mean-pooling head, and an image-teacher baseline.
 
-:class:`VideoClassifier` is UMT's fine-tuning model (reference/umt.md §3.1): the stage-1 backbone
-without its final norm, the mean of all tokens, ``fc_norm`` (LayerNorm), dropout and a linear ``head``
-initialised small (trunc-normal std 0.02, times 0.001). Its parameter names equal the official
-fine-tuned checkpoints' (``patch_embed.*``, ``blocks.{i}.*``, ``fc_norm.*``, ``head.*``; §5.3).
+:class:`VideoClassifier` is UMT's fine-tuning model (UMT code @4fb4049:
+single_modality/models/modeling_finetune.py): the stage-1 backbone without its final norm, the mean of all
+tokens, ``fc_norm`` (LayerNorm), dropout and a linear ``head`` initialised small (trunc-normal std 0.02, times
+0.001). Its parameter names equal the official fine-tuned checkpoints' (``patch_embed.*``, ``blocks.{i}.*``,
+``fc_norm.*``, ``head.*``).
 
 The position table is never trained. It starts from the 1-D sine-cosine table of the *pretraining*
 token grid and, when the fine-tuning grid differs, is resized per frame bicubically in space and then
-linearly in time, as UMT does for 16 frames or 384 px (§3.1).
+linearly in time, as UMT does for 16 frames or 384 px (``get_sinusoid_encoding_table`` in
+modeling_finetune.py).
 
 :func:`load_classifier_weights` initialises a classifier from our stage-1/2 checkpoints or official UMT
 files (stage 1 ``encoder.*``, stage 2 ``vision_encoder.encoder.*``, fine-tuned unprefixed keys),

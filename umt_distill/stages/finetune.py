@@ -1,4 +1,5 @@
-"""Fine-tuning for action recognition, and its multi-view evaluation (reference/umt.md §3).
+"""Fine-tuning for action recognition, and its multi-view evaluation (UMT code @4fb4049:
+single_modality/run_class_finetuning.py, single_modality/engines/engine_for_finetuning.py).
 
 One explicit loop (``train``): labelled videos → clip-consistent augmentation (``num_sample`` clips per
 decoded video) → Mixup/CutMix with one box per clip → classifier → soft-target cross-entropy (label

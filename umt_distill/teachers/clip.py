@@ -1,6 +1,6 @@
 """Frozen open_clip image teacher producing UMT's targets for each frame of a view.
 
-Per frame the teacher returns (reference/umt.md §1):
+Per frame the teacher returns (UMT code @4fb4049: single_modality/models/clip.py):
 
 - ``tokens``: the residual stream after each of the last K selected blocks, CLS dropped, passed
   through the tower's own ``ln_post`` and ``@ proj`` (UMT's projected tokens; not L2-normalised);

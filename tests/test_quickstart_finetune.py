@@ -15,10 +15,12 @@ from safetensors.torch import load_file
 
 from umt_distill.config import RecipeError, load_recipe
 from umt_distill.data.toyworld import MOTIONS
-from umt_distill.quickstart import DONE_FILE, STARTED_FILE, ensure_run, parse_settings
-from umt_distill.quickstart_finetune import (
-    CONTROL, IMAGE_TEACHER, FinetuneSettings, axis_accuracy, finetune_recipe, markdown, reading, write_initial_student,
-)
+from umt_distill.quickstart.finetune import axis_accuracy, finetune_recipe, write_initial_student
+from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER
+from umt_distill.quickstart.report import finetune_markdown as markdown
+from umt_distill.quickstart.report import finetune_reading as reading
+from umt_distill.quickstart.runs import DONE_FILE, STARTED_FILE, ensure_run
+from umt_distill.quickstart.settings import FinetuneSettings, parse_settings
 
 
 def _stage1(tmp_path: Path, *extra: str):

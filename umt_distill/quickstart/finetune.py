@@ -1,6 +1,6 @@
-"""The quickstart's fine-tuning step: student vs image teacher on the toy motion labels, fine-tuned.
+"""Quickstart step 6: student vs image teacher on the toy motion labels, fine-tuned.
 
-Frozen-feature probes (``quickstart.evaluate``) cannot show UMT's temporal claim at toy scale: every
+Frozen-feature probes (``quickstart/probes.py``) cannot show UMT's temporal claim at toy scale: every
 motion class is the time reversal of another, and a mean-pooled frozen feature barely changes when a
 clip is played backwards. UMT's claim is about *fine-tuned* students (Table 3: the student beats its
 CLIP teacher on temporal tasks). This step fine-tunes, with one recipe and identical settings,
@@ -17,33 +17,30 @@ per clip (``stages/finetune.py``: ``train`` then its multi-view test). Nothing i
 The recipe is ``recipes/finetune/tiny.yaml`` with the quickstart's geometry (frames, size and the
 pretraining grid of stage 1) and :data:`MOTION_RECIPE` (why each setting differs from UMT's is said
 there). A finished run is reused only when its recipe, its initial weights, the teacher weights and
-the world are the same (``quickstart.ensure_run``). Settings: ``quickstart.finetune.*``
-(:class:`FinetuneSettings`).
-
-The report part (terminal table, ``report.md`` section, bars) is at the end of this file, so this step
-is one module that ``quickstart.py`` and ``evaluation/quickstart_report.py`` each call in a few lines.
+the world are the same (``quickstart/runs.py``). Settings: ``quickstart.finetune.*``
+(:class:`~umt_distill.quickstart.settings.FinetuneSettings`). Its table, ``report.md`` section and
+reading are in ``report.py``, its bars in ``plots.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from umt_distill.config import Recipe, load_recipe, recipe_to_yaml
 from umt_distill.data.toyworld import MOTIONS
+from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, distilled
+from umt_distill.quickstart.runs import ensure_run
+from umt_distill.quickstart.settings import FinetuneSettings
 
 FINETUNE_RECIPE = "finetune/tiny"
-IMAGE_TEACHER = "image teacher (CLIP per frame)"
-CONTROL = "student, random init (control)"
 INIT_RUN = "stage1-init"  # the control's initial weights, in stage-1 checkpoint format, under runs/
 # Pairs of motions that are each other's time reversal: the axis of change, without its direction.
 AXES: dict[str, tuple[str, str]] = {
@@ -72,27 +69,6 @@ MOTION_RECIPE: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """How the quickstart fine-tunes (``quickstart.finetune.steps=400``).
-
-    Attributes:
-        steps: Optimizer steps per model (each ``batch_size`` videos × 2 random crops).
-        batch_size: Videos per step.
-        test_clips: Temporal views per test clip (softmax averaged), one crop each.
-        workers: DataLoader processes that decode and augment while the model trains.
-    """
-
-    # Measured at full scale (1 thread + 1 loader worker): 0.065 s a step with the machine to itself, 0.10 s
-    # with another job on the other core; 500 steps took 141 s for the three models under that load, over
-    # the step's 2-minute budget. No model left chance within 1500 steps; at 3000 (outside the budget) the
-    # distilled student reached 0.26 top-1 and the control 0.22 (chance 0.17; one seed, gap within noise).
-    steps: int = 400
-    batch_size: int = 4
-    test_clips: int = 2
-    workers: int = 1
-
-
 # --------------------------------------------------------------------------------------------------
 # the step
 
@@ -115,7 +91,6 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
         "num_clips", "views_per_clip", "settings", "recipe_overrides"}`` — the ``finetune`` section of
         ``results.json``.
     """
-    from umt_distill.quickstart import ensure_run
     from umt_distill.stages.finetune import train
     from umt_distill.training.checkpoint import latest_checkpoint
 
@@ -123,7 +98,7 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
     label_map.parent.mkdir(parents=True, exist_ok=True)
     label_map.write_text("\n".join(MOTIONS) + "\n", encoding="utf-8")
     inits: dict[str, tuple[str, Path | None]] = {
-        f"student, distilled ({mode})": ("student", latest_checkpoint(run)) for mode, run in runs.items()
+        distilled(mode): ("student", latest_checkpoint(run)) for mode, run in runs.items()
     }
     inits[CONTROL] = ("student", write_initial_student(output / "runs" / INIT_RUN, cfg))
     inits[IMAGE_TEACHER] = ("image_teacher", None)
@@ -250,132 +225,5 @@ def _count_rows(manifest: str | Path) -> int:
     return len(read_corpus(str(manifest)))
 
 
-# --------------------------------------------------------------------------------------------------
-# report
-
-
-def standard_error(p: float, n: int) -> float:
-    """Binomial standard error of an accuracy ``p`` on ``n`` clips (one seed: the noise floor)."""
-    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
-
-
-def print_table(console: Console, finetune: dict) -> None:
-    """The fine-tuning table, after the probes' table."""
-    n, views, steps = finetune["num_clips"], finetune["views_per_clip"], finetune["settings"]["steps"]
-    table = Table(title=f"fine-tuned on motion labels ({steps} steps on {n['train']} clips), "
-                        f"test accuracy ({n['test']} clips × {views} views)")
-    table.add_column("model")
-    for col in ("motion top-1", "mean class acc.", "axis acc.", "run"):
-        table.add_column(col, justify="right")
-    for name, m in finetune["models"].items():
-        table.add_row(name, f"{m['top1']:.3f}", f"{m['mean_class_accuracy']:.3f}", f"{m['axis_accuracy']:.3f}",
-                      "reused" if m["reused"] else f"{m['seconds']:.0f} s")
-    table.add_row("[dim]chance[/]", *(f"[dim]{c:.3f}[/]" for c in (1 / len(MOTIONS), 1 / len(MOTIONS), 1 / len(AXES))), "")
-    console.print(table)
-    for line in reading(finetune):
-        console.print(f"[dim]{line}[/]", highlight=False)
-
-
-def markdown(finetune: dict) -> list[str]:
-    """The ``report.md`` section: what was run, the numbers, and what they mean."""
-    n, s = finetune["num_clips"], finetune["settings"]
-    lines = [
-        "## Fine-tuned on the motion labels",
-        "",
-        f"Each model below was fine-tuned end to end on the motion labels of the {n['train']} training clips with "
-        f"one recipe (`{finetune['recipe']}` at stage 1's frames and size, plus `{' '.join(finetune['recipe_overrides'])}`): "
-        f"{s['steps']} steps of {s['batch_size']} videos × 2 random crops, UMT's optimisation (AdamW, cosine schedule, "
-        "layer-wise LR decay, label smoothing, drop path). No horizontal flip: it would turn \"moving left\" into "
-        "\"moving right\". Crops stay within stage 1's range; RandAugment, random erasing and Mixup/CutMix, regularisers "
-        "for long schedules and the slowest part of a toy step, are off (`MOTION_RECIPE` in "
-        "`umt_distill/quickstart_finetune.py` says why each). Nothing was chosen on val; the final weights were tested "
-        f"on the {n['test']} test clips with {finetune['views_per_clip']} temporal views each (softmax averaged).",
-        "",
-        "- distilled students start from their stage-1 checkpoint; the control from the random weights stage 1 "
-        "started from (same seed, data order and head: distillation is the only difference);",
-        "- the image teacher is UMT's image baseline in miniature: the tiny CLIP's image tower on every frame, frame "
-        "embeddings averaged, a linear head, starting from the teacher's weights.",
-        "",
-        "| model | motion top-1 | mean class accuracy | axis accuracy |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, m in finetune["models"].items():
-        lines.append(f"| {name} | {m['top1']:.3f} | {m['mean_class_accuracy']:.3f} | {m['axis_accuracy']:.3f} |")
-    lines.append(f"| chance | {1 / len(MOTIONS):.3f} | {1 / len(MOTIONS):.3f} | {1 / len(AXES):.3f} |")
-    lines += [
-        "",
-        "Axis accuracy: the predicted motion is on the right axis (horizontal, vertical or size) whatever its "
-        "direction. A frame average is the same for a clip and the clip played backwards, and every motion here "
-        "is the reversal of another, so the image teacher can at best find the axis: about 0.5 top-1 with axis "
-        "accuracy up to 1 (up to small differences in which frames a test view samples).",
-        "",
-        *reading(finetune),
-    ]
-    return lines
-
-
-def reading(finetune: dict) -> list[str]:
-    """What this run's numbers say, with their noise (one seed, a binomial standard error per model)."""
-    models, n = finetune["models"], finetune["num_clips"]["test"]
-    teacher, control = models[IMAGE_TEACHER], models[CONTROL]
-    chance = 1 / len(MOTIONS)
-    floor = chance + 2 * standard_error(chance, n)  # "clearly above chance"
-    learned = {name: m["top1"] > floor for name, m in models.items()}
-    lines = []
-    if not any(learned.values()):
-        lines.append(f"- No model is clearly above chance (top-1 above {floor:.3f}): at this budget fine-tuning did not "
-                     "learn motion, so the comparisons below are between noise levels (`quickstart.finetune.steps`).")
-
-    def compare(a: dict, b: dict) -> tuple[float, float]:
-        return a["top1"] - b["top1"], 2 * math.hypot(standard_error(a["top1"], n), standard_error(b["top1"], n))
-
-    for name in (k for k in models if k.startswith("student, distilled")):
-        s = models[name]
-        gap_t, noise_t = compare(s, teacher)
-        gap_c, noise_c = compare(s, control)
-        verdict_t = ("beats its image teacher on motion after fine-tuning, UMT's claim in miniature"
-                     if gap_t > noise_t and learned[name]
-                     else "is clearly below its image teacher" if gap_t < -noise_t
-                     else "does not clearly beat its image teacher")
-        verdict_c = ("distillation helped fine-tuning" if gap_c > noise_c and learned[name]
-                     else "the distilled start fine-tuned clearly worse than random weights" if gap_c < -noise_c
-                     else "distillation made no clear difference to fine-tuning")
-        lines.append(f"- {name}: top-1 {s['top1']:.3f}; it {verdict_t} ({gap_t:+.3f} vs {teacher['top1']:.3f}, "
-                     f"noise ±{noise_t:.3f}); against the control ({control['top1']:.3f}) {verdict_c} "
-                     f"({gap_c:+.3f}, noise ±{noise_c:.3f}).")
-    lines.append(f"- image teacher: top-1 {teacher['top1']:.3f}, axis accuracy {teacher['axis_accuracy']:.3f} "
-                 + ("— it finds the axis but not the direction, as a frame average must."
-                    if teacher["axis_accuracy"] - teacher["top1"] > 0.25 else
-                    "(the order-blind ceiling is about 0.5 top-1: the axis, not the direction)."))
-    spread = {name: m["predicted_classes"] for name, m in models.items() if "predicted_classes" in m}
-    if spread:
-        lines.append(f"- Classes predicted on the test clips (of {len(MOTIONS)}): "
-                     + ", ".join(f"{name} {k}" for name, k in spread.items())
-                     + (" -- a model that predicts one class for every clip scores that class's share of the test set."
-                        if 1 in spread.values() else "."))
-    lines.append(f"- Noise: ±2 binomial standard errors on {n} test clips, one seed and one run per model; "
-                 "differences inside it are not results.")
-    return lines
-
-
-def draw_bars(ax, finetune: dict, colours: dict[str, str] | None = None) -> None:
-    """Motion top-1 of each fine-tuned model as bars on ``ax`` (dashed: chance, dotted: the order-blind 0.5).
-
-    Args:
-        colours: Colour per model name (the probe plot's, so a model keeps its colour); default: cycle.
-    """
-    names = list(finetune["models"])
-    values = [finetune["models"][n]["top1"] for n in names]
-    colours = colours or {}
-    bars = ax.bar(range(len(names)), values, color=[colours.get(n, f"C{i}") for i, n in enumerate(names)])
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.axhline(1 / len(MOTIONS), color="grey", linestyle="dashed", linewidth=1)
-    ax.axhline(0.5, color="grey", linestyle="dotted", linewidth=1)
-    ax.set_xticks(range(len(names)), [n.replace(", ", ",\n").replace(" (", "\n(") for n in names], fontsize=7)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("motion top-1, test")
-    ax.set_title(f"fine-tuned on motion, {finetune['settings']['steps']} steps (dotted: order-blind ceiling)", fontsize=10)
-
-
-__all__ = ["FinetuneSettings", "run_finetune", "finetune_recipe", "write_initial_student", "axis_accuracy",
-           "print_table", "markdown", "reading", "draw_bars", "MOTION_RECIPE", "IMAGE_TEACHER", "CONTROL"]
+__all__ = ["run_finetune", "finetune_recipe", "write_initial_student", "axis_accuracy", "MOTION_RECIPE", "AXES",
+           "FINETUNE_RECIPE", "INIT_RUN"]

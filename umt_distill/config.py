@@ -249,6 +249,9 @@ class FinetuneConfig(_Section):
     """Frames of pretraining: the position table is adapted from that grid (UMT: 8)."""
     pretrain_size: int = Field(224, ge=8)
     """Resolution of pretraining (UMT: 224)."""
+    tubelet_size: int | None = Field(None, ge=1)
+    """Frames per token of the fine-tuned student; null = the init checkpoint's (else ``student.name``'s).
+    A tubelet-1 checkpoint is inflated to it (kernel / T' on each frame; ``models/classifier.py``)."""
     drop_head: bool = False
     """Re-initialise the head of a fine-tuned init checkpoint."""
     head_slice: int | None = Field(None, ge=1)

@@ -291,3 +291,18 @@ def test_two_processes_match_one_process_with_twice_the_batch(corpus, tmp_path) 
     wa = load_file(str(tmp_path / "one" / "checkpoints" / "step-00000004" / "model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4, rtol=1e-3) for k in wa)
+
+
+def test_the_finetuning_loop_builds_a_tubelet_2_classifier_from_a_videomae_run(corpus, tmp_path) -> None:
+    """Tubelet and position table come from the checkpoint: pretraining grid 8 frames / 2 = 4 token frames."""
+    from umt_distill.models.vit import sincos_1d
+    from umt_distill.stages.finetune import build_classifier
+    from umt_distill.stages.videomae import train
+
+    run = tmp_path / "run"
+    train(_cfg(corpus, run, "train.max_steps=2", "train.batch_size=4"))
+    ft = load_recipe("finetune/tiny", [f"finetune.init={run}", "finetune.num_frames=8", "finetune.size=64",
+                                       "finetune.pretrain_num_frames=8", "finetune.pretrain_size=64"])
+    model, report = build_classifier(ft)
+    assert model.patch_embed.tubelet_size == 2 and report.layout == "stage1"
+    torch.testing.assert_close(model.pos_table((4, 4, 4), torch.device("cpu")), sincos_1d(64, 64))

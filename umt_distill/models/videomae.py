@@ -109,7 +109,7 @@ class VideoMAE(nn.Module):
         tokens, pos = self.encoder.embed(x, visible_idx)  # [B, L_vis, C]
         feats = self.encoder.run_blocks(tokens, self.return_index, norm=True)  # list of [B, L_vis, C]
         align = None
-        if self.clip_decoder is not None:  # UMT re-adds the encoder's table before the heads (§2.3)
+        if self.clip_decoder is not None:  # UMT re-adds the encoder table before the heads ("clip_pos_embed")
             p = pos.to(feats[0].dtype)
             align = torch.stack([head(f + p) for head, f in zip(self.clip_decoder, feats)])
         z = self.encoder_to_decoder(feats[-1])  # [B, L_vis, C_d]

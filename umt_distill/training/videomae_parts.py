@@ -35,7 +35,7 @@ def check_videomae_recipe(cfg: Recipe) -> None:
     v = cfg.videomae
     if v.target == "uta+pixel" and v.tubelet_size != 1:
         raise RecipeError(f"videomae.target=uta+pixel needs videomae.tubelet_size=1 (one teacher token per student "
-                          f"token, UMT §2.1), got {v.tubelet_size}")
+                          f"token, as UMT pretrains), got {v.tubelet_size}")
     if cfg.mask.type == "semantic" and v.target != "uta+pixel":
         raise RecipeError("mask.type=semantic needs the teacher's attention: use mask.type=tube (VideoMAE) or "
                           "videomae.target=uta+pixel")

@@ -59,6 +59,9 @@ POS_EMBED_ATOL = 1e-4
 # Pretraining-file keys the classifier does not use: the final norm (Identity under mean pooling) and
 # the alignment heads.
 _PRETRAIN_LEFTOVERS = ("norm.", "clip_decoder.")
+# Top-level keys of pixel-reconstruction files (ours and VideoMAE / VideoMAE V2's official pretraining
+# files, ``models/videomae.py``): the decoder side, which fine-tuning drops as VideoMAE does.
+_PIXEL_DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
 def pretrained_pos_embed(dim: int, pretrain_grid: tuple[int, int, int], grid: tuple[int, int, int]) -> Tensor:
@@ -373,7 +376,8 @@ def load_classifier_weights(
 
     Pretraining files (our stage-1/2 safetensors, UMT ``encoder.*`` / ``vision_encoder.encoder.*``):
     the backbone must match exactly; ``fc_norm`` and ``head`` stay fresh; ``encoder.norm`` and the
-    ``clip_decoder`` heads are ignored (UMT drops them too).
+    ``clip_decoder`` heads are ignored (UMT drops them too), and so is the pixel decoder of VideoMAE files
+    (``decoder.*``, ``encoder_to_decoder.*``, ``mask_token``).
 
     Fine-tuned files (UMT's DeepSpeed ``module`` dicts, our fine-tuning checkpoints): every key must
     match, head included, unless ``drop_head``. A stored ``pos_embed`` (only files fine-tuned at ≠ 8
@@ -412,7 +416,7 @@ def load_classifier_weights(
         state = {}
         for key, value in student.items():
             inner = key[len("encoder."):] if key.startswith("encoder.") else key
-            if inner.startswith(_PRETRAIN_LEFTOVERS) or key.startswith("clip_decoder."):
+            if inner.startswith(_PRETRAIN_LEFTOVERS) or key.startswith(("clip_decoder.", *_PIXEL_DECODER_KEYS)):
                 ignored.append(key)
             elif key.startswith("encoder."):
                 state[inner] = value

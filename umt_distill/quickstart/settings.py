@@ -50,6 +50,9 @@ class QuickstartSettings:
         clip: Training of the tiny image CLIP (``quickstart.clip.steps=300``).
         finetune: Fine-tuning on the motion labels (``quickstart.finetune.steps=400``).
         stage2_epochs: Epochs of stage 2 (0 = the epochs of ``recipes/quickstart/stage2.yaml``).
+        stage2_tubelet: Frames per token of the stage-2 vision encoder (1 = UMT's). Above 1 the stage-1
+            weights are inflated and UTA is off (a token spans several frames, so it has no one teacher
+            token); the run goes to ``runs/stage2-<mode>-tubelet<T>``.
         clip_images: Still images in the tiny CLIP's image–caption corpus.
         clip_eval_images: Held-out stills for its zero-shot accuracy.
         knn_k: Neighbours of the kNN probe.
@@ -62,6 +65,7 @@ class QuickstartSettings:
     clip: ClipTrainSettings = ClipTrainSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     stage2_epochs: int = 0
+    stage2_tubelet: int = 1
     clip_images: int = 6000
     clip_eval_images: int = 500
     knn_k: int = 10

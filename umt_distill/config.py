@@ -296,6 +296,8 @@ class FinetuneConfig(_Section):
     recount: int = Field(1, ge=1)
     num_sample: int = Field(2, ge=1)
     """Repeated augmentation: augmented clips per decoded video (the batch holds batch_size × num_sample)."""
+    preload: bool = False
+    """Decode the training videos once into memory instead of every epoch (small corpora only)."""
 
     # evaluation
     test_num_clips: int = Field(4, ge=1)

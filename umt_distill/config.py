@@ -60,7 +60,8 @@ class TeacherConfig(_Section):
     pretrained: str | None = "openai"
     """An open_clip tag (``openai``), a local weights file, or null for random weights."""
     model_config_path: str | None = None
-    """An open_clip model-config JSON for custom/tiny models (its stem becomes the model name)."""
+    """An open_clip model-config JSON for custom/tiny models, registered with open_clip under
+    ``teacher.name`` (so give it a name of its own, not a built-in one such as ``ViT-B-16``)."""
     layers: int = Field(6, ge=1)
     layer_interval: float = Field(1.0, gt=0)
     input_size: int | None = None
@@ -85,6 +86,8 @@ class CacheConfig(_Section):
     mask_ratio: float = Field(0.8, ge=0.0, lt=1.0)
     masks_per_view: int = Field(1, ge=1)
     codec: str = "fp16"
+    basis_clips: int = Field(32, ge=1)
+    """Codecs with a basis (``pca<r>``): clips (all K views) the per-layer basis is fitted on."""
     compressor: Literal["zstd", "blosc", "none"] = "zstd"
     frames: Literal["none", "jpeg", "raw"] = "none"
     """Also store the student's view pixels (WebDataset only) so training skips video decoding."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_basis
 from umt_distill.cache.spec import (
     SPEC_FORMAT,
     SpecMismatchError,
@@ -121,7 +122,7 @@ def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
             "num_views": c.num_views,
         },
         "mode": {"mode": c.mode, **({"mask_ratio": c.mask_ratio, "masks_per_view": c.masks_per_view} if c.mode == "visible" else {})},
-        "codec": {"name": c.codec, "compressor": c.compressor},
+        "codec": {"name": c.codec, "compressor": c.compressor, **codec_spec_fields(cfg)},
         "layout": c.layout,
         "frames": c.frames,
         "corpus": {"source": str(cfg.corpus.source), "root": cfg.corpus.root, "digest": corpus_digest, "num_clips": len(rows)},
@@ -142,6 +143,7 @@ class _Writer:
 
     def __init__(self, cfg: Recipe, shards_dir: Path) -> None:
         self.cfg, self.shards_dir = cfg, shards_dir
+        self.codec = codec_for_store(shards_dir.parent)  # pca codecs: bound to the store's basis
         self.queue: queue.Queue = queue.Queue(maxsize=4 * cfg.cache.batch_size)
         self.error: BaseException | None = None
         self.writers: dict[str, object] = {}
@@ -169,7 +171,7 @@ class _Writer:
                 if kind == "add":
                     if plan.name not in self.writers:
                         self.writers[plan.name] = open_shard_writer(
-                            c.layout, self.shards_dir, plan.name, c.codec, c.compressor, frames=c.frames
+                            c.layout, self.shards_dir, plan.name, self.codec, c.compressor, frames=c.frames
                         )
                     self.writers[plan.name].add(op[2])
                 elif kind == "close":
@@ -270,6 +272,7 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
     shards_dir = root / SHARDS_DIR
     lock = _lock(root, env)
     try:
+        ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
         plans = plan_shards(len(rows), cfg.cache.clips_per_shard)
         mine = rank_shards(plans, env)
         todo, redone = plan_shard_work(shards_dir, cfg.cache.layout, mine, deep=deep, retry_failed=retry_failed,

@@ -149,6 +149,8 @@ class TrainConfig(_Section):
     tensorboard: bool = False
     pixels_from: Literal["video", "store"] = "video"
     """Re-decode the view from the video, or read the frames stored in the shards."""
+    shuffle_buffer: int = Field(64, ge=0)
+    """WebDataset streaming: samples in each worker's shuffle buffer (0: store order, shards unshuffled)."""
 
 
 class TextConfig(_Section):

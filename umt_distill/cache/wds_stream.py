@@ -167,7 +167,8 @@ class BatchAssembler:
         if self.frames == "array" and stored_frames == "raw":
             names.append("frames")
         elif self.frames is not None and stored_frames == "none":
-            raise StoreDamagedError(url, f"sample {key}: the store keeps no view frames; use train.pixels_from=video")
+            raise ValueError(f"{url}: sample {key}: the store keeps no view frames (cache.frames=none); "
+                             "use train.pixels_from=video")
         sfx = {e.split(".npy")[0]: e for e in entries if ".npy" in e}
         i = self.n
         for name in names:

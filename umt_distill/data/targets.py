@@ -179,18 +179,21 @@ class StreamingViewDataset(IterableDataset):
         store: The store root.
         cfg: The training recipe (seed, pixel source, video backend, batch size, workers).
         rows: Corpus rows by id (pixels re-decoded from the videos).
-        shuffle: Shuffle buffer size in samples (0: store order).
+        shuffle: Shuffle buffer size in samples (0: store order, shards unshuffled; default
+            ``train.shuffle_buffer``).
         jpeg_device: Where JPEG frames are decoded: ``None`` in the worker; a device name to ship the
             bytes and decode in the step (``data.targets.batch_pixels``).
+        pixels: ``False``: targets only (benchmarks, tools).
     """
 
-    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, shuffle: int = 64,
-                 jpeg_device: str | None = None) -> None:
+    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, shuffle: int | None = None,
+                 jpeg_device: str | None = None, pixels: bool = True) -> None:
         from umt_distill.cache.spec import read_spec
         from umt_distill.cache.stores import read_index
 
-        self.store, self.cfg, self.rows, self.shuffle = Path(store), cfg, rows or {}, shuffle
-        self.jpeg_device = jpeg_device
+        self.store, self.cfg, self.rows = Path(store), cfg, rows or {}
+        self.shuffle = cfg.train.shuffle_buffer if shuffle is None else shuffle
+        self.jpeg_device, self.pixels = jpeg_device, pixels
         spec = read_spec(self.store)
         self.num_views = int(spec["views"]["num_views"])
         self.seed = rotation_seed(spec, cfg)
@@ -260,16 +263,18 @@ class StreamingViewDataset(IterableDataset):
 
         rank, world, worker, _ = _worker_info()
         shards = self._worker_shards(rank, world, worker)
-        random.Random(f"shards:{self.seed}:{self.epoch}:{rank}:{worker}").shuffle(shards)
+        if self.shuffle:
+            random.Random(f"shards:{self.seed}:{self.epoch}:{rank}:{worker}").shuffle(shards)
         samples: Iterator = self._samples(shards)
         if self.shuffle:
             samples = _shuffled(samples, self.shuffle, random.Random(f"samples:{self.seed}:{self.epoch}:{rank}:{worker}"))
-        from_store = self.cfg.train.pixels_from == "store"
+        from_store = self.pixels and self.cfg.train.pixels_from == "store"
+        from_video = self.pixels and not from_store
         assembler = BatchAssembler(self.batch_size, self.epoch, "array" if from_store else None, self.jpeg_device)
         pixels: list[torch.Tensor] = []
         for url, key, entries, meta in samples:
             assembler.add(url, key, entries, meta)
-            if not from_store:
+            if from_video:
                 from umt_distill.data.views import ViewSpec
 
                 row = self.rows[meta["clip_id"]]

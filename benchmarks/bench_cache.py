@@ -33,7 +33,8 @@ from benchmarks.common import K710_CLIPS, clean_dir, evict_page_cache, log, tran
 
 CODECS = ("fp32", "fp16", "bf16", "int8")
 STORE_MODES = ("full", "visible")
-# Target shapes of the two UMT models (reference/umt.md): last 6 CLIP blocks, 8 frames, 14x14 tokens.
+# Target shapes of the two UMT models (UMT code @4fb4049, single_modality/exp/pretraining/*.sh): last 6 CLIP
+# blocks, 8 frames, 14x14 tokens.
 UMT_TARGETS = {
     "UMT-B/16 (CLIP-B/16, 224 px)": {"K": 6, "T": 8, "N": 196, "D": 512},
     "UMT-L/16 (CLIP-L/14, 196 px)": {"K": 6, "T": 8, "N": 196, "D": 768},

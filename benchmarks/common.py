@@ -32,8 +32,9 @@ REPO_DIR = BENCH_DIR.parent
 if str(REPO_DIR) not in sys.path:  # `python benchmarks/run.py` from a checkout without `pip install -e`
     sys.path.insert(0, str(REPO_DIR))
 
-# Kinetics-710 training clips: ~0.66 M (reference/prior-art.md, "UMT-specific consequences"; UMT's K710 is
-# the union of K400/600/700 training sets with the validation videos of all three removed).
+# Kinetics-710 training clips: ~0.66 M (658,340 in the k710 list of github.com/OpenGVLab/VideoMAEv2,
+# docs/DATASET.md; UMT's K710, prepared as in UniFormerV2, is the union of K400/600/700 training sets with
+# the validation videos of all three removed).
 K710_CLIPS = 660_000
 
 

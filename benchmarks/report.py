@@ -179,8 +179,8 @@ def storage_md(res: dict, stem: str) -> list[str]:
                      f"{r['read_mb_per_s']:.1f} | {r['read_records_per_s']:.2f} | {r['mean_cos']:.6f} | {r['p1_cos']:.6f} | "
                      f"{r['loss_fp32']:.5f} | {r['loss_abs_diff']:.2e} |")
     lines += ["", f"![bytes vs cosine]({stem}-storage.png)", "",
-              f"UMT target shapes and a Kinetics-710 projection ({K710_CLIPS / 1e6:.2f} M training clips, the count in "
-              "`reference/prior-art.md`; one view per clip — multiply by K views). Raw = exact array bytes from the "
+              f"UMT target shapes and a Kinetics-710 projection ({K710_CLIPS / 1e6:.2f} M training clips, 658,340 in the "
+              "k710 list of VideoMAEv2's `docs/DATASET.md`; one view per clip — multiply by K views). Raw = exact array bytes from the "
               "shapes; on disk = raw × the on-disk/raw ratio measured above for that codec and mode.", "",
               "| model | codec | mode | raw MB / clip-view | on-disk MB / clip-view | K710 TB per view (raw) | K710 TB per view (on disk) |",
               "|---|---|---|---|---|---|---|"]

@@ -1,7 +1,8 @@
 """Official UMT checkpoint layouts load strictly; wrong files fail and name the keys.
 
-The expected key layout is written out here from reference/umt.md §5.2 (stage 1) and §5.4 (stage 2),
-independently of the model code, so a renamed parameter in the model breaks these tests.
+The expected key layout is written out here from the official code (UMT code @4fb4049: stage 1 =
+single_modality/models/modeling_pretrain_umt.py, stage 2 = multi_modality/models/umt.py), independently of the
+model code, so a renamed parameter in the model breaks these tests.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ TINY = dict(dim=64, depth=4, teacher_dim=32, heads=2, patch=16)
 
 
 def umt_stage1_layout(dim: int, depth: int, teacher_dim: int, heads: int, patch: int) -> dict[str, tuple]:
-    """Key → shape of a UMT stage-1 ``model`` dict (§5.2), with mlp ratio 4 and tubelet 1."""
+    """Key → shape of a UMT stage-1 ``model`` dict (single_modality/models/modeling_pretrain_umt.py), mlp ratio 4,
+    tubelet 1."""
     keys: dict[str, tuple] = {
         "encoder.patch_embed.proj.weight": (dim, 3, 1, patch, patch),
         "encoder.patch_embed.proj.bias": (dim,),
@@ -88,7 +90,7 @@ def test_base_model_has_umt_keys_and_shapes():
         model = create_student("umt_base_patch16")
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = umt_stage1_layout(dim=768, depth=12, teacher_dim=512, heads=6, patch=16)
-    assert len(expected) == 184  # §5.2: 184 tensors for UMT-B/16
+    assert len(expected) == 184  # 184 tensors in UMT-B/16's stage-1 state dict
     assert ours == expected
 
 
@@ -188,7 +190,7 @@ def test_shape_mismatch_is_listed_even_when_not_strict():
 
 
 def test_teacher_file_is_not_a_student(tmp_path):
-    # A CLIP visual extraction (§5.1) has no encoder.* keys.
+    # A CLIP visual extraction (single_modality/models/extract_clip/extract.ipynb) has no encoder.* keys.
     clip = {"conv1.weight": torch.zeros(8, 3, 16, 16), "class_embedding": torch.zeros(8),
             "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(24, 8), "proj": torch.zeros(8, 4)}
     torch.save(clip, tmp_path / "vit_b16.pth")

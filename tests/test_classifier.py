@@ -1,7 +1,8 @@
 """VideoClassifier: UMT's fine-tuning keys, strict loading of every official layout, PE adaptation.
 
-The key layouts are written out here from reference/umt.md §5.2 (stage 1), §5.3 (fine-tuned) and §5.4
-(stage 2), independently of the model code.
+The key layouts are written out here from the official code (UMT code @4fb4049: stage 1 =
+single_modality/models/modeling_pretrain_umt.py, fine-tuned = single_modality/models/modeling_finetune.py,
+stage 2 = multi_modality/models/umt.py), independently of the model code.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def block_keys(prefix: str, dim: int, depth: int) -> dict[str, tuple]:
 
 
 def finetuned_layout(dim: int = DIM, depth: int = DEPTH, classes: int = 5, patch: int = PATCH) -> dict[str, tuple]:
-    """§5.3: no prefix, fc_norm and head, no norm.*."""
+    """Fine-tuned (modeling_finetune.py): no prefix, fc_norm and head, no norm.*."""
     keys = {"patch_embed.proj.weight": (dim, 3, 1, patch, patch), "patch_embed.proj.bias": (dim,)}
     keys.update(block_keys("", dim, depth))
     keys.update({"fc_norm.weight": (dim,), "fc_norm.bias": (dim,), "head.weight": (classes, dim), "head.bias": (classes,)})
@@ -48,7 +49,7 @@ def finetuned_layout(dim: int = DIM, depth: int = DEPTH, classes: int = 5, patch
 
 
 def stage1_layout(dim: int = DIM, depth: int = DEPTH, teacher_dim: int = 32, heads: int = 2) -> dict[str, tuple]:
-    """§5.2: encoder.* with encoder.norm, plus clip_decoder.{k}."""
+    """Stage 1 (modeling_pretrain_umt.py): encoder.* with encoder.norm, plus clip_decoder.{k}."""
     keys = {"encoder.patch_embed.proj.weight": (dim, 3, 1, PATCH, PATCH), "encoder.patch_embed.proj.bias": (dim,)}
     keys.update(block_keys("encoder.", dim, depth))
     keys.update({"encoder.norm.weight": (dim,), "encoder.norm.bias": (dim,)})

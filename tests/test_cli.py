@@ -70,3 +70,23 @@ def test_quickstart_takes_overrides_and_names_a_bad_key(tmp_path) -> None:
     result = invoke("quickstart", "--output", str(tmp_path / "qs"), "quickstart.wrld.clips=3")
     assert result.exit_code == 2 and "quickstart.wrld.clips" in result.output and "quickstart.world" in result.output
     assert not (tmp_path / "qs" / "world").exists()  # nothing generated before the settings are valid
+
+
+def test_install_metadata_raises_no_setuptools_warnings() -> None:
+    """`pip install -e .` reads pyproject.toml with setuptools; a deprecated field there prints a wall of
+    warnings on every fresh install (a `license` table instead of an SPDX string did)."""
+    import tomllib
+    import warnings
+    from pathlib import Path
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), str(pyproject))
+    assert [str(w.message)[:300] for w in caught] == []
+    config = tomllib.loads(pyproject.read_text())
+    assert isinstance(config["project"]["license"], str)  # an SPDX expression needs setuptools >= 77
+    assert any(req.replace(" ", "").startswith("setuptools>=77") for req in config["build-system"]["requires"])

@@ -31,7 +31,7 @@ from umt_distill.data.classification import (  # noqa: E402
 from umt_distill.training.metrics import read_metrics  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
-# frame sampling and crops (umt.md §3.4), by hand
+# frame sampling and crops (UMT code: single_modality/datasets/kinetics_sparse.py), by hand
 
 
 def test_sparse_sampling_matches_hand_computed_frames():

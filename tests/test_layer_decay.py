@@ -1,4 +1,5 @@
-"""Layer-wise LR decay: exact scale per block in the AdamW groups (reference/umt.md §3.3)."""
+"""Layer-wise LR decay: exact scale per block in the AdamW groups (UMT code: LayerDecayValueAssigner in
+single_modality/optim_factory.py @4fb4049)."""
 
 from __future__ import annotations
 

@@ -57,7 +57,8 @@ def test_deterministic_given_generator(name):
 
 @pytest.mark.parametrize("name", ["tube", "semantic"])
 def test_umt_default_forty_per_frame(name):
-    # ratio 0.8, N 196: int(156.8) = 156 masked → 40 visible per frame, 320 for 8 frames (§2.5).
+    # ratio 0.8, N 196: int(156.8) = 156 masked → 40 visible per frame, 320 for 8 frames
+    # (UMT code: single_modality/engines/engine_for_pretraining_umt.py).
     assert num_visible(196, 0.8) == 40
     idx = _draw(name, batch=2, frames=8, patches=196, ratio=0.8, attn=_attn(2, 8, 196))
     assert idx.shape == (2, 320)

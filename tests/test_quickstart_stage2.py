@@ -10,21 +10,12 @@ import torch
 from rich.console import Console
 
 from umt_distill.config import RecipeError
-from umt_distill.quickstart import DONE_FILE
-from umt_distill.quickstart_stage2 import (
-    CHANCE,
-    STUDENT_ITC,
-    STUDENT_ITM,
-    TEACHER,
-    chance_metrics,
-    class_level_metrics,
-    class_view_metrics,
-    make_stage2_recipe,
-    retrieval_checks,
-    retrieval_markdown,
-    retrieval_table,
-    run_stage2_retrieval,
+from umt_distill.quickstart.report import retrieval_checks, retrieval_markdown, retrieval_table
+from umt_distill.quickstart.retrieval import (
+    CHANCE, STUDENT_ITC, STUDENT_ITM, TEACHER, chance_metrics, class_level_metrics, class_view_metrics,
 )
+from umt_distill.quickstart.runs import DONE_FILE
+from umt_distill.quickstart.stage2 import make_stage2_recipe, run_stage2_retrieval
 
 # The miniature quickstart of tests/test_quickstart.py, and stage 2 as small.
 MINI = [
@@ -47,7 +38,10 @@ def quiet() -> tuple[Console, io.StringIO]:
 def stage1(tmp_path_factory) -> dict:
     """World, tiny CLIP, cache and stage-1 run of the miniature quickstart (its steps, without probes)."""
     from umt_distill.data.toyworld import write_world
-    from umt_distill.quickstart import build_teacher_weights, ensure_cache, ensure_trained, make_recipe, parse_settings
+    from umt_distill.quickstart.cache import ensure_cache
+    from umt_distill.quickstart.settings import parse_settings
+    from umt_distill.quickstart.stage1 import ensure_trained, make_recipe
+    from umt_distill.quickstart.teacher import build_teacher_weights
 
     out = tmp_path_factory.mktemp("qs")
     console, _ = quiet()
@@ -118,7 +112,7 @@ def test_stage2_recipe_must_keep_stage1_teacher_student_and_frames(stage1) -> No
 def test_teacher_image_side_is_the_open_clip_image_embedding(stage1) -> None:
     """The frame embeddings scored against the text tower are open_clip's own encode_image of those pixels."""
     from umt_distill.cache.pipeline import build_teacher
-    from umt_distill.quickstart_stage2 import load_clip_text_tower
+    from umt_distill.quickstart.retrieval import load_clip_text_tower
 
     cfg = stage1["cfg"]
     pixels = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

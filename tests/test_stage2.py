@@ -135,7 +135,8 @@ def _tiny_model(corpora, stores, tmp_path, *extra: str):
 
 
 def _official_stage2_keys(layers: int, fusion: int, heads: int) -> dict[str, tuple[int, ...]]:
-    """UMT's stage-2 key layout (reference/umt.md §5.4), written out independently of our modules.
+    """UMT's stage-2 key layout (UMT code @4fb4049: multi_modality/models/umt.py), written out independently
+    of our modules.
 
     Sizes of the tiny test parts: vision 64 (4 blocks, K=2 heads onto a 32-d teacher), BERT 64 wide,
     MLP 256, vocabulary 50, 64 positions, contrastive width 32.

@@ -74,7 +74,7 @@ def test_base_and_large_parameter_counts():
         base = create_student("umt_base_patch16")
         large = create_student("umt_large_patch16")
     assert 85e6 < count_parameters(base.encoder) < 87e6  # ViT-B ≈ 86 M
-    assert round(count_parameters(base) / 1e6, 1) == 88.0  # reference/umt.md §5.2: 88.0 M with heads
+    assert round(count_parameters(base) / 1e6, 1) == 88.0  # UMT's pretrain_umt_base_patch16_224 + 6 heads
     assert len(base.state_dict()) == 184
     assert 300e6 < count_parameters(large.encoder) < 306e6  # ViT-L ≈ 303 M
 

@@ -1,8 +1,9 @@
 """Unmasked-token alignment (UTA) loss and the gather of teacher targets at visible tokens.
 
-UMT stage 1 (reference/umt.md §2.4): for each aligned layer pair, ``2 − 2·cos(s, t)`` between the
-student's head output and the teacher's token at the same visible position, averaged over layers,
-batch and tokens (layers are averaged, not summed). Equals the squared distance of unit vectors.
+UMT stage 1 (UMT code @4fb4049: single_modality/engines/engine_for_pretraining_umt.py): for each aligned layer
+pair, ``2 − 2·cos(s, t)`` between the student's head output and the teacher's token at the same visible
+position, averaged over layers, batch and tokens (layers are averaged, not summed). Equals the squared
+distance of unit vectors.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Each loss has a vectorised implementation used in training and a plain-loop ``*_
 the parity tests. :class:`Stage2Objective` combines them with the UTA loss for one batch; the stage-2
 loop wraps it in DDP, so every parameter it uses is seen by one ``forward``.
 
-Differences from UMT's code (reference/umt.md §4.5), on purpose:
+Differences from UMT's code (UMT code @4fb4049: multi_modality/models/criterions.py, ``AllGather`` in
+multi_modality/models/utils.py), on purpose:
 
 - The cross-rank gather of the contrastive embeddings sums the gradient over ranks in backward.
   UMT's gather returns only the local slice, which after DDP's averaging leaves the contrastive

@@ -1,10 +1,10 @@
 """Video classification data for fine-tuning: labels, UMT's frame sampling, clip-consistent augmentation.
 
-Training (reference/umt.md §3.3-3.4), per decoded video and repeated ``num_sample`` times on the same
-frames (repeated augmentation): timm's RandAugment with the *same* ops and magnitudes on every frame
-→ one random-resized crop for the whole clip → horizontal flip (off for SSv2) → ImageNet normalisation
-→ timm's random erasing (one box per frame, as UMT applies it). Mixup/CutMix act on the batch
-(:class:`VideoMixup`).
+Training (UMT code @4fb4049: single_modality/datasets/kinetics_sparse.py), per decoded video and repeated
+``num_sample`` times on the same frames (repeated augmentation): timm's RandAugment with the *same* ops and
+magnitudes on every frame → one random-resized crop for the whole clip → horizontal flip (off for SSv2) →
+ImageNet normalisation → timm's random erasing (one box per frame, as UMT applies it). Mixup/CutMix act on the
+batch (:class:`VideoMixup`).
 
 Testing: ``num_clips`` temporal clips × ``num_crops`` square crops along the long side of the
 short-side-resized frames; every view of a video comes from one decode.
@@ -126,7 +126,7 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------
-# frame sampling (umt.md §3.4)
+# frame sampling (single_modality/datasets/kinetics_sparse.py)
 
 
 def sparse_train_indices(num_frames: int, clip_len: int, gen: torch.Generator) -> list[int]:

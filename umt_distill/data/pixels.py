@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# UMT normalises student input with ImageNet statistics (reference/umt.md §2.8).
+# UMT normalises student input with ImageNet statistics (UMT code @4fb4049: single_modality/datasets/build.py).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

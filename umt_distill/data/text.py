@@ -1,6 +1,7 @@
 """Captions → token ids: UMT's caption cleaning and the tokenizer (hub id, local folder, or trained here).
 
-``pre_text`` follows UMT's preprocessing (reference/umt.md §4.4): lower-case, drop the punctuation
+``pre_text`` follows UMT's preprocessing (UMT code @4fb4049: ``pre_text`` in
+multi_modality/dataset/utils.py): lower-case, drop the punctuation
 ``,.'!?"()*#:;~``, turn ``-`` and ``/`` into spaces, collapse whitespace. Tokenisation pads to
 ``max_length`` and truncates (UMT pretraining: 32).
 

@@ -1,4 +1,5 @@
-"""Multi-view test aggregation and classification metrics (reference/umt.md §3.4).
+"""Multi-view test aggregation and classification metrics (UMT code @4fb4049:
+``final_test`` and ``merge`` in single_modality/engines/engine_for_finetuning.py).
 
 Each test video is seen in V views (clips × crops). The logits of every view go through a softmax and
 the probabilities are averaged per video — averaging probabilities, not logits, as UMT's ``merge``

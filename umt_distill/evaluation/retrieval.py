@@ -1,4 +1,5 @@
-"""Video-text retrieval and multiple-choice evaluation with UMT's stage-2 protocol (reference/umt.md §4.8).
+"""Video-text retrieval and multiple-choice evaluation with UMT's stage-2 protocol (UMT code @4fb4049:
+multi_modality/tasks/retrieval_utils.py).
 
 1. Every caption through the text-mode BERT layers ([Nt, L, H] + padding mask + CLS embedding).
 2. Every video on one canonical view (``eval_center``: segment midpoints, centre crop) through the

@@ -1,9 +1,10 @@
 """Load official UMT checkpoints (and our own safetensors files) into :class:`UMTStudent`, strictly.
 
-UMT stage-1 files hold ``encoder.*`` and ``clip_decoder.{k}.*`` (reference/umt.md §5.2), either bare or
-wrapped as ``{"model": ...}`` (SM ``save_model``) or ``{"module": ...}`` (DeepSpeed). Stage-2 files hold
-the same keys under ``vision_encoder.`` next to the text encoder and the teacher (§5.4); only that
-subtree is taken. The position embeddings are not stored (they are recomputed), so the key sets match
+UMT stage-1 files hold ``encoder.*`` and ``clip_decoder.{k}.*`` (UMT code @4fb4049:
+single_modality/models/modeling_pretrain_umt.py), either bare or wrapped as ``{"model": ...}``
+(``save_model`` in single_modality/utils.py) or ``{"module": ...}`` (DeepSpeed). Stage-2 files hold
+the same keys under ``vision_encoder.`` next to the text encoder and the teacher
+(multi_modality/models/umt.py); only that subtree is taken. The position embeddings are not stored (they are recomputed), so the key sets match
 exactly. A file that does not match — missing, unexpected or mis-shaped keys — raises an error listing
 them, instead of UMT's silent ``strict=False``.
 """

@@ -1,19 +1,32 @@
 """Action-recognition classifiers: the UMT video ViT with a mean-pooling head, and an image-teacher baseline.
 
-:class:`VideoClassifier` is UMT's fine-tuning model (reference/umt.md §3.1): the stage-1 backbone
-without its final norm, the mean of all tokens, ``fc_norm`` (LayerNorm), dropout and a linear ``head``
-initialised small (trunc-normal std 0.02, times 0.001). Its parameter names equal the official
-fine-tuned checkpoints' (``patch_embed.*``, ``blocks.{i}.*``, ``fc_norm.*``, ``head.*``; §5.3).
+:class:`VideoClassifier` is UMT's fine-tuning model (UMT code @4fb4049:
+single_modality/models/modeling_finetune.py): the stage-1 backbone without its final norm, the mean of all
+tokens, ``fc_norm`` (LayerNorm), dropout and a linear ``head`` initialised small (trunc-normal std 0.02, times
+0.001). Its parameter names equal the official fine-tuned checkpoints' (``patch_embed.*``, ``blocks.{i}.*``,
+``fc_norm.*``, ``head.*``).
 
 The position table is never trained. It starts from the 1-D sine-cosine table of the *pretraining*
 token grid and, when the fine-tuning grid differs, is resized per frame bicubically in space and then
-linearly in time, as UMT does for 16 frames or 384 px (§3.1).
+linearly in time, as UMT does for 16 frames or 384 px (``get_sinusoid_encoding_table`` in
+modeling_finetune.py).
 
 :func:`load_classifier_weights` initialises a classifier from our stage-1/2 checkpoints or official UMT
 files (stage 1 ``encoder.*``, stage 2 ``vision_encoder.encoder.*``, fine-tuned unprefixed keys),
 strictly: every backbone key must be present with the right shape, and anything left over is an error
 listing the keys — except the documented leftovers of pretraining files (``encoder.norm``, the
 alignment heads ``clip_decoder``), which fine-tuning does not use.
+
+Tubelet inflation: a tubelet-1 checkpoint (UMT pretraining) loads into a classifier whose patch
+embedding spans ``T'`` frames per token (:func:`inflate_tubelet`): the 2-D kernel is spread evenly over
+the ``T'`` frames, ``W'[:, :, τ] = W / T'`` -- the ``center=False`` rule of the official code's kernel
+inflation (UMT code @4fb4049: single_modality/models/clip.py, ``load_state_dict``; its default,
+``center=True``, puts the kernel on the middle frame only, so each token would start from one frame). A
+token is then the mean of the ``T'`` per-frame tokens it replaces (the convolution is linear and the
+bias is kept), so a static clip gives exactly the tubelet-1 tokens. The position table is the
+pretraining table resized to the new grid (linearly in time, as above); for ``T' = 2`` that is the mean
+of the two frames' positions, so the embedding of any clip is the mean of the tubelet-1 embeddings of
+each frame pair. Only tubelet 1 is inflated; any other change of tubelet is refused.
 
 :class:`ImageTeacherClassifier` is the baseline the paper compares against: the CLIP image tower run on
 every frame, its image embeddings averaged over time, then the same ``fc_norm`` + ``head``.
@@ -46,6 +59,9 @@ POS_EMBED_ATOL = 1e-4
 # Pretraining-file keys the classifier does not use: the final norm (Identity under mean pooling) and
 # the alignment heads.
 _PRETRAIN_LEFTOVERS = ("norm.", "clip_decoder.")
+# Top-level keys of pixel-reconstruction files (ours and VideoMAE / VideoMAE V2's official pretraining
+# files, ``models/videomae.py``): the decoder side, which fine-tuning drops as VideoMAE does.
+_PIXEL_DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
 def pretrained_pos_embed(dim: int, pretrain_grid: tuple[int, int, int], grid: tuple[int, int, int]) -> Tensor:
@@ -278,6 +294,7 @@ class ClassifierLoadReport:
     fresh: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     head_rows: int | None = None
+    inflated: str | None = None  # e.g. "patch_embed tubelet 1 → 2 (kernel / 2)"
 
 
 def read_weights(path_or_state: str | Path | Mapping[str, object]) -> tuple[dict[str, Tensor], str]:
@@ -298,6 +315,35 @@ def read_weights(path_or_state: str | Path | Mapping[str, object]) -> tuple[dict
             raise CheckpointError(str(path), "a directory without model.safetensors or checkpoints/latest")
         path = ckpt / "model.safetensors"
     return unwrap_state_dict(read_state_dict(path), str(path)), str(path)
+
+
+PATCH_KERNEL_KEYS = ("patch_embed.proj.weight", "encoder.patch_embed.proj.weight",
+                     "vision_encoder.encoder.patch_embed.proj.weight")  # fine-tuned, stage-1, stage-2 layouts
+
+
+def checkpoint_tubelet(state: Mapping[str, Tensor]) -> int | None:
+    """Frames per token of a checkpoint's patch embedding (kernel ``[C, 3, T, p, p]``), or None if it has none."""
+    for key in PATCH_KERNEL_KEYS:
+        weight = state.get(key)
+        if weight is not None and weight.ndim == 5:
+            return int(weight.shape[2])
+    return None
+
+
+def inflate_tubelet(weight: Tensor, tubelet: int) -> Tensor:
+    """A tubelet-1 patch kernel ``[C, 3, 1, p, p]`` spread evenly over ``tubelet`` frames → ``[C, 3, T', p, p]``.
+
+    Every frame gets ``W / T'``, so the token of ``T'`` identical frames equals the tubelet-1 token of
+    one of them (see the module docstring).
+
+    Raises:
+        ValueError: The kernel is not a tubelet-1 Conv3d kernel, or ``tubelet < 1``.
+    """
+    if weight.ndim != 5 or weight.shape[2] != 1:
+        raise ValueError(f"only a tubelet-1 kernel [C, 3, 1, p, p] can be inflated, got shape {tuple(weight.shape)}")
+    if tubelet < 1:
+        raise ValueError(f"tubelet must be >= 1, got {tubelet}")
+    return (weight / tubelet).repeat(1, 1, tubelet, 1, 1).contiguous()
 
 
 def detect_layout(state: Mapping[str, Tensor], source: str) -> str:
@@ -324,12 +370,14 @@ def load_classifier_weights(
     head_slice: int | None = None,
     drop_head: bool = False,
     grid: tuple[int, int, int] | None = None,
+    source: str | None = None,
 ) -> ClassifierLoadReport:
     """Initialise a :class:`VideoClassifier` from a pretraining or fine-tuned checkpoint, strictly.
 
     Pretraining files (our stage-1/2 safetensors, UMT ``encoder.*`` / ``vision_encoder.encoder.*``):
     the backbone must match exactly; ``fc_norm`` and ``head`` stay fresh; ``encoder.norm`` and the
-    ``clip_decoder`` heads are ignored (UMT drops them too).
+    ``clip_decoder`` heads are ignored (UMT drops them too), and so is the pixel decoder of VideoMAE files
+    (``decoder.*``, ``encoder_to_decoder.*``, ``mask_token``).
 
     Fine-tuned files (UMT's DeepSpeed ``module`` dicts, our fine-tuning checkpoints): every key must
     match, head included, unless ``drop_head``. A stored ``pos_embed`` (only files fine-tuned at ≠ 8
@@ -345,12 +393,18 @@ def load_classifier_weights(
         drop_head: Leave ``head`` freshly initialised (``fc_norm`` is still loaded).
         grid: The ``(T, H, W)`` token grid the model will see; a stored ``pos_embed`` of that size is
             checked against the regenerated table.
+        source: Name of the file ``path_or_state`` was read from, for messages (default: its own).
+
+    A tubelet-1 file loads into a model of tubelet ``T' > 1`` by :func:`inflate_tubelet` (reported in
+    ``inflated``); a file of another tubelet must match the model's.
 
     Raises:
-        CheckpointError: Unreadable file, no backbone keys, or a head request that cannot be met.
+        CheckpointError: Unreadable file, no backbone keys, a head request that cannot be met, or a
+            tubelet that cannot be inflated to the model's.
         CheckpointMismatchError: Missing, unexpected or mis-shaped keys (all listed).
     """
-    raw, source = read_weights(path_or_state)
+    raw, found_source = read_weights(path_or_state)
+    source = source or found_source
     layout = detect_layout(raw, source)
     expected = model.state_dict()
     ignored: list[str] = []
@@ -362,7 +416,7 @@ def load_classifier_weights(
         state = {}
         for key, value in student.items():
             inner = key[len("encoder."):] if key.startswith("encoder.") else key
-            if inner.startswith(_PRETRAIN_LEFTOVERS) or key.startswith("clip_decoder."):
+            if inner.startswith(_PRETRAIN_LEFTOVERS) or key.startswith(("clip_decoder.", *_PIXEL_DECODER_KEYS)):
                 ignored.append(key)
             elif key.startswith("encoder."):
                 state[inner] = value
@@ -385,6 +439,7 @@ def load_classifier_weights(
             fresh = ["head.bias", "head.weight"]
         elif head_slice is not None:
             state = _slice_head(state, head_slice, model.num_classes, source)
+    inflated = _inflate_patch_embed(state, expected, source)
     wanted = {k for k in expected if k not in fresh}
     missing = sorted(wanted - set(state))
     unexpected = sorted(set(state) - wanted)
@@ -399,7 +454,22 @@ def load_classifier_weights(
             )
         raise CheckpointMismatchError(source, missing, unexpected, mismatched)
     model.load_state_dict(state, strict=False)  # exactly `wanted` (checked above); `fresh` keeps its init
-    return ClassifierLoadReport(source, layout, len(state), fresh, sorted(ignored), head_rows)
+    return ClassifierLoadReport(source, layout, len(state), fresh, sorted(ignored), head_rows, inflated)
+
+
+def _inflate_patch_embed(state: dict[str, Tensor], expected: Mapping[str, Tensor], source: str) -> str | None:
+    """Inflate ``state``'s tubelet-1 patch kernel in place to the model's tubelet; refuse any other change."""
+    key = "patch_embed.proj.weight"
+    have, want = state.get(key), expected.get(key)
+    if have is None or want is None or have.ndim != 5 or have.shape[2] == want.shape[2]:
+        return None  # nothing to inflate (a missing key or other shape error is reported by the caller)
+    t_file, t_model = int(have.shape[2]), int(want.shape[2])
+    if t_file != 1:
+        raise CheckpointError(source, f"the file's patch embedding has tubelet {t_file}, the model {t_model}: only a "
+                                      "tubelet-1 checkpoint can be inflated; set finetune.tubelet_size to the file's "
+                                      f"{t_file} (or leave it null)")
+    state[key] = inflate_tubelet(have, t_model)
+    return f"patch_embed tubelet 1 → {t_model} (kernel / {t_model} on each frame)"
 
 
 def _slice_head(state: dict[str, Tensor], rows: int, num_classes: int, source: str) -> dict[str, Tensor]:

@@ -1,15 +1,16 @@
 """The stage-2 text side: a BERT whose upper layers also attend to vision tokens, plus its MLM head.
 
-UMT (reference/umt.md §4.4) splits one BERT at ``fusion_layer``: layers ``[0, fusion_layer)`` are plain
-text self-attention ("text mode", whose CLS feeds the contrastive loss), layers ``[fusion_layer, L)`` add
-a cross-attention to the vision tokens after their self-attention ("fusion mode", used by the matching
-head and the MLM). The same weights run twice per step: text mode on the caption, then fusion mode on
-the text-mode output. BERT-base splits at 9 (0-8 text, 9-11 fusion), BERT-large at 19.
+UMT (UMT code @4fb4049: multi_modality/models/backbones/bert/xbert.py) splits one BERT at ``fusion_layer``:
+layers ``[0, fusion_layer)`` are plain text self-attention ("text mode", whose CLS feeds the contrastive
+loss), layers ``[fusion_layer, L)`` add a cross-attention to the vision tokens after their self-attention
+("fusion mode", used by the matching head and the MLM). The same weights run twice per step: text mode on the
+caption, then fusion mode on the text-mode output. BERT-base splits at 9 (0-8 text, 9-11 fusion), BERT-large
+at 19.
 
 Parameter names follow Hugging Face's ``BertForMaskedLM`` (``bert.embeddings.*``,
 ``bert.encoder.layer.{l}.attention.self.query`` ..., ``cls.predictions.*``) and UMT's cross-attention
 (``bert.encoder.layer.{l}.crossattention.*``, key/value taking the vision width), so both a Hugging Face
-BERT checkpoint and an official UMT stage-2 file map onto this module by name (§5.4).
+BERT checkpoint and an official UMT stage-2 file map onto this module by name (multi_modality/models/umt.py).
 
 Two deliberate differences from ``BertForMaskedLM``: attention runs through
 ``F.scaled_dot_product_attention`` (the same maths as BERT's eager attention), and the MLM decoder has no

@@ -1,6 +1,7 @@
 """The stage-2 model: the video student, a BERT text encoder with fusion layers, and the heads.
 
-Attribute names equal the state-dict prefixes of UMT's stage-2 model (reference/umt.md §4.1, §5.4):
+Attribute names equal the state-dict prefixes of UMT's stage-2 model (UMT code @4fb4049:
+multi_modality/models/umt.py):
 ``vision_encoder.{encoder,clip_decoder,pool_norm}``, ``text_encoder.{bert,cls}``, ``vision_proj``,
 ``text_proj``, ``itm_head`` and ``temp``. The frozen teacher is never part of this module: an official
 file's ``clip_teacher.*`` is set aside by :func:`load_umt_vl_checkpoint`.
@@ -63,7 +64,7 @@ class VisionEncoder(nn.Module):
             visible_idx: long [B, L_vis] sorted token indices (None = all tokens, e.g. evaluation).
             align: Also return the K aligned predictions (the UTA loss).
             keep_temporal: Pool per frame ([B, T, C]; needs all tokens) instead of over all tokens ([B, 1, C]).
-                UMT keeps frames apart only without a mask (§4.2).
+                UMT keeps frames apart only without a mask (``keep_temporal``, multi_modality/models/umt.py).
         """
         tokens, pos = self.encoder.embed(x, visible_idx)  # [B, L, C], [B or 1, L, C]
         take = sorted(set(self.return_index) | {self.encoder.depth - 1}) if align else [self.encoder.depth - 1]
@@ -71,7 +72,7 @@ class VisionEncoder(nn.Module):
         last = feats[self.encoder.depth - 1]  # [B, L, C]
         aligned = None
         if align:
-            pos = pos.to(last.dtype)  # UMT re-adds the position table before the heads (§2.3)
+            pos = pos.to(last.dtype)  # UMT re-adds the position table before the heads (clip_pos_embed)
             aligned = torch.stack([head(feats[i] + pos) for head, i in zip(self.clip_decoder, self.return_index)])
         if keep_temporal:
             if visible_idx is not None:
@@ -142,7 +143,7 @@ _TEACHER_PREFIX = "clip_teacher."
 
 
 def load_umt_vl_checkpoint(model: UMTVisionLanguage, path_or_state_dict: str | Path | Mapping[str, object]) -> dict:
-    """Load an official UMT stage-2 checkpoint (§5.4), or our own stage-2 weights, strictly.
+    """Load an official UMT stage-2 checkpoint (multi_modality/tasks/pretrain.py), or our own stage-2 weights, strictly.
 
     Set aside, by rule and never silently: ``clip_teacher.*`` (the frozen teacher is not part of the
     student model), the ``position_ids`` buffer (checked to be 0..n−1), and the MLM decoder weight/bias

@@ -1,10 +1,10 @@
 """The UMT student: a plain video ViT that sees only the unmasked tokens, plus K alignment heads.
 
-Architecture follows UMT stage 1 (reference/umt.md §2.1-2.3): Conv3d tubelet patch embedding, no CLS
-token, a fixed 1-D sine-cosine position embedding over the flattened (t, h, w) token index, pre-norm
-blocks with BEiT-style attention (``q_bias``/``v_bias``, no k bias), joint space-time attention over
-the visible tokens, and ``clip_decoder.{k}`` heads (Linear → LayerNorm → L2) on the last K blocks.
-Parameter names equal UMT's stage-1 keys so official checkpoints load strictly (§5.2).
+Architecture follows UMT stage 1 (UMT code @4fb4049: single_modality/models/modeling_pretrain_umt.py): Conv3d
+tubelet patch embedding, no CLS token, a fixed 1-D sine-cosine position embedding over the flattened (t, h, w)
+token index, pre-norm blocks with BEiT-style attention (``q_bias``/``v_bias``, no k bias), joint space-time
+attention over the visible tokens, and ``clip_decoder.{k}`` heads (Linear → LayerNorm → L2) on the last K
+blocks. Parameter names equal UMT's stage-1 keys so official checkpoints load strictly.
 
 This module must not import ``torch.distributed``: DDP/FSDP are applied by the training package.
 """
@@ -344,7 +344,8 @@ class UMTStudent(nn.Module):
         tokens, pos = self.encoder.embed(x, visible_idx)
         # The shared final norm is applied to every aligned block's output: K × [B, L, C].
         feats = self.encoder.run_blocks(tokens, self.return_index, norm=True)
-        # UMT re-adds the same sine-cosine table ("clip_pos_embed") before the heads (§2.3).
+        # UMT re-adds the same sine-cosine table ("clip_pos_embed") before the heads
+        # (modeling_pretrain_umt.py).
         pos = pos.to(feats[0].dtype)
         return torch.stack([head(f + pos) for head, f in zip(self.clip_decoder, feats)])
 

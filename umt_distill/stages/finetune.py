@@ -1,4 +1,5 @@
-"""Fine-tuning for action recognition, and its multi-view evaluation (reference/umt.md §3).
+"""Fine-tuning for action recognition, and its multi-view evaluation (UMT code @4fb4049:
+single_modality/run_class_finetuning.py, single_modality/engines/engine_for_finetuning.py).
 
 One explicit loop (``train``): labelled videos → clip-consistent augmentation (``num_sample`` clips per
 decoded video) → Mixup/CutMix with one box per clip → classifier → soft-target cross-entropy (label
@@ -52,7 +53,8 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     model, report = build_classifier(cfg, load_init=ckpt is None)  # a resumed run loads its own weights below
     model.to(device)
     if env.is_main and report is not None:
-        print(f"init: {report.layout} weights from {report.source} ({report.loaded} tensors; fresh: {report.fresh})", flush=True)
+        print(f"init: {report.layout} weights from {report.source} ({report.loaded} tensors; fresh: {report.fresh}"
+              + (f"; inflated: {report.inflated}" if report.inflated else "") + ")", flush=True)
 
     rows, labels = read_labelled_corpus(ft.train_source, cfg.corpus.root, ft.num_classes, ft.label_map)
     dataset = VideoClassificationTrainSet(rows, labels, ft, cfg.seed, cfg.corpus.video_backend)
@@ -224,6 +226,9 @@ def build_classifier(cfg: Recipe, init: str | Path | None = None, load_init: boo
     ft, s = cfg.finetune, cfg.student
     init = (ft.init if init is None else init) if load_init else None
     if ft.backbone == "image_teacher":
+        if ft.tubelet_size is not None:
+            raise ValueError(f"finetune.tubelet_size={ft.tubelet_size} applies to the student; the image teacher "
+                             "(finetune.backbone=image_teacher) embeds every frame on its own")
         model = _image_teacher_classifier(cfg)
         if init is None:
             return model, None
@@ -234,27 +239,62 @@ def build_classifier(cfg: Recipe, init: str | Path | None = None, load_init: boo
         if missing or unexpected:
             raise CheckpointError(source, f"not an image-teacher classifier checkpoint: missing {missing[:8]}, unexpected {unexpected[:8]}")
         return model, ClassifierLoadReport(source, "finetuned", len(state))
+    # The init's weights are read once: their tubelet is the default (a resumed run reads it too, to
+    # build the same model; its own checkpoint is loaded by the caller).
+    weights = ft.init if init is None and ft.tubelet_size is None else init
+    state, source = read_weights(weights) if weights is not None else (None, None)
     model = create_classifier(
-        s.name, ft.num_classes, pretrain_grid=pretrain_grid(cfg), fc_drop_rate=ft.fc_drop_rate,
+        s.name, ft.num_classes, pretrain_grid=pretrain_grid(cfg, _init_tubelet(state)), fc_drop_rate=ft.fc_drop_rate,
         head_init_scale=ft.head_init_scale, drop_path_rate=s.drop_path_rate, use_checkpoint=s.use_checkpoint,
-        checkpoint_num=s.checkpoint_num,
+        checkpoint_num=s.checkpoint_num, tubelet_size=classifier_tubelet(cfg, state),
     )
     if init is None:
         return model, None
     _check_pretrain_recipe(init, cfg)
     grid = (ft.num_frames // model.patch_embed.tubelet_size, ft.size // model.patch_embed.patch_size,
             ft.size // model.patch_embed.patch_size)
-    return model, load_classifier_weights(model, init, head_slice=ft.head_slice, drop_head=ft.drop_head, grid=grid)
+    return model, load_classifier_weights(model, state, head_slice=ft.head_slice, drop_head=ft.drop_head, grid=grid,
+                                          source=source)
 
 
-def pretrain_grid(cfg: Recipe) -> tuple[int, int, int]:
-    """Token grid of pretraining, from ``finetune.pretrain_num_frames``/``pretrain_size`` and the patch size."""
+def classifier_tubelet(cfg: Recipe, init_state: dict | None) -> int:
+    """Frames per token of the fine-tuned student: ``finetune.tubelet_size``, else the init's, else the student's.
+
+    Raises:
+        ValueError: The tubelet does not divide ``finetune.num_frames``, or the init has a tubelet other
+            than 1 that differs from it (only tubelet 1 is inflated).
+    """
+    from umt_distill.models.classifier import backbone_config, checkpoint_tubelet
+
+    ft = cfg.finetune
+    found = checkpoint_tubelet(init_state) if init_state is not None else None
+    tubelet = ft.tubelet_size or found or backbone_config(cfg.student.name)["tubelet_size"]
+    if ft.num_frames % tubelet:
+        raise ValueError(f"finetune.tubelet_size={tubelet} does not divide finetune.num_frames={ft.num_frames}: "
+                         "every token must span whole frames")
+    if found is not None and found not in (1, tubelet):
+        raise ValueError(f"finetune.init {ft.init} has tubelet {found}; finetune.tubelet_size={tubelet} can only "
+                         "inflate a tubelet-1 checkpoint (leave it null to keep the file's)")
+    return tubelet
+
+
+def pretrain_grid(cfg: Recipe, pretrain_tubelet: int | None = None) -> tuple[int, int, int]:
+    """Token grid of pretraining, from ``finetune.pretrain_num_frames``/``pretrain_size`` and the patch size.
+
+    ``pretrain_tubelet``: frames per token of the init checkpoint (a VideoMAE file: 2); default the student's.
+    """
     from umt_distill.models.classifier import backbone_config
 
     bb = backbone_config(cfg.student.name)
     ft = cfg.finetune
     side = ft.pretrain_size // bb["patch_size"]
-    return ft.pretrain_num_frames // bb["tubelet_size"], side, side
+    return ft.pretrain_num_frames // (pretrain_tubelet or bb["tubelet_size"]), side, side
+
+
+def _init_tubelet(state: dict | None) -> int | None:
+    from umt_distill.models.classifier import checkpoint_tubelet
+
+    return checkpoint_tubelet(state) if state is not None else None
 
 
 def _check_pretrain_recipe(init: str | Path, cfg: Recipe) -> None:
@@ -385,4 +425,5 @@ class _null:
         return False
 
 
-__all__ = ["train", "evaluate", "finetune_toy", "evaluate_model", "build_classifier", "build_mixup", "build_criterion", "pretrain_grid"]
+__all__ = ["train", "evaluate", "finetune_toy", "evaluate_model", "build_classifier", "classifier_tubelet", "build_mixup",
+           "build_criterion", "pretrain_grid"]

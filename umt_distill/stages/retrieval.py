@@ -1,8 +1,10 @@
-"""Retrieval fine-tuning: VTC + VTM on captioned videos, then UMT's retrieval protocol (reference/umt.md §4.9).
+"""Retrieval fine-tuning: VTC + VTM on captioned videos, then UMT's retrieval protocol (UMT code
+@4fb4049: multi_modality/tasks/retrieval.py, multi_modality/exp/finetuning/ret_msrvtt/).
 
 One explicit loop (``train``): captioned videos decoded directly (no teacher, no cache, no mask) →
 one fresh ``views.policy`` view per clip and epoch and one of its captions → the stage-2 model on all
-tokens, pooled per frame (UMT keeps frames apart when nothing is masked, §4.2) → VTC + VTM (UTA and
+tokens, pooled per frame (UMT keeps frames apart when nothing is masked: ``keep_temporal`` in
+multi_modality/models/umt.py) → VTC + VTM (UTA and
 MLM are off, as in UMT's downstream recipes) → AdamW with a per-iteration cosine schedule. After
 training, :mod:`umt_distill.evaluation.retrieval` tests the model (ITC top-k re-ranked by the matching
 head), plus multiple-choice accuracy when a multiple-choice manifest is configured.

@@ -4,7 +4,8 @@ One explicit loop (``train``), sharing stage 1's parts (spec check, target gathe
 schedule, checkpoints, metrics). Per step: pick the step's source (video or image, in proportion to
 their sizes) → cached (or online) targets and a mask from the teacher's attention (video ``mask.ratio``,
 image ``stage2.image_mask_ratio``) → student on the visible tokens + BERT on the captions →
-weighted sum of the four losses (reference/umt.md §4).
+weighted sum of the four losses (UMT code @4fb4049: multi_modality/models/umt.py,
+multi_modality/tasks/pretrain.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Layer-wise learning-rate decay for fine-tuning (reference/umt.md §3.3).
+"""Layer-wise learning-rate decay for fine-tuning (UMT code @4fb4049:
+``LayerDecayValueAssigner`` in single_modality/optim_factory.py, used by run_class_finetuning.py).
 
 A model of depth L has layer ids 0..L+1: id 0 for the stem (patch embedding, position table, CLS token),
 id i+1 for block i, id L+1 for everything after the blocks (``fc_norm``, ``head``). Layer id ``j`` gets

@@ -1,0 +1,126 @@
+"""``umt-distill quickstart``: the run order. Each step is its own module of this package (see ``__init__``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from umt_distill.config import recipe_to_yaml
+from umt_distill.data.toyworld import write_world
+from umt_distill.quickstart.cache import ensure_cache
+from umt_distill.quickstart.finetune import run_finetune
+from umt_distill.quickstart.probes import evaluate
+from umt_distill.quickstart.report import print_table, write_report
+from umt_distill.quickstart.runs import StepLog
+from umt_distill.quickstart.settings import QuickstartSettings, parse_settings
+from umt_distill.quickstart.stage1 import ensure_trained, finished_runs, make_recipe
+from umt_distill.quickstart.stage2 import run_stage2_retrieval
+from umt_distill.quickstart.teacher import build_teacher_weights
+
+NUM_STEPS = 7  # numbered steps printed while running (the report is not one)
+
+
+def run_quickstart(output: str | Path, clips: int | None = None, overrides: Sequence[str] = (),
+                   console: Console | None = None) -> dict:
+    """Run (or resume) the whole toy pipeline into ``output`` and write the report there.
+
+    Args:
+        output: Output folder (world, teacher, cache, runs, report).
+        clips: Number of toy clips (default: ``QuickstartSettings.world.clips``).
+        overrides: ``key=value`` overrides of the recipe (e.g. ``teacher.mode=online``) and of the
+            quickstart settings (``quickstart.world.clips=240``, ``quickstart.clip.steps=200``).
+        console: Where progress and the table are printed.
+
+    Returns:
+        The results (also in ``results.json``), with ``failures``: clips the cache could not read.
+    """
+    console = console or Console()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    settings, recipe_overrides = parse_settings(overrides, clips)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _run(output, settings, recipe_overrides, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str], console: Console) -> dict:
+    log, t_start = StepLog(), time.perf_counter()
+
+    t = time.perf_counter()
+    console.print(f"[bold]1/{NUM_STEPS} toy world[/] ({settings.world.clips} clips) → {output / 'world'}")
+    world = write_world(output / "world", settings.world)
+    log.add("toy world", world["reused"], time.perf_counter() - t, f"{settings.world.clips} clips")
+    _said(console, world["reused"], "videos")
+
+    t = time.perf_counter()
+    console.print(f"[bold]2/{NUM_STEPS} tiny image CLIP teacher[/] ({settings.clip_images} stills, {settings.clip.steps} steps) → {output / 'teacher'}")
+    teacher = build_teacher_weights(output / "teacher", settings, console)
+    log.add("tiny CLIP teacher", teacher["reused"], time.perf_counter() - t, f"zero-shot appearance accuracy {teacher['zero_shot_accuracy']:.2f}")
+    _said(console, teacher["reused"], "teacher weights")
+
+    cfg = make_recipe(output, world, teacher, recipe_overrides)
+    (output / "recipe.yaml").write_text(recipe_to_yaml(cfg), encoding="utf-8")
+    failures = 0
+    t = time.perf_counter()
+    if cfg.teacher.mode == "cached":
+        console.print(f"[bold]3/{NUM_STEPS} cache-teacher[/] ({cfg.cache.num_views} views per clip) → {cfg.cache.store}")
+        reused, summary = ensure_cache(cfg, console)
+        failures = int(summary.get("failures", 0))
+        log.add("cache-teacher", reused, time.perf_counter() - t, f"{summary.get('records', '?')} clip-views")
+        _said(console, reused, "cache")
+    else:
+        console.print(f"[bold]3/{NUM_STEPS} cache-teacher[/]: skipped (teacher.mode=online runs the teacher at every step)")
+
+    t = time.perf_counter()
+    console.print(f"[bold]4/{NUM_STEPS} stage 1[/] (teacher.mode={cfg.teacher.mode}) → {cfg.train.output_dir}")
+    reused, run = ensure_trained(cfg, teacher["weights_sha256"], console)
+    log.add(f"stage 1 ({cfg.teacher.mode})", reused, time.perf_counter() - t)
+    _said(console, reused, "training run")
+
+    t = time.perf_counter()
+    console.print(f"[bold]5/{NUM_STEPS} probes[/] on frozen features (train → fit, val → ridge strength, test → accuracy)")
+    runs = finished_runs(output, cfg, teacher["weights_sha256"])
+    results = evaluate(cfg, world, runs, settings)
+    log.add("probes", False, time.perf_counter() - t)
+
+    t = time.perf_counter()  # reuses finished runs of the same init
+    console.print(f"[bold]6/{NUM_STEPS} fine-tune[/] on the motion labels ({settings.finetune.steps} steps per model; "
+                  "train split → fit, test split → top-1)")
+    results["finetune"] = run_finetune(output, cfg, world, teacher, runs, settings.finetune, console)
+    log.add("fine-tune", results["finetune"]["reused"], time.perf_counter() - t, f"{len(results['finetune']['models'])} models")
+
+    t = time.perf_counter()  # from this teacher mode's stage-1 run
+    console.print(f"[bold]7/{NUM_STEPS} stage 2[/] on the training captions, then zero-shot retrieval on the test "
+                  "split (student vs the teacher's own image-text model)")
+    stage2 = [f"train.epochs={settings.stage2_epochs}"] if settings.stage2_epochs else []
+    results["retrieval"] = run_stage2_retrieval(output, cfg, world, teacher, run, console, overrides=stage2,
+                                                test_pixels=results.get("_test_pixels"))
+    log.add("stage 2 + retrieval", results["retrieval"]["reused"], time.perf_counter() - t,
+            f"{results['retrieval']['num_texts']} captions")
+    results.pop("_test_pixels", None)
+
+    results.update(
+        failures=failures, total_seconds=round(time.perf_counter() - t_start, 1), steps=log.steps,
+        runs={m: str(r) for m, r in runs.items()},
+        teacher={k: teacher[k] for k in ("zero_shot_accuracy", "final_loss", "seconds", "weights", "weights_sha256")},
+        settings={"world": settings.world.to_json(), "clip": dataclasses.asdict(settings.clip),
+                  "finetune": dataclasses.asdict(settings.finetune), "stage2_epochs": settings.stage2_epochs,
+                  "clip_images": settings.clip_images, "knn_k": settings.knn_k},
+        mode=cfg.teacher.mode,
+    )
+    write_report(output, cfg, results)
+    print_table(console, results)
+    return results
+
+
+def _said(console: Console, reused: bool, what: str) -> None:
+    if reused:
+        console.print(f"  [green]reusing the finished {what}[/]")

@@ -1,0 +1,115 @@
+"""The quickstart's own settings (``quickstart.*`` overrides); the stage-1 settings are the recipe's."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from umt_distill.config import RecipeError, parse_override
+from umt_distill.data.toyworld import WorldSettings
+from umt_distill.teachers.tiny_clip import ClipTrainSettings
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How the quickstart fine-tunes (``quickstart.finetune.steps=400``).
+
+    Attributes:
+        steps: Optimizer steps per model (each ``batch_size`` videos × 2 random crops).
+        batch_size: Videos per step.
+        tubelet_size: Frames per token of the fine-tuned students (distilled and control); the
+            tubelet-1 stage-1 weights are inflated to it (``finetune.tubelet_size``).
+        umt_exact: Also fine-tune each distilled student at UMT's tubelet 1 (reported as it comes out).
+        seeds: Fine-tuning seeds per model; the report gives the mean ± the spread.
+        test_clips: Temporal views per test clip (softmax averaged), one crop each.
+        workers: DataLoader processes that decode and augment while the model trains.
+    """
+
+    steps: int = 400
+    batch_size: int = 4
+    tubelet_size: int = 2
+    umt_exact: bool = True
+    seeds: int = 1
+    test_clips: int = 2
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "tubelet_size", "seeds", "test_clips"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"quickstart.finetune.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class QuickstartSettings:
+    """What the quickstart itself decides (the stage-1 settings are the recipe's).
+
+    Attributes:
+        world: The toy world (``quickstart.world.clips=240``).
+        clip: Training of the tiny image CLIP (``quickstart.clip.steps=300``).
+        finetune: Fine-tuning on the motion labels (``quickstart.finetune.steps=400``).
+        stage2_epochs: Epochs of stage 2 (0 = the epochs of ``recipes/quickstart/stage2.yaml``).
+        clip_images: Still images in the tiny CLIP's image–caption corpus.
+        clip_eval_images: Held-out stills for its zero-shot accuracy.
+        knn_k: Neighbours of the kNN probe.
+        threads: torch CPU threads. The models are so small that one op's work does not pay for
+            splitting it: measured here, a stage-1 step of the tiny student took 81 ms on 1 thread and
+            900 ms on 2 while another process used the second core (threads spin-wait for each other).
+    """
+
+    world: WorldSettings = WorldSettings()
+    clip: ClipTrainSettings = ClipTrainSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    stage2_epochs: int = 0
+    clip_images: int = 6000
+    clip_eval_images: int = 500
+    knn_k: int = 10
+    threads: int = 1
+
+
+def parse_settings(overrides: Sequence[str], clips: int | None = None) -> tuple[QuickstartSettings, list[str]]:
+    """Split overrides into quickstart settings (``quickstart.*``) and recipe overrides (the rest).
+
+    Raises:
+        RecipeError: An unknown ``quickstart.*`` key (naming the closest valid one) or a wrong type.
+    """
+    settings, recipe_overrides = QuickstartSettings(), []
+    if clips is not None:
+        settings = dataclasses.replace(settings, world=dataclasses.replace(settings.world, clips=clips))
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] != "quickstart":
+            recipe_overrides.append(text)
+            continue
+        settings = _set_field(settings, path[1:], value, "quickstart")
+    return settings, recipe_overrides
+
+
+def _set_field(obj, path: list[str], value, prefix: str):
+    names = [f.name for f in dataclasses.fields(obj)]
+    if not path or path[0] not in names:
+        key = ".".join([prefix, *path])
+        close = difflib.get_close_matches(path[0] if path else "", names, n=1)
+        hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
+        raise RecipeError(f"unknown key {key!r}{hint}")
+    name, current = path[0], getattr(obj, path[0])
+    key = f"{prefix}.{name}"
+    if dataclasses.is_dataclass(current):
+        return dataclasses.replace(obj, **{name: _set_field(current, path[1:], value, key)})
+    if len(path) > 1:
+        raise RecipeError(f"{key} is not a section")
+    def number(v) -> bool:  # YAML ints are fine for floats; booleans and strings are never numbers
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return dataclasses.replace(obj, **{name: value})
+    if isinstance(current, tuple):
+        if not isinstance(value, list) or len(value) != len(current) or not all(map(number, value)):
+            raise RecipeError(f"{key}: expected a list of {len(current)} numbers, got {value!r}")
+        value = tuple(float(v) for v in value)
+    elif not number(value) or (isinstance(current, int) and not isinstance(value, int)):
+        raise RecipeError(f"{key}: expected {type(current).__name__}, got {value!r}")
+    return dataclasses.replace(obj, **{name: type(current)(value)})

@@ -17,7 +17,8 @@ from umt_distill.cache.stores import CacheReader, init_store_root, open_shard_wr
 from umt_distill.config import load_recipe
 from umt_distill.data.targets import StreamingViewDataset, batch_pixels, stored_targets
 from umt_distill.data.views import epoch_view
-from umt_distill.training.stage_parts import device_targets, target_codec
+from umt_distill.cache.codecs import get_codec
+from umt_distill.training.stage_parts import device_targets
 
 SEED, VIEWS, CLIPS, SHARDS = 3, 3, 5, 2
 
@@ -114,7 +115,7 @@ def test_batches_decoded_on_the_device_equal_the_float32_reference(tmp_path: Pat
         for batch in ds:
             assert batch["tokens" if codec in ("fp32", "fp16", "bf16") else "tokens.q"].dtype == {
                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.uint16, "int8": torch.int8}[codec]
-            got = device_targets(batch, target_codec(codec), torch.device("cpu"))
+            got = device_targets(batch, get_codec(codec), torch.device("cpu"))
             for b, (clip, view) in enumerate(zip(batch["clip_id"], batch["view_index"].tolist())):
                 ref = reader.get(clip, view)  # float32 decoded on the CPU by the plain webdataset reader
                 m = epoch % 2
@@ -151,7 +152,7 @@ def test_zarr_items_keep_stored_dtypes(tmp_path: Path) -> None:
     assert item["tokens.q"].dtype == torch.int8 and "pooled" not in item
     ref = reader.get(item["clip_id"], item["view_index"])
     batch = torch.utils.data.default_collate([item])
-    assert torch.equal(device_targets(batch, target_codec("int8"), torch.device("cpu"))[0], torch.from_numpy(ref.tokens))
+    assert torch.equal(device_targets(batch, get_codec("int8"), torch.device("cpu"))[0], torch.from_numpy(ref.tokens))
     assert torch.equal(item["pixels"], torch.from_numpy(ref.frames))
     assert set(stored_targets({"attn": ref.attn, "tokens": ref.tokens}, "full", 0)) == {"attn", "tokens"}
 
@@ -238,7 +239,6 @@ class _ReferenceStream(torch.utils.data.IterableDataset):
 
 def test_training_from_the_stream_gives_the_losses_of_the_float32_reference(corpus, jpeg_store, tmp_path,
                                                                            monkeypatch) -> None:
-    from umt_distill.cache.codecs import get_codec
     from umt_distill.stages import stage1
     from umt_distill.training.metrics import read_metrics
 
@@ -259,5 +259,5 @@ def test_training_from_the_stream_gives_the_losses_of_the_float32_reference(corp
         return reference, None, make_loader, 8
 
     monkeypatch.setattr(stage1, "build_data", reference_data)
-    monkeypatch.setattr("umt_distill.training.stage_parts.target_codec", lambda name: get_codec("fp32"))
+    monkeypatch.setattr("umt_distill.training.stage_parts.target_codec", lambda store, name: get_codec("fp32"))
     assert losses(tmp_path / "reference") == fast

@@ -104,11 +104,15 @@ def jpeg_device(cfg: Recipe) -> str | None:
 
 
 @functools.cache
-def target_codec(name: str):
-    """The codec that dequantises cached targets in the step (one instance per name)."""
-    from umt_distill.cache.codecs import get_codec
+def target_codec(store: str, name: str):
+    """The codec that dequantises a store's targets in the step, bound to its basis where it has one
+    (one instance per store; ``name`` is the recipe's ``cache.codec``, checked against the spec)."""
+    from umt_distill.cache.basis import codec_for_store
 
-    return get_codec(name)
+    codec = codec_for_store(store)
+    if codec.name != name:
+        raise ValueError(f"{store}: targets are {codec.name}, the recipe says cache.codec={name}")
+    return codec
 
 
 def device_targets(batch: dict, codec, device: torch.device) -> torch.Tensor:
@@ -142,7 +146,7 @@ def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: t
         out = teacher(pixels)
         tokens, attn = out.tokens.float(), out.attn.float()  # [B, K, T, N, D], [B, T, N]
     else:
-        tokens = device_targets(batch, target_codec(cfg.cache.codec), device)  # [B, K, T, N(_vis), D] float32
+        tokens = device_targets(batch, target_codec(str(cfg.cache.store), cfg.cache.codec), device)  # [B, K, T, N(_vis), D] float32
         attn = batch["attn"].to(device, non_blocking=True).float()
     B, T, N = attn.shape
     if "visible_idx" in batch:  # mode visible: the mask was drawn at cache time; tokens are [B, K, T, N_vis, D]

@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/run.py                          # CPU preset (~15 min on 2 cores)
     .venv/bin/python benchmarks/run.py --grid full              # every size x T x mask ratio (hours on a CPU)
     .venv/bin/python benchmarks/run.py --preset gpu             # CUDA, batch 32, full grid
+    .venv/bin/python benchmarks/run.py --preset gpu-quick       # one GPU, <= 8 min: headline step + loader
+    .venv/bin/python benchmarks/run.py --preset gpu-quick --device cpu --reduced   # the same at toy size (smoke)
     .venv/bin/python benchmarks/run.py --sections step --sizes base,large --frames 8 --ratios 0.8
 
 Writes ``<out>/<machine>-<date>.json``, ``<machine>-<date>.md`` and ``<machine>-<date>-*.png``
@@ -13,6 +15,8 @@ Sections (``--sections``, all by default):
   storage  bytes per clip-view and fidelity per codec x mode; UMT-B/L and K710 projection (bench_cache.py)
   input    decode decord vs PyAV; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
   cache    cache-teacher vs teacher forward-only frames/s by batch size (bench_cache.py)
+  loader   the stage-1 input path per CPU core: pixel source x targets x layout, fast vs reference
+           path, MB read per clip-view, read amplification, cores and GB/s per GPU (bench_loader.py)
 The headline configuration's store (its teacher, T=8, fp32) is always built: storage and the cached
 step read it.
 """
@@ -47,7 +51,7 @@ from benchmarks.common import (
 )
 
 HEADLINE = {"size": "base", "frames": 8, "mask_ratio": 0.8}
-ALL_SECTIONS = ("step", "storage", "input", "cache")
+ALL_SECTIONS = ("step", "storage", "input", "cache", "loader")
 
 # Presets: everything a run needs besides the flags. "grid" lists (size, T, ratio) configurations.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,6 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decode_clips": 32, "decode_workers": (1, os.cpu_count() or 2),
         "read_records": 24, "read_workers": (0, 1, 2), "storage_loss_batch": 2,
         "isolate": True, "forward_min_seconds": 1.0,
+        "loader": {"grid": "default", "clips": 64, "batch_size": 8, "passes": 2, "all_workers": None},
     },
     "gpu": {
         "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
@@ -82,6 +87,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decode_clips": 256, "decode_workers": (1, min(8, os.cpu_count() or 8)),
         "read_records": 512, "read_workers": (0, 1, 2, 8), "storage_loss_batch": 8,
         "isolate": True, "forward_min_seconds": 5.0,
+        "loader": {"grid": "default", "clips": 128, "batch_size": 32, "passes": 3, "all_workers": os.cpu_count()},
+    },
+    # One GPU in <= 8 minutes: the headline step (UMT-B/16 + CLIP-B/16, bf16, batch 32, T=8, 80 %) and
+    # the loader section, plus the headline loader row with as many workers as there are cores.
+    "gpu-quick": {
+        "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
+        "plan": {"base": (32, 3, 10)}, "headline_size": "base", "sections": ("step", "loader"),
+        "grid": [("base", 8, 0.8)],
+        "full_grid": {"sizes": ("base",), "frames": (8,), "ratios": (0.8,)},
+        "videos": 16, "video_frames": 300, "video_size": (240, 320),
+        "ref_cache_batch": 32, "cache_workers": 8,
+        "cache_sweep": {"size": "base", "batch_sizes": (), "clips": 0},
+        "decode_clips": 0, "decode_workers": (1,), "read_records": 0, "read_workers": (1,), "storage_loss_batch": 8,
+        "isolate": True, "forward_min_seconds": 2.0,
+        "loader": {"grid": "quick", "clips": 96, "batch_size": 32, "passes": 2, "all_workers": os.cpu_count()},
     },
     # Everything once at the tiniest size: the smoke test's settings (seconds, numbers meaningless).
     "smoke": {
@@ -96,6 +116,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "read_records": 2, "read_workers": (0, 1), "storage_loss_batch": 1,
         # In-process: a forked measurement server would import torch + open_clip again (~10 s on 2 cores).
         "isolate": False, "forward_min_seconds": 0.0,
+        "loader": {"grid": "quick", "clips": 6, "batch_size": 2, "passes": 1, "all_workers": 2},
     },
 }
 
@@ -252,6 +273,16 @@ class Suite:
             shutil.rmtree(Path(store).parent, ignore_errors=True)
         return points
 
+    def loader(self) -> dict[str, Any]:
+        from benchmarks.bench_loader import HEADLINE as LOADER_HEADLINE
+        from benchmarks.bench_loader import YARDSTICKS, LoaderCase, default_grid, run_loader
+
+        lp = self.preset["loader"]
+        rates = {f"custom_{r:g}": r for r in self.args.student_rate} if self.args.student_rate else dict(YARDSTICKS)
+        profiles = (LOADER_HEADLINE, LoaderCase(pixels="raw", path="reference", layout="wds-v1"))
+        return run_loader(clean_dir(self.work / "loader"), default_grid(lp["grid"] == "quick"), rates, lp["clips"],
+                          lp["batch_size"], lp["passes"], profiles, all_workers=lp["all_workers"])
+
     def save_partial(self, key: str, value: Any) -> None:
         """Keep what is measured so far (a crash or Ctrl-C late in a long GPU run loses nothing)."""
         self.results[key] = value
@@ -263,10 +294,12 @@ def run_suite(args) -> dict[str, Path]:
     from benchmarks.report import headline, write_report
 
     preset = dict(PRESETS[args.preset])
+    if args.reduced:  # the preset's sections and structure at the smoke preset's sizes
+        preset.update({k: v for k, v in PRESETS["smoke"].items() if k not in ("sections",)})
     if args.device:
         preset["device"] = args.device
     t0, started, load_start = time.perf_counter(), now_iso(), load_average()
-    sections = args.sections.split(",") if args.sections else list(ALL_SECTIONS)
+    sections = args.sections.split(",") if args.sections else list(preset.get("sections", ALL_SECTIONS))
     unknown = sorted(set(sections) - set(ALL_SECTIONS))
     if unknown:
         raise SystemExit(f"unknown section(s) {unknown}; choose from {list(ALL_SECTIONS)}")
@@ -285,6 +318,8 @@ def run_suite(args) -> dict[str, Path]:
             suite.results["input"] = suite.timed("input", suite.input)
         if "cache" in sections:
             suite.results["cache_write"] = [suite.results["cache_reference"]] + suite.timed("cache", suite.cache)
+        if "loader" in sections:
+            suite.results["loader"] = suite.timed("loader", suite.loader)
     finally:
         if not args.keep_tmp and not args.tmp:
             shutil.rmtree(work, ignore_errors=True)
@@ -328,7 +363,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads of each step measurement (default: all cores; the cpu preset runs tiny on 1)")
     p.add_argument("--backend", default="decord", choices=["decord", "pyav"], help="video decoder of the loops")
     p.add_argument("--codec", default="fp16", help="codec of the stores the cached loop and reads use")
-    p.add_argument("--sections", default=None, help="comma list from " + ",".join(ALL_SECTIONS))
+    p.add_argument("--sections", default=None, help="comma list from " + ",".join(ALL_SECTIONS)
+                   + " (default: the preset's, all for cpu/gpu)")
+    p.add_argument("--reduced", action="store_true", help="run the preset at the smoke preset's sizes (CPU smoke test)")
+    p.add_argument("--student-rate", type=float, action="append", default=None,
+                   help="loader section: clip-views/s one GPU consumes (repeatable; default: the three yardsticks)")
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="where JSON, markdown and PNGs go")
     p.add_argument("--machine", default=None, help="label in file names (default: from CPU/GPU model)")
     p.add_argument("--tmp", default=None, help="work directory (kept); default a temporary one (removed)")

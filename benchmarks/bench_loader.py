@@ -2,9 +2,12 @@
 
 Each row runs the real path — the training dataset (``StreamingViewDataset`` for a WebDataset store,
 ``CachedViewDataset`` + ``EpochSampler`` for Zarr) in a ``DataLoader`` with ONE worker process and one
-torch thread, then in the training process what the step does before the student: pixels to the
-device (JPEGs shipped as bytes are decoded there), targets to the device and dequantised there
-(``step_targets``' ``device_targets``). With one worker, the worker is one core: the rate is per core.
+torch thread, batches arriving in the training process (pinned, on CUDA); on a GPU the consumer then
+does what the step does before the student: pixels to the device (JPEGs shipped as bytes decoded
+there by nvJPEG), targets to the device and dequantised there (``device_targets``). With one worker,
+the worker is one core: the rate is per core. On a CPU-only machine that device-side work would run in
+the training process, not on the loader core, so it is timed apart (``device_ms_per_clip_view_on_cpu``:
+what a GPU takes over, or what a CPU step adds).
 
 Stores are written with UMT-B (K=6 layers, D=512) or UMT-L (K=6, D=768) target shapes, T=8 frames,
 N=196 tokens, 224 px views, by the package's own shard writers (``layout_options`` as cache-teacher
@@ -249,11 +252,14 @@ def make_loader(case: LoaderCase, store: Path, manifest: str, batch_size: int, w
         codec = get_codec(case.codec)
 
     def consume(batch: dict) -> int:
-        if case.pixels != "none":
-            batch_pixels(batch, device)
-        device_targets(batch, codec, device)
-        batch["attn"].to(device, non_blocking=True)
+        # What the step does before the student. On a GPU that is the device's work (copies, nvJPEG,
+        # dequantisation); on a CPU it would be the training process's, and the rates here are the
+        # loader core's: so the CPU run moves the bytes only (device-side costs: see device_costs).
         if device.type == "cuda":
+            if case.pixels != "none":
+                batch_pixels(batch, device)
+            device_targets(batch, codec, device)
+            batch["attn"].to(device, non_blocking=True)
             torch.cuda.synchronize()
         return len(batch["clip_id"])
 
@@ -353,22 +359,42 @@ def measure(case: LoaderCase, store: Path, manifest: str, batch_size: int, passe
     # also counts the small JSON files and any video files).
     set_epoch, loader0, consume0 = make_loader(case, store, manifest, batch_size, workers=0)
     set_epoch(0)
+    device_seconds = 0.0
     with _count_tar_reads() as tar_bytes:
         before, n = _rchar(), 0
         for batch in loader0():
             n += consume0(batch)
+            device_seconds += _device_work_on_cpu(case, batch)
         read = _rchar() - before
     if case.layout in ("wds", "wds-v1") and case.path == "fast" and not case.pixels.startswith("video"):
         read = tar_bytes[0]
     used = epoch_bytes(store, case, 0)
     out.update(clip_views=n, mb_read_per_clip_view=read / n / 1e6, mb_trained_per_clip_view=used / n / 1e6,
-               read_amplification=read / used)
+               read_amplification=read / used, device_ms_per_clip_view_on_cpu=device_seconds / n * 1e3)
     return out
+
+
+def _device_work_on_cpu(case: LoaderCase, batch: dict) -> float:
+    """Seconds the step's device-side input work (JPEG decode of shipped bytes, dequantisation) takes
+    when the device is this CPU: the cost a GPU takes over, or a CPU-only run adds to its step."""
+    from umt_distill.cache.codecs import get_codec
+    from umt_distill.data.targets import batch_pixels
+    from umt_distill.training.stage_parts import device_targets
+
+    cpu = torch.device("cpu")
+    t = time.perf_counter()
+    if "frames_jpeg" in batch:
+        batch_pixels(batch, cpu)
+    device_targets(batch, get_codec("fp32" if case.path == "reference" else case.codec), cpu)
+    return time.perf_counter() - t
 
 
 def profile(case: LoaderCase, store: Path, manifest: str, batch_size: int, top: int = 8) -> list[str]:
     """Top functions by own time of one epoch in-process (what a worker spends its core on)."""
     set_epoch, loader, consume = make_loader(case, store, manifest, batch_size, workers=0)
+    set_epoch(1)
+    for batch in loader():  # warm-up: first-call imports and allocations stay out of the profile
+        consume(batch)
     set_epoch(0)
     prof = cProfile.Profile()
     prof.enable()
@@ -454,20 +480,21 @@ def run_loader(work: Path, cases: list[LoaderCase], student_rates: dict[str, flo
 
 def table(section: dict[str, Any]) -> str:
     """The rows as a markdown table."""
-    lines = ["| targets | pixels | layout | path | zstd | MB read / clip-view | amplification | clip-views/s cold | warm "
-             "| cores/GPU @700 | GB/s/GPU @700 |", "|" + "---|" * 11]
+    lines = ["| targets | pixels | layout | path | compressor | MB read / clip-view | amplification | clip-views/s cold "
+             "| warm | device ms / clip-view (on CPU) | cores/GPU @700 | GB/s/GPU @700 |", "|" + "---|" * 12]
     for r in section["rows"]:
         head = f"| {r['shape']} {r['codec']}/{r['mode']} | {r['pixels']} | {r['layout']} | {r['path']} | {r['compressor']} "
         if "error" in r:
-            lines.append(head + f"| {r['error'][:60]} |" + " |" * 6)
+            lines.append(head + f"| {r['error'][:60]} |" + " |" * 7)
             continue
         if r.get("workers", 1) > 1:
             lines.append(head + f"| {r['workers']} workers: {r['cold_clip_views_per_s']:.1f} clip-views/s, "
-                         f"{r['per_core_clip_views_per_s']:.1f} per worker |" + " |" * 6)
+                         f"{r['per_core_clip_views_per_s']:.1f} per worker |" + " |" * 7)
             continue
         a100 = r["per_gpu"].get("a100_compute", next(iter(r["per_gpu"].values())))
         lines.append(head + f"| {r['mb_read_per_clip_view']:.3f} | {r['read_amplification']:.2f} | "
-                     f"{r['cold_clip_views_per_s']:.1f} | {r['warm_clip_views_per_s']:.1f} | {a100['cpu_cores']:.1f} | "
+                     f"{r['cold_clip_views_per_s']:.1f} | {r['warm_clip_views_per_s']:.1f} | "
+                     f"{r['device_ms_per_clip_view_on_cpu']:.2f} | {a100['cpu_cores']:.1f} | "
                      f"{a100['storage_gb_per_s']:.2f} |")
     return "\n".join(lines)
 

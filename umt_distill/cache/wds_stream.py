@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -30,6 +29,7 @@ import torch
 
 from umt_distill.cache.codecs import compressor_from_suffix, decompress_bytes, get_codec
 from umt_distill.cache.record import StoreDamagedError, part_name
+from umt_distill.cache.wds_store import check_entry
 
 _BLOCK = 512
 
@@ -160,7 +160,6 @@ class BatchAssembler:
             meta = parse_meta(url, key, entries)
         codec = get_codec(meta["codec"])
         mode, stored_frames = meta.get("mode", "full"), meta.get("frames", "none")
-        checksums = meta["crc32"]
         names = [part_name("tokens", p) for p in codec.parts] + ["attn"]
         if mode == "visible":
             names.append("visible_idx")
@@ -175,7 +174,7 @@ class BatchAssembler:
             entry = sfx.get(name)
             if entry is None:
                 raise StoreDamagedError(url, f"sample {key}: missing entry {name}.npy")
-            arr = self._entry_array(url, key, entry, entries[entry], checksums)
+            arr = self._entry_array(url, key, entry, entries[entry], meta)
             if mode == "visible" and self.epoch is not None and name not in ("attn", "frames"):
                 arr = arr[self.epoch % arr.shape[0]]  # this epoch's mask: [K, T, N_vis, D] / [T, N_vis]
             self._put("pixels" if name == "frames" else name, i, arr, url, key)
@@ -183,8 +182,8 @@ class BatchAssembler:
             frames = sorted(e for e in entries if e.endswith(".jpg"))
             for entry in frames:
                 data = entries[entry]
-                if entry in checksums and zlib.crc32(data) != checksums[entry]:
-                    raise StoreDamagedError(url, f"sample {key}: entry {entry}: CRC32 mismatch (corrupted data)")
+                if not check_entry(meta, entry, data):
+                    raise StoreDamagedError(url, f"sample {key}: entry {entry}: checksum mismatch (CRC32C; corrupted data)")
             if self.n and len(frames) != len(self.jpegs) // self.n:
                 raise StoreDamagedError(url, f"sample {key}: {len(frames)} jpeg frames, the batch's first sample has "
                                              f"{len(self.jpegs) // self.n}")
@@ -193,9 +192,9 @@ class BatchAssembler:
         self.view_index[i] = int(meta["view_index"])
         self.n += 1
 
-    def _entry_array(self, url: str, key: str, entry: str, data: bytes, checksums: dict) -> np.ndarray:
-        if entry in checksums and zlib.crc32(data) != checksums[entry]:
-            raise StoreDamagedError(url, f"sample {key}: entry {entry}: CRC32 mismatch (corrupted data)")
+    def _entry_array(self, url: str, key: str, entry: str, data: bytes, meta: dict) -> np.ndarray:
+        if not check_entry(meta, entry, data):
+            raise StoreDamagedError(url, f"sample {key}: entry {entry}: checksum mismatch (CRC32C; corrupted data)")
         try:
             raw = decompress_bytes(compressor_from_suffix(entry), data) if not entry.endswith(".npy") else data
             dtype, shape, start = self.headers.parse(raw)
@@ -241,7 +240,9 @@ def parse_meta(url: str, key: str, entries: dict[str, bytes]) -> dict[str, Any]:
         raise StoreDamagedError(url, f"sample {key}: no view.json (incomplete sample: truncated tar?)")
     try:
         meta = json.loads(data)
-        meta["crc32"], meta["codec"], meta["clip_id"], meta["view_index"]  # noqa: B018 - presence check
+        meta["codec"], meta["clip_id"], meta["view_index"]  # noqa: B018 - presence check
+        if "crc32c" not in meta and "crc32" not in meta:
+            raise KeyError("crc32c")
         return meta
     except Exception as e:
         raise StoreDamagedError(url, f"sample {key}: bad view.json: {type(e).__name__}: {e}") from e

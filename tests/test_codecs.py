@@ -71,7 +71,7 @@ def tokens(request: pytest.FixtureRequest) -> np.ndarray:
 
 
 def test_registry_lists_every_codec() -> None:
-    assert {"fp32", "fp16", "bf16", "int8"} <= set(CODECS.names())
+    assert {"fp32", "fp16", "bf16", "int8", "int4", "pca64", "pca128"} <= set(CODECS.names())
 
 
 def test_fp32_is_lossless(tokens: np.ndarray) -> None:
@@ -161,7 +161,7 @@ def test_unknown_compressor_is_named() -> None:
         compress_bytes("lz5", b"x")
 
 
-@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8", "int4"])
 def test_decode_torch_matches_numpy_decode_bit_for_bit(codec: str, tokens: np.ndarray) -> None:
     # The training step dequantises on the device from the stored parts; it must give exactly the
     # float32 targets the numpy reader gives (the path it replaces).
@@ -171,3 +171,135 @@ def test_decode_torch_matches_numpy_decode_bit_for_bit(codec: str, tokens: np.nd
     got = c.decode_torch({k: torch.from_numpy(v) for k, v in parts.items()})
     assert got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+# --------------------------------------------------------------------------------------------------
+# int4
+
+
+def test_int4_error(tokens: np.ndarray) -> None:
+    # 15 levels per token: ~10x the int8 error, still a cosine near 0.99 on heavy-tailed tokens.
+    err = codec_errors("int4", tokens)
+    assert err["mean_cos"] >= 0.99
+    assert err["min_cos"] >= 0.97
+    assert err["rel_l2"] > codec_errors("int8", tokens)["rel_l2"]
+
+
+def test_int4_packs_two_signed_nibbles_per_byte() -> None:
+    x = np.array([[7.0, -7.0, 1.0, -1.0, 0.0, 3.0]], dtype=np.float32)  # max |x| = 7: scale 1
+    parts = get_codec("int4").encode(x)
+    assert parts["q"].dtype == np.uint8 and parts["q"].shape == (1, 3)
+    # value 2i in the low nibble, 2i + 1 in the high one, two's complement: -7 = 0x9, -1 = 0xF
+    assert parts["q"].tolist() == [[0x97, 0xF1, 0x30]]
+    assert parts["scale"].tolist() == [[1.0]]
+    np.testing.assert_array_equal(get_codec("int4").decode(parts), x)
+    layout = get_codec("int4").part_layout((4, 6))
+    assert layout == {"q": ("uint8", (4, 3)), "scale": ("float32", (4, 1))}
+    assert get_codec("int4").nbytes((4, 6)) == 4 * 3 + 4 * 4
+
+
+def test_int4_zero_tokens_and_odd_width() -> None:
+    x = teacher_like_tokens((3, 64), seed=4)
+    x[1] = 0.0
+    parts = get_codec("int4").encode(x)
+    assert parts["scale"][1, 0] == 0 and not parts["q"][1].any()
+    y = get_codec("int4").decode(parts)
+    assert np.isfinite(y).all() and not y[1].any()
+    with pytest.raises(CodecError, match="must be even"):
+        get_codec("int4").encode(np.ones((2, 5), dtype=np.float32))
+    with pytest.raises(CodecError, match="NaN or inf"):
+        get_codec("int4").encode(np.array([1.0, np.inf], dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# pca<r>
+
+
+def low_rank_tokens(K: int = 2, T: int = 3, N: int = 10, D: int = 48, rank: int = 8, seed: int = 0) -> np.ndarray:
+    """Tokens [K, T, N, D] that lie (up to 1 % noise) in a rank-``rank`` affine subspace per layer."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(0, 2, (K, 1, 1, D))
+    dirs = rng.normal(0, 1, (K, rank, D)) * np.linspace(3, 0.5, rank)[None, :, None]
+    coef = rng.normal(0, 1, (K, T, N, rank))
+    x = mean + np.einsum("ktnr,krd->ktnd", coef, dirs) + rng.normal(0, 0.01, (K, T, N, D))
+    return x.astype(np.float32)
+
+
+def test_fit_basis_orders_whitened_directions() -> None:
+    from umt_distill.cache.basis import fit_basis
+
+    x = low_rank_tokens()  # [K, T, N, D]
+    K, D = x.shape[0], x.shape[-1]
+    basis = fit_basis(x.reshape(K, -1, D), 8)
+    assert basis.dtype == np.float32 and basis.shape == (K, 9, D)
+    np.testing.assert_allclose(basis[:, 0], x.reshape(K, -1, D).mean(1), atol=1e-5)
+    norms = np.linalg.norm(basis[:, 1:], axis=-1)  # = standard deviation along each direction
+    assert (np.diff(norms, axis=1) <= 1e-6).all()
+    unit = basis[:, 1:] / norms[..., None]
+    for k in range(K):  # orthonormal directions
+        np.testing.assert_allclose(unit[k] @ unit[k].T, np.eye(8), atol=1e-5)
+    # signs are fixed: refitting on the tokens in another order gives the same basis
+    perm = np.random.default_rng(1).permutation(x.reshape(K, -1, D).shape[1])
+    np.testing.assert_allclose(fit_basis(x.reshape(K, -1, D)[:, perm], 8), basis, rtol=1e-4, atol=1e-5)
+    with pytest.raises(CodecError, match="below the teacher's D"):
+        fit_basis(x.reshape(K, -1, D), D)
+
+
+def test_pca_round_trip_on_low_rank_tokens() -> None:
+    from umt_distill.cache.basis import fit_basis
+
+    x = low_rank_tokens()
+    K, D = x.shape[0], x.shape[-1]
+    codec = get_codec("pca8").bind(fit_basis(x.reshape(K, -1, D), 8))
+    parts = codec.encode(x)
+    assert parts["q"].dtype == np.int8 and parts["q"].shape == (*x.shape[:-1], 8)
+    assert parts["scale"].dtype == np.float32 and parts["scale"].shape == (*x.shape[:-1], 1)
+    assert codec.part_layout(x.shape) == {"q": ("int8", (*x.shape[:-1], 8)), "scale": ("float32", (*x.shape[:-1], 1))}
+    y = codec.decode(parts)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    assert cos.min() >= 0.9999
+    # a leading axis (mode visible's masks, a batch) keeps the layer axis 4th from last
+    y2 = codec.decode(codec.encode(np.stack([x, x])))
+    np.testing.assert_allclose(y2[1], y, rtol=1e-6, atol=1e-6)
+    # too few directions for the data: the error is the discarded variance, not a crash
+    small = get_codec("pca4").bind(fit_basis(x.reshape(K, -1, D), 4))
+    z = small.decode(small.encode(x))
+    assert np.linalg.norm(z - x) > 10 * np.linalg.norm(y - x)
+
+
+def test_pca_decode_torch_matches_numpy_decode() -> None:
+    from umt_distill.cache.basis import fit_basis
+
+    x = low_rank_tokens(seed=3)
+    K, D = x.shape[0], x.shape[-1]
+    codec = get_codec("pca8").bind(fit_basis(x.reshape(K, -1, D), 8))
+    parts = codec.encode(np.stack([x, x[::-1]]))  # [B=2, K, T, N, D]
+    want = codec.decode(parts)
+    got = codec.decode_torch({k: torch.from_numpy(v) for k, v in parts.items()})
+    assert got.dtype == torch.float32 and tuple(got.shape) == want.shape
+    # the same float32 operations; only the matmul's summation order may differ between BLAS libraries
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    assert codec._device_basis  # the basis went to the device once and is reused
+    again = codec.decode_torch({k: torch.from_numpy(v) for k, v in parts.items()})
+    assert torch.equal(again, got)
+
+
+def test_pca_without_basis_or_with_a_wrong_one_is_refused() -> None:
+    from umt_distill.cache.basis import fit_basis
+
+    x = low_rank_tokens()
+    unbound = get_codec("pca8")
+    assert unbound.needs_basis and not get_codec("int8").needs_basis
+    with pytest.raises(CodecError, match="codec_for_store"):
+        unbound.encode(x)
+    with pytest.raises(CodecError, match="codec_for_store"):
+        unbound.decode({"q": np.zeros((*x.shape[:-1], 8), np.int8), "scale": np.zeros((*x.shape[:-1], 1), np.float32)})
+    basis = fit_basis(x.reshape(2, -1, 48), 8)
+    with pytest.raises(CodecError, match=r"float32 \[K, 5, D\]"):
+        get_codec("pca4").bind(basis)  # a rank-8 basis is not a rank-4 one
+    codec = get_codec("pca8").bind(basis)
+    with pytest.raises(CodecError, match="K=2"):
+        codec.encode(x[:1])  # one layer, the basis has two
+    with pytest.raises(CodecError, match="D=48"):
+        codec.encode(np.ones((2, 3, 4, 32), np.float32))

@@ -96,10 +96,21 @@ def list_parts() -> None:
 
 
 @app.command("cache-teacher")
-def cache_teacher_cmd(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def cache_teacher_cmd(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    deep: Annotated[bool, typer.Option("--deep", help="On a re-run, read every record of every finished "
+                                       "shard (checksums) instead of checking presence and sizes.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-attempt the clips listed in "
+                                               "STORE/failures.jsonl (default: failed clips stay failed).")] = False,
+) -> None:
     """Run the frozen teacher once over K views of every clip and write a sharded store.
 
-    Re-running the same command resumes: finished shards are kept, partial ones redone.
+    Re-running the same command resumes and repairs: partial shards are redone, and so is every
+    finished shard whose data is missing or has another size than recorded (with --deep: any record
+    unreadable); each redone shard is named with its reason. Failed clips stay failed unless
+    --retry-failed is given: then the shards holding failed clips that decode now are redone, and
+    the clips that still fail keep a line in failures.jsonl with their new reason.
     Under torchrun every rank writes its own shards.
 
     Exit status: 0 all clips cached; 3 done, but some clips failed (listed in STORE/failures.jsonl);
@@ -115,7 +126,7 @@ def cache_teacher_cmd(recipe: RecipeArg, overrides: OverridesArg = None) -> None
     from umt_distill.cache.pipeline import cache_teacher
 
     try:
-        summary = cache_teacher(cfg)
+        summary = cache_teacher(cfg, deep=deep, retry_failed=retry_failed)
     except _user_errors() as e:
         _fail(str(e), EXIT_ERROR)
     raise typer.Exit(EXIT_PARTIAL if summary.get("failures", 0) else EXIT_OK)
@@ -154,6 +165,8 @@ def cache_verify_cmd(
     seed: Annotated[int, typer.Option(help="Which records are sampled.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     deep: Annotated[bool, typer.Option("--deep", help="Also read every record of every shard (checksums).")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="First redo damaged shards (as a cache-teacher "
+                                         "re-run does, with the store's own recipe), then verify.")] = False,
 ) -> None:
     """Re-decode and re-run the teacher on N random records and compare with the store.
 
@@ -165,18 +178,20 @@ def cache_verify_cmd(
     Example: `umt-distill cache verify cache/tiny --sample 16`
     """
     from umt_distill.cache.pipeline import CacheError
-    from umt_distill.cache.verify import verify_store
+    from umt_distill.cache.verify import repair_store, verify_store
 
     try:
+        if repair:
+            repair_store(store, deep=deep, device=device)
         report = verify_store(store, sample=sample, seed=seed, device=device, deep=deep)
-    except CacheError as e:
+    except _user_errors() as e:
         _fail(str(e), EXIT_ERROR)
-    table = Table(title=f"verify {store}")
+    table = Table(title=f"verify {store}: {report['checked']} of {report['records']} records re-computed")
     for col in ("field", "max abs err", "mean abs err", "min cosine", "mean cosine", "tolerance", "ok"):
         table.add_column(col)
     for row in report["fields"]:
-        table.add_row(*(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
-                        for k in ("field", "max_abs", "mean_abs", "min_cos", "mean_cos", "tol", "ok")))
+        table.add_row(row["field"], f"{row['max_abs']:.3g}", f"{row['mean_abs']:.3g}", f"{row['min_cos']:.6f}",
+                      f"{row['mean_cos']:.6f}", f"{row['tol']:.6g}", str(row["ok"]))
     out.print(table)
     for problem in report["problems"]:
         console.print(f"[red]mismatch:[/] {problem}", highlight=False)

@@ -48,6 +48,8 @@ class ViewConfig(_Section):
     scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
     max_distort: int = Field(1, ge=0)
     flip: bool = True
+    sampling_rate: int = Field(4, ge=1)
+    """Frame stride of the dense ``videomae_train`` policy (VideoMAE: 16 frames every 4th)."""
 
 
 class TeacherConfig(_Section):
@@ -58,7 +60,8 @@ class TeacherConfig(_Section):
     pretrained: str | None = "openai"
     """An open_clip tag (``openai``), a local weights file, or null for random weights."""
     model_config_path: str | None = None
-    """An open_clip model-config JSON for custom/tiny models (its stem becomes the model name)."""
+    """An open_clip model-config JSON for custom/tiny models, registered with open_clip under
+    ``teacher.name`` (so give it a name of its own, not a built-in one such as ``ViT-B-16``)."""
     layers: int = Field(6, ge=1)
     layer_interval: float = Field(1.0, gt=0)
     input_size: int | None = None
@@ -83,6 +86,8 @@ class CacheConfig(_Section):
     mask_ratio: float = Field(0.8, ge=0.0, lt=1.0)
     masks_per_view: int = Field(1, ge=1)
     codec: str = "fp16"
+    basis_clips: int = Field(32, ge=1)
+    """Codecs with a basis (``pca<r>``): clips (all K views) the per-layer basis is fitted on."""
     compressor: Literal["zstd", "blosc", "none"] = "zstd"
     frames: Literal["none", "jpeg", "raw"] = "none"
     """Also store the student's view pixels (WebDataset only) so training skips video decoding."""
@@ -131,7 +136,7 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     """The training loop."""
 
-    stage: Literal["stage1", "stage2", "finetune", "retrieval"] = "stage1"
+    stage: Literal["stage1", "stage2", "finetune", "retrieval", "videomae"] = "stage1"
     """Which loop `umt-distill train` runs."""
     output_dir: str = "runs/default"
     epochs: int = Field(201, ge=1)
@@ -305,6 +310,30 @@ class RetrievalConfig(_Section):
     scored as retrieval after the retrieval test (MSRVTT-MC); null = none."""
 
 
+class VideoMAEConfig(_Section):
+    """Pixel reconstruction (``train.stage=videomae``): VideoMAE, VideoMAE V2 dual masking, UTA + pixel.
+
+    The encoder is ``student.name``'s backbone with ``tubelet_size``; the encoder mask is ``mask``."""
+
+    tubelet_size: int = Field(2, ge=1)
+    """Frames per token (VideoMAE: 2; UTA + pixel needs 1, one teacher token per student token)."""
+    decoder_dim: int = Field(384, ge=8)
+    """Decoder width (VideoMAE B/16: 384)."""
+    decoder_depth: int = Field(4, ge=1)
+    """Decoder blocks (VideoMAE scripts: 4)."""
+    decoder_heads: int = Field(6, ge=1)
+    decoder_mask: Literal["none", "running_cell"] = "none"
+    """``none``: reconstruct every invisible token (VideoMAE); ``running_cell``: VideoMAE V2's decoder mask."""
+    decoder_mask_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    """Running-cell ratio: int(4·ratio) of every 2×2 cell are not decoded (V2: 0.5)."""
+    norm_target: bool = True
+    """Normalise each patch's pixels per channel (VideoMAE's ``normlize_target``)."""
+    target: Literal["pixel", "uta+pixel"] = "pixel"
+    """``uta+pixel``: UMT Table 1's combination, UTA on the visible tokens plus pixels of the masked ones."""
+    uta_weight: float = Field(1.0, ge=0.0)
+    pixel_weight: float = Field(1.0, ge=0.0)
+
+
 class Recipe(_Section):
     """A complete recipe. Sections a command does not use are ignored by it."""
 
@@ -321,6 +350,7 @@ class Recipe(_Section):
     stage2: Stage2Config = Stage2Config()
     finetune: FinetuneConfig = FinetuneConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    videomae: VideoMAEConfig = VideoMAEConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -131,6 +131,82 @@ MASKS.register("tube", sample_tube_mask)
 MASKS.register("semantic", sample_semantic_mask)
 
 
+def running_cell_pattern(num_frames: int, height: int, width: int, ratio: float, phase: int) -> Tensor:
+    """VideoMAE V2's running-cell decoder mask of one phase: which tokens the decoder reconstructs.
+
+    Every 2×2 cell of the H'×W' token grid holds a queue of 4 slots, the first ``m = int(4·ratio)``
+    marked "not decoded"; token (t, h, w) reads slot ``(2·(h mod 2) + (w mod 2) + t + 1 + phase) mod 4``,
+    so the pattern moves by one slot per token frame ("running") and over any 4 consecutive frames every
+    position is decoded ``4 − m`` times (VideoMAEv2 ``dataset/masking_generator.py``,
+    ``RunningCellMaskingGenerator``, whose 4 precomputed maps are the 4 phases). Ratio 0.5 decodes half.
+
+    Args:
+        num_frames, height, width: The token grid T' × H' × W' (H', W' even).
+        ratio: Decoder mask ratio; ``int(4·ratio)`` must be 1, 2 or 3.
+        phase: 0..3.
+
+    Returns:
+        bool [T'·H'·W'] in flat (t, h, w) order, True = decoded.
+    """
+    m = int(4 * ratio)
+    if not 0 < m < 4:
+        raise ValueError(f"running-cell ratio {ratio} gives {m} of 4 cell slots masked; needs 1, 2 or 3")
+    if height % 2 or width % 2:
+        raise ValueError(f"running-cell masking tiles 2×2 cells: the token grid {height}×{width} must be even")
+    t = torch.arange(num_frames).view(-1, 1, 1)
+    h = torch.arange(height).view(1, -1, 1)
+    w = torch.arange(width).view(1, 1, -1)
+    slot = (2 * (h % 2) + (w % 2) + t + 1 + phase) % 4  # [T', H', W']
+    return (slot >= m).flatten()  # slots 0..m-1 of the queue are the masked ones
+
+
+def running_cell_decode_indices(
+    batch: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    ratio: float,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Running-cell decoder masks with one uniformly drawn phase per sample (:func:`running_cell_pattern`).
+
+    Returns:
+        long [B, T'·H'·W'·(4 − m)/4], sorted flat (t, h, w) indices of the decoded tokens.
+    """
+    phases = torch.randint(4, (batch,), generator=generator, device=generator.device).tolist()
+    rows = [running_cell_pattern(num_frames, height, width, ratio, p).nonzero()[:, 0] for p in phases]
+    return torch.stack(rows).to(device or generator.device)
+
+
+def decoder_plan(visible_idx: Tensor, decode: str, total: int, grid: tuple[int, int, int], ratio: float,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The tokens the decoder predicts and which of them count in the loss.
+
+    ``none`` (VideoMAE): every token the encoder did not see, all in the loss. ``running_cell``
+    (VideoMAE V2 dual masking): the running-cell tokens, whether or not the encoder saw them (as the
+    official code does, so the decoder's cost is fixed); only the ones the encoder did not see count.
+
+    Args:
+        visible_idx: long [B, L_vis] sorted encoder-visible indices.
+        total: T'·H'·W'.
+        grid: (T', H', W').
+
+    Returns:
+        decode_idx long [B, L_dec] and loss weight float [B, L_dec] (1 = invisible to the encoder).
+    """
+    B = visible_idx.shape[0]
+    seen = visible_mask(visible_idx, total)  # [B, total]
+    if decode == "none":
+        decode_idx = (~seen).nonzero()[:, 1].view(B, -1)  # [B, total − L_vis], sorted
+        return decode_idx, torch.ones(decode_idx.shape, device=visible_idx.device)
+    if decode != "running_cell":
+        raise ValueError(f"decoder mask {decode!r}: expected 'none' or 'running_cell'")
+    decode_idx = running_cell_decode_indices(B, *grid, ratio, generator, device=visible_idx.device)
+    weight = (~seen.gather(1, decode_idx)).float()  # [B, L_dec]
+    return decode_idx, weight
+
+
 def visible_mask(visible_idx: Tensor, total: int) -> Tensor:
     """Boolean visibility over all tokens: True = visible (the opposite of UMT's True = masked).
 

@@ -14,7 +14,6 @@ import fcntl
 import json
 import math
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_basis
 from umt_distill.cache.spec import (
     SPEC_FORMAT,
     SpecMismatchError,
@@ -122,7 +122,7 @@ def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
             "num_views": c.num_views,
         },
         "mode": {"mode": c.mode, **({"mask_ratio": c.mask_ratio, "masks_per_view": c.masks_per_view} if c.mode == "visible" else {})},
-        "codec": {"name": c.codec, "compressor": c.compressor},
+        "codec": {"name": c.codec, "compressor": c.compressor, **codec_spec_fields(cfg)},
         "layout": c.layout,
         "frames": c.frames,
         "corpus": {"source": str(cfg.corpus.source), "root": cfg.corpus.root, "digest": corpus_digest, "num_clips": len(rows)},
@@ -143,6 +143,7 @@ class _Writer:
 
     def __init__(self, cfg: Recipe, shards_dir: Path) -> None:
         self.cfg, self.shards_dir = cfg, shards_dir
+        self.codec = codec_for_store(shards_dir.parent)  # pca codecs: bound to the store's basis
         self.queue: queue.Queue = queue.Queue(maxsize=4 * cfg.cache.batch_size)
         self.error: BaseException | None = None
         self.writers: dict[str, object] = {}
@@ -170,7 +171,7 @@ class _Writer:
                 if kind == "add":
                     if plan.name not in self.writers:
                         self.writers[plan.name] = open_shard_writer(
-                            c.layout, self.shards_dir, plan.name, c.codec, c.compressor, frames=c.frames
+                            c.layout, self.shards_dir, plan.name, self.codec, c.compressor, frames=c.frames
                         )
                     self.writers[plan.name].add(op[2])
                 elif kind == "close":
@@ -247,20 +248,15 @@ def _lock(root: Path, env: du.DistEnv):
     return handle
 
 
-def _clean_partial(shards_dir: Path, plan: ShardPlan) -> bool:
-    """Remove leftovers of an unfinished shard. Returns True if the shard is already finished."""
-    sidecar = shards_dir / f"{plan.name}.json"
-    if sidecar.exists():
-        return True
-    for path in shards_dir.glob(f".tmp-{plan.name}*"):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for path in shards_dir.glob(f"{plan.name}.*"):  # data renamed, killed before the sidecar
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return False
+def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_failed: bool = False) -> dict:
+    """Run the teacher over the corpus and write the store; returns the summary (also in summary.jsonl).
 
-
-def cache_teacher(cfg: Recipe, progress: bool = True) -> dict:
-    """Run the teacher over the corpus and write the store; returns the summary (also in summary.jsonl)."""
+    A re-run redoes unfinished shards and finished ones that are damaged (``repair.plan_shard_work``:
+    data missing or resized; with ``deep`` any record unreadable); with ``retry_failed`` also the shards
+    holding failed clips that decode now. Each redone shard is named with its reason.
+    """
+    from umt_distill.cache.repair import plan_shard_work
+    from umt_distill.cache.report import print_redone, print_summary
     from umt_distill.data.corpus import corpus_digest, read_corpus
 
     env = du.init_distributed(backend="gloo", timeout_minutes=24 * 60)
@@ -276,11 +272,15 @@ def cache_teacher(cfg: Recipe, progress: bool = True) -> dict:
     shards_dir = root / SHARDS_DIR
     lock = _lock(root, env)
     try:
+        ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
         plans = plan_shards(len(rows), cfg.cache.clips_per_shard)
         mine = rank_shards(plans, env)
-        todo = [p for p in mine if not _clean_partial(shards_dir, p)]
+        todo, redone = plan_shard_work(shards_dir, cfg.cache.layout, mine, deep=deep, retry_failed=retry_failed,
+                                       rows=rows, cfg=cfg)
+        print_redone(redone, env, progress)
         stats = _run_shards(cfg, rows, teacher, todo, shards_dir, device, env, progress)
         stats["skipped_shards"] = len(mine) - len(todo)
+        stats["redone_shards"] = [{"shard": r.shard, "reason": r.reason} for r in redone]
         du.barrier()
         summary = finalize_store(root, plans, env) if env.is_main else {}
     finally:
@@ -291,7 +291,7 @@ def cache_teacher(cfg: Recipe, progress: bool = True) -> dict:
         with open(root / SUMMARY_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(summary) + "\n")
         if progress:
-            _print_summary(root, summary)
+            print_summary(root, summary)
     return summary
 
 
@@ -505,15 +505,3 @@ class _Bar:
 
 def _progress(enabled: bool, total: int):
     return _Bar(total) if enabled and total else None
-
-
-def _print_summary(root: Path, summary: dict) -> None:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    status = "[green]done" if not summary.get("failures") else f"[yellow]done with {summary['failures']} failed clip(s)"
-    console.print(
-        f"{status}[/]: {summary.get('records', 0)} records from {summary.get('clips', 0)} clips in {root}"
-        + (f" — see {root / FAILURES_FILE}" if summary.get("failures") else ""),
-        highlight=False,
-    )

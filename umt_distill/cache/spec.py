@@ -20,6 +20,10 @@ SPEC_FILE = "spec.json"
 
 # Fields of the spec that do not identify the data: they change as the run progresses.
 _VOLATILE = ("created", "updated", "status", "counts", "versions", "recipe", "shards")
+# Fields derived from the identity fields by the run itself: a recipe cannot give them, so they are not
+# compared with one. ``basis`` (pca codecs: the fitted basis file's digest) is checked against the file
+# instead (``cache/basis.py``).
+_DERIVED = ("basis",)
 
 
 class SpecMismatchError(ValueError):
@@ -67,7 +71,7 @@ def read_spec(root: str | Path) -> dict:
 
 def identity(spec: dict) -> dict:
     """The part of a spec that must match for two runs to write into the same store."""
-    return {k: v for k, v in spec.items() if k not in _VOLATILE}
+    return {k: v for k, v in spec.items() if k not in _VOLATILE and k not in _DERIVED}
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:

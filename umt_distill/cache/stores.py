@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from umt_distill.cache import wds_store, zarr_store
+from umt_distill.cache.codecs import Codec
 from umt_distill.cache.record import StoreDamagedError, TargetRecord
 from umt_distill.cache.wds_store import WdsRecords, WdsShardWriter, decode_sample, iter_tar_records
 from umt_distill.cache.zarr_store import ZarrShardReader, ZarrShardWriter
@@ -64,7 +65,7 @@ def open_shard_writer(
     layout: str,
     shards_dir: str | Path,
     name: str,
-    codec: str,
+    codec: str | Codec,
     compressor: str = "zstd",
     frames: str = "none",
     **options: Any,
@@ -75,13 +76,18 @@ def open_shard_writer(
         layout: ``"zarr"`` or ``"wds"``.
         shards_dir: ``<root>/shards``.
         name: Shard name; the data lands at ``<name>.zarr`` / ``<name>.tar`` on close.
-        codec: Token codec name (``fp32``, ``fp16``, ``bf16``, ``int8``).
+        codec: Token codec name (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``), or a codec object
+            (``pca<r>`` needs one bound to the store's basis: ``cache.basis.codec_for_store``).
         compressor: ``zstd``, ``blosc`` or ``none``.
         frames: Keep the view pixels: ``none``, ``raw`` (both layouts) or ``jpeg`` (wds only).
         **options: Layout-specific options, e.g. ``jpeg_quality=95`` for wds.
     """
     writer_cls = STORES.get(layout)
-    return writer_cls(Path(shards_dir), name, codec, compressor, frames, **options)
+    name_of = codec.name if isinstance(codec, Codec) else codec
+    writer = writer_cls(Path(shards_dir), name, name_of, compressor, frames, **options)
+    if isinstance(codec, Codec):
+        writer.codec = codec  # the writers look codecs up by name; a bound codec carries the store's state
+    return writer
 
 
 def shard_path(root: str | Path, layout: str, name: str) -> str:
@@ -201,13 +207,23 @@ class CacheReader:
                 self._where[key] = (s["name"], row)
                 self.keys.append(key)
         self._zarr: dict[str, ZarrShardReader] = {}
+        self._codec: Codec | None = None
+
+    @property
+    def codec(self) -> Codec:
+        """The store's codec, bound to its basis for ``pca<r>`` (refuses a missing or replaced basis)."""
+        if self._codec is None:
+            from umt_distill.cache.basis import codec_for_store
+
+            self._codec = codec_for_store(self.root, self.spec)
+        return self._codec
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers started by spawn get a copy without open handles; each opens its own.
-        return {**self.__dict__, "_zarr": {}}
+        return {**self.__dict__, "_zarr": {}, "_codec": None}
 
     def __contains__(self, key: object) -> bool:
         return key in self._where
@@ -219,6 +235,8 @@ class CacheReader:
         shard = self._zarr.get(name)
         if shard is None:
             shard = ZarrShardReader(self.shard_path(name), self.shards[name]["records"])
+            if shard.codec.needs_basis:  # the shard knows its codec by name only; the basis is the store's
+                shard.codec = self.codec
             self._zarr[name] = shard
         return shard
 

@@ -95,11 +95,12 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
     chosen = [keys[i] for i in sorted(rng.choice(len(keys), size=min(sample, len(keys)), replace=False))]
     tol = COSINE_TOLERANCE.get(spec["codec"]["name"], 0.99)
     collected: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"tokens": [], "attn": [], "pooled": []}
+    damaged: dict[str, int] = {}  # one line per damaged file, however many sampled records it holds
     for clip_id, k in chosen:
         try:
             rec = reader.get(clip_id, k)
         except StoreDamagedError as e:
-            problems.append(str(e))
+            damaged[str(e)] = damaged.get(str(e), 0) + 1
             continue
         row = rows.get(clip_id)
         if row is None:
@@ -130,6 +131,10 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
         collected["tokens"].append((rec.tokens, tokens))
         collected["attn"].append((rec.attn, out.attn[0].float().cpu().numpy()))
         collected["pooled"].append((rec.pooled, out.pooled[0].float().cpu().numpy()))
+    for message, n in damaged.items():
+        known = any(message.startswith(p.split(":")[0]) for p in problems)
+        if not known or n > 1:
+            problems.append(f"{message} ({n} sampled record{'s' if n > 1 else ''} unreadable)")
     fields = []
     for name, pairs in collected.items():
         if pairs:
@@ -138,8 +143,31 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
             row = _compare(name, stored, fresh, tol)
             fields.append(row)
             if not row["ok"]:
-                problems.append(f"{name}: worst cosine {row['min_cos']:.6f} below the {spec['codec']['name']} tolerance {tol}")
-    return {"ok": not problems, "fields": fields, "problems": problems, "checked": len(chosen)}
+                problems.append(f"{name}: worst cosine {row['min_cos']:.6f} below the {spec['codec']['name']} "
+                                f"tolerance {tol:.6g}")
+    checked = len(chosen) - sum(damaged.values())
+    return {"ok": not problems, "fields": fields, "problems": problems, "checked": checked, "records": len(keys)}
+
+
+def repair_store(root: str | Path, deep: bool = False, device: str = "auto") -> dict:
+    """``cache verify --repair``: redo the store's damaged shards with the recipe in its spec.
+
+    The same code as a ``cache-teacher`` re-run (``repair.plan_shard_work``): shards whose data is
+    missing or resized (with ``deep``: unreadable) are discarded and recomputed; the index and counts
+    are rewritten. Returns the run's summary.
+    """
+    from umt_distill.cache.pipeline import cache_teacher
+    from umt_distill.config import recipe_from_dict
+
+    root = Path(root)
+    try:
+        spec = read_spec(root)
+    except (FileNotFoundError, ValueError) as e:
+        raise CacheError(str(e)) from None
+    recipe = spec["recipe"]
+    cache = {**recipe["cache"], "store": str(root), **({"device": device} if device != "auto" else {})}
+    cfg = recipe_from_dict({**recipe, "cache": cache}, origin=f"{root}/spec.json")
+    return cache_teacher(cfg, deep=deep)
 
 
 def teacher_device(teacher) -> torch.device:

@@ -102,6 +102,8 @@ def policy_kwargs(cfg: Recipe, frame_range) -> dict:
     kwargs: dict = {"frame_range": frame_range}
     if v.policy == "umt_train":
         kwargs.update(scales=tuple(v.scales), max_distort=v.max_distort, flip=v.flip)
+    elif v.policy == "videomae_train":
+        kwargs.update(sampling_rate=v.sampling_rate, scales=tuple(v.scales), max_distort=v.max_distort, flip=v.flip)
     return kwargs
 
 

@@ -299,6 +299,48 @@ def umt_train_view(
     return ViewSpec(frames, (x0, y0, crop_w, crop_h), flipped, out_size)
 
 
+@VIEW_POLICIES.register("videomae_train")
+def videomae_train_view(
+    info: VideoInfo,
+    num_frames: int,
+    size: int | tuple[int, int],
+    generator: torch.Generator,
+    frame_range: tuple[int, int] | None = None,
+    sampling_rate: int = 4,
+    scales: Sequence[float] = UMT_SCALES,
+    max_distort: int = 1,
+    flip: bool = False,
+) -> ViewSpec:
+    """VideoMAE pretraining view: T consecutive frames every ``sampling_rate``-th, the same multi-scale crop.
+
+    Frames (VideoMAE ``kinetics.py`` ``VideoMAE._sample_train_indices``, one segment): a start drawn
+    uniformly in ``[lo, hi − T·rate]`` and frames ``start + i·rate``. A window shorter than ``T·rate``
+    starts at ``lo`` and clamps the frames that fall past its end to its last frame (VideoMAE repeats its
+    last reachable frame there). Crop as :func:`umt_train_view`; VideoMAE pretraining never flips
+    (``flip=False`` by default). Draws, in order: the start, the crop-size pair, the offset, the flip.
+
+    Args:
+        sampling_rate: Stride between the T frames (VideoMAE K400: 4).
+    """
+    out_size = _output_size(size)
+    if sampling_rate < 1:
+        raise ViewError(f"sampling_rate must be >= 1, got {sampling_rate}")
+    if not scales or not all(0 < float(s) <= 1 for s in scales):
+        raise ViewError(f"scales: expected a non-empty list of values in (0, 1], got {scales!r}")
+    lo, hi = _frame_window(info, 1, frame_range)
+    slack = (hi - lo) - num_frames * sampling_rate
+    start = lo + (_randint(slack + 1, generator) if slack >= 0 else 0)
+    frames = tuple(min(start + i * sampling_rate, hi - 1) for i in range(num_frames))
+
+    width, height = int(info.width), int(info.height)
+    pairs = multiscale_crop_sizes(width, height, out_size, scales, max_distort)
+    crop_w, crop_h = pairs[_randint(len(pairs), generator)]
+    positions = fixed_crop_offsets(width, height, crop_w, crop_h)
+    x0, y0 = positions[_randint(len(positions), generator)]
+    flipped = bool(flip) and bool(torch.rand((1,), generator=generator) < 0.5)
+    return ViewSpec(frames, (x0, y0, crop_w, crop_h), flipped, out_size)
+
+
 @VIEW_POLICIES.register("eval_center")
 def eval_center_view(
     info: VideoInfo,

@@ -21,12 +21,12 @@ Tubelet inflation: a tubelet-1 checkpoint (UMT pretraining) loads into a classif
 embedding spans ``T'`` frames per token (:func:`inflate_tubelet`): the 2-D kernel is spread evenly over
 the ``T'`` frames, ``W'[:, :, τ] = W / T'`` -- the ``center=False`` rule of the official code's kernel
 inflation (UMT code @4fb4049: single_modality/models/clip.py, ``load_state_dict``; its default,
-``center=True``, puts the kernel on the middle frame only, so each token would start from one frame). A token is then the mean of the
-``T'`` per-frame tokens it replaces (the convolution is linear and the bias is kept), so a static clip
-gives exactly the tubelet-1 tokens. The position table is the pretraining table resized to the new grid
-(linearly in time, as above); for ``T' = 2`` that is the mean of the two frames' positions, so the
-embedding of any clip is the mean of the tubelet-1 embeddings of each frame pair. Only tubelet 1 is
-inflated; any other change of tubelet is refused.
+``center=True``, puts the kernel on the middle frame only, so each token would start from one frame). A
+token is then the mean of the ``T'`` per-frame tokens it replaces (the convolution is linear and the
+bias is kept), so a static clip gives exactly the tubelet-1 tokens. The position table is the
+pretraining table resized to the new grid (linearly in time, as above); for ``T' = 2`` that is the mean
+of the two frames' positions, so the embedding of any clip is the mean of the tubelet-1 embeddings of
+each frame pair. Only tubelet 1 is inflated; any other change of tubelet is refused.
 
 :class:`ImageTeacherClassifier` is the baseline the paper compares against: the CLIP image tower run on
 every frame, its image embeddings averaged over time, then the same ``fc_norm`` + ``head``.
@@ -59,6 +59,9 @@ POS_EMBED_ATOL = 1e-4
 # Pretraining-file keys the classifier does not use: the final norm (Identity under mean pooling) and
 # the alignment heads.
 _PRETRAIN_LEFTOVERS = ("norm.", "clip_decoder.")
+# Top-level keys of pixel-reconstruction files (ours and VideoMAE / VideoMAE V2's official pretraining
+# files, ``models/videomae.py``): the decoder side, which fine-tuning drops as VideoMAE does.
+_PIXEL_DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
 def pretrained_pos_embed(dim: int, pretrain_grid: tuple[int, int, int], grid: tuple[int, int, int]) -> Tensor:
@@ -373,7 +376,8 @@ def load_classifier_weights(
 
     Pretraining files (our stage-1/2 safetensors, UMT ``encoder.*`` / ``vision_encoder.encoder.*``):
     the backbone must match exactly; ``fc_norm`` and ``head`` stay fresh; ``encoder.norm`` and the
-    ``clip_decoder`` heads are ignored (UMT drops them too).
+    ``clip_decoder`` heads are ignored (UMT drops them too), and so is the pixel decoder of VideoMAE files
+    (``decoder.*``, ``encoder_to_decoder.*``, ``mask_token``).
 
     Fine-tuned files (UMT's DeepSpeed ``module`` dicts, our fine-tuning checkpoints): every key must
     match, head included, unless ``drop_head``. A stored ``pos_embed`` (only files fine-tuned at ≠ 8
@@ -412,7 +416,7 @@ def load_classifier_weights(
         state = {}
         for key, value in student.items():
             inner = key[len("encoder."):] if key.startswith("encoder.") else key
-            if inner.startswith(_PRETRAIN_LEFTOVERS) or key.startswith("clip_decoder."):
+            if inner.startswith(_PRETRAIN_LEFTOVERS) or key.startswith(("clip_decoder.", *_PIXEL_DECODER_KEYS)):
                 ignored.append(key)
             elif key.startswith("encoder."):
                 state[inner] = value

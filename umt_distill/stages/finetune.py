@@ -244,7 +244,7 @@ def build_classifier(cfg: Recipe, init: str | Path | None = None, load_init: boo
     weights = ft.init if init is None and ft.tubelet_size is None else init
     state, source = read_weights(weights) if weights is not None else (None, None)
     model = create_classifier(
-        s.name, ft.num_classes, pretrain_grid=pretrain_grid(cfg), fc_drop_rate=ft.fc_drop_rate,
+        s.name, ft.num_classes, pretrain_grid=pretrain_grid(cfg, _init_tubelet(state)), fc_drop_rate=ft.fc_drop_rate,
         head_init_scale=ft.head_init_scale, drop_path_rate=s.drop_path_rate, use_checkpoint=s.use_checkpoint,
         checkpoint_num=s.checkpoint_num, tubelet_size=classifier_tubelet(cfg, state),
     )
@@ -278,14 +278,23 @@ def classifier_tubelet(cfg: Recipe, init_state: dict | None) -> int:
     return tubelet
 
 
-def pretrain_grid(cfg: Recipe) -> tuple[int, int, int]:
-    """Token grid of pretraining, from ``finetune.pretrain_num_frames``/``pretrain_size`` and the patch size."""
+def pretrain_grid(cfg: Recipe, pretrain_tubelet: int | None = None) -> tuple[int, int, int]:
+    """Token grid of pretraining, from ``finetune.pretrain_num_frames``/``pretrain_size`` and the patch size.
+
+    ``pretrain_tubelet``: frames per token of the init checkpoint (a VideoMAE file: 2); default the student's.
+    """
     from umt_distill.models.classifier import backbone_config
 
     bb = backbone_config(cfg.student.name)
     ft = cfg.finetune
     side = ft.pretrain_size // bb["patch_size"]
-    return ft.pretrain_num_frames // bb["tubelet_size"], side, side
+    return ft.pretrain_num_frames // (pretrain_tubelet or bb["tubelet_size"]), side, side
+
+
+def _init_tubelet(state: dict | None) -> int | None:
+    from umt_distill.models.classifier import checkpoint_tubelet
+
+    return checkpoint_tubelet(state) if state is not None else None
 
 
 def _check_pretrain_recipe(init: str | Path, cfg: Recipe) -> None:

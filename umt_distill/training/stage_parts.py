@@ -56,24 +56,26 @@ def build_student(cfg: Recipe, teacher_dim: int) -> torch.nn.Module:
     )
 
 
-def build_data(cfg: Recipe, env: DistEnv):
+def build_data(cfg: Recipe, env: DistEnv, targets: bool = True):
     """(dataset, sampler or None, make_loader, clips per rank and epoch) for the recipe's target source.
 
     Random-access sources use an :class:`EpochSampler`; a WebDataset store streams (sampler None) and
-    the loop skips already-consumed batches on resume.
+    the loop skips already-consumed batches on resume. ``targets=False``: the views' pixels only,
+    decoded from the corpus (pixel reconstruction needs no teacher).
     """
     from umt_distill.data.corpus import read_corpus
     from umt_distill.data.targets import CachedViewDataset, EpochSampler, OnlineViewDataset, StreamingViewDataset
 
     rows = []
-    if cfg.teacher.mode == "online" or cfg.train.pixels_from == "video":
+    online = cfg.teacher.mode == "online" or not targets
+    if online or cfg.train.pixels_from == "video":
         rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
     sampler = None
-    if cfg.teacher.mode == "cached" and cfg.cache.layout == "wds":
+    if not online and cfg.cache.layout == "wds":
         dataset = StreamingViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
         per_rank = dataset.clips_per_rank(env.world_size)
     else:
-        if cfg.teacher.mode == "online":
+        if online:
             dataset = OnlineViewDataset(rows, cfg)
         else:
             dataset = CachedViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})

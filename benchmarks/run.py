@@ -11,7 +11,7 @@ Writes ``<out>/<machine>-<date>.json``, ``<machine>-<date>.md`` and ``<machine>-
 Sections (``--sections``, all by default):
   step     student-only vs cached vs online step time and peak memory (bench_step.py)
   storage  bytes per clip-view and fidelity per codec x mode; UMT-B/L and K710 projection (bench_cache.py)
-  input    decode decord vs PyAV; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
+  input    decode decord vs PyAV vs torchcodec; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
   cache    cache-teacher vs teacher forward-only frames/s by batch size (bench_cache.py)
   table1   UMT Table 1: UTA (cached, online) vs pixel reconstruction (VideoMAE, V2 dual masking) vs UTA + pixel,
            B/16 step time and peak memory (bench_table1.py); needs no store
@@ -211,12 +211,12 @@ class Suite:
         return rows
 
     def input(self) -> dict[str, Any]:
-        from benchmarks.bench_input import bench_reads, decode_throughput
+        from benchmarks.bench_input import DECODE_BACKENDS, bench_reads, decode_throughput
 
         p = self.preset
         manifest = self.manifest(p["decode_clips"])
         decode = []
-        for backend in ("decord", "pyav"):
+        for backend in DECODE_BACKENDS:
             for w in p["decode_workers"]:
                 log(f"decode: {backend} workers={w}")
                 decode.append(decode_throughput(manifest, backend, w, self.headline["frames"]))
@@ -344,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of each step measurement (default: all cores; the cpu preset runs tiny on 1)")
-    p.add_argument("--backend", default="decord", choices=["decord", "pyav"], help="video decoder of the loops")
+    p.add_argument("--backend", default="decord", choices=["decord", "pyav", "torchcodec"], help="video decoder of the loops")
     p.add_argument("--codec", default="fp16", help="codec of the stores the cached loop and reads use")
     p.add_argument("--sections", default=None, help="comma list from " + ",".join(ALL_SECTIONS))
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="where JSON, markdown and PNGs go")

@@ -43,7 +43,7 @@ def test_suite_smoke_writes_json_markdown_and_charts(tmp_path: Path) -> None:
     fp32 = next(r for r in rows if (r["codec"], r["mode"]) == ("fp32", "full"))
     assert fp32["mean_cos"] == pytest.approx(1.0) and fp32["loss_abs_diff"] == 0.0  # lossless against itself
     assert {p["model"].split()[0] for p in res["storage"]["projection"]} == {"UMT-B/16", "UMT-L/16"}
-    assert {d["backend"] for d in res["input"]["decode"]} == {"decord", "pyav"}
+    assert {d["backend"] for d in res["input"]["decode"]} == {"decord", "pyav", "torchcodec"}
     assert {(r["layout"], r["workers"]) for r in res["input"]["reads"]} == {(l, w) for l in ("zarr", "wds") for w in (0, 1)}
     assert [p["codec"] for p in res["cache_write"]] == ["fp32", "fp16"] and all(p["cache_teacher_fps"] > 0 and p["teacher_forward_fps"] > 0 for p in res["cache_write"])
     assert {"step", "smallest_faithful", "smallest_faithful_full"} <= set(res["headline"])

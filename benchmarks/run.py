@@ -13,8 +13,10 @@ Sections (``--sections``, all by default):
   storage  bytes per clip-view and fidelity per codec x mode on the random-weights headline teacher (shapes,
            bytes) and on the quickstart's trained tiny CLIP (per-layer cosine, loss, downstream probe);
            UMT-B/L and K710 projection (bench_cache.py, storage_trained.py)
-  input    decode decord vs PyAV; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
+  input    decode decord vs PyAV vs torchcodec; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
   cache    cache-teacher vs teacher forward-only frames/s by batch size (bench_cache.py)
+  table1   UMT Table 1: UTA (cached, online) vs pixel reconstruction (VideoMAE, V2 dual masking) vs UTA + pixel,
+           B/16 step time and peak memory (bench_table1.py); needs no store
 The headline configuration's store (its teacher, T=8, fp32) is always built: storage and the cached
 step read it.
 """
@@ -49,7 +51,7 @@ from benchmarks.common import (
 )
 
 HEADLINE = {"size": "base", "frames": 8, "mask_ratio": 0.8}
-ALL_SECTIONS = ("step", "storage", "input", "cache")
+ALL_SECTIONS = ("step", "storage", "input", "cache", "table1")
 
 # Presets: everything a run needs besides the flags. "grid" lists (size, T, ratio) configurations.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -73,6 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # The trained teacher: a short stage 1 (epochs) per codec x mode at toy size, one core.
         "trained": {"downstream_epochs": 10, "loss_batch": 8},
         "isolate": True, "forward_min_seconds": 1.0,
+        "table1": {"batch_size": 2, "warmup": 1, "steps": 3, "size": 224},
     },
     "gpu": {
         "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
@@ -87,6 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "read_records": 512, "read_workers": (0, 1, 2, 8), "storage_loss_batch": 8,
         "trained": {"downstream_epochs": 40, "loss_batch": 8},
         "isolate": True, "forward_min_seconds": 5.0,
+        "table1": {"batch_size": 32, "warmup": 3, "steps": 10, "size": 224},
     },
     # Everything once at the tiniest size: the smoke test's settings (seconds, numbers meaningless).
     "smoke": {
@@ -102,6 +106,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trained": None,  # a minute of tiny-CLIP training alone: `--trained` runs it anyway
         # In-process: a forked measurement server would import torch + open_clip again (~10 s on 2 cores).
         "isolate": False, "forward_min_seconds": 0.0,
+        "table1": {"batch_size": 1, "warmup": 1, "steps": 1, "size": 32, "rows": ("pixel", "pixel_dual"),
+                   "student": "umt_test_tiny"},
     },
 }
 
@@ -221,12 +227,12 @@ class Suite:
         return rows
 
     def input(self) -> dict[str, Any]:
-        from benchmarks.bench_input import bench_reads, decode_throughput
+        from benchmarks.bench_input import DECODE_BACKENDS, bench_reads, decode_throughput
 
         p = self.preset
         manifest = self.manifest(p["decode_clips"])
         decode = []
-        for backend in ("decord", "pyav"):
+        for backend in DECODE_BACKENDS:
             for w in p["decode_workers"]:
                 log(f"decode: {backend} workers={w}")
                 decode.append(decode_throughput(manifest, backend, w, self.headline["frames"]))
@@ -268,6 +274,15 @@ class Suite:
             shutil.rmtree(Path(store).parent, ignore_errors=True)
         return points
 
+    def table1(self) -> dict[str, Any]:
+        from benchmarks.bench_table1 import Table1Settings, table1
+
+        t = dict(self.preset["table1"])
+        s = Table1Settings(device=self.preset["device"], batch_size=self.args.batch_size or t.pop("batch_size"),
+                           threads=self.args.threads or os.cpu_count() or 1, amp=self.preset["amp"],
+                           isolate=self.preset["isolate"], **{k: v for k, v in t.items() if k != "batch_size"})
+        return table1(s)
+
     def save_partial(self, key: str, value: Any) -> None:
         """Keep what is measured so far (a crash or Ctrl-C late in a long GPU run loses nothing)."""
         self.results[key] = value
@@ -292,7 +307,8 @@ def run_suite(args) -> dict[str, Path]:
     info = machine_info(preset["device"])
     suite = Suite(preset, args, work)
     try:
-        suite.results["cache_reference"] = suite.timed("reference", suite.reference)
+        if set(sections) - {"table1"}:  # every other section reads the reference store
+            suite.results["cache_reference"] = suite.timed("reference", suite.reference)
         if "storage" in sections or "step" in sections:
             suite.results["storage"] = suite.timed("storage", suite.storage)
         if "step" in sections:
@@ -301,6 +317,8 @@ def run_suite(args) -> dict[str, Path]:
             suite.results["input"] = suite.timed("input", suite.input)
         if "cache" in sections:
             suite.results["cache_write"] = [suite.results["cache_reference"]] + suite.timed("cache", suite.cache)
+        if "table1" in sections:
+            suite.results["table1"] = suite.timed("table1", suite.table1)
     finally:
         if not args.keep_tmp and not args.tmp:
             shutil.rmtree(work, ignore_errors=True)
@@ -342,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of each step measurement (default: all cores; the cpu preset runs tiny on 1)")
-    p.add_argument("--backend", default="decord", choices=["decord", "pyav"], help="video decoder of the loops")
+    p.add_argument("--backend", default="decord", choices=["decord", "pyav", "torchcodec"], help="video decoder of the loops")
     p.add_argument("--codec", default="fp16", help="codec of the stores the cached loop and reads use")
     p.add_argument("--trained", default=None, action=argparse.BooleanOptionalAction,
                    help="storage on the trained tiny CLIP too (default: the preset's choice; smoke skips it)")

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from umt_distill.config import RecipeError
 from umt_distill.quickstart import parse_settings, run_quickstart
-from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER
+from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, umt_exact
 from umt_distill.quickstart.runs import DONE_FILE
 
 # A miniature world and budget: every step runs for real (MP4s, open_clip training, a WebDataset
@@ -24,6 +24,7 @@ MINI = [
     "quickstart.stage2_epochs=1",
 ]
 DISTILLED = "student, distilled (cached)"
+UMT_EXACT = umt_exact("cached")  # the distilled student at tubelet 1; the others' tubelet is 2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -57,7 +58,8 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     assert [s[1] for s in results["steps"]] == ["done"] * 7
 
     finetune = results["finetune"]  # fine-tuned on the motion labels, tested on the test split
-    assert set(finetune["models"]) == {DISTILLED, CONTROL, IMAGE_TEACHER}
+    assert set(finetune["models"]) == {DISTILLED, CONTROL, IMAGE_TEACHER, UMT_EXACT}
+    assert {m: r["tubelet"] for m, r in finetune["models"].items()} == {DISTILLED: 2, CONTROL: 2, IMAGE_TEACHER: None, UMT_EXACT: 1}
     for name, model in finetune["models"].items():
         for key in ("top1", "mean_class_accuracy", "axis_accuracy"):
             assert 0.0 <= model[key] <= 1.0, (name, key)
@@ -66,7 +68,7 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
         assert (out / "runs" / Path(model["run"]).name / DONE_FILE).is_file()
     assert finetune["models"][CONTROL]["init"].startswith(str(out / "runs" / "stage1-init"))
     assert saved["finetune"] == finetune and saved["settings"]["finetune"]["steps"] == 2
-    assert "## Fine-tuned on the motion labels" in report and f"| {IMAGE_TEACHER} | {finetune['models'][IMAGE_TEACHER]['top1']:.3f} |" in report
+    assert "## Fine-tuned on the motion labels" in report and f"| {IMAGE_TEACHER} | per frame | {finetune['models'][IMAGE_TEACHER]['top1']:.3f} |" in report
     assert "fine-tuned on motion labels" in printed.getvalue()
 
     retrieval = results["retrieval"]  # stage 2 on the training captions, zero-shot retrieval on the test split
@@ -95,7 +97,17 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     assert "holds a run of another recipe or teacher; training again" in printed.getvalue()
     assert [s[1] for s in changed["steps"]] == ["reused", "reused", "reused", "done", "done", "done", "done"]
     # another stage-1 run: its student is fine-tuned again; the control and the image teacher start as before
-    assert {m: r["reused"] for m, r in changed["finetune"]["models"].items()} == {DISTILLED: False, CONTROL: True, IMAGE_TEACHER: True}
+    assert {m: r["reused"] for m, r in changed["finetune"]["models"].items()} == \
+        {DISTILLED: False, CONTROL: True, IMAGE_TEACHER: True, UMT_EXACT: False}
+
+    # more fine-tuning seeds: the first seed's runs are reused, the others trained; the mean is reported
+    console, printed = quiet()
+    seeds = run_quickstart(out, overrides=[*MINI, "train.epochs=2", "quickstart.finetune.seeds=2"], console=console)["finetune"]
+    for name, model in seeds["models"].items():
+        assert [r["reused"] for r in model["per_seed"]] == [True, False] and model["seeds"] == 2, name
+        assert model["top1"] == pytest.approx(sum(model["top1_seeds"]) / 2) and model["top1_std"] >= 0
+        assert model["top1_seeds"][0] == changed["finetune"]["models"][name]["top1"]
+    assert "± " in printed.getvalue() and "2 fine-tuning seeds" in (out / "report.md").read_text()
 
 
 def test_online_mode_runs_without_a_cache_and_reports_both_runs(tmp_path) -> None:
@@ -107,8 +119,9 @@ def test_online_mode_runs_without_a_cache_and_reports_both_runs(tmp_path) -> Non
     assert "skipped (teacher.mode=online" in printed.getvalue()
     assert set(results["runs"]) == {"cached", "online"}
     assert {"student, distilled (cached)", "student, distilled (online)"} <= set(results["models"])
-    assert set(results["finetune"]["models"]) == {DISTILLED, "student, distilled (online)", CONTROL, IMAGE_TEACHER}
-    assert [results["finetune"]["models"][m]["reused"] for m in (DISTILLED, CONTROL, IMAGE_TEACHER)] == [True] * 3
+    assert set(results["finetune"]["models"]) == {DISTILLED, "student, distilled (online)", CONTROL, IMAGE_TEACHER,
+                                                  UMT_EXACT, umt_exact("online")}
+    assert [results["finetune"]["models"][m]["reused"] for m in (DISTILLED, CONTROL, IMAGE_TEACHER, UMT_EXACT)] == [True] * 4
     assert "Both teacher modes were run" in (out / "report.md").read_text()
     # stage 2 starts from this mode's stage-1 run, in its own folder: the cached mode's run is kept
     assert all((out / "runs" / f"stage2-{m}" / DONE_FILE).is_file() for m in ("cached", "online"))

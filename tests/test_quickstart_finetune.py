@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +146,8 @@ def test_reading_states_what_the_numbers_support() -> None:
     assert f"Classes predicted on the test clips (of 6): {CONTROL} 1 -- a model that predicts one class" \
         in " ".join(reading(at_chance))
     section = "\n".join(markdown(_finetune(0.9, 0.6, 0.5, 0.98)))
-    assert "## Fine-tuned on the motion labels" in section and f"| {IMAGE_TEACHER} | 0.500 |" in section
-    assert "finetune.flip=false" in section and "| chance | 0.167 | 0.167 | 0.333 |" in section
+    assert "## Fine-tuned on the motion labels" in section and f"| {IMAGE_TEACHER} | per frame | 0.500 |" in section
+    assert "finetune.flip=false" in section and "| chance | | 0.167 | 0.167 | 0.333 |" in section
 
 
 def test_finetune_settings_are_quickstart_settings() -> None:
@@ -156,3 +157,59 @@ def test_finetune_settings_are_quickstart_settings() -> None:
         parse_settings(["quickstart.finetune.step=5"])
     with pytest.raises(RecipeError, match="quickstart.finetune.steps: expected int"):
         parse_settings(["quickstart.finetune.steps=0.5"])
+
+
+def test_plan_compares_like_with_like_and_adds_the_umt_exact_row(tmp_path) -> None:
+    from umt_distill.quickstart.finetune import model_plan
+    from umt_distill.quickstart.names import distilled, umt_exact
+    from umt_distill.training.checkpoint import save_checkpoint
+    from umt_distill.training.stage_parts import build_student
+
+    cfg = _stage1(tmp_path)
+    run = tmp_path / "runs" / "stage1-cached"
+    save_checkpoint(run, 1, build_student(cfg, 32), {"step": 1}, "")
+    plan = model_plan(tmp_path, cfg, {"cached": run}, FinetuneSettings(tubelet_size=2))
+    assert {k: (m.tubelet, m.role) for k, m in plan.items()} == {
+        distilled("cached"): (2, "distilled"), CONTROL: (2, "control"), IMAGE_TEACHER: (None, "image_teacher"),
+        umt_exact("cached"): (1, "umt_exact")}
+    recipes = {k: finetune_recipe(cfg, _world(tmp_path), tmp_path / "r", m.backbone, m.init, FinetuneSettings(),
+                                  tmp_path / "m.txt", tubelet=m.tubelet).model_dump()["finetune"] for k, m in plan.items()}
+    a, b = recipes[distilled("cached")], recipes[CONTROL]
+    assert {k for k in a if a[k] != b[k]} == {"init"} and a["tubelet_size"] == 2 and a["sampling"] == "segment"
+    assert recipes[IMAGE_TEACHER]["tubelet_size"] is None and recipes[umt_exact("cached")]["tubelet_size"] == 1
+    assert umt_exact("cached") not in model_plan(tmp_path, cfg, {"cached": run}, FinetuneSettings(umt_exact=False))
+    assert umt_exact("cached") not in model_plan(tmp_path, cfg, {"cached": run}, FinetuneSettings(tubelet_size=1))
+
+
+def test_seeds_are_averaged_and_their_spread_enters_the_noise() -> None:
+    from umt_distill.quickstart.finetune import combine_seeds
+    from umt_distill.quickstart.report import model_error, standard_error
+
+    runs = [{"top1": t, "top5": 1.0, "mean_class_accuracy": t, "axis_accuracy": 0.9, "predicted_classes": 6,
+             "num_videos": 96, "run": f"r{i}"} for i, t in enumerate((0.9, 0.8, 0.7))]
+    m = combine_seeds(runs)
+    assert m["top1"] == pytest.approx(0.8) and m["top1_std"] == pytest.approx(0.1) and m["seeds"] == 3
+    assert m["top1_seeds"] == [0.9, 0.8, 0.7] and m["run"] == "r0" and len(m["per_seed"]) == 3
+    assert model_error(m, 96) == pytest.approx(math.sqrt(0.01 / 3 + 0.8 * 0.2 / 96))
+    assert model_error({"top1": 0.5}, 96) == pytest.approx(standard_error(0.5, 96))  # one seed: binomial only
+    assert combine_seeds(runs[:1])["top1_std"] == 0.0
+    # a gap that one seed's binomial noise would call clear is not clear when the seeds disagree
+    spread = _finetune(student=0.6, control=0.4, teacher=0.1, teacher_axis=0.3)
+    spread["settings"]["seeds"] = 3
+    for name, std in (("student, distilled (cached)", 0.25), (CONTROL, 0.25)):
+        spread["models"][name].update(seeds=3, top1_std=std)
+    assert "distillation helped" in " ".join(reading(_finetune(student=0.6, control=0.4, teacher=0.1, teacher_axis=0.3)))
+    text = " ".join(reading(spread))
+    assert "no clear difference" in text and "3 fine-tuning seeds" in text
+
+
+def test_reading_reports_the_umt_exact_row_as_it_comes_out() -> None:
+    from umt_distill.quickstart.names import umt_exact
+
+    result = _finetune(student=0.9, control=0.5, teacher=0.1, teacher_axis=0.3)
+    result["models"][umt_exact("cached")] = {**result["models"][CONTROL], "top1": 0.2, "role": "umt_exact", "tubelet": 1}
+    result["models"]["student, distilled (cached)"]["tubelet"] = 2
+    text = " ".join(reading(result))
+    assert f"{umt_exact('cached')}: top-1 0.200, not clearly above chance" in text
+    assert "(tubelet 2) is +0.700 above it" in text and "distillation helped" in text
+    assert text.count("beats its image teacher") == 1  # the UMT-exact row is not a headline comparison

@@ -145,6 +145,8 @@ def test_sigkill_and_resume_continue_the_same_trajectory(corpus, stores, tmp_pat
     ref = _cli("train", *_train_args(corpus, stores["fp32"], tmp_path / "ref", *common))
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err
+    # live progress off a terminal: plain lines at the first and the last step (training/progress.py)
+    assert "stage1 step 1/20 (5.0%) loss " in err and "stage1 step 20/20 (100.0%) loss " in err, err[-2000:]
     expected = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
 
     out = tmp_path / "killed"
@@ -186,6 +188,7 @@ def test_ddp_two_processes(corpus, stores, tmp_path) -> None:
     logged = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]
     assert (out / "checkpoints" / "step-00000005" / "model.safetensors").exists()
+    assert proc.stderr.count("stage1 step 5/5") == 1  # progress from rank 0 only
 
 
 def test_train_streams_a_webdataset_store_and_resumes_mid_epoch(corpus, tmp_path) -> None:

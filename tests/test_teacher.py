@@ -418,3 +418,52 @@ def test_tiny_teachers_register_themselves_on_first_use():
     assert TINY_TEACHER not in open_clip.list_models()
     teacher = ClipTeacher(TINY_TEACHER, layers=1)  # e.g. named by a recipe in a fresh process
     assert TINY_TEACHER in open_clip.list_models() and teacher.grid == (4, 4)
+
+
+# A GELU twin of the tiny teacher: what open_clip's plain "ViT-B-16" config is to OpenAI's weights.
+TINY_GELU = "umt-test-tiny-gelu"
+
+
+def _quick_gelu_blocks(visual: torch.nn.Module) -> list[bool]:
+    return [isinstance(block.mlp.gelu, open_clip.transformer.QuickGELU) for block in visual.transformer.resblocks]
+
+
+def test_openai_visual_file_with_a_gelu_config_runs_quick_gelu(teacher, tmp_path):
+    """UMT's vit_b16.pth (OpenAI's visual tower, QuickGELU) named with a GELU config must not run GELU."""
+    register_model_config(TINY_GELU, {**TINY_CONFIGS[TINY_TEACHER], "quick_gelu": False})
+    state = {k: v.clone().contiguous() for k, v in teacher.visual.state_dict().items()}  # visual-only layout
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match=f"QuickGELU.*{TINY_GELU}-quickgelu"):
+        loaded = ClipTeacher(TINY_GELU, pretrained=str(path), layers=3)
+    assert all(_quick_gelu_blocks(loaded.visual))
+    frames = make_frames(1, 2, (64, 64), seed=11)
+    a, b = teacher(frames), loaded(frames)  # the QuickGELU reference with the same weights
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.attn, b.attn) and torch.equal(a.pooled, b.pooled)
+
+
+def test_full_checkpoint_keeps_the_configs_activation(tmp_path):
+    """A full open_clip checkpoint ('visual.' prefix) may be GELU-trained: the config decides, silently."""
+    register_model_config(TINY_GELU, {**TINY_CONFIGS[TINY_TEACHER], "quick_gelu": False})
+    path = tmp_path / "full.pt"
+    torch.save(make_clip(TINY_GELU).state_dict(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = ClipTeacher(TINY_GELU, pretrained=str(path), layers=1)
+    assert not any(_quick_gelu_blocks(loaded.visual))
+
+
+def test_default_normalization_is_umts_imagenet(tiny_clip):
+    teacher = ClipTeacher(TINY_TEACHER, pretrained=str(tiny_clip[1]), layers=1)
+    assert teacher.normalize == "imagenet" and teacher.mean == IMAGENET_MEAN and teacher.std == IMAGENET_STD
+    from umt_distill.config import TeacherConfig
+
+    assert TeacherConfig().normalize == teacher.normalize  # recipes and the class agree
+
+
+def test_model_config_under_a_builtin_name_names_the_fix(tmp_path):
+    path = tmp_path / "my_vit.json"
+    path.write_text(json.dumps(TINY_CONFIGS[TINY_TEACHER]))
+    with pytest.raises(TeacherError, match="teacher.name=my_vit"):
+        ClipTeacher("ViT-B-16", model_config=str(path), layers=1)  # TeacherConfig's default name
+    assert ClipTeacher("my_vit", model_config=str(path), layers=1).name == "my_vit"

@@ -35,8 +35,8 @@ class CorpusConfig(_Section):
     """A .csv/.jsonl manifest or a folder of videos/images."""
     root: str | None = None
     """Folder that relative paths in the manifest are resolved against (default: the manifest's folder)."""
-    video_backend: Literal["decord", "pyav"] = "decord"
-    """decord is fast; pyav is the frame-exact reference."""
+    video_backend: Literal["decord", "pyav", "torchcodec"] = "decord"
+    """decord is fast; pyav is the frame-exact reference; torchcodec needs FFmpeg's shared libraries."""
 
 
 class ViewConfig(_Section):
@@ -60,7 +60,8 @@ class TeacherConfig(_Section):
     pretrained: str | None = "openai"
     """An open_clip tag (``openai``), a local weights file, or null for random weights."""
     model_config_path: str | None = None
-    """An open_clip model-config JSON for custom/tiny models (its stem becomes the model name)."""
+    """An open_clip model-config JSON for custom/tiny models, registered with open_clip under
+    ``teacher.name`` (so give it a name of its own, not a built-in one such as ``ViT-B-16``)."""
     layers: int = Field(6, ge=1)
     layer_interval: float = Field(1.0, gt=0)
     input_size: int | None = None

@@ -21,12 +21,12 @@ Tubelet inflation: a tubelet-1 checkpoint (UMT pretraining) loads into a classif
 embedding spans ``T'`` frames per token (:func:`inflate_tubelet`): the 2-D kernel is spread evenly over
 the ``T'`` frames, ``W'[:, :, τ] = W / T'`` -- the ``center=False`` rule of the official code's kernel
 inflation (UMT code @4fb4049: single_modality/models/clip.py, ``load_state_dict``; its default,
-``center=True``, puts the kernel on the middle frame only, so each token would start from one frame). A token is then the mean of the
-``T'`` per-frame tokens it replaces (the convolution is linear and the bias is kept), so a static clip
-gives exactly the tubelet-1 tokens. The position table is the pretraining table resized to the new grid
-(linearly in time, as above); for ``T' = 2`` that is the mean of the two frames' positions, so the
-embedding of any clip is the mean of the tubelet-1 embeddings of each frame pair. Only tubelet 1 is
-inflated; any other change of tubelet is refused.
+``center=True``, puts the kernel on the middle frame only, so each token would start from one frame). A
+token is then the mean of the ``T'`` per-frame tokens it replaces (the convolution is linear and the
+bias is kept), so a static clip gives exactly the tubelet-1 tokens. The position table is the
+pretraining table resized to the new grid (linearly in time, as above); for ``T' = 2`` that is the mean
+of the two frames' positions, so the embedding of any clip is the mean of the tubelet-1 embeddings of
+each frame pair. Only tubelet 1 is inflated; any other change of tubelet is refused.
 
 :class:`ImageTeacherClassifier` is the baseline the paper compares against: the CLIP image tower run on
 every frame, its image embeddings averaged over time, then the same ``fc_norm`` + ``head``.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from rich.console import Console
 
 from umt_distill.config import Recipe, load_recipe, recipe_to_yaml
 from umt_distill.data.toyworld import MOTIONS
-from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, distilled
+from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, distilled, umt_exact
 from umt_distill.quickstart.runs import ensure_run
 from umt_distill.quickstart.settings import FinetuneSettings
 
@@ -63,6 +63,9 @@ MOTION_RECIPE: tuple[str, ...] = (
     # CutMix labels a pasted box by its area, but a single small object is either in it or not. Mixup,
     # RandAugment and random erasing regularise long schedules; this one is a few epochs.
     "finetune.cutmix=0", "finetune.mixup=0", "finetune.randaug=null", "finetune.reprob=0",
+    # One frame per equal segment (TSN), as UMT samples Something-Something, its motion benchmark; its
+    # test views are evenly spaced (segment starts, then midpoints), where sparse test views are not.
+    "finetune.sampling=segment",
     # Toy frames are square, so UMT's 3 crops along the long side would be one crop 3 times.
     "finetune.test_num_crops=1",
     "finetune.val_source=null",
@@ -73,9 +76,31 @@ MOTION_RECIPE: tuple[str, ...] = (
 # the step
 
 
+@dataclass(frozen=True)
+class FinetunedModel:
+    """One model of the step: what it starts from and with which patch embedding.
+
+    Attributes:
+        backbone: ``student`` or ``image_teacher``.
+        init: The checkpoint it starts from (None: the teacher's weights, for the image teacher).
+        tubelet: Frames per token of the student (None: the image teacher embeds each frame).
+        role: ``distilled`` | ``control`` | ``image_teacher`` (the comparison, one recipe) or
+            ``umt_exact`` (the distilled student at UMT's tubelet 1, reported as it comes out).
+    """
+
+    backbone: str
+    init: Path | None
+    tubelet: int | None
+    role: str
+
+
 def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: dict[str, Path],
                  settings: FinetuneSettings, console: Console) -> dict:
     """Fine-tune the distilled students, the control and the image teacher on motion; test each.
+
+    Every model is fine-tuned ``settings.seeds`` times (fine-tuning seeds ``cfg.seed + i``: data order,
+    augmentation, head; the stage-1 run and the control's start stay fixed) and reported as the mean,
+    with each seed's numbers in ``per_seed``.
 
     Args:
         output: The quickstart's output folder (runs go to ``runs/finetune-*``).
@@ -83,46 +108,46 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
         world: ``write_world``'s result.
         teacher: The tiny CLIP's summary (``weights_sha256``).
         runs: Finished stage-1 runs by teacher mode (those the probes report).
-        settings: Steps, batch, test views.
+        settings: Steps, batch, tubelet, seeds, test views.
         console: Progress and reuse messages.
 
     Returns:
-        ``{"models": {name: {top1, top5, mean_class_accuracy, axis_accuracy, ...}}, "reused": bool,
-        "num_clips", "views_per_clip", "settings", "recipe_overrides"}`` — the ``finetune`` section of
-        ``results.json``.
+        ``{"models": {name: {top1, top1_std, top1_seeds, mean_class_accuracy, axis_accuracy, tubelet, role,
+        per_seed, ...}}, "reused": bool, "num_clips", "views_per_clip", "settings", "recipe_overrides"}`` —
+        the ``finetune`` section of ``results.json``.
     """
     from umt_distill.stages.finetune import train
-    from umt_distill.training.checkpoint import latest_checkpoint
 
     label_map = output / "runs" / "motion_classes.txt"
     label_map.parent.mkdir(parents=True, exist_ok=True)
     label_map.write_text("\n".join(MOTIONS) + "\n", encoding="utf-8")
-    inits: dict[str, tuple[str, Path | None]] = {
-        distilled(mode): ("student", latest_checkpoint(run)) for mode, run in runs.items()
-    }
-    inits[CONTROL] = ("student", write_initial_student(output / "runs" / INIT_RUN, cfg))
-    inits[IMAGE_TEACHER] = ("image_teacher", None)
+    plan = model_plan(output, cfg, runs, settings)
     world_settings = json.loads((Path(world["manifest"]).parent / "world.json").read_text())
 
     models, all_reused = {}, True
-    for name, (backbone, init) in inits.items():
-        run = output / "runs" / f"finetune-{_slug(name)}"
-        ft = finetune_recipe(cfg, world, run, backbone, init, settings, label_map)
-        identity = {
-            "recipe": recipe_to_yaml(ft),
-            # the weights the run starts from: the stage-1 checkpoint (student) or the teacher (baseline)
-            "init_sha256": _sha256(init / "model.safetensors") if init is not None else None,
-            "teacher_sha256": teacher["weights_sha256"],
-            "world": world_settings,
-        }
-        console.print(f"  {name} ← {'teacher weights' if init is None else init}", highlight=False)
-        t = time.perf_counter()
-        reused, last = ensure_run(run, identity, lambda ft=ft: _train_and_score(train, ft), console, f"fine-tune: {name}")
+    for name, m in plan.items():
+        console.print(f"  {name} ← {'teacher weights' if m.init is None else m.init}"
+                      + (f", tubelet {m.tubelet}" if m.tubelet else ""), highlight=False)
+        per_seed, t = [], time.perf_counter()
+        for i in range(settings.seeds):
+            run = output / "runs" / (f"finetune-{_slug(name)}" + (f"-seed{i}" if i else ""))
+            ft = finetune_recipe(cfg, world, run, m.backbone, m.init, settings, label_map, tubelet=m.tubelet, seed=cfg.seed + i)
+            identity = {
+                "recipe": recipe_to_yaml(ft),
+                # the weights the run starts from: the stage-1 checkpoint (student) or the teacher (baseline)
+                "init_sha256": _sha256(m.init / "model.safetensors") if m.init is not None else None,
+                "teacher_sha256": teacher["weights_sha256"],
+                "world": world_settings,
+            }
+            label = f"fine-tune: {name}" + (f", seed {i + 1}/{settings.seeds}" if settings.seeds > 1 else "")
+            reused, last = ensure_run(run, identity, lambda ft=ft: _train_and_score(train, ft), console, label)
+            per_seed.append({**last, "reused": reused, "run": str(run), "seed": ft.seed})
+        reused = all(r["reused"] for r in per_seed)
         if reused:
             console.print(f"  [green]reusing the finished fine-tuning run ({name})[/]", highlight=False)
         all_reused &= reused
-        models[name] = {**last, "reused": reused, "run": str(run), "init": None if init is None else str(init),
-                        "seconds": round(time.perf_counter() - t, 1)}
+        models[name] = {**combine_seeds(per_seed), "reused": reused, "init": None if m.init is None else str(m.init),
+                        "tubelet": m.tubelet, "role": m.role, "seconds": round(time.perf_counter() - t, 1)}
     first = next(iter(models.values()))
     return {
         "models": models, "reused": all_reused,
@@ -132,16 +157,49 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
     }
 
 
+def model_plan(output: Path, cfg: Recipe, runs: dict[str, Path], settings: FinetuneSettings) -> dict[str, FinetunedModel]:
+    """The models of the step, by name: distilled students, control and image teacher on one recipe
+    (the students at ``settings.tubelet_size``), then the UMT-exact tubelet-1 rows (``settings.umt_exact``)."""
+    from umt_distill.training.checkpoint import latest_checkpoint
+
+    t = settings.tubelet_size
+    plan = {distilled(mode): FinetunedModel("student", latest_checkpoint(run), t, "distilled") for mode, run in runs.items()}
+    plan[CONTROL] = FinetunedModel("student", write_initial_student(output / "runs" / INIT_RUN, cfg), t, "control")
+    plan[IMAGE_TEACHER] = FinetunedModel("image_teacher", None, None, "image_teacher")
+    if settings.umt_exact and t != 1:
+        plan.update({umt_exact(mode): FinetunedModel("student", latest_checkpoint(run), 1, "umt_exact")
+                     for mode, run in runs.items()})
+    return plan
+
+
+def combine_seeds(per_seed: list[dict]) -> dict:
+    """One model's seeds: mean ``top1`` / ``mean_class_accuracy`` / ``axis_accuracy``, ``top1_std`` (sample
+    standard deviation over seeds; 0 for one seed), ``top1_seeds``; the rest from the first seed."""
+    out = {**per_seed[0]}
+    for key in ("top1", "top5", "mean_class_accuracy", "axis_accuracy"):
+        out[key] = float(np.mean([r[key] for r in per_seed]))
+    top1 = [r["top1"] for r in per_seed]
+    out.update(top1_seeds=top1, top1_std=float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
+               seeds=len(per_seed), per_seed=per_seed)
+    return out
+
+
 def finetune_recipe(cfg: Recipe, world: dict, run: Path, backbone: str, init: Path | None,
-                    settings: FinetuneSettings, label_map: Path) -> Recipe:
-    """``finetune/tiny`` on the toy motion labels with stage 1's geometry, teacher and seed."""
+                    settings: FinetuneSettings, label_map: Path, tubelet: int | None = None,
+                    seed: int | None = None) -> Recipe:
+    """``finetune/tiny`` on the toy motion labels with stage 1's geometry and teacher.
+
+    Args:
+        tubelet: ``finetune.tubelet_size`` (None: the init's; the image teacher takes None).
+        seed: The fine-tuning seed (default: stage 1's).
+    """
     t, v = cfg.teacher, cfg.views
 
     def value(x) -> str:  # an override's YAML value: None is null, not the string "None"
         return "null" if x is None else str(x)
 
     return load_recipe(FINETUNE_RECIPE, [
-        f"seed={cfg.seed}",
+        f"seed={cfg.seed if seed is None else seed}",
         f"corpus.video_backend={cfg.corpus.video_backend}",
         f"student.name={cfg.student.name}",
         # the image-teacher baseline starts from the quickstart's tiny CLIP
@@ -154,6 +212,7 @@ def finetune_recipe(cfg: Recipe, world: dict, run: Path, backbone: str, init: Pa
         # stage 1's clips: no interpolation of the position table
         f"finetune.num_frames={v.num_frames}", f"finetune.size={v.size}",
         f"finetune.pretrain_num_frames={v.num_frames}", f"finetune.pretrain_size={v.size}",
+        f"finetune.tubelet_size={value(tubelet)}",
         f"finetune.test_num_clips={settings.test_clips}",
         f"train.max_steps={settings.steps}", f"train.batch_size={settings.batch_size}",
         f"train.num_workers={settings.workers}", f"train.output_dir={run.resolve()}",
@@ -225,5 +284,5 @@ def _count_rows(manifest: str | Path) -> int:
     return len(read_corpus(str(manifest)))
 
 
-__all__ = ["run_finetune", "finetune_recipe", "write_initial_student", "axis_accuracy", "MOTION_RECIPE", "AXES",
+__all__ = ["run_finetune", "model_plan", "combine_seeds", "FinetunedModel", "finetune_recipe", "write_initial_student", "axis_accuracy", "MOTION_RECIPE", "AXES",
            "FINETUNE_RECIPE", "INIT_RUN"]

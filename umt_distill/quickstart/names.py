@@ -11,3 +11,8 @@ DISTILLED_PREFIX = "student, distilled"
 def distilled(mode: str) -> str:
     """The distilled student of one teacher mode: ``student, distilled (cached)``."""
     return f"{DISTILLED_PREFIX} ({mode})"
+
+
+def umt_exact(mode: str) -> str:
+    """The distilled student fine-tuned at UMT's tubelet 1 (the others' tubelet is the step's setting)."""
+    return f"{distilled(mode)}, tubelet 1 (UMT-exact)"

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from umt_distill.config import Recipe
@@ -19,10 +20,40 @@ from umt_distill.data.toyworld import MOTIONS, appearance_classes
 from umt_distill.quickstart.finetune import AXES
 from umt_distill.quickstart.names import CONTROL, DISTILLED_PREFIX, IMAGE_TEACHER, TEACHER
 from umt_distill.quickstart.plots import plot_accuracy, plot_loss, plot_semantic_mask
-from umt_distill.quickstart.retrieval import CHANCE
+from umt_distill.quickstart.retrieval import CHANCE, STUDENT_ITC, STUDENT_ITM
+from umt_distill.quickstart.retrieval import TEACHER as RETRIEVAL_TEACHER
 # The issue's bar for "the method works at toy scale" (UMT's claim, Table 3, in miniature).
 MOTION_MARGIN = 0.20
 APPEARANCE_FRACTION = 0.9
+
+
+# Terminal tables fit in 80 columns: short row labels and column heads, spelt out in the table's caption.
+_SHORT_ROWS = {TEACHER: "teacher", RETRIEVAL_TEACHER: "teacher", CONTROL: "control", IMAGE_TEACHER: "img teacher",
+               STUDENT_ITC: "s2 contrast", STUDENT_ITM: "s2 re-rank", CHANCE: "chance"}
+_PROBE_COLUMNS = (("app lin", "appearance, linear probe"), ("mot lin", "motion, linear probe"),
+                  ("app kNN", "appearance, kNN"), ("mot kNN", "motion, kNN"), ("order", "order sensitivity"))
+_FINETUNE_COLUMNS = (("tubelet", "tubelet"), ("top-1", "motion top-1"), ("class acc", "mean class accuracy"),
+                     ("axis acc", "axis accuracy"), ("run", "run"))
+_RETRIEVAL_SHORT = {"t2v R@1": "t2v@1", "t2v R@5": "t2v@5", "v2t R@1": "v2t@1", "v2t R@5": "v2t@5",
+                    "mean recall": "mean R", "appearance": "app", "motion given appearance": "mot|app"}
+_RETRIEVAL_LEGEND = (("t2v@k", "text→video recall at k (%)"), ("v2t@k", "video→text recall at k (%)"),
+                     ("mean R", "mean recall"), ("app", "appearance"), ("mot|app", "motion given appearance"))
+
+
+def short_row(name: str) -> str:
+    """A row label of at most 15 characters for the terminal tables (``results.json`` keeps the full name)."""
+    if name in _SHORT_ROWS:
+        return _SHORT_ROWS[name]
+    if name.startswith(DISTILLED_PREFIX):  # "student, distilled (cached)" [", tubelet 1 (UMT-exact)"]
+        mode = name[len(DISTILLED_PREFIX):].split(")")[0].strip(" (")
+        return f"dist. {mode}" + (" t1" if "tubelet 1" in name else "")
+    return name if len(name) <= 15 else name[:14] + "…"
+
+
+def legend(rows, columns) -> str:
+    """``short = full`` for every shortened row label and column head (a table caption)."""
+    items = [f"{short_row(n)} = {n}" for n in rows if short_row(n) != n] + [f"{a} = {b}" for a, b in columns if a != b]
+    return escape("; ".join(items))
 
 
 def checks(results: dict) -> list[dict]:
@@ -49,12 +80,13 @@ def print_table(console: Console, results: dict) -> None:
     """The accuracy table and the checks, for a human at the terminal."""
     chance = {"appearance": 1 / len(appearance_classes()), "motion": 1 / len(MOTIONS)}
     n = results["num_clips"]
-    table = Table(title=f"frozen-feature probes, test accuracy ({n['test']} clips; fit on {n['train']}, ridge chosen on {n['val']})")
+    table = Table(title=f"frozen-feature probes, test accuracy ({n['test']} clips; fit on {n['train']}, ridge chosen on {n['val']})",
+                  caption=legend(results["models"], _PROBE_COLUMNS), caption_justify="left")
     table.add_column("model")
-    for col in ("appearance (linear)", "motion (linear)", "appearance (kNN)", "motion (kNN)", "order sensitivity"):
+    for col, _ in _PROBE_COLUMNS:
         table.add_column(col, justify="right")
     for name, m in results["models"].items():
-        table.add_row(name, *(f"{m[task][probe]['accuracy']:.3f}" for probe in ("linear", "knn") for task in ("appearance", "motion")),
+        table.add_row(short_row(name), *(f"{m[task][probe]['accuracy']:.3f}" for probe in ("linear", "knn") for task in ("appearance", "motion")),
                       f"{m['order_sensitivity']:.3f}")
     table.add_row("[dim]chance[/]", *(f"[dim]{chance[task]:.3f}[/]" for _ in range(2) for task in ("appearance", "motion")), "")
     console.print(table)
@@ -193,18 +225,44 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
 
 
+def model_error(m: dict, n: int) -> float:
+    """Standard error of a fine-tuned model's mean top-1: the spread over its fine-tuning seeds
+    (sample std / √seeds) and the binomial error of the ``n`` test clips, which every seed shares,
+    combined as independent. One seed: the binomial error alone."""
+    seeds = m.get("seeds", 1)
+    return math.sqrt(m.get("top1_std", 0.0) ** 2 / seeds + standard_error(m["top1"], n) ** 2)
+
+
+def role(name: str, m: dict) -> str:
+    """``distilled`` | ``control`` | ``image_teacher`` | ``umt_exact`` (results of older runs: from the name)."""
+    if "role" in m:
+        return m["role"]
+    return {IMAGE_TEACHER: "image_teacher", CONTROL: "control"}.get(name, "distilled" if name.startswith(DISTILLED_PREFIX) else "")
+
+
+def _top1(m: dict) -> str:
+    return f"{m['top1']:.3f} ± {m['top1_std']:.3f}" if m.get("seeds", 1) > 1 else f"{m['top1']:.3f}"
+
+
+def _tubelet(name: str, m: dict) -> str:
+    return "per frame" if role(name, m) == "image_teacher" else str(m.get("tubelet") or 1)
+
+
 def finetune_table(console: Console, finetune: dict) -> None:
     """The fine-tuning table, after the probes' table."""
-    n, views, steps = finetune["num_clips"], finetune["views_per_clip"], finetune["settings"]["steps"]
-    table = Table(title=f"fine-tuned on motion labels ({steps} steps on {n['train']} clips), "
-                        f"test accuracy ({n['test']} clips × {views} views)")
+    n, views, s = finetune["num_clips"], finetune["views_per_clip"], finetune["settings"]
+    seeds = s.get("seeds", 1)
+    table = Table(title=f"fine-tuned on motion labels ({s['steps']} steps × {s['batch_size']} videos on {n['train']} clips"
+                        + (f", mean ± std over {seeds} seeds" if seeds > 1 else "")
+                        + f"), test accuracy ({n['test']} clips × {views} views)",
+                  caption=legend(finetune["models"], _FINETUNE_COLUMNS), caption_justify="left")
     table.add_column("model")
-    for col in ("motion top-1", "mean class acc.", "axis acc.", "run"):
+    for col, _ in _FINETUNE_COLUMNS:
         table.add_column(col, justify="right")
     for name, m in finetune["models"].items():
-        table.add_row(name, f"{m['top1']:.3f}", f"{m['mean_class_accuracy']:.3f}", f"{m['axis_accuracy']:.3f}",
+        table.add_row(short_row(name), _tubelet(name, m), _top1(m), f"{m['mean_class_accuracy']:.3f}", f"{m['axis_accuracy']:.3f}",
                       "reused" if m["reused"] else f"{m['seconds']:.0f} s")
-    table.add_row("[dim]chance[/]", *(f"[dim]{c:.3f}[/]" for c in (1 / len(MOTIONS), 1 / len(MOTIONS), 1 / len(AXES))), "")
+    table.add_row("[dim]chance[/]", "", *(f"[dim]{c:.3f}[/]" for c in (1 / len(MOTIONS), 1 / len(MOTIONS), 1 / len(AXES))), "")
     console.print(table)
     for line in finetune_reading(finetune):
         console.print(f"[dim]{line}[/]", highlight=False)
@@ -213,6 +271,7 @@ def finetune_table(console: Console, finetune: dict) -> None:
 def finetune_markdown(finetune: dict) -> list[str]:
     """The ``report.md`` section: what was run, the numbers, and what they mean."""
     n, s = finetune["num_clips"], finetune["settings"]
+    seeds, tubelet = s.get("seeds", 1), s.get("tubelet_size", 1)
     lines = [
         "## Fine-tuned on the motion labels",
         "",
@@ -221,21 +280,30 @@ def finetune_markdown(finetune: dict) -> list[str]:
         f"{s['steps']} steps of {s['batch_size']} videos × 2 random crops, UMT's optimisation (AdamW, cosine schedule, "
         "layer-wise LR decay, label smoothing, drop path). No horizontal flip: it would turn \"moving left\" into "
         "\"moving right\". Crops stay within stage 1's range; RandAugment, random erasing and Mixup/CutMix, regularisers "
-        "for long schedules and the slowest part of a toy step, are off (`MOTION_RECIPE` in "
-        "`umt_distill/quickstart/finetune.py` says why each). Nothing was chosen on val; the final weights were tested "
-        f"on the {n['test']} test clips with {finetune['views_per_clip']} temporal views each (softmax averaged).",
+        "for long schedules and the slowest part of a toy step, are off; frames are sampled one per segment, as UMT "
+        "does for Something-Something (`MOTION_RECIPE` in `umt_distill/quickstart/finetune.py` says why each). "
+        "Nothing was chosen on val; the final weights were tested "
+        f"on the {n['test']} test clips with {finetune['views_per_clip']} temporal views each (softmax averaged)"
+        + (f"; every model was fine-tuned with {seeds} seeds (data order, augmentation, head) and the table gives the "
+           "mean ± the standard deviation over seeds." if seeds > 1 else "."),
         "",
+        f"- the students' patch embedding spans {tubelet} frames per token (`finetune.tubelet_size={tubelet}`): the "
+        f"distilled tubelet-1 kernel is spread over the {tubelet} frames (kernel / {tubelet} on each, so a still clip "
+        "gives the stage-1 tokens) and the position table is resized to the new grid;" if tubelet != 1 else
+        "- the students keep UMT's tubelet 1 (one frame per token);",
         "- distilled students start from their stage-1 checkpoint; the control from the random weights stage 1 "
         "started from (same seed, data order and head: distillation is the only difference);",
         "- the image teacher is UMT's image baseline in miniature: the tiny CLIP's image tower on every frame, frame "
-        "embeddings averaged, a linear head, starting from the teacher's weights.",
+        "embeddings averaged, a linear head, starting from the teacher's weights;",
+        *(["- the UMT-exact row is the distilled student fine-tuned at tubelet 1, otherwise the same, reported as it "
+           "comes out."] if any(role(k, m) == "umt_exact" for k, m in finetune["models"].items()) else []),
         "",
-        "| model | motion top-1 | mean class accuracy | axis accuracy |",
-        "|---|---:|---:|---:|",
+        "| model | tubelet | motion top-1 | mean class accuracy | axis accuracy |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, m in finetune["models"].items():
-        lines.append(f"| {name} | {m['top1']:.3f} | {m['mean_class_accuracy']:.3f} | {m['axis_accuracy']:.3f} |")
-    lines.append(f"| chance | {1 / len(MOTIONS):.3f} | {1 / len(MOTIONS):.3f} | {1 / len(AXES):.3f} |")
+        lines.append(f"| {name} | {_tubelet(name, m)} | {_top1(m)} | {m['mean_class_accuracy']:.3f} | {m['axis_accuracy']:.3f} |")
+    lines.append(f"| chance | | {1 / len(MOTIONS):.3f} | {1 / len(MOTIONS):.3f} | {1 / len(AXES):.3f} |")
     lines += [
         "",
         "Axis accuracy: the predicted motion is on the right axis (horizontal, vertical or size) whatever its "
@@ -249,7 +317,7 @@ def finetune_markdown(finetune: dict) -> list[str]:
 
 
 def finetune_reading(finetune: dict) -> list[str]:
-    """What this run's numbers say, with their noise (one seed, a binomial standard error per model)."""
+    """What this run's numbers say, with their noise (:func:`model_error`: seeds and test clips)."""
     models, n = finetune["models"], finetune["num_clips"]["test"]
     teacher, control = models[IMAGE_TEACHER], models[CONTROL]
     chance = 1 / len(MOTIONS)
@@ -261,9 +329,10 @@ def finetune_reading(finetune: dict) -> list[str]:
                      "learn motion, so the comparisons below are between noise levels (`quickstart.finetune.steps`).")
 
     def compare(a: dict, b: dict) -> tuple[float, float]:
-        return a["top1"] - b["top1"], 2 * math.hypot(standard_error(a["top1"], n), standard_error(b["top1"], n))
+        return a["top1"] - b["top1"], 2 * math.hypot(model_error(a, n), model_error(b, n))
 
-    for name in (k for k in models if k.startswith(DISTILLED_PREFIX)):
+    headline = [k for k, m in models.items() if role(k, m) == "distilled"]
+    for name in headline:
         s = models[name]
         gap_t, noise_t = compare(s, teacher)
         gap_c, noise_c = compare(s, control)
@@ -277,6 +346,17 @@ def finetune_reading(finetune: dict) -> list[str]:
         lines.append(f"- {name}: top-1 {s['top1']:.3f}; it {verdict_t} ({gap_t:+.3f} vs {teacher['top1']:.3f}, "
                      f"noise ±{noise_t:.3f}); against the control ({control['top1']:.3f}) {verdict_c} "
                      f"({gap_c:+.3f}, noise ±{noise_c:.3f}).")
+    for name in (k for k, m in models.items() if role(k, m) == "umt_exact"):
+        s = models[name]
+        line = (f"- {name}: top-1 {s['top1']:.3f}, " + ("clearly above chance" if learned[name]
+                                                         else f"not clearly above chance (top-1 above {floor:.3f})"))
+        for h in headline:
+            gap, noise = compare(models[h], s)
+            line += f"; {h} (tubelet {models[h].get('tubelet')}) is {gap:+.3f} above it (noise ±{noise:.3f})"
+            if gap > noise:
+                line += (": here the patch embedding that sees frames together, not the distilled weights alone, "
+                         "made motion generalise")
+        lines.append(line + ".")
     lines.append(f"- image teacher: top-1 {teacher['top1']:.3f}, axis accuracy {teacher['axis_accuracy']:.3f} "
                  + ("— it finds the axis but not the direction, as a frame average must."
                     if teacher["axis_accuracy"] - teacher["top1"] > 0.25 else
@@ -287,8 +367,14 @@ def finetune_reading(finetune: dict) -> list[str]:
                      + ", ".join(f"{name} {k}" for name, k in spread.items())
                      + (" -- a model that predicts one class for every clip scores that class's share of the test set."
                         if 1 in spread.values() else "."))
-    lines.append(f"- Noise: ±2 binomial standard errors on {n} test clips, one seed and one run per model; "
-                 "differences inside it are not results.")
+    seeds = finetune["settings"].get("seeds", 1)
+    if seeds > 1:
+        lines.append(f"- Noise: ±2 standard errors of a difference of means, from the spread over {seeds} fine-tuning "
+                     f"seeds (std / √{seeds}) and the binomial error on the {n} test clips every seed shares; the "
+                     "stage-1 run and the control's start are the same for every seed. Differences inside it are not results.")
+    else:
+        lines.append(f"- Noise: ±2 binomial standard errors on {n} test clips, one seed and one run per model; "
+                     "differences inside it are not results (`quickstart.finetune.seeds=3` adds the seed spread).")
     return lines
 
 
@@ -344,14 +430,15 @@ def retrieval_reading(result: dict) -> list[str]:
 def retrieval_table(result: dict) -> Table:
     """A rich table of the retrieval rows (percent); the headline rows in bold."""
     table = Table(title=f"zero-shot retrieval on motion captions ({result['num_videos']} test clips, "
-                        f"{result['num_texts']} distinct captions; class-level hits)")
+                        f"{result['num_texts']} distinct captions; class-level hits)",
+                  caption=legend(result["rows"], _RETRIEVAL_LEGEND), caption_justify="left")
     table.add_column("model")
     for _, title in _COLUMNS:
-        table.add_column(title, justify="right")
+        table.add_column(_RETRIEVAL_SHORT[title], justify="right")
     headline = set(result["headline"][k] for k in ("student", "teacher"))
     for name, m in result["rows"].items():
         style = "bold" if name in headline else ("dim" if name == CHANCE else "")
-        table.add_row(name, *(f"{m[key]:.1f}" for key, _ in _COLUMNS), style=style)
+        table.add_row(short_row(name), *(f"{m[key]:.1f}" for key, _ in _COLUMNS), style=style)
     return table
 
 

@@ -19,18 +19,26 @@ class FinetuneSettings:
     Attributes:
         steps: Optimizer steps per model (each ``batch_size`` videos × 2 random crops).
         batch_size: Videos per step.
+        tubelet_size: Frames per token of the fine-tuned students (distilled and control); the
+            tubelet-1 stage-1 weights are inflated to it (``finetune.tubelet_size``).
+        umt_exact: Also fine-tune each distilled student at UMT's tubelet 1 (reported as it comes out).
+        seeds: Fine-tuning seeds per model; the report gives the mean ± the spread.
         test_clips: Temporal views per test clip (softmax averaged), one crop each.
         workers: DataLoader processes that decode and augment while the model trains.
     """
 
-    # Measured at full scale (1 thread + 1 loader worker): 0.065 s a step with the machine to itself, 0.10 s
-    # with another job on the other core; 500 steps took 141 s for the three models under that load, over
-    # the step's 2-minute budget. No model left chance within 1500 steps; at 3000 (outside the budget) the
-    # distilled student reached 0.26 top-1 and the control 0.22 (chance 0.17; one seed, gap within noise).
     steps: int = 400
     batch_size: int = 4
+    tubelet_size: int = 2
+    umt_exact: bool = True
+    seeds: int = 1
     test_clips: int = 2
     workers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "tubelet_size", "seeds", "test_clips"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"quickstart.finetune.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,10 @@ def _set_field(obj, path: list[str], value, prefix: str):
     def number(v) -> bool:  # YAML ints are fine for floats; booleans and strings are never numbers
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return dataclasses.replace(obj, **{name: value})
     if isinstance(current, tuple):
         if not isinstance(value, list) or len(value) != len(current) or not all(map(number, value)):
             raise RecipeError(f"{key}: expected a list of {len(current)} numbers, got {value!r}")

@@ -108,30 +108,37 @@ def _unknown_model_error(name: str) -> TeacherError:
     )
 
 
-def _build_vision_tower(name: str, config: dict[str, Any]) -> nn.Module:
+def _build_vision_tower(name: str, config: dict[str, Any], quick_gelu: bool) -> nn.Module:
     """The vision tower alone (no text tower), randomly initialised from a fixed seed, fp32 on CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         build = getattr(open_clip.model, "_build_vision_tower", None)
         if build is None:  # private helper gone in some future open_clip: build CLIP, keep its tower
-            return open_clip.create_model(name, pretrained=None).visual
-        return build(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False), None)
+            return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu).visual
+        return build(config["embed_dim"], config["vision_cfg"], quick_gelu, None)
 
 
-def _read_visual_state_dict(path: Path) -> dict[str, Tensor]:
+def _read_visual_state_dict(path: Path) -> tuple[dict[str, Tensor], bool]:
     """Vision-tower weights from a full open_clip CLIP checkpoint or a visual-only state dict.
 
     open_clip's reader handles safetensors, ``{"state_dict": ...}`` wrappers and ``module.`` prefixes.
-    Visual-only files are e.g. UMT's ``vit_b16.pth`` (keys ``conv1.weight``, ``transformer.resblocks.*``).
+    Visual-only files are OpenAI CLIP's visual tower extracted as UMT ships it (``vit_b16.pth``, keys
+    ``conv1.weight``, ``transformer.resblocks.*``; single_modality/models/extract_clip/extract.ipynb).
+
+    Returns:
+        ``(state, openai_visual)``: the tower's state dict, and whether the file is such a visual-only
+        OpenAI extraction (which was trained with QuickGELU).
     """
     state = open_clip.factory.load_state_dict(str(path))
-    if any(key.startswith("visual.") for key in state):
+    openai_visual = not any(key.startswith("visual.") for key in state)
+    if not openai_visual:
         state = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
+    openai_visual = openai_visual and "conv1.weight" in state and "class_embedding" in state
     conv = state.get("conv1.weight")
     if conv is not None and conv.ndim == 5 and conv.shape[2] == 1:
         # UMT's teacher patch embed is a Conv3d with temporal kernel 1: [C, 3, 1, p, p] -> [C, 3, p, p]
         state["conv1.weight"] = conv.squeeze(2)
-    return state
+    return state, openai_visual
 
 
 def _set_grid(visual: VisionTransformer, grid: tuple[int, int]) -> None:
@@ -143,8 +150,7 @@ def _set_grid(visual: VisionTransformer, grid: tuple[int, int]) -> None:
         visual.preprocess_cfg["size"] = visual.image_size
 
 
-def _load_visual_weights(visual: VisionTransformer, path: Path, name: str) -> None:
-    state = _read_visual_state_dict(path)
+def _load_visual_weights(visual: VisionTransformer, state: dict[str, Tensor], path: Path, name: str) -> None:
     table = state.get("positional_embedding")
     current = visual.positional_embedding
     other_grid = table is not None and table.ndim == 2 and table.shape[0] != current.shape[0]
@@ -168,8 +174,9 @@ class ClipTeacher(nn.Module):
 
     Args:
         name: open_clip model name (``"ViT-B-16"``, ``"ViT-L-14"``, a name registered at runtime, or
-            ``hf-hub:org/repo``). OpenAI weights need QuickGELU: with a tag this is set from the tag;
-            with a local OpenAI file use the ``*-quickgelu`` config (e.g. ``"ViT-B-16-quickgelu"``).
+            ``hf-hub:org/repo``). OpenAI weights need QuickGELU: with a tag it is set from the tag; a
+            local visual-only OpenAI file (UMT's ``vit_b16.pth``) switches to QuickGELU with a warning;
+            a full local checkpoint of OpenAI weights needs the ``*-quickgelu`` name (``"ViT-B-16-quickgelu"``).
         pretrained: ``None`` (random init from a fixed seed, for tests), an open_clip tag such as
             ``"openai"`` (downloaded by open_clip), or a local weights file: a full open_clip CLIP
             state dict or a visual-only one (UMT's ``vit_b16.pth`` layout), .pt/.pth/.bin/.safetensors.
@@ -178,7 +185,8 @@ class ClipTeacher(nn.Module):
         layer_interval: Spacing of those blocks (UMT's ``clip_return_interval``, may be fractional).
         input_size: Side of the square teacher input; the position table is interpolated when it
             differs from the weights' (UMT-L: CLIP-L/14 at 196). Default: the weights' resolution.
-        normalize: ``"clip"`` (the model's preprocessing mean/std) or ``"imagenet"`` (what UMT feeds).
+        normalize: ``"imagenet"`` (what UMT feeds its teacher; the recipes' default too) or ``"clip"``
+            (the model's own preprocessing mean/std).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA autocast; fp32 elsewhere, see module doc).
         device: Torch device, or ``"auto"`` for CUDA when available.
     """
@@ -193,7 +201,7 @@ class ClipTeacher(nn.Module):
         layers: int = 6,
         layer_interval: float = 1,
         input_size: int | None = None,
-        normalize: str = "clip",
+        normalize: str = "imagenet",
         precision: str = "fp32",
         device: str | torch.device = "cpu",
     ) -> None:
@@ -252,7 +260,16 @@ class ClipTeacher(nn.Module):
         if name in TINY_CONFIGS:  # recipes may name the test teachers without registering them first
             register_tiny_configs()
         if model_config is not None:
-            _, file_preprocess = register_model_config_file(name, model_config)
+            try:
+                _, file_preprocess = register_model_config_file(name, model_config)
+            except ValueError as e:
+                if "already registered" not in str(e):
+                    raise
+                raise TeacherError(
+                    f"{model_config} is registered under the teacher's name {name!r}, which open_clip already "
+                    f"defines with another architecture: give it its own name, e.g. "
+                    f"teacher.name={Path(model_config).stem}"
+                ) from None
         schema = name.startswith(("hf-hub:", "local-dir:"))
         model_name = name if schema else _open_clip_model_name(name)
         weights_file = None
@@ -291,9 +308,23 @@ class ClipTeacher(nn.Module):
         config = open_clip.get_model_config(model_name)
         if config is None:
             raise _unknown_model_error(name)
-        visual = _build_vision_tower(model_name, config)
+        quick_gelu = bool(config.get("quick_gelu", False))
+        state = None
         if weights_file is not None:
-            _load_visual_weights(visual, weights_file, name)
+            state, openai_visual = _read_visual_state_dict(weights_file)
+            if openai_visual and not quick_gelu:
+                # OpenAI trained CLIP with QuickGELU; open_clip's plain "ViT-B-16" config has GELU and would
+                # run these weights silently wrong (UMT's tokens off by ~3e-3). Use the variant they need.
+                warnings.warn(
+                    f"{weights_file} holds an OpenAI CLIP visual tower (UMT's vit_b16.pth layout), trained with "
+                    f"QuickGELU; building {name!r} with QuickGELU (name the model {model_name}-quickgelu, or "
+                    "give a full open_clip checkpoint with a 'visual.' prefix, to say so explicitly)",
+                    stacklevel=3,
+                )
+                quick_gelu = True
+        visual = _build_vision_tower(model_name, config, quick_gelu)
+        if state is not None:
+            _load_visual_weights(visual, state, weights_file, name)
         preprocess = {**config.get("preprocess_cfg", {}), **file_preprocess}
         mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
         std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))

@@ -298,6 +298,10 @@ def markdown(res: dict, stem: str) -> str:
     lines += _headline_md(res)
     lines += _step_md(res) + ([f"![step time]({stem}-step.png)", ""] if res.get("step") else [])
     lines += storage_md(res, stem) + _input_md(res, stem) + cache_md(res, stem) + loader_md(res)
+    if res.get("table1"):
+        from benchmarks.bench_table1 import table1_markdown
+
+        lines += [table1_markdown(res["table1"])]
     secs = res["sections"]
     lines += ["## Section times", "", "| section | seconds | load start | load end |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['seconds']} | {v['load_start'][0]:.2f} | {v['load_end'][0]:.2f} |" for k, v in secs.items()]

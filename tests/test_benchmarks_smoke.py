@@ -43,7 +43,7 @@ def test_suite_smoke_writes_json_markdown_and_charts(tmp_path: Path) -> None:
     fp32 = next(r for r in rows if (r["codec"], r["mode"]) == ("fp32", "full"))
     assert fp32["mean_cos"] == pytest.approx(1.0) and fp32["loss_abs_diff"] == 0.0  # lossless against itself
     assert {p["model"].split()[0] for p in res["storage"]["projection"]} == {"UMT-B/16", "UMT-L/16"}
-    assert {d["backend"] for d in res["input"]["decode"]} == {"decord", "pyav"}
+    assert {d["backend"] for d in res["input"]["decode"]} == {"decord", "pyav", "torchcodec"}
     assert {(r["layout"], r["workers"]) for r in res["input"]["reads"]} == {(l, w) for l in ("zarr", "wds") for w in (0, 1)}
     assert [p["codec"] for p in res["cache_write"]] == ["fp32", "fp16"] and all(p["cache_teacher_fps"] > 0 and p["teacher_forward_fps"] > 0 for p in res["cache_write"])
     assert {"step", "smallest_faithful", "smallest_faithful_full", "loader"} <= set(res["headline"])
@@ -130,3 +130,18 @@ def test_gpu_quick_preset_runs_on_the_cpu_at_reduced_size(tmp_path: Path) -> Non
     assert res["meta"]["sections"] == ["step", "loader"] and res["meta"]["preset"] == "gpu-quick"
     assert set(res["step"][0]["modes"]) == {"student", "cached", "online"}
     assert res["headline"]["loader"]["clip_views_per_s_per_core"] > 0
+
+
+@pytest.mark.slow  # ~10 s idle, 30 s under load; the suite smoke test above runs this section too
+def test_table1_section_writes_its_rows_and_ratios(tmp_path: Path) -> None:
+    from benchmarks.run import main
+
+    paths = main(["--preset", "smoke", "--sections", "table1", "--out", str(tmp_path / "out"), "--tmp",
+                  str(tmp_path / "work"), "--machine", "smoke", "--command", "pytest table1"])
+    table1 = json.loads(paths["json"].read_text())["table1"]
+    assert set(table1["rows"]) == {"pixel", "pixel_dual"}
+    plain, dual = table1["rows"]["pixel"], table1["rows"]["pixel_dual"]
+    assert plain["tubelet"] == 2 and plain["step_time"]["median"] > 0 and plain["peak_mb"] > 0
+    assert dual["decoded_tokens"] < plain["decoded_tokens"] + plain["visible_tokens"]  # running cell: half of all
+    assert table1["ratios"]["dual_over_plain_memory"] is not None and table1["paper"]["uta_over_pixel_memory"] == 0.36
+    assert "UMT Table 1" in paths["markdown"].read_text()

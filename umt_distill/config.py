@@ -35,8 +35,8 @@ class CorpusConfig(_Section):
     """A .csv/.jsonl manifest or a folder of videos/images."""
     root: str | None = None
     """Folder that relative paths in the manifest are resolved against (default: the manifest's folder)."""
-    video_backend: Literal["decord", "pyav"] = "decord"
-    """decord is fast; pyav is the frame-exact reference."""
+    video_backend: Literal["decord", "pyav", "torchcodec"] = "decord"
+    """decord is fast; pyav is the frame-exact reference; torchcodec needs FFmpeg's shared libraries."""
 
 
 class ViewConfig(_Section):

@@ -10,7 +10,9 @@ Writes ``<out>/<machine>-<date>.json``, ``<machine>-<date>.md`` and ``<machine>-
 
 Sections (``--sections``, all by default):
   step     student-only vs cached vs online step time and peak memory (bench_step.py)
-  storage  bytes per clip-view and fidelity per codec x mode; UMT-B/L and K710 projection (bench_cache.py)
+  storage  bytes per clip-view and fidelity per codec x mode on the random-weights headline teacher (shapes,
+           bytes) and on the quickstart's trained tiny CLIP (per-layer cosine, loss, downstream probe);
+           UMT-B/L and K710 projection (bench_cache.py, storage_trained.py)
   input    decode decord vs PyAV vs torchcodec; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
   cache    cache-teacher vs teacher forward-only frames/s by batch size (bench_cache.py)
   table1   UMT Table 1: UTA (cached, online) vs pixel reconstruction (VideoMAE, V2 dual masking) vs UTA + pixel,
@@ -70,6 +72,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache_sweep": {"size": "tiny", "batch_sizes": (1, 4, 16), "clips": 16},
         "decode_clips": 32, "decode_workers": (1, os.cpu_count() or 2),
         "read_records": 24, "read_workers": (0, 1, 2), "storage_loss_batch": 2,
+        # The trained teacher: a short stage 1 (epochs) per codec x mode at toy size, one core.
+        "trained": {"downstream_epochs": 10, "loss_batch": 8},
         "isolate": True, "forward_min_seconds": 1.0,
         "table1": {"batch_size": 2, "warmup": 1, "steps": 3, "size": 224},
     },
@@ -84,6 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache_sweep": {"size": "base", "batch_sizes": (8, 16, 32, 64), "clips": 256},
         "decode_clips": 256, "decode_workers": (1, min(8, os.cpu_count() or 8)),
         "read_records": 512, "read_workers": (0, 1, 2, 8), "storage_loss_batch": 8,
+        "trained": {"downstream_epochs": 40, "loss_batch": 8},
         "isolate": True, "forward_min_seconds": 5.0,
         "table1": {"batch_size": 32, "warmup": 3, "steps": 10, "size": 224},
     },
@@ -98,6 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache_sweep": {"size": "tiny", "batch_sizes": (), "clips": 2},  # the reference store is the cache point
         "decode_clips": 2, "decode_workers": (1,),
         "read_records": 2, "read_workers": (0, 1), "storage_loss_batch": 1,
+        "trained": None,  # a minute of tiny-CLIP training alone: `--trained` runs it anyway
         # In-process: a forked measurement server would import torch + open_clip again (~10 s on 2 cores).
         "isolate": False, "forward_min_seconds": 0.0,
         "table1": {"batch_size": 1, "warmup": 1, "steps": 1, "size": 32, "rows": ("pixel", "pixel_dual"),
@@ -167,7 +173,7 @@ class Suite:
         return {**point, "role": "reference store of the storage and step sections"}
 
     def storage(self) -> dict[str, Any]:
-        from benchmarks.bench_cache import storage_fidelity
+        from benchmarks.bench_cache import smallest_faithful_summary, storage_fidelity
         from umt_distill.config import load_recipe
 
         size = self.preset["headline_size"]
@@ -177,6 +183,16 @@ class Suite:
                                loss_batch=self.preset["storage_loss_batch"], mask_ratio=self.headline["mask_ratio"])
         # The headline step reads the recipe codec's full-mode store: the same records, re-encoded.
         self.step_stores[(size, 8)] = str(self.work / "codecs" / f"{self.args.codec}_full")
+        trained = self.preset.get("trained") or ({"downstream_epochs": 1, "loss_batch": 2} if self.args.trained else None)
+        if self.args.trained is False:
+            trained = None
+        if trained:
+            from benchmarks.storage_trained import storage_trained
+
+            epochs = self.args.downstream_epochs if self.args.downstream_epochs is not None else trained["downstream_epochs"]
+            out["trained"] = storage_trained(self.work / "trained", self.args.quickstart_dir, downstream_epochs=epochs,
+                                             loss_batch=trained["loss_batch"])
+        out["smallest_faithful"] = smallest_faithful_summary(out)
         return out
 
     def store_for(self, size: str, frames: int, s: StepSettings) -> tuple[str, str]:
@@ -346,6 +362,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads of each step measurement (default: all cores; the cpu preset runs tiny on 1)")
     p.add_argument("--backend", default="decord", choices=["decord", "pyav", "torchcodec"], help="video decoder of the loops")
     p.add_argument("--codec", default="fp16", help="codec of the stores the cached loop and reads use")
+    p.add_argument("--trained", default=None, action=argparse.BooleanOptionalAction,
+                   help="storage on the trained tiny CLIP too (default: the preset's choice; smoke skips it)")
+    p.add_argument("--quickstart-dir", type=Path, default=None,
+                   help="read the toy world and trained tiny CLIP from this `umt-distill quickstart` output")
+    p.add_argument("--downstream-epochs", type=int, default=None,
+                   help="stage-1 epochs per codec x mode on the trained teacher (0 = no downstream probe)")
     p.add_argument("--sections", default=None, help="comma list from " + ",".join(ALL_SECTIONS))
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="where JSON, markdown and PNGs go")
     p.add_argument("--machine", default=None, help="label in file names (default: from CPU/GPU model)")

@@ -246,7 +246,7 @@ def make_loader(case: LoaderCase, store: Path, manifest: str, batch_size: int, w
         loader = lambda: torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=True, **common)  # noqa: E731
         codec = get_codec("fp32")
     elif case.layout == "zarr":
-        dataset = CachedViewDataset(store, cfg, rows)
+        dataset = CachedViewDataset(store, cfg, rows, pixels=case.pixels != "none")
         sampler = EpochSampler(len(dataset), 0)
         loader = lambda: torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)  # noqa: E731
         codec = get_codec(case.codec)

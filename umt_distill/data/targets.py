@@ -260,10 +260,14 @@ class StreamingViewDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         import random
 
-        from umt_distill.cache.wds_stream import BatchAssembler
-        from umt_distill.cache.wds_store import _worker_info
+        from webdataset.utils import pytorch_worker_info
 
-        rank, world, worker, _ = _worker_info()
+        from umt_distill.cache.wds_stream import BatchAssembler
+
+        rank, world, worker, workers = pytorch_worker_info()  # env / torch.distributed, DataLoader worker
+        if max(1, workers) != self.num_workers:  # the split (and the step count) assume the recipe's workers
+            raise ValueError(f"{self.store}: the dataset splits shards for train.num_workers={self.num_workers}, "
+                             f"the DataLoader runs {workers} workers")
         shards = self._worker_shards(rank, world, worker)
         if self.shuffle:
             random.Random(f"shards:{self.seed}:{self.epoch}:{rank}:{worker}").shuffle(shards)

@@ -69,10 +69,14 @@ def decode_throughput(manifest: str, backend: str, workers: int, num_frames: int
     """Frames/s of one backend with ``workers`` DataLoader workers over every clip of ``manifest``.
 
     The time includes starting the workers (a fork: well under a second) and is taken over all clips.
+    The backend's library is imported first, in this process, as a training loop should do before its
+    workers fork (torchcodec's import takes seconds: it imports ``torch._dynamo``).
     """
     from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.video import preload_video_backend
 
     rows = read_corpus(manifest)
+    preload_video_backend(backend)
     loader = DataLoader(SparseDecode(rows, backend, num_frames), batch_size=None, shuffle=False, num_workers=workers,
                         worker_init_fn=_one_thread if workers else None, prefetch_factor=4 if workers else None)
     t = time.perf_counter()

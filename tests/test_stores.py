@@ -338,7 +338,7 @@ def test_wds_corrupted_entry(tmp_path: Path, compressor: str) -> None:
     data = bytearray(path.read_bytes())
     data[tokens.offset_data + tokens.size - 9] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreDamagedError, match=r"sample shard-000000_000000: entry tokens\.npy.*CRC32"):
+    with pytest.raises(StoreDamagedError, match=r"sample shard-000000_000_000000: entry tokens\.npy.*CRC32"):
         list(CacheReader(tmp_path).iter_shard("shard-000000"))
 
 
@@ -441,7 +441,7 @@ def test_write_index_sorts_and_keeps_only_index_fields(tmp_path: Path) -> None:
     ]
     index = write_index(tmp_path, "wds", infos)
     assert json.loads((tmp_path / "index.json").read_text()) == index == {
-        "format": 1, "layout": "wds", "shards": [
+        "format": 2, "layout": "wds", "shards": [
             {"name": "shard-000000", "num_records": 2, "nbytes": 20, "records": [["a", 0], ["a", 1]]},
             {"name": "shard-000001", "num_records": 1, "nbytes": 10, "records": [["b", 0]]},
         ]}

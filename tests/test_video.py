@@ -29,6 +29,7 @@ from umt_distill.data.video import (
     VideoInfo,
     VideoReader,
     open_video,
+    preload_video_backend,
     torchcodec_unavailable_reason,
 )
 from umt_distill.registry import VIDEO_BACKENDS, RegistryError
@@ -253,10 +254,20 @@ def test_missing_torchcodec_or_ffmpeg_gives_actionable_error(media, monkeypatch:
     with pytest.raises(BackendUnavailableError, match="FFmpeg 4-9 shared libraries.*apt-get install ffmpeg"):
         open_video(media["rgb_mp4"], backend="torchcodec")
     assert "apt-get install ffmpeg" in torchcodec_unavailable_reason()
+    with pytest.raises(BackendUnavailableError, match="apt-get install ffmpeg"):
+        preload_video_backend("torchcodec")  # what a training loop calls before its workers fork
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "torchcodec", None)
     with pytest.raises(BackendUnavailableError, match="pip install torchcodec.*'pyav'"):
         open_video(media["rgb_mp4"], backend="torchcodec")
+
+
+def test_preload_video_backend() -> None:
+    for name in VIDEO_BACKENDS.names():
+        preload_video_backend(name)
+    assert "torchcodec" in sys.modules and "decord" in sys.modules
+    with pytest.raises(RegistryError, match="torchcodec"):
+        preload_video_backend("torchcodex")
 
 
 def test_decoding_device(media) -> None:

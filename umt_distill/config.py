@@ -90,7 +90,8 @@ class CacheConfig(_Section):
     """Codecs with a basis (``pca<r>``): clips (all K views) the per-layer basis is fitted on."""
     compressor: Literal["zstd", "blosc", "none"] = "zstd"
     frames: Literal["none", "jpeg", "raw"] = "none"
-    """Also store the student's view pixels (WebDataset only) so training skips video decoding."""
+    """Also store the student's view pixels so training skips video decoding: ``raw`` (both layouts) or
+    ``jpeg`` (wds; the teacher runs on the decoded JPEGs, so teacher and student see the same pixels)."""
     clips_per_shard: int = Field(16, ge=1)
     batch_size: int = Field(8, ge=1)
     """Clip-views per teacher forward."""
@@ -153,6 +154,8 @@ class TrainConfig(_Section):
     tensorboard: bool = False
     pixels_from: Literal["video", "store"] = "video"
     """Re-decode the view from the video, or read the frames stored in the shards."""
+    shuffle_buffer: int = Field(64, ge=0)
+    """WebDataset streaming: samples in each worker's shuffle buffer (0: store order, shards unshuffled)."""
 
 
 class TextConfig(_Section):
@@ -354,8 +357,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
-        if self.cache.frames != "none" and self.cache.layout != "wds":
-            raise ValueError("cache.frames: view frames are stored only in the 'wds' layout")
+        if self.cache.frames == "jpeg" and self.cache.layout != "wds":
+            raise ValueError("cache.frames=jpeg: JPEG view frames are stored in the 'wds' layout; zarr stores "
+                             "cache.frames=raw")
         return self
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -242,12 +243,16 @@ class ZarrShardReader:
     def __len__(self) -> int:
         return len(self.records)
 
-    def read(self, row: int) -> TargetRecord:
-        """Read and decode one record (one chunk per array)."""
+    def read_stored(self, row: int, names: Iterable[str] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One record's description and stored arrays (codec parts undecoded), one chunk per array read.
+
+        Args:
+            names: The arrays to read (default: all of them).
+        """
         arrays = {}
-        for name, arr in self.arrays.items():
+        for name in self.arrays if names is None else names:
             try:
-                arrays[name] = arr[row]
+                arrays[name] = self.arrays[name][row]
             except Exception as e:  # checksum mismatch, truncated shard file, decompression error
                 raise StoreDamagedError(self.shard_file(name), f"row {row}: {type(e).__name__}: {e}") from e
         clip_id, view_index = self.records[row]
@@ -257,7 +262,13 @@ class ZarrShardReader:
             "view": self.views[row],
             "frames_digest": self.digests[row],
             "mode": self.mode,
+            "codec": self.codec.name,
         }
+        return meta, arrays
+
+    def read(self, row: int) -> TargetRecord:
+        """Read and decode one record (one chunk per array)."""
+        meta, arrays = self.read_stored(row)
         try:
             return record_from_arrays(meta, arrays, self.codec)
         except (KeyError, ValueError, TypeError) as e:

@@ -50,7 +50,7 @@ from umt_distill.registry import VIDEO_BACKENDS
 __all__ = [
     "IMAGE_SUFFIXES", "BackendUnavailableError", "DecordVideoReader", "ImageReader", "PyAVVideoReader", "StreamIndex",
     "TorchCodecVideoReader", "VideoDecodeError", "VideoInfo", "VideoReader", "normalize_indices", "open_video",
-    "probe_video", "torchcodec_unavailable_reason",
+    "preload_video_backend", "probe_video", "torchcodec_unavailable_reason",
 ]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -85,6 +85,17 @@ def open_video(path: str | Path, backend: str = "decord", threads: int = 1, devi
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return ImageReader(path)
     return factory(path, threads=threads, device=device) if on_device else factory(path, threads=threads)
+
+
+def preload_video_backend(backend: str) -> None:
+    """Import ``backend``'s decoding library now, e.g. in the parent before DataLoader workers fork.
+
+    Each worker otherwise imports it on its first clip: cheap for PyAV and decord, seconds for torchcodec
+    (it imports ``torch._dynamo``). Raises what :func:`open_video` would for a missing library.
+    """
+    preload = getattr(VIDEO_BACKENDS.get(backend), "preload", None)
+    if preload is not None:
+        preload()
 
 
 def _check_readable(path: Path) -> None:

@@ -45,6 +45,11 @@ class DecordVideoReader(ReaderBase):
     files decord fails to decode once opened are decoded by :class:`PyAVVideoReader`. ``decoder`` says which one serves the file, ``fallback_reason`` why.
     """
 
+    @staticmethod
+    def preload() -> None:
+        """Import decord; see ``preload_video_backend``."""
+        _import_decord()
+
     def __init__(self, path: str | Path, threads: int = 1) -> None:
         decord = _import_decord()
         self.path = str(path)

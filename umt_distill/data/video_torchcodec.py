@@ -93,6 +93,11 @@ class TorchCodecVideoReader(ReaderBase):
 
     supports_device = True
 
+    @staticmethod
+    def preload() -> None:
+        """Import torchcodec (seconds: it imports ``torch._dynamo``); see ``preload_video_backend``."""
+        _import_torchcodec()
+
     def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu") -> None:
         video_decoder = _import_torchcodec()
         self.path = str(path)

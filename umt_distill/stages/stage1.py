@@ -16,6 +16,7 @@ import torch
 from umt_distill.cache.spec import SpecMismatchError, read_spec
 from umt_distill.config import Recipe, recipe_to_yaml
 from umt_distill.data.pixels import normalize_video
+from umt_distill.data.targets import batch_pixels
 from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.metrics import MetricsLogger
@@ -89,7 +90,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
             for micro in range(cfg.train.accum_steps):
                 batch = next(batches)
                 data_time += time.perf_counter() - t_data
-                pixels = batch["pixels"].to(device, non_blocking=True)  # [B, T, 3, H, W] uint8
+                pixels = batch_pixels(batch, device)  # [B, T, 3, H, W] uint8
                 # Cached or online targets at the visible positions, and the mask that chose them.
                 targets, visible_idx = step_targets(cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
                 sync = micro == cfg.train.accum_steps - 1

@@ -20,6 +20,7 @@ import torch
 from umt_distill.cache.spec import SpecMismatchError, read_spec
 from umt_distill.config import Recipe, recipe_to_yaml
 from umt_distill.data.pixels import normalize_video
+from umt_distill.data.targets import batch_pixels
 from umt_distill.data.text import prepare_tokenizer, special_ids, tokenize
 from umt_distill.data.vl import SourceData, build_source, source_schedule
 from umt_distill.losses_vl import LOSS_NAMES, Stage2Objective, freeze_unused
@@ -86,7 +87,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
             for m in range(accum):
                 batch = next(batches[source])
                 data_time += time.perf_counter() - t_data
-                pixels = batch["pixels"].to(device, non_blocking=True)  # [B, T, 3, H, W] uint8 (T = 1: images)
+                pixels = batch_pixels(batch, device)  # [B, T, 3, H, W] uint8 (T = 1: images)
                 targets, visible_idx = None, None
                 if weights["uta"] > 0:  # UMT: without UTA the student sees every token
                     targets, visible_idx = step_targets(src.cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]

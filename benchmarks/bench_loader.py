@@ -231,7 +231,12 @@ def make_loader(case: LoaderCase, store: Path, manifest: str, batch_size: int, w
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _recipe(case, store, manifest, batch_size, workers)
-    rows = {r.id: r for r in read_corpus(manifest)} if case.pixels.startswith("video") else {}
+    rows = {}
+    if case.pixels.startswith("video"):
+        from umt_distill.data.video import preload_video_backend
+
+        rows = {r.id: r for r in read_corpus(manifest)}
+        preload_video_backend(case.pixels.split("-", 1)[1])  # as build_data does: not in every worker
     init = _one_thread if workers else None
     common = {"num_workers": workers, "worker_init_fn": init, "pin_memory": device.type == "cuda",
               "prefetch_factor": 4 if workers else None}

@@ -205,13 +205,19 @@ def jpeg_store(corpus, tmp_path_factory) -> Path:
     return store
 
 
-def test_with_jpeg_frames_the_teacher_saw_the_decoded_pixels(corpus, jpeg_store) -> None:
-    from umt_distill.cache.pipeline import build_teacher
+@pytest.mark.parametrize("layout", ["wds", "zarr"])
+def test_with_jpeg_frames_the_teacher_saw_the_decoded_pixels(corpus, jpeg_store, tmp_path, layout) -> None:
+    from umt_distill.cache.pipeline import build_teacher, cache_teacher
     from umt_distill.cache.record import frames_digest
 
-    cfg = load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={jpeg_store}", "cache.codec=fp32"])
+    store = jpeg_store
+    if layout == "zarr":
+        store = tmp_path / "zarr"
+        cache_teacher(load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32",
+                                                      "cache.layout=zarr"]), progress=False)
+    cfg = load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32"])
     teacher = build_teacher(cfg, torch.device("cpu"))
-    records = list(CacheReader(jpeg_store))
+    records = list(CacheReader(store))
     assert len(records) == 16
     for rec in records:
         assert frames_digest(rec.frames) == rec.frames_digest  # the digest is of the decoded JPEGs

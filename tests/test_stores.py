@@ -139,16 +139,22 @@ def test_round_trip_compressors_visible_mode_frames(tmp_path: Path, layout: str,
         assert frames_digest(got.frames) == want.frames_digest
 
 
-def test_wds_jpeg_frames(tmp_path: Path) -> None:
-    records = build_store(tmp_path, "wds", "int8", frames="jpeg", shards=1)
+@pytest.mark.parametrize("layout", ["wds", "zarr"])
+def test_jpeg_frames(tmp_path: Path, layout: str) -> None:
+    from umt_distill.data.jpeg import decode_jpegs
+
+    records = build_store(tmp_path, layout, "int8", frames="jpeg", shards=1)
     got = list(CacheReader(tmp_path).iter_shard("shard-000000"))
     for g, want in zip(got, records, strict=True):
         assert_same_record(g, want, "int8", "jpeg")
+        assert len(g.frames_jpeg) == len(want.view.frame_indices)  # the stored bytes come back, and decode to frames
+        assert np.array_equal(decode_jpegs(g.frames_jpeg).numpy(), g.frames)
 
 
-def test_zarr_refuses_jpeg_frames(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="raw"):
-        open_shard_writer("zarr", tmp_path, "shard-000000", "fp16", frames="jpeg")
+def test_unknown_frames_mode_is_refused(tmp_path: Path) -> None:
+    for layout in ("zarr", "wds"):
+        with pytest.raises(ValueError, match="frames must be one of none, raw, jpeg|frames must be one of none, jpeg, raw"):
+            open_shard_writer(layout, tmp_path, "shard-000000", "fp16", frames="png")
 
 
 def test_registries_and_unknown_names(tmp_path: Path) -> None:

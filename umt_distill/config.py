@@ -90,8 +90,8 @@ class CacheConfig(_Section):
     """Codecs with a basis (``pca<r>``): clips (all K views) the per-layer basis is fitted on."""
     compressor: Literal["zstd", "blosc", "none"] = "zstd"
     frames: Literal["none", "jpeg", "raw"] = "none"
-    """Also store the student's view pixels so training skips video decoding: ``raw`` (both layouts) or
-    ``jpeg`` (wds; the teacher runs on the decoded JPEGs, so teacher and student see the same pixels)."""
+    """Also store the student's view pixels so training skips video decoding: ``raw`` or ``jpeg`` (the
+    teacher runs on the decoded JPEGs, so teacher and student see the same pixels); both layouts."""
     clips_per_shard: int = Field(16, ge=1)
     batch_size: int = Field(8, ge=1)
     """Clip-views per teacher forward."""
@@ -354,13 +354,6 @@ class Recipe(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     videomae: VideoMAEConfig = VideoMAEConfig()
-
-    @model_validator(mode="after")
-    def _check(self) -> Recipe:
-        if self.cache.frames == "jpeg" and self.cache.layout != "wds":
-            raise ValueError("cache.frames=jpeg: JPEG view frames are stored in the 'wds' layout; zarr stores "
-                             "cache.frames=raw")
-        return self
 
 
 # --------------------------------------------------------------------------------------------------

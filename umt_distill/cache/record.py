@@ -221,6 +221,17 @@ def require_frames(record: TargetRecord) -> np.ndarray:
     return record.frames
 
 
+def record_jpegs(record: TargetRecord, quality: int = 95) -> list[bytes]:
+    """The JPEG bytes to store for a record: the ones the pipeline decoded for the teacher
+    (``frames_jpeg``), or, for a record without them (tools that re-encode a store), an encoding of its
+    frames (whose decoding then differs slightly from ``frames``)."""
+    if record.frames_jpeg is not None:
+        return list(record.frames_jpeg)
+    from umt_distill.data.jpeg import encode_jpegs
+
+    return encode_jpegs(require_frames(record), quality)
+
+
 def record_from_arrays(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], codec: Codec) -> TargetRecord:
     """Rebuild a record (float32 decoded) from its description and named stored arrays, and validate it.
 

@@ -89,7 +89,7 @@ def open_shard_writer(
         codec: Token codec name (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``), or a codec object
             (``pca<r>`` needs one bound to the store's basis: ``cache.basis.codec_for_store``).
         compressor: ``zstd``, ``blosc`` or ``none``.
-        frames: Keep the view pixels: ``none``, ``raw`` (both layouts) or ``jpeg`` (wds only).
+        frames: Keep the view pixels: ``none``, ``raw`` or ``jpeg`` (both layouts).
         **options: Layout-specific options, e.g. ``jpeg_quality=95`` for wds.
     """
     writer_cls = STORES.get(layout)
@@ -281,7 +281,7 @@ class CacheReader:
             raise KeyError(f"{self.root}: no record for clip {clip_id!r} view {view_index}") from None
         if self.layout == "zarr":
             shard = self._zarr_shard(name)
-            wanted = [n for n in shard.arrays if n != "pooled" and (frames or n != "frames")]
+            wanted = [n for n in shard.arrays if n != "pooled" and (frames or not n.startswith("frames"))]
             return shard.read_stored(row, wanted)
         for i, sample in enumerate(iter_tar_samples(self.shard_path(name), self.shards[name]["records"])):
             if i == row:

@@ -41,7 +41,7 @@ from umt_distill.cache.record import (
     check_new_key,
     record_arrays,
     record_from_arrays,
-    require_frames,
+    record_jpegs,
     stored_names,
 )
 from umt_distill.cache.zarr_store import fsync_dir
@@ -158,7 +158,7 @@ class WdsShardWriter:
         for name, arr in record_arrays(record, self.codec, frames=self.frames == "raw").items():
             entries[f"{name}.npy{sfx}"] = compress_bytes(self.compressor, _npy_bytes(arr), arr.dtype.itemsize)
         if self.frames == "jpeg":
-            for t, data in enumerate(_record_jpegs(record, self.jpeg_quality)):
+            for t, data in enumerate(record_jpegs(record, self.jpeg_quality)):
                 entries[f"frame{t:03d}.jpg"] = data
         # Tar checksums cover headers only; a CRC-32C per entry turns flipped data bits into an error
         # whatever the compressor (the zarr layout has CRC32C per chunk for the same reason).
@@ -231,16 +231,6 @@ class WdsShardWriter:
         for g in range(self.num_groups):
             self._part_path(g).unlink(missing_ok=True)
         self.tmp_path.unlink(missing_ok=True)
-
-
-def _record_jpegs(record: TargetRecord, quality: int) -> list[bytes]:
-    """The JPEG bytes to store: the ones the pipeline decoded for the teacher (``frames_jpeg``), or, for
-    a record without them (tools that re-encode a store), an encoding of its frames."""
-    if record.frames_jpeg is not None:
-        return list(record.frames_jpeg)
-    from umt_distill.data.jpeg import encode_jpegs
-
-    return encode_jpegs(require_frames(record), quality)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,7 +70,10 @@ def build_data(cfg: Recipe, env: DistEnv, targets: bool = True):
     rows = []
     online = cfg.teacher.mode == "online" or not targets
     if online or cfg.train.pixels_from == "video":
+        from umt_distill.data.video import preload_video_backend
+
         rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
+        preload_video_backend(cfg.corpus.video_backend)  # once here, not in every worker of every epoch
     sampler, stream = None, not online and cfg.cache.layout == "wds"
     if stream:  # batches are assembled in the workers, targets in their stored dtypes
         dataset = StreamingViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows}, jpeg_device=jpeg_device(cfg))

@@ -19,7 +19,8 @@ from test_quickstart import MINI  # noqa: E402
 DISTILLED = "student, distilled (cached)"
 
 
-@pytest.mark.slow  # a whole miniature quickstart plus the pixel run (~1-2 min)
+@pytest.mark.slow  # a whole miniature quickstart plus the pixel run: 2-3 min idle, 8+ under load
+@pytest.mark.timeout(1800)
 def test_pixel_reconstruction_baseline_is_probed_and_finetuned_beside_the_distilled_student(tmp_path) -> None:
     out = tmp_path / "qs"
     console = Console(file=io.StringIO(), width=200)

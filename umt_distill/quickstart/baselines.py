@@ -10,6 +10,7 @@ Off by default: it adds a pretraining run, its probes and its fine-tuning runs t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +45,12 @@ def ensure_pixel_trained(cfg: Recipe, teacher_sha256: str, console: Console) -> 
 
     run = Path(cfg.train.output_dir)
     identity = {"recipe": recipe_to_yaml(cfg), "teacher_sha256": teacher_sha256}
-    reused, last = ensure_run(run, identity, lambda: train(cfg), console, "pixel reconstruction")
+
+    def timed() -> dict:  # the training time travels with the run, so a reused run reports it too
+        t = time.perf_counter()
+        return {**train(cfg), "train_seconds": round(time.perf_counter() - t, 1)}
+
+    reused, last = ensure_run(run, identity, timed, console, "pixel reconstruction")
     return reused, run, last
 
 
@@ -74,7 +80,7 @@ def baselines_markdown(results: dict) -> list[str]:
     rows = [n for n in models if n.startswith("student")]
     lines = ["## Pixel reconstruction vs UTA (same student, same steps)", "",
              f"The student of stage 1 trained for the same {b['steps']} steps by VideoMAE-style pixel reconstruction "
-             f"(`{' '.join(b['recipe_overrides'])}`; run `{b['run']}`, {b['seconds']:.0f} s, final pixel loss "
+             f"(`{' '.join(b['recipe_overrides'])}`; run `{b['run']}`, trained in {b['seconds']:.0f} s, final pixel loss "
              f"{b['final_loss']:.4f}) instead of distilled. Frozen features: the probes above; fine-tuned: step 6.", "",
              "| student | appearance (linear) | motion (linear) | appearance (kNN) | motion (kNN) | fine-tuned motion top-1 |",
              "|---|---:|---:|---:|---:|---:|"]

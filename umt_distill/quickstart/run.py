@@ -98,7 +98,8 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
         _said(console, reused, "pixel-reconstruction run")
         baselines[PIXEL] = pixel_run
         baseline_info = {"run": str(pixel_run), "steps": last.get("step"), "final_loss": last.get("loss_pixel"),
-                         "seconds": round(seconds, 1), "reused": reused, "recipe_overrides": list(PIXEL_RECIPE)}
+                         "seconds": last.get("train_seconds", round(seconds, 1)), "reused": reused,
+                         "recipe_overrides": list(PIXEL_RECIPE)}
 
     t = time.perf_counter()
     console.print(f"[bold]5/{NUM_STEPS} probes[/] on frozen features (train → fit, val → ridge strength, test → accuracy)")

@@ -31,7 +31,12 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_d
 
 from benchmarks.common import K710_CLIPS, clean_dir, evict_page_cache, log, transcode_store
 
-CODECS = ("fp32", "fp16", "bf16", "int8")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "pca64", "pca128", "pca256")
+# Mask ratio of the projected visible-mode records (UMT's 80 %: 40 of 196 tokens a frame).
+UMT_MASK_RATIO = 0.8
+# "Faithful" (issue 14): mean cosine to fp32 >= 0.99 and, where a downstream run exists, a linear-probe
+# appearance accuracy within 0.01 of the fp32 student's.
+FAITHFUL = {"min_cos": 0.99, "max_probe_diff": 0.01}
 STORE_MODES = ("full", "visible")
 # Target shapes of the two UMT models (UMT code @4fb4049, single_modality/exp/pretraining/*.sh): last 6 CLIP
 # blocks, 8 frames, 14x14 tokens.
@@ -110,6 +115,12 @@ def _sync(x) -> None:
 # 2. storage vs fidelity
 
 
+def _layer_cosines(got: np.ndarray, want: np.ndarray) -> list[np.ndarray]:
+    """Per teacher layer (the axis 4th from last in both record modes): cosines of its tokens."""
+    K = got.shape[-4]
+    return [_cosines(np.take(got, k, axis=-4), np.take(want, k, axis=-4)) for k in range(K)]
+
+
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)
@@ -120,6 +131,22 @@ def _at_visible(full: np.ndarray, visible_idx: np.ndarray) -> np.ndarray:
     """fp32 tokens [K, T, N, D] at one mask's visible patches [T, N_vis] → [K, T, N_vis, D]."""
     T = full.shape[1]
     return full[:, np.arange(T)[:, None], visible_idx.astype(np.int64)]
+
+
+def view_pixels(records: list, cfg):
+    """The exact pixels the teacher saw for each record, decoded from the corpus: uint8 [B, T, 3, H, W]."""
+    import torch
+
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.video import open_video
+    from umt_distill.data.views import apply_view
+
+    rows = {r.id: r for r in read_corpus(cfg.corpus.source)}
+    out = []
+    for record in records:
+        with open_video(rows[record.clip_id].path, backend=cfg.corpus.video_backend) as video:
+            out.append(apply_view(video.get_frames(list(record.view.frame_indices)), record.view))
+    return torch.stack(out)
 
 
 def _fixed_batch_preds(ref: list, cfg, student_name: str, device: str, visible_per_record: list | None):
@@ -138,13 +165,7 @@ def _fixed_batch_preds(ref: list, cfg, student_name: str, device: str, visible_p
     from umt_distill.registry import MASKS
     from umt_distill.training.stage_parts import build_student
 
-    rows = {r.id: r for r in read_corpus(cfg.corpus.source)}
-
-    def view_pixels(record) -> torch.Tensor:  # the exact pixels the teacher saw: [T, 3, H, W] uint8
-        with open_video(rows[record.clip_id].path, backend=cfg.corpus.video_backend) as video:
-            return apply_view(video.get_frames(list(record.view.frame_indices)), record.view)
-
-    pixels = torch.stack([view_pixels(r) for r in ref])  # [B, T, 3, H, W]
+    pixels = view_pixels(ref, cfg)  # [B, T, 3, H, W]
     T, N = ref[0].attn.shape
     if visible_per_record is None:
         attn = torch.from_numpy(np.stack([r.attn for r in ref]))  # [B, T, N]
@@ -172,10 +193,12 @@ def _targets_at(records_tokens: list[np.ndarray], vis, T: int, N: int):
 
 
 def storage_fidelity(ref_store: Path, work: Path, cfg, student: str, device: str, loss_batch: int = 2,
-                     mask_ratio: float = 0.8, codecs=CODECS, modes=STORE_MODES) -> dict[str, Any]:
+                     mask_ratio: float = 0.8, codecs=CODECS, modes=STORE_MODES, frames: bool = False) -> dict[str, Any]:
     """Every codec x mode over the reference (fp32, full) store's records.
 
     ``mask_ratio`` is the mask of the loss batch (full mode) and of the stored masks (visible mode).
+    ``frames`` keeps the view pixels in the codec stores (for training from them); their bytes are not
+    counted. ``pca<r>`` codecs whose rank is not below the teacher's D are skipped.
     """
     import torch
 
@@ -191,23 +214,29 @@ def storage_fidelity(ref_store: Path, work: Path, cfg, student: str, device: str
     preds_full, vis_full = _fixed_batch_preds(batch, cfg, student, device, None)
     loss_ref_full = float(uta_loss(preds_full, _targets_at([r.tokens for r in batch], vis_full, T, N))[0])
     rows, preds_vis = [], None
+    codecs = [c for c in codecs if not (c.startswith("pca") and int(c[3:]) >= D)]
     for mode in modes:
         for codec in codecs:
             log(f"storage: {codec}/{mode}")
             dst = work / f"{codec}_{mode}"
             w = transcode_store(ref_store, dst, codec, mode=mode, mask_ratio=cfg.mask.ratio,
-                                seed=int(reader.spec["views"]["seed"]))
+                                seed=int(reader.spec["views"]["seed"]), frames=frames)
             evict_page_cache(dst)
             t = time.perf_counter()
             got_reader = CacheReader(dst)
             got = [got_reader.get(*k) for k in reader.keys]
             read_s = time.perf_counter() - t
-            cos, decoded_bytes = [], 0
+            layer_cos: list[list[np.ndarray]] = [[] for _ in range(K)]
+            decoded_bytes = 0
             for r, g in zip(ref, got):
                 decoded_bytes += g.tokens.nbytes + g.attn.nbytes + g.pooled.nbytes
                 want = r.tokens if g.visible_idx is None else _at_visible(r.tokens, g.visible_idx[0])[None]
-                cos.append(_cosines(g.tokens, want))
-            cos = np.concatenate(cos)
+                for k, c in enumerate(_layer_cosines(g.tokens, want)):
+                    layer_cos[k].append(c)
+            per_layer = [np.concatenate(c) for c in layer_cos]
+            cos = np.concatenate(per_layer)
+            # Target bytes only: the view pixels some stores keep are not the codec's cost.
+            nbytes = sum(v for k, v in w["array_bytes"].items() if k != "frames") if w.get("array_bytes") else w["nbytes"]
             if mode == "full":
                 preds, vis, loss_ref = preds_full, vis_full, loss_ref_full
                 targets = _targets_at([g.tokens for g in got[:loss_batch]], vis, T, N)
@@ -221,33 +250,48 @@ def storage_fidelity(ref_store: Path, work: Path, cfg, student: str, device: str
             loss = float(uta_loss(preds, targets)[0])
             rows.append({
                 "codec": codec, "mode": mode, "records": len(got), "tokens_shape": list(got[0].tokens.shape),
-                "bytes_per_clip_view": w["nbytes"] / w["records"],
+                "bytes_per_clip_view": nbytes / w["records"],
+                "basis_bytes": (dst / "basis.npy").stat().st_size if (dst / "basis.npy").exists() else 0,
                 "write_mb_per_s": w["nbytes"] / 1e6 / w["write_seconds"],
                 "write_records_per_s": w["records"] / w["write_seconds"],
                 "read_mb_per_s": w["nbytes"] / 1e6 / read_s,
                 "read_decoded_mb_per_s": decoded_bytes / 1e6 / read_s,
                 "read_records_per_s": len(got) / read_s,
                 "mean_cos": float(cos.mean()), "p1_cos": float(np.percentile(cos, 1)), "min_cos": float(cos.min()),
+                "layer_mean_cos": [float(c.mean()) for c in per_layer],
+                "layer_p1_cos": [float(np.percentile(c, 1)) for c in per_layer],
                 "loss_fp32": loss_ref, "loss": loss, "loss_abs_diff": abs(loss - loss_ref),
             })
     n_vis = next((r["tokens_shape"][-2] for r in rows if r["mode"] == "visible"), None)
-    return {"reference": {"store": "fp32/full", "records": len(ref), "shape_KTND": [K, int(T), int(N), D],
+    return _with_umt_b({"reference": {"store": "fp32/full", "records": len(ref), "shape_KTND": [K, int(T), int(N), D],
                           "tokens_compared": int(len(ref) * K * T * N), "loss_batch": len(batch),
                           "loss_student": student, "visible_tokens_per_frame": n_vis, "mask_ratio": cfg.mask.ratio},
-            "rows": rows, "projection": project(rows, [K, int(T), int(N), D], cfg.mask.ratio)}
+            "rows": rows, "projection": project(rows, [K, int(T), int(N), D], cfg.mask.ratio)})
+
+
+def _with_umt_b(section: dict[str, Any]) -> dict[str, Any]:
+    """Copy each row's projected UMT-B/16 MB per clip-view into the row (what "smallest" is judged by)."""
+    b16 = next(iter(UMT_TARGETS))
+    by = {(p["codec"], p["mode"]): p for p in section["projection"] if p["model"] == b16}
+    for r in section["rows"]:
+        p = by[(r["codec"], r["mode"])]
+        r["umt_b_codec"], r["umt_b_mb_per_clip_view"] = p["target_codec"], p["disk_mb_per_clip_view"]
+    return section
 
 
 def raw_bytes(shape: dict[str, int], codec: str, mode: str, mask_ratio: float) -> int:
-    """Exact uncompressed bytes of one record's arrays (tokens in the codec, attn/pooled float32)."""
+    """Exact uncompressed bytes of one record's arrays (tokens in the codec, attn/pooled float32).
+
+    A ``pca<r>`` store also holds its basis once (float32 [K, 1 + r, D]); that is per store, not per
+    clip-view, and not counted here.
+    """
+    from umt_distill.cache.codecs import get_codec
     from umt_distill.masking import num_visible
 
     K, T, N, D = shape["K"], shape["T"], shape["N"], shape["D"]
     n_vis = num_visible(N, mask_ratio)
-    tokens_n = N if mode == "full" else n_vis
-    values = K * T * tokens_n * D
-    size = values * {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}[codec]
-    if codec == "int8":
-        size += K * T * tokens_n * 4  # one float32 scale per token
+    tokens_shape = (K, T, N, D) if mode == "full" else (1, K, T, n_vis, D)
+    size = get_codec(codec).nbytes(tokens_shape)
     size += T * N * 4 + T * D * 4  # attn, pooled
     if mode == "visible":
         size += T * n_vis * 2  # int16 visible indices
@@ -258,25 +302,66 @@ def project(rows: list[dict], measured_shape: list[int], mask_ratio: float) -> l
     """UMT-B/UMT-L bytes per clip-view and TB per view of Kinetics-710.
 
     On disk = measured bytes x (raw bytes of the target shape / raw bytes of the measured shape):
-    the zstd ratio measured on our targets carried over to the larger shapes.
+    the zstd ratio measured on our targets carried over to the larger shapes. Visible mode is projected
+    at UMT's mask ratio (80 %); ``pca<r>`` at the same share of D (``pca4`` of D = 32 -> ``pca64`` of
+    512).
     """
     measured = dict(zip("KTND", measured_shape))
     out = []
     for r in rows:
         ratio_disk = r["bytes_per_clip_view"] / raw_bytes(measured, r["codec"], r["mode"], mask_ratio)
         for name, shape in UMT_TARGETS.items():
-            raw = raw_bytes(shape, r["codec"], r["mode"], mask_ratio)
+            codec = r["codec"]
+            if codec.startswith("pca"):
+                codec = f"pca{int(codec[3:]) * shape['D'] // measured['D']}"
+            raw = raw_bytes(shape, codec, r["mode"], UMT_MASK_RATIO)
             disk = raw * ratio_disk
-            out.append({"model": name, "codec": r["codec"], "mode": r["mode"], "raw_mb_per_clip_view": raw / 1e6,
+            out.append({"model": name, "codec": r["codec"], "target_codec": codec, "mode": r["mode"],
+                        "raw_mb_per_clip_view": raw / 1e6,
                         "disk_mb_per_clip_view": disk / 1e6, "k710_tb_per_view_raw": raw * K710_CLIPS / 1e12,
                         "k710_tb_per_view_disk": disk * K710_CLIPS / 1e12, "measured_shape": shape == measured})
     return out
 
 
-def smallest_faithful(rows: list[dict], min_cos: float = 0.99, mode: str | None = None) -> dict | None:
-    """The codec/mode with the fewest bytes per clip-view whose mean cosine to fp32 is ≥ ``min_cos``."""
-    ok = [r for r in rows if r["mean_cos"] >= min_cos and (mode is None or r["mode"] == mode)]
-    return min(ok, key=lambda r: r["bytes_per_clip_view"]) if ok else None
+def smallest_faithful(rows: list[dict], min_cos: float = FAITHFUL["min_cos"], mode: str | None = None,
+                      probe: bool = False, max_probe_diff: float = FAITHFUL["max_probe_diff"]) -> dict | None:
+    """The codec/mode with the fewest bytes per clip-view whose mean cosine to fp32 is >= ``min_cos``
+    (with ``probe``: and whose downstream probe accuracy is within ``max_probe_diff`` of fp32's).
+
+    Bytes are the projected UMT-B/16 ones when the rows have them (``umt_b_mb_per_clip_view``), else
+    the measured ones.
+    """
+    ok = [r for r in rows if r["mean_cos"] >= min_cos and (mode is None or r["mode"] == mode)
+          and (not probe or (r.get("probe_diff") is not None and r["probe_diff"] <= max_probe_diff))]
+    return min(ok, key=lambda r: r.get("umt_b_mb_per_clip_view", r["bytes_per_clip_view"])) if ok else None
+
+
+#: Issue 14's goal for the smallest faithful record, projected to UMT-B/16 (MB per clip-view).
+GOAL_UMT_B_MB = 0.25
+
+
+def _summary(row: dict | None, probe: bool) -> dict | None:
+    if row is None:
+        return None
+    keys = ("codec", "mode", "umt_b_codec", "bytes_per_clip_view", "umt_b_mb_per_clip_view", "mean_cos", "p1_cos",
+            "layer_mean_cos", "appearance_linear", "probe_diff")
+    return {**{k: row.get(k) for k in keys}, "judged_by": "mean cos" + (" and probe diff" if probe else ""),
+            "goal_umt_b_mb": GOAL_UMT_B_MB, "goal_met": row["umt_b_mb_per_clip_view"] <= GOAL_UMT_B_MB}
+
+
+def smallest_faithful_summary(storage: dict[str, Any]) -> dict[str, Any]:
+    """``storage.smallest_faithful``: per teacher (random-weights headline, trained tiny CLIP), the
+    smallest codec/mode that is faithful (mean cos >= 0.99; on the trained teacher also probe diff <=
+    0.01), overall and in mode full, with its UMT-B/16 MB per clip-view against the 0.25 MB goal."""
+    out = {"random_weights": _summary(smallest_faithful(storage["rows"]), False),
+           "random_weights_full": _summary(smallest_faithful(storage["rows"], mode="full"), False)}
+    trained = storage.get("trained")
+    if trained:
+        probe = bool(trained.get("downstream"))
+        out["trained"] = _summary(smallest_faithful(trained["rows"], probe=probe), probe)
+        out["trained_full"] = _summary(smallest_faithful(trained["rows"], mode="full", probe=probe), probe)
+        out["trained_cos_only"] = _summary(smallest_faithful(trained["rows"]), False)
+    return out
 
 
 def main() -> None:

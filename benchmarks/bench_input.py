@@ -1,6 +1,6 @@
 """Input pipeline: can decoding and target reads keep up with the student?
 
-1. Decode: frames/s of decord vs PyAV for UMT's sparse sampling (T frames, one per segment, the
+1. Decode: frames/s of decord vs PyAV vs torchcodec for UMT's sparse sampling (T frames, one per segment, the
    ``umt_train`` view policy's indices) through a DataLoader with 1 and N workers, one decoder
    thread each. Decode only: crop/resize are not included.
 2. Target reads: records (clip-views)/s and MB/s of a Zarr store read in random order
@@ -33,6 +33,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_d
 from benchmarks.common import evict_page_cache, log, store_data_bytes
 
 
+DECODE_BACKENDS = ("decord", "pyav", "torchcodec")  # the decode rows, in report order
+
+
 def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # N workers on N cores: no oversubscription
 
@@ -58,7 +61,7 @@ class SparseDecode(Dataset):
         with open_video(row.path, backend=self.backend, threads=1) as video:
             view = sample_view("umt_train", video.info, self.num_frames, 224, self.seed, row.id, 0)
             frames = video.get_frames(list(view.frame_indices))  # [T, H, W, 3]
-            # "decord" falls back to PyAV where decord is not known to be frame-exact: say which ran.
+            # decord and torchcodec fall back to PyAV where not known to be frame-exact: say which ran.
             return int(frames.shape[0]), getattr(video, "decoder", self.backend)
 
 
@@ -66,10 +69,14 @@ def decode_throughput(manifest: str, backend: str, workers: int, num_frames: int
     """Frames/s of one backend with ``workers`` DataLoader workers over every clip of ``manifest``.
 
     The time includes starting the workers (a fork: well under a second) and is taken over all clips.
+    The backend's library is imported first, in this process, as a training loop should do before its
+    workers fork (torchcodec's import takes seconds: it imports ``torch._dynamo``).
     """
     from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.video import preload_video_backend
 
     rows = read_corpus(manifest)
+    preload_video_backend(backend)
     loader = DataLoader(SparseDecode(rows, backend, num_frames), batch_size=None, shuffle=False, num_workers=workers,
                         worker_init_fn=_one_thread if workers else None, prefetch_factor=4 if workers else None)
     t = time.perf_counter()
@@ -169,13 +176,15 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=24)
+    p.add_argument("--videos", type=int, default=8, help="distinct videos the clips cycle through (run.py's cpu preset: 4)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--workers", default="1,2", help="decode worker counts")
+    p.add_argument("--backends", default=",".join(DECODE_BACKENDS), help="video backends to time")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     with scratch_dir("bench_input_") as tmp:
-        corpus = write_corpus(tmp / "videos", min(args.clips, 8), args.clips, 300, 240, 320)
-        rows = [decode_throughput(corpus["manifest"], b, int(w), args.frames) for b in ("decord", "pyav")
+        corpus = write_corpus(tmp / "videos", min(args.clips, args.videos), args.clips, 300, 240, 320)
+        rows = [decode_throughput(corpus["manifest"], b, int(w), args.frames) for b in args.backends.split(",")
                 for w in args.workers.split(",")]
     print(json.dumps({"corpus": corpus, "decode": rows}, indent=1))
     if args.json:

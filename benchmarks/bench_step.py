@@ -289,7 +289,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--amp", default="bf16", choices=["none", "bf16", "fp16"], help="CUDA autocast of the student")
     p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--backend", default="decord", choices=["decord", "pyav"])
+    p.add_argument("--backend", default="decord", choices=["decord", "pyav", "torchcodec"])
     p.add_argument("--codec", default="fp16")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args()

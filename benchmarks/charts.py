@@ -83,12 +83,15 @@ def storage_chart(storage: dict, path: Path, machine: str) -> None:
     plt.close(fig)
 
 
+_BACKEND_COLOURS = {"decord": "#4c72b0", "pyav": "#dd8452", "torchcodec": "#c44e52"}
+
+
 def input_chart(inp: dict, rates: list[dict], path: Path, machine: str) -> None:
     """Left: decode frames/s. Right: target reads clip-views/s with the student's consumption as lines."""
     plt = _plt()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5))
     d = inp["decode"]
-    ax.bar(range(len(d)), [x["frames_per_s"] for x in d], color=["#4c72b0" if x["backend"] == "decord" else "#dd8452" for x in d])
+    ax.bar(range(len(d)), [x["frames_per_s"] for x in d], color=[_BACKEND_COLOURS.get(x["backend"], "#937860") for x in d])
     ax.set_xticks(range(len(d)), [f"{x['backend']}\n{x['workers']} worker(s)" for x in d], fontsize=8)
     ax.set_ylabel("decoded frames/s (8-frame sparse sampling)")
     ax.set_title("video decode")

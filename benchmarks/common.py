@@ -408,6 +408,8 @@ def transcode_store(
     seed: int = 0,
     replicate: int = 1,
     records_per_shard: int | None = None,
+    frames: bool = False,
+    basis_clips: int = 32,
 ) -> dict[str, Any]:
     """Re-encode a complete fp32 store into another codec / mode / layout, timing the writes.
 
@@ -443,24 +445,58 @@ def transcode_store(
                 tokens, visible = visible_tokens(cfg, clip_id, rec.view_index, rec.tokens, torch.from_numpy(rec.attn))
             all_records.append(TargetRecord(clip_id=clip_id, view_index=rec.view_index, view=rec.view,
                                             frames_digest=rec.frames_digest, tokens=tokens, attn=rec.attn,
-                                            pooled=rec.pooled, visible_idx=visible))
+                                            pooled=rec.pooled, visible_idx=visible, frames=rec.frames if frames else None))
+    codec_obj, basis_entry = _transcode_codec(codec, records, dst, basis_clips, seed)
     per_shard = records_per_shard or len(all_records)
     infos, t0 = [], time.perf_counter()
     for s in range(0, len(all_records), per_shard):
-        writer = open_shard_writer(layout, dst / "shards", f"shard-{s // per_shard:06d}", codec)
+        writer = open_shard_writer(layout, dst / "shards", f"shard-{s // per_shard:06d}", codec_obj,
+                                   frames="raw" if frames else "none")
         for rec in all_records[s : s + per_shard]:
             writer.add(rec)
         infos.append(writer.close())
     write_seconds = time.perf_counter() - t0
     write_index(dst, layout, infos)
     mode_spec = {"mode": mode, **({"mask_ratio": mask_ratio, "masks_per_view": 1} if mode == "visible" else {})}
-    spec.update(codec={"name": codec, "compressor": spec["codec"]["compressor"]}, layout=layout, mode=mode_spec,
+    codec_spec = {"name": codec, "compressor": spec["codec"]["compressor"], **({"basis_clips": basis_clips} if basis_entry else {})}
+    spec.pop("basis", None)
+    if basis_entry:
+        spec["basis"] = basis_entry
+    spec.update(codec=codec_spec, layout=layout, mode=mode_spec, frames="raw" if frames else "none",
                 status="complete", counts={"clips": len({r.clip_id for r in all_records}), "records": len(all_records),
                                            "failures": 0, "shards": len(infos), "bytes": sum(i["nbytes"] for i in infos)},
                 transcoded_from=str(src))
     atomic_write_json(dst / "spec.json", spec)
     return {"write_seconds": write_seconds, "nbytes": sum(i["nbytes"] for i in infos), "records": len(all_records),
-            "shards": len(infos)}
+            "shards": len(infos), "array_bytes": zarr_array_bytes(dst) if layout == "zarr" else None}
+
+
+def _transcode_codec(codec: str, records: list, dst: Path, basis_clips: int, seed: int):
+    """The codec object for ``transcode_store`` and, for ``pca<r>``, the spec entry of its new basis."""
+    from umt_distill.cache.basis import MAX_FIT_TOKENS, MAX_FIT_TOKENS_JOINT, fit_basis, sample_clip_indices, subsample, write_basis
+    from umt_distill.cache.codecs import get_codec
+
+    c = get_codec(codec)
+    if not c.needs_basis:
+        return c, None
+    clips = list(dict.fromkeys(r.clip_id for r in records))  # store (= corpus) order
+    chosen = {clips[i] for i in sample_clip_indices(len(clips), basis_clips)}
+    x = np.concatenate([r.tokens.reshape(r.tokens.shape[0], -1, r.tokens.shape[-1])
+                        for r in records if r.clip_id in chosen], axis=1)  # [K, S, D] (full-mode records)
+    x = subsample(x, MAX_FIT_TOKENS_JOINT if c.joint else MAX_FIT_TOKENS, seed)
+    basis = fit_basis(x, c.rank, c.joint)
+    entry = write_basis(dst, basis, {"clips": len(chosen), "tokens_per_layer": int(x.shape[1])})
+    return c.bind(basis), entry
+
+
+def zarr_array_bytes(root: Path) -> dict[str, int]:
+    """Bytes on disk per stored array name, summed over a zarr store's shards (``tokens.q``, ``frames`` ...)."""
+    out: dict[str, int] = {}
+    for shard in sorted((root / "shards").glob("*.zarr")):
+        for array in shard.iterdir():
+            if array.is_dir():
+                out[array.name] = out.get(array.name, 0) + sum(f.stat().st_size for f in array.rglob("*") if f.is_file())
+    return out
 
 
 @contextlib.contextmanager

@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/run.py                          # CPU preset (~15 min on 2 cores)
     .venv/bin/python benchmarks/run.py --grid full              # every size x T x mask ratio (hours on a CPU)
     .venv/bin/python benchmarks/run.py --preset gpu             # CUDA, batch 32, full grid
+    .venv/bin/python benchmarks/run.py --preset gpu-quick       # one GPU, <= 8 min: headline step + loader
+    .venv/bin/python benchmarks/run.py --preset gpu-quick --device cpu --reduced   # the same at toy size (smoke)
     .venv/bin/python benchmarks/run.py --sections step --sizes base,large --frames 8 --ratios 0.8
 
 Writes ``<out>/<machine>-<date>.json``, ``<machine>-<date>.md`` and ``<machine>-<date>-*.png``
@@ -10,9 +12,13 @@ Writes ``<out>/<machine>-<date>.json``, ``<machine>-<date>.md`` and ``<machine>-
 
 Sections (``--sections``, all by default):
   step     student-only vs cached vs online step time and peak memory (bench_step.py)
-  storage  bytes per clip-view and fidelity per codec x mode; UMT-B/L and K710 projection (bench_cache.py)
-  input    decode decord vs PyAV; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
+  storage  bytes per clip-view and fidelity per codec x mode on the random-weights headline teacher (shapes,
+           bytes) and on the quickstart's trained tiny CLIP (per-layer cosine, loss, downstream probe);
+           UMT-B/L and K710 projection (bench_cache.py, storage_trained.py)
+  input    decode decord vs PyAV vs torchcodec; Zarr vs WebDataset target reads vs the student's rate (bench_input.py)
   cache    cache-teacher vs teacher forward-only frames/s by batch size (bench_cache.py)
+  loader   the stage-1 input path per CPU core: pixel source x targets x layout, fast vs reference
+           path, MB read per clip-view, read amplification, cores and GB/s per GPU (bench_loader.py)
   table1   UMT Table 1: UTA (cached, online) vs pixel reconstruction (VideoMAE, V2 dual masking) vs UTA + pixel,
            B/16 step time and peak memory (bench_table1.py); needs no store
 The headline configuration's store (its teacher, T=8, fp32) is always built: storage and the cached
@@ -49,7 +55,7 @@ from benchmarks.common import (
 )
 
 HEADLINE = {"size": "base", "frames": 8, "mask_ratio": 0.8}
-ALL_SECTIONS = ("step", "storage", "input", "cache", "table1")
+ALL_SECTIONS = ("step", "storage", "input", "cache", "table1", "loader")
 
 # Presets: everything a run needs besides the flags. "grid" lists (size, T, ratio) configurations.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -70,8 +76,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache_sweep": {"size": "tiny", "batch_sizes": (1, 4, 16), "clips": 16},
         "decode_clips": 32, "decode_workers": (1, os.cpu_count() or 2),
         "read_records": 24, "read_workers": (0, 1, 2), "storage_loss_batch": 2,
+        # The trained teacher: a short stage 1 (epochs) per codec x mode at toy size, one core.
+        "trained": {"downstream_epochs": 10, "loss_batch": 8},
         "isolate": True, "forward_min_seconds": 1.0,
         "table1": {"batch_size": 2, "warmup": 1, "steps": 3, "size": 224},
+        "loader": {"grid": "default", "clips": 64, "batch_size": 8, "passes": 2, "all_workers": None},
     },
     "gpu": {
         "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
@@ -84,8 +93,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache_sweep": {"size": "base", "batch_sizes": (8, 16, 32, 64), "clips": 256},
         "decode_clips": 256, "decode_workers": (1, min(8, os.cpu_count() or 8)),
         "read_records": 512, "read_workers": (0, 1, 2, 8), "storage_loss_batch": 8,
+        "trained": {"downstream_epochs": 40, "loss_batch": 8},
         "isolate": True, "forward_min_seconds": 5.0,
         "table1": {"batch_size": 32, "warmup": 3, "steps": 10, "size": 224},
+        "loader": {"grid": "default", "clips": 128, "batch_size": 32, "passes": 3, "all_workers": os.cpu_count()},
+    },
+    # One GPU in <= 8 minutes: the headline step (UMT-B/16 + CLIP-B/16, bf16, batch 32, T=8, 80 %) and
+    # the loader section, plus the headline loader row with as many workers as there are cores.
+    "gpu-quick": {
+        "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
+        "plan": {"base": (32, 3, 10)}, "headline_size": "base", "sections": ("step", "loader"),
+        "grid": [("base", 8, 0.8)],
+        "full_grid": {"sizes": ("base",), "frames": (8,), "ratios": (0.8,)},
+        "videos": 16, "video_frames": 300, "video_size": (240, 320),
+        "ref_cache_batch": 32, "cache_workers": 8,
+        "cache_sweep": {"size": "base", "batch_sizes": (), "clips": 0},
+        "decode_clips": 0, "decode_workers": (1,), "read_records": 0, "read_workers": (1,), "storage_loss_batch": 8,
+        "isolate": True, "forward_min_seconds": 2.0,
+        "loader": {"grid": "quick", "clips": 96, "batch_size": 32, "passes": 2, "all_workers": os.cpu_count()},
+        "table1": {"batch_size": 32, "warmup": 3, "steps": 10, "size": 224},
+        "trained": {"downstream_epochs": 40, "loss_batch": 8},
     },
     # Everything once at the tiniest size: the smoke test's settings (seconds, numbers meaningless).
     "smoke": {
@@ -98,10 +125,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache_sweep": {"size": "tiny", "batch_sizes": (), "clips": 2},  # the reference store is the cache point
         "decode_clips": 2, "decode_workers": (1,),
         "read_records": 2, "read_workers": (0, 1), "storage_loss_batch": 1,
+        "trained": None,  # a minute of tiny-CLIP training alone: `--trained` runs it anyway
         # In-process: a forked measurement server would import torch + open_clip again (~10 s on 2 cores).
         "isolate": False, "forward_min_seconds": 0.0,
         "table1": {"batch_size": 1, "warmup": 1, "steps": 1, "size": 32, "rows": ("pixel", "pixel_dual"),
                    "student": "umt_test_tiny"},
+        "loader": {"grid": "quick", "clips": 6, "batch_size": 2, "passes": 1, "all_workers": 2},
     },
 }
 
@@ -167,7 +196,7 @@ class Suite:
         return {**point, "role": "reference store of the storage and step sections"}
 
     def storage(self) -> dict[str, Any]:
-        from benchmarks.bench_cache import storage_fidelity
+        from benchmarks.bench_cache import smallest_faithful_summary, storage_fidelity
         from umt_distill.config import load_recipe
 
         size = self.preset["headline_size"]
@@ -177,6 +206,16 @@ class Suite:
                                loss_batch=self.preset["storage_loss_batch"], mask_ratio=self.headline["mask_ratio"])
         # The headline step reads the recipe codec's full-mode store: the same records, re-encoded.
         self.step_stores[(size, 8)] = str(self.work / "codecs" / f"{self.args.codec}_full")
+        trained = self.preset.get("trained") or ({"downstream_epochs": 1, "loss_batch": 2} if self.args.trained else None)
+        if self.args.trained is False:
+            trained = None
+        if trained:
+            from benchmarks.storage_trained import storage_trained
+
+            epochs = self.args.downstream_epochs if self.args.downstream_epochs is not None else trained["downstream_epochs"]
+            out["trained"] = storage_trained(self.work / "trained", self.args.quickstart_dir, downstream_epochs=epochs,
+                                             loss_batch=trained["loss_batch"])
+        out["smallest_faithful"] = smallest_faithful_summary(out)
         return out
 
     def store_for(self, size: str, frames: int, s: StepSettings) -> tuple[str, str]:
@@ -211,12 +250,12 @@ class Suite:
         return rows
 
     def input(self) -> dict[str, Any]:
-        from benchmarks.bench_input import bench_reads, decode_throughput
+        from benchmarks.bench_input import DECODE_BACKENDS, bench_reads, decode_throughput
 
         p = self.preset
         manifest = self.manifest(p["decode_clips"])
         decode = []
-        for backend in ("decord", "pyav"):
+        for backend in DECODE_BACKENDS:
             for w in p["decode_workers"]:
                 log(f"decode: {backend} workers={w}")
                 decode.append(decode_throughput(manifest, backend, w, self.headline["frames"]))
@@ -267,6 +306,16 @@ class Suite:
                            isolate=self.preset["isolate"], **{k: v for k, v in t.items() if k != "batch_size"})
         return table1(s)
 
+    def loader(self) -> dict[str, Any]:
+        from benchmarks.bench_loader import HEADLINE as LOADER_HEADLINE
+        from benchmarks.bench_loader import YARDSTICKS, LoaderCase, default_grid, run_loader
+
+        lp = self.preset["loader"]
+        rates = {f"custom_{r:g}": r for r in self.args.student_rate} if self.args.student_rate else dict(YARDSTICKS)
+        profiles = (LOADER_HEADLINE, LoaderCase(pixels="raw", path="reference", layout="wds-v1"))
+        return run_loader(clean_dir(self.work / "loader"), default_grid(lp["grid"] == "quick"), rates, lp["clips"],
+                          lp["batch_size"], lp["passes"], profiles, all_workers=lp["all_workers"])
+
     def save_partial(self, key: str, value: Any) -> None:
         """Keep what is measured so far (a crash or Ctrl-C late in a long GPU run loses nothing)."""
         self.results[key] = value
@@ -278,10 +327,12 @@ def run_suite(args) -> dict[str, Path]:
     from benchmarks.report import headline, write_report
 
     preset = dict(PRESETS[args.preset])
+    if args.reduced:  # the preset's sections and structure at the smoke preset's sizes
+        preset.update({k: v for k, v in PRESETS["smoke"].items() if k not in ("sections",)})
     if args.device:
         preset["device"] = args.device
     t0, started, load_start = time.perf_counter(), now_iso(), load_average()
-    sections = args.sections.split(",") if args.sections else list(ALL_SECTIONS)
+    sections = args.sections.split(",") if args.sections else list(preset.get("sections", ALL_SECTIONS))
     unknown = sorted(set(sections) - set(ALL_SECTIONS))
     if unknown:
         raise SystemExit(f"unknown section(s) {unknown}; choose from {list(ALL_SECTIONS)}")
@@ -291,7 +342,7 @@ def run_suite(args) -> dict[str, Path]:
     info = machine_info(preset["device"])
     suite = Suite(preset, args, work)
     try:
-        if set(sections) - {"table1"}:  # every other section reads the reference store
+        if set(sections) - {"table1", "loader"}:  # every other section reads the reference store
             suite.results["cache_reference"] = suite.timed("reference", suite.reference)
         if "storage" in sections or "step" in sections:
             suite.results["storage"] = suite.timed("storage", suite.storage)
@@ -303,6 +354,8 @@ def run_suite(args) -> dict[str, Path]:
             suite.results["cache_write"] = [suite.results["cache_reference"]] + suite.timed("cache", suite.cache)
         if "table1" in sections:
             suite.results["table1"] = suite.timed("table1", suite.table1)
+        if "loader" in sections:
+            suite.results["loader"] = suite.timed("loader", suite.loader)
     finally:
         if not args.keep_tmp and not args.tmp:
             shutil.rmtree(work, ignore_errors=True)
@@ -344,9 +397,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of each step measurement (default: all cores; the cpu preset runs tiny on 1)")
-    p.add_argument("--backend", default="decord", choices=["decord", "pyav"], help="video decoder of the loops")
+    p.add_argument("--backend", default="decord", choices=["decord", "pyav", "torchcodec"], help="video decoder of the loops")
     p.add_argument("--codec", default="fp16", help="codec of the stores the cached loop and reads use")
-    p.add_argument("--sections", default=None, help="comma list from " + ",".join(ALL_SECTIONS))
+    p.add_argument("--trained", default=None, action=argparse.BooleanOptionalAction,
+                   help="storage on the trained tiny CLIP too (default: the preset's choice; smoke skips it)")
+    p.add_argument("--quickstart-dir", type=Path, default=None,
+                   help="read the toy world and trained tiny CLIP from this `umt-distill quickstart` output")
+    p.add_argument("--downstream-epochs", type=int, default=None,
+                   help="stage-1 epochs per codec x mode on the trained teacher (0 = no downstream probe)")
+    p.add_argument("--sections", default=None, help="comma list from " + ",".join(ALL_SECTIONS)
+                   + " (default: the preset's, all for cpu/gpu)")
+    p.add_argument("--reduced", action="store_true", help="run the preset at the smoke preset's sizes (CPU smoke test)")
+    p.add_argument("--student-rate", type=float, action="append", default=None,
+                   help="loader section: clip-views/s one GPU consumes (repeatable; default: the three yardsticks)")
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="where JSON, markdown and PNGs go")
     p.add_argument("--machine", default=None, help="label in file names (default: from CPU/GPU model)")
     p.add_argument("--tmp", default=None, help="work directory (kept); default a temporary one (removed)")

@@ -78,11 +78,12 @@ def zoo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return d / "zoo.jsonl", expected
 
 
-def test_every_bad_clip_is_a_named_failure_and_the_rest_is_cached(zoo, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["decord", "torchcodec"])
+def test_every_bad_clip_is_a_named_failure_and_the_rest_is_cached(zoo, tmp_path: Path, backend: str) -> None:
     manifest, expected = zoo
     store = tmp_path / "store"
     cfg = load_recipe("stage1/tiny", [f"corpus.source={manifest}", f"cache.store={store}", "cache.clips_per_shard=3",
-                                      "corpus.video_backend=decord"])
+                                      f"corpus.video_backend={backend}"])
     summary = cache_teacher(cfg, progress=False)
     failures = {json.loads(x)["id"]: json.loads(x) for x in (store / "failures.jsonl").read_text().splitlines()}
     assert set(failures) == {k for k, v in expected.items() if v == "fail"}

@@ -71,7 +71,13 @@ def tokens(request: pytest.FixtureRequest) -> np.ndarray:
 
 
 def test_registry_lists_every_codec() -> None:
-    assert {"fp32", "fp16", "bf16", "int8", "int4", "pca64", "pca128"} <= set(CODECS.names())
+    assert {"fp32", "fp16", "bf16", "int8", "int4"} <= set(CODECS.names())
+    for name in ("pca64", "pca128i4", "jpca768", "jpca1344i4"):  # a family: any rank by name
+        assert name in CODECS and get_codec(name).name == name
+    assert "pca<r>[i4], jpca<r>[i4]" in CODECS.describe()
+    assert "pca7i4" not in CODECS and "pcax" not in CODECS
+    with pytest.raises(KeyError, match="rank must be even"):
+        get_codec("pca7i4")
 
 
 def test_fp32_is_lossless(tokens: np.ndarray) -> None:
@@ -303,3 +309,40 @@ def test_pca_without_basis_or_with_a_wrong_one_is_refused() -> None:
         codec.encode(x[:1])  # one layer, the basis has two
     with pytest.raises(CodecError, match="D=48"):
         codec.encode(np.ones((2, 3, 4, 32), np.float32))
+
+
+@pytest.mark.parametrize("name", ["pca8", "pca8i4", "jpca16", "jpca16i4"])
+def test_pca_variants_round_trip_and_decode_on_torch(name: str) -> None:
+    from umt_distill.cache.basis import fit_basis
+
+    x = low_rank_tokens(seed=5)  # [K=2, T, N, D=48], rank 8 per layer (16 jointly)
+    K, D = x.shape[0], x.shape[-1]
+    unbound = get_codec(name)
+    codec = unbound.bind(fit_basis(x.reshape(K, -1, D), unbound.rank, unbound.joint))
+    assert codec.basis.shape == codec.basis_shape(K, D)
+    batch = np.stack([x, x[:, ::-1]])  # [B=2, K, T, N, D]
+    parts = codec.encode(batch)
+    assert {k: (str(v.dtype), v.shape) for k, v in parts.items()} == codec.part_layout(batch.shape)
+    y = codec.decode(parts)
+    assert y.dtype == np.float32 and y.shape == batch.shape and y.flags.c_contiguous
+    cos = (batch * y).sum(-1) / (np.linalg.norm(batch, axis=-1) * np.linalg.norm(y, axis=-1))
+    assert cos.mean() >= (0.9999 if unbound.bits == 8 else 0.995), cos.mean()  # int4: 15 levels per coefficient
+    got = codec.decode_torch({k: torch.from_numpy(v) for k, v in parts.items()})
+    np.testing.assert_allclose(got.numpy(), y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()))
+
+
+def test_joint_basis_shares_coefficients_across_layers() -> None:
+    from umt_distill.cache.basis import fit_basis
+
+    x = low_rank_tokens(seed=6)
+    K, D = x.shape[0], x.shape[-1]
+    codec = get_codec("jpca16").bind(fit_basis(x.reshape(K, -1, D), 16, joint=True))
+    parts = codec.encode(x)
+    assert parts["q"].shape == (1, *x.shape[1:-1], 16)  # [1, T, N, r]: one code for all layers
+    positions = int(np.prod(x.shape[1:-1]))  # T * N
+    assert codec.nbytes(x.shape) == positions * (16 + 4)  # int8 coefficients + a float32 scale
+    assert get_codec("pca16").nbytes(x.shape) == K * positions * (16 + 4)
+    with pytest.raises(CodecError, match=r"\[17, K, D\]"):
+        get_codec("jpca16").bind(fit_basis(x.reshape(K, -1, D), 16))  # a per-layer basis is not a joint one
+    with pytest.raises(CodecError, match="below the teacher's K\\*D = 96"):
+        fit_basis(x.reshape(K, -1, D), 96, joint=True)

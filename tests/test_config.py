@@ -63,10 +63,12 @@ def test_unknown_key_in_file_names_the_file(tmp_path) -> None:
     assert str(path) in str(info.value) and "cache.num_views" in str(info.value)
 
 
-def test_frames_only_with_wds() -> None:
+def test_frames_in_both_layouts() -> None:
+    for layout in ("zarr", "wds"):
+        for frames in ("raw", "jpeg"):
+            assert load_recipe(None, [f"cache.frames={frames}", f"cache.layout={layout}"]).cache.frames == frames
     with pytest.raises(RecipeError, match="cache.frames"):
-        load_recipe(None, ["cache.frames=jpeg"])
-    assert load_recipe(None, ["cache.frames=jpeg", "cache.layout=wds"]).cache.frames == "jpeg"
+        load_recipe(None, ["cache.frames=png"])
 
 
 def test_round_trip_through_yaml(tmp_path) -> None:

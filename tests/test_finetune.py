@@ -298,3 +298,5 @@ def test_ddp_two_processes_train_and_gather_the_test(toy, tmp_path):
     logged = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in logged if "loss" in m] == [1, 2, 3]
     assert logged[-1]["test_num_videos"] == 8 and logged[-1]["test_num_views"] == 3
+    # live progress of training and of the test, rank 0 only
+    assert proc.stderr.count("finetune step 3/3") == 1 and proc.stderr.count("eval step 1/") == 1, proc.stderr[-2000:]

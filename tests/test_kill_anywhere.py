@@ -57,11 +57,18 @@ def _timed(args: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def test_cache_teacher_survives_kills_anywhere(tmp_path: Path) -> None:
+# The WebDataset layout writes a shard as one part file per epoch slot and concatenates them at close;
+# its view frames (JPEG) are what training reads.
+LAYOUTS = {"zarr": [], "wds": ["cache.layout=wds", "cache.frames=jpeg"]}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_cache_teacher_survives_kills_anywhere(tmp_path: Path, layout: str) -> None:
     from umt_distill.cache.stores import CacheReader
 
     corpus = _corpus(tmp_path / "v", 12)
-    common = ["cache-teacher", "stage1/tiny", f"corpus.source={corpus}", "cache.clips_per_shard=2", "cache.codec=int8"]
+    common = ["cache-teacher", "stage1/tiny", f"corpus.source={corpus}", "cache.clips_per_shard=2", "cache.codec=int8",
+              *LAYOUTS[layout]]
     duration = _timed([*common, f"cache.store={tmp_path / 'ref'}"])
     rng = random.Random(1234)
     store = tmp_path / "killed"
@@ -79,16 +86,19 @@ def test_cache_teacher_survives_kills_anywhere(tmp_path: Path) -> None:
     assert json.loads((store / "spec.json").read_text())["status"] == "complete"
 
 
-def test_training_survives_kills_anywhere(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_training_survives_kills_anywhere(tmp_path: Path, layout: str) -> None:
     from safetensors.torch import load_file
 
     from umt_distill.training.metrics import read_metrics
 
     corpus = _corpus(tmp_path / "v", 8)
     store = tmp_path / "store"
-    _run(["cache-teacher", "stage1/tiny", f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32"])
+    _run(["cache-teacher", "stage1/tiny", f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32",
+          *LAYOUTS[layout]])
+    pixels = ["train.pixels_from=store"] if layout == "wds" else []
     common = ["train", "stage1/tiny", f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32",
-              "train.max_steps=24", "train.ckpt_every=3", "train.batch_size=2"]
+              "train.max_steps=24", "train.ckpt_every=3", "train.batch_size=2", *LAYOUTS[layout], *pixels]
     duration = _timed([*common, f"train.output_dir={tmp_path / 'ref'}"])
     rng = random.Random(99)
     out = tmp_path / "killed"

@@ -130,7 +130,7 @@ def captioned_clips(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_retrieval_finetune_learns_and_is_evaluated(captioned_clips, tmp_path) -> None:
+def test_retrieval_finetune_learns_and_is_evaluated(captioned_clips, tmp_path, capsys) -> None:
     """120 steps from a random tiny model: the loss falls and contrastive retrieval beats the untrained model."""
     from umt_distill.data.text import load_tokenizer
     from umt_distill.evaluation.retrieval import (
@@ -149,6 +149,8 @@ def test_retrieval_finetune_learns_and_is_evaluated(captioned_clips, tmp_path) -
     last = train(cfg)
     logged = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in logged] == list(range(10, 121, 10))
+    err = capsys.readouterr().err  # live progress (not a terminal: plain lines), training then the test videos
+    assert "retrieval step 120/120 (100.0%) loss " in err and "eval videos step 1/" in err, err[-2000:]
     tokenizer = load_tokenizer(run / "tokenizer")
     torch.manual_seed(cfg.seed)
     before = evaluate_retrieval_model(build_retrieval_model(cfg, len(tokenizer)), tokenizer, cfg, clips, cpu)

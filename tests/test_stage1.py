@@ -41,22 +41,23 @@ def _args(corpus: Path, store: Path, codec: str) -> list[str]:
     return [f"corpus.source={corpus}", f"cache.store={store}", f"cache.codec={codec}"]
 
 
-@pytest.fixture(scope="module")
-def stores(corpus, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("s1stores")
-    out = {}
-    for codec in ("fp32", "fp16", "int4", "pca16"):
-        out[codec] = root / codec
-        cache_teacher(load_recipe("stage1/tiny", _args(corpus, out[codec], codec)), progress=False)
-    return out
-
-
 # Per codec: the loss tolerance (absolute for fp32, else relative) and the least mean cosine of the cached
 # targets to the online teacher's at the visible tokens. int4 and pca16 are lossy by design (on this
 # random-weights tiny teacher, whose tokens have no low-rank structure, pca16 keeps half of D = 32). A
 # fresh student's predictions are nearly orthogonal to any target, so the loss alone would not notice
 # wrong targets; the cosine does (swapped nibbles, another basis or a misplaced layer axis).
-PARITY = {"fp32": (1e-6, 1 - 1e-6), "fp16": (1e-3, 0.9999), "int4": (0.01, 0.99), "pca16": (0.01, 0.97)}
+PARITY = {"fp32": (1e-6, 1 - 1e-6), "fp16": (1e-3, 0.9999), "int4": (0.01, 0.99), "pca16": (0.01, 0.97),
+          "jpca32i4": (0.01, 0.97)}
+
+
+@pytest.fixture(scope="module")
+def stores(corpus, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("s1stores")
+    out = {}
+    for codec in PARITY:
+        out[codec] = root / codec
+        cache_teacher(load_recipe("stage1/tiny", _args(corpus, out[codec], codec)), progress=False)
+    return out
 
 
 @pytest.mark.parametrize("codec", list(PARITY))
@@ -144,6 +145,8 @@ def test_sigkill_and_resume_continue_the_same_trajectory(corpus, stores, tmp_pat
     ref = _cli("train", *_train_args(corpus, stores["fp32"], tmp_path / "ref", *common))
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err
+    # live progress off a terminal: plain lines at the first and the last step (training/progress.py)
+    assert "stage1 step 1/20 (5.0%) loss " in err and "stage1 step 20/20 (100.0%) loss " in err, err[-2000:]
     expected = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
 
     out = tmp_path / "killed"
@@ -185,6 +188,7 @@ def test_ddp_two_processes(corpus, stores, tmp_path) -> None:
     logged = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]
     assert (out / "checkpoints" / "step-00000005" / "model.safetensors").exists()
+    assert proc.stderr.count("stage1 step 5/5") == 1  # progress from rank 0 only
 
 
 def test_train_streams_a_webdataset_store_and_resumes_mid_epoch(corpus, tmp_path) -> None:

@@ -285,4 +285,5 @@ def test_ddp_two_processes(corpora, stores, tmp_path) -> None:
     logged = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]
     assert all(np.isfinite(m["loss"]) for m in logged)
+    assert proc.stderr.count("stage2 step 5/5") == 1  # live progress, rank 0 only
     assert (out / "checkpoints" / "step-00000005" / "model.safetensors").exists()

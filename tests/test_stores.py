@@ -139,16 +139,22 @@ def test_round_trip_compressors_visible_mode_frames(tmp_path: Path, layout: str,
         assert frames_digest(got.frames) == want.frames_digest
 
 
-def test_wds_jpeg_frames(tmp_path: Path) -> None:
-    records = build_store(tmp_path, "wds", "int8", frames="jpeg", shards=1)
+@pytest.mark.parametrize("layout", ["wds", "zarr"])
+def test_jpeg_frames(tmp_path: Path, layout: str) -> None:
+    from umt_distill.data.jpeg import decode_jpegs
+
+    records = build_store(tmp_path, layout, "int8", frames="jpeg", shards=1)
     got = list(CacheReader(tmp_path).iter_shard("shard-000000"))
     for g, want in zip(got, records, strict=True):
         assert_same_record(g, want, "int8", "jpeg")
+        assert len(g.frames_jpeg) == len(want.view.frame_indices)  # the stored bytes come back, and decode to frames
+        assert np.array_equal(decode_jpegs(g.frames_jpeg).numpy(), g.frames)
 
 
-def test_zarr_refuses_jpeg_frames(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="raw"):
-        open_shard_writer("zarr", tmp_path, "shard-000000", "fp16", frames="jpeg")
+def test_unknown_frames_mode_is_refused(tmp_path: Path) -> None:
+    for layout in ("zarr", "wds"):
+        with pytest.raises(ValueError, match="frames must be one of none, raw, jpeg|frames must be one of none, jpeg, raw"):
+            open_shard_writer(layout, tmp_path, "shard-000000", "fp16", frames="png")
 
 
 def test_registries_and_unknown_names(tmp_path: Path) -> None:
@@ -338,7 +344,7 @@ def test_wds_corrupted_entry(tmp_path: Path, compressor: str) -> None:
     data = bytearray(path.read_bytes())
     data[tokens.offset_data + tokens.size - 9] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreDamagedError, match=r"sample shard-000000_000000: entry tokens\.npy.*CRC32"):
+    with pytest.raises(StoreDamagedError, match=r"sample shard-000000_000_000000: entry tokens\.npy.*CRC32"):
         list(CacheReader(tmp_path).iter_shard("shard-000000"))
 
 
@@ -441,7 +447,7 @@ def test_write_index_sorts_and_keeps_only_index_fields(tmp_path: Path) -> None:
     ]
     index = write_index(tmp_path, "wds", infos)
     assert json.loads((tmp_path / "index.json").read_text()) == index == {
-        "format": 1, "layout": "wds", "shards": [
+        "format": 2, "layout": "wds", "shards": [
             {"name": "shard-000000", "num_records": 2, "nbytes": 20, "records": [["a", 0], ["a", 1]]},
             {"name": "shard-000001", "num_records": 1, "nbytes": 10, "records": [["b", 0]]},
         ]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 import wave
 from pathlib import Path
@@ -12,6 +13,7 @@ import av
 from av.video.frame import PictureType
 import numpy as np
 import pytest
+import torch
 
 from umt_distill.data.synthetic import (
     IndexCodeError,
@@ -21,11 +23,21 @@ from umt_distill.data.synthetic import (
     write_image,
     write_video,
 )
-from umt_distill.data.video import VideoDecodeError, VideoInfo, VideoReader, open_video
+from umt_distill.data.video import (
+    BackendUnavailableError,
+    VideoDecodeError,
+    VideoInfo,
+    VideoReader,
+    open_video,
+    preload_video_backend,
+    torchcodec_unavailable_reason,
+)
 from umt_distill.registry import VIDEO_BACKENDS, RegistryError
 
 T, H, W = 60, 48, 64
-BACKENDS = ["pyav", "decord"]
+# torchcodec needs FFmpeg's shared libraries; without them its tests fail naming the fix, never skip
+# (.ci/run installs FFmpeg).
+BACKENDS = ["pyav", "decord", "torchcodec"]
 # x264 settings: a closed GOP with B-frames (the common case), and an open GOP whose leading B-frames are
 # decoded after the keyframe they precede on screen.
 CLOSED_GOP = {"crf": "23", "bf": "2", "g": "12", "preset": "veryfast"}
@@ -132,14 +144,28 @@ def test_b_frames_return_requested_frames(media, backend: str, name: str) -> Non
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["opengop_mp4", "opengop_mkv", "mpegts", "raw_h264"])
-def test_hard_streams_are_exact_with_both_backends(media, backend: str, name: str) -> None:
-    """Open GOPs, MPEG-TS (imprecise seeks) and a stream without pts: exact, via PyAV where decord is not."""
+def test_hard_streams_are_exact_with_every_backend(media, backend: str, name: str) -> None:
+    """Open GOPs, MPEG-TS (imprecise seeks) and a stream without pts: exact, via PyAV where decord is not.
+
+    torchcodec's exact mode gets open GOPs right itself; MPEG-TS and pts-less streams go to PyAV."""
     with open_video(media[name], backend=backend) as reader:
         assert reader.info.num_frames == T
         for request in _sparse_requests(T, seed=3):
             assert [decode_index(f) for f in reader.get_frames(request)] == request
-        if backend == "decord":
+        if backend == "decord" or (backend == "torchcodec" and name in ("mpegts", "raw_h264")):
             assert reader.decoder == "pyav" and reader.fallback_reason
+        elif backend == "torchcodec":
+            assert reader.decoder == "torchcodec", reader.fallback_reason
+
+
+@pytest.mark.parametrize("name", ["bframes_mp4", "opengop_mkv", "faststart_mp4", "fps10_mp4"])
+def test_torchcodec_pixels_equal_pyav_on_lossy_streams(media, name: str) -> None:
+    """Not just the same frames: the same RGB bytes as the reference, so a store cached with one backend
+    feeds a student decoding with the other the pixels its teacher saw."""
+    with open_video(media[name], backend="pyav") as ref, open_video(media[name], backend="torchcodec") as tc:
+        assert tc.decoder == "torchcodec"
+        request = [ref.info.num_frames - 1, 0, 7, 3, ref.info.num_frames // 2, 7]
+        np.testing.assert_array_equal(tc.get_frames(request), ref.get_frames(request))
 
 
 @pytest.mark.xfail(strict=True, reason="decord 0.6.0 counts frames after a keyframe seek; open-GOP leading "
@@ -151,6 +177,32 @@ def test_raw_decord_is_exact_on_open_gop_and_mpegts(media, name: str) -> None:
     reader = decord.VideoReader(str(media[name]), num_threads=1)
     request = [3, 17, 31, 46, 58]
     assert [decode_index(f) for f in reader.get_batch(request).asnumpy()] == request
+
+
+@pytest.mark.xfail(strict=True, reason="torchcodec 0.17 on MPEG-TS returns other frames ([11, 17, 35, 46, 58] "
+                   "here) or runs out of frames: why TorchCodecVideoReader hands MPEG-TS to PyAV")
+def test_raw_torchcodec_is_exact_on_mpegts(media) -> None:
+    """Canary: if a torchcodec release reads MPEG-TS exactly, this XPASSes (fails) and MPEG-TS can be trusted."""
+    assert torchcodec_unavailable_reason() is None, torchcodec_unavailable_reason()
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(str(media["mpegts"]), seek_mode="exact", dimension_order="NHWC")
+    request = [3, 17, 31, 46, 58]
+    assert [decode_index(f.numpy()) for f in decoder.get_frames_at(request).data] == request
+
+
+def test_torchcodec_pts_check_catches_wrong_frames(media, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net under the container list: trusted with MPEG-TS anyway, torchcodec's wrong frames
+    (the canary above) are caught by their pts and the file goes to PyAV, which returns the right ones."""
+    from umt_distill.data import video_torchcodec
+
+    monkeypatch.setattr(video_torchcodec, "_TORCHCODEC_CONTAINERS", frozenset({"mp4", "matroska", "mpegts"}))
+    with open_video(media["mpegts"], backend="torchcodec") as reader:
+        assert reader.decoder == "torchcodec"
+        request = [3, 17, 31, 46, 58]
+        assert [decode_index(f) for f in reader.get_frames(request)] == request
+        assert reader.decoder == "pyav"
+        assert re.search("returned the frame at .* for frame|failed to decode", reader.fallback_reason)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -178,15 +230,65 @@ def test_info(media, backend: str) -> None:
 
 
 def test_backends_are_registered() -> None:
-    assert {"decord", "pyav"} <= set(VIDEO_BACKENDS.names())
+    assert {"decord", "pyav", "torchcodec"} <= set(VIDEO_BACKENDS.names())
     with pytest.raises(RegistryError, match="pyav"):
         open_video("anything.mp4", backend="pyavv")
 
 
 def test_missing_decord_gives_actionable_error(media, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
-    with pytest.raises(ImportError, match="pip install decord.*'pyav'"):
+    with pytest.raises(BackendUnavailableError, match="pip install decord.*'pyav'"):
         open_video(media["rgb_mp4"], backend="decord")
+
+
+def test_torchcodec_finds_ffmpeg() -> None:
+    """CI installs FFmpeg (.ci/run): a machine without its shared libraries fails here, saying what to install."""
+    reason = torchcodec_unavailable_reason()
+    assert reason is None, reason
+
+
+def test_missing_torchcodec_or_ffmpeg_gives_actionable_error(media, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchcodec
+
+    monkeypatch.setattr(torchcodec, "ffmpeg_major_version", None)  # what torchcodec reports without FFmpeg
+    with pytest.raises(BackendUnavailableError, match="FFmpeg 4-9 shared libraries.*apt-get install ffmpeg"):
+        open_video(media["rgb_mp4"], backend="torchcodec")
+    assert "apt-get install ffmpeg" in torchcodec_unavailable_reason()
+    with pytest.raises(BackendUnavailableError, match="apt-get install ffmpeg"):
+        preload_video_backend("torchcodec")  # what a training loop calls before its workers fork
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    with pytest.raises(BackendUnavailableError, match="pip install torchcodec.*'pyav'"):
+        open_video(media["rgb_mp4"], backend="torchcodec")
+
+
+def test_preload_video_backend() -> None:
+    for name in VIDEO_BACKENDS.names():
+        preload_video_backend(name)
+    assert "torchcodec" in sys.modules and "decord" in sys.modules
+    with pytest.raises(RegistryError, match="torchcodec"):
+        preload_video_backend("torchcodex")
+
+
+def test_decoding_device(media) -> None:
+    with pytest.raises(ValueError, match="CPU only.*torchcodec"):
+        open_video(media["rgb_mp4"], backend="pyav", device="cuda")
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        open_video(media["rgb_mp4"], backend="torchcodec", device="mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="CUDA"):
+            open_video(media["rgb_mp4"], backend="torchcodec", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bframes_mp4", "opengop_mkv"])
+def test_torchcodec_cuda_returns_the_requested_frames(media, name: str) -> None:
+    """NVDEC: the same frames on the GPU (pixels may differ slightly from the CPU's colour conversion)."""
+    with open_video(media[name], backend="torchcodec", device="cuda") as reader:
+        for request in _sparse_requests(T, seed=4):
+            out = reader.get_frames_tensor(request)
+            assert out.device.type == "cuda" and out.shape == (len(request), H, W, 3)
+            assert [decode_index(f) for f in out.cpu().numpy()] == request
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ class CorpusConfig(_Section):
     """A .csv/.jsonl manifest or a folder of videos/images."""
     root: str | None = None
     """Folder that relative paths in the manifest are resolved against (default: the manifest's folder)."""
-    video_backend: Literal["decord", "pyav"] = "decord"
-    """decord is fast; pyav is the frame-exact reference."""
+    video_backend: Literal["decord", "pyav", "torchcodec"] = "decord"
+    """decord is fast; pyav is the frame-exact reference; torchcodec needs FFmpeg's shared libraries."""
 
 
 class ViewConfig(_Section):
@@ -90,7 +90,8 @@ class CacheConfig(_Section):
     """Codecs with a basis (``pca<r>``): clips (all K views) the per-layer basis is fitted on."""
     compressor: Literal["zstd", "blosc", "none"] = "zstd"
     frames: Literal["none", "jpeg", "raw"] = "none"
-    """Also store the student's view pixels (WebDataset only) so training skips video decoding."""
+    """Also store the student's view pixels so training skips video decoding: ``raw`` or ``jpeg`` (the
+    teacher runs on the decoded JPEGs, so teacher and student see the same pixels); both layouts."""
     clips_per_shard: int = Field(16, ge=1)
     batch_size: int = Field(8, ge=1)
     """Clip-views per teacher forward."""
@@ -153,6 +154,8 @@ class TrainConfig(_Section):
     tensorboard: bool = False
     pixels_from: Literal["video", "store"] = "video"
     """Re-decode the view from the video, or read the frames stored in the shards."""
+    shuffle_buffer: int = Field(64, ge=0)
+    """WebDataset streaming: samples in each worker's shuffle buffer (0: store order, shards unshuffled)."""
 
 
 class TextConfig(_Section):
@@ -351,12 +354,6 @@ class Recipe(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     videomae: VideoMAEConfig = VideoMAEConfig()
-
-    @model_validator(mode="after")
-    def _check(self) -> Recipe:
-        if self.cache.frames != "none" and self.cache.layout != "wds":
-            raise ValueError("cache.frames: view frames are stored only in the 'wds' layout")
-        return self
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -31,6 +32,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._families: list[tuple[re.Pattern, str, Callable[[re.Match], T], str]] = []
+        self._built: dict[str, T] = {}  # parts of families, by full name
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; without ``obj``, return a decorator."""
@@ -43,19 +46,37 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def register_family(self, pattern: str, label: str, make: Callable[[re.Match], T], doc: str = "") -> None:
+        """Register parametrised names (``pca64``, ``jpca768i4``): ``make(match)`` builds the part of a name
+        that fully matches ``pattern`` (it may raise ``ValueError`` for bad parameters); ``label`` (e.g.
+        ``pca<r>``) stands for the family in listings. Built parts are kept, so a name gives one object."""
+        self._families.append((re.compile(pattern), label, make, doc))
+
     def get(self, name: str) -> T:
         """Return the part registered as ``name``; an unknown name names the closest valid ones."""
         try:
-            return self._items[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, list(self._items), n=3, cutoff=0.5)
+            return self._items[name] if name in self._items else self._built[name]
+        except (KeyError, TypeError):
+            for pattern, _, make, _ in self._families:
+                match = pattern.fullmatch(name) if isinstance(name, str) else None
+                if match:
+                    try:
+                        item = make(match)
+                    except ValueError as e:
+                        raise RegistryError(f"{self.kind} {name!r}: {e}") from None
+                    self._built[name] = item
+                    return item
+            known = sorted(self._items) + [label for _, label, _, _ in self._families]
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise RegistryError(
-                f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._items)) or '(none)'}"
-            ) from None
+            raise RegistryError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(known) or '(none)'}") from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        try:
+            self.get(name)  # type: ignore[arg-type]
+        except RegistryError:
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
@@ -64,11 +85,13 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def describe(self) -> dict[str, str]:
-        """Name → first line of the part's docstring."""
+        """Name → first line of the part's docstring (a family: its label → the label's docstring)."""
         out = {}
         for name in self.names():
             doc = (getattr(self._items[name], "__doc__", None) or "").strip().splitlines()
             out[name] = doc[0] if doc else ""
+        for _, label, _, doc in self._families:
+            out[label] = doc
         return out
 
 

@@ -28,43 +28,57 @@ if TYPE_CHECKING:
 
 BASIS_FILE = "basis.npy"
 SPEC_FILE = "spec.json"
-#: Tokens per layer the fit uses at most (a seeded subsample beyond): the D x D covariance of 200k
-#: tokens is exact enough for the top directions and costs ~1 s per layer at D = 512 on one core.
+#: Token positions the fit uses at most (a seeded subsample beyond): the D x D covariance of 200k
+#: tokens is exact enough for the top directions and costs ~1 s per layer at D = 512 on one core; a
+#: joint basis (K*D = 3072 for CLIP-B/16) costs K^2 times that per token, so it takes 50k.
 MAX_FIT_TOKENS = 200_000
+MAX_FIT_TOKENS_JOINT = 50_000
 
 
-def fit_basis(tokens: np.ndarray, rank: int) -> np.ndarray:
-    """Fit the basis of a ``pca<rank>`` codec on sampled teacher tokens.
+def _principal(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [F] and the top ``rank`` principal directions times their standard deviation [rank, F] of
+    samples x [S, F]. Each direction's largest-magnitude entry is positive, so the result does not
+    depend on the eigen-solver's signs."""
+    x = x.astype(np.float64)
+    mean = x.mean(0)
+    xc = x - mean
+    w, v = np.linalg.eigh(xc.T @ xc / (len(x) - 1))  # ascending eigenvalues
+    w, v = w[::-1][:rank], v[:, ::-1][:, :rank]  # [r], [F, r]
+    # A direction with (numerically) no variance would make the whitened coefficient blow up.
+    std = np.sqrt(np.maximum(w, max(float(w[0]), 1e-30) * 1e-12))
+    sign = np.sign(v[np.abs(v).argmax(0), np.arange(rank)])
+    return mean, (v * sign * std).T
+
+
+def fit_basis(tokens: np.ndarray, rank: int, joint: bool = False) -> np.ndarray:
+    """Fit the basis of a ``pca<rank>`` (``joint``: ``jpca<rank>``) codec on sampled teacher tokens.
 
     Args:
-        tokens: float32 [K, S, D], S sampled tokens of each of the K teacher layers.
-        rank: Number of principal directions kept per layer (< D).
+        tokens: float32 [K, S, D]: S sampled (frame, patch) positions of each of the K teacher layers
+            (the same positions in every layer, which the joint basis needs).
+        rank: Principal directions kept (< D per layer; < K*D joint).
+        joint: One basis over the K layers' concatenated tokens instead of one per layer.
 
     Returns:
-        float32 [K, 1 + rank, D]: per layer, row 0 the mean, rows 1..rank the principal directions
-        (descending variance) times their standard deviation. Each direction's sign makes its
-        largest-magnitude entry positive, so the result does not depend on the eigen-solver's signs.
+        float32 [K, 1 + rank, D] (per layer: row 0 the mean, rows 1.. the directions, descending
+        variance, times their standard deviation), or [1 + rank, K, D] (joint: the same over K*D values).
     """
     tokens = np.asarray(tokens, dtype=np.float32)
     if tokens.ndim != 3:
         raise CodecError(f"fit_basis expects tokens [K, S, D], got {list(tokens.shape)}")
     K, S, D = tokens.shape
-    if not 0 < rank < D:
-        raise CodecError(f"codec pca{rank} needs a rank below the teacher's D = {D}")
+    width, name = (K * D, f"jpca{rank}") if joint else (D, f"pca{rank}")
+    if not 0 < rank < width:
+        raise CodecError(f"codec {name} needs a rank below the teacher's {'K*D' if joint else 'D'} = {width}")
     if S <= rank:
-        raise CodecError(f"codec pca{rank}: {S} sampled tokens per layer cannot fit {rank} directions")
+        raise CodecError(f"codec {name}: {S} sampled tokens per layer cannot fit {rank} directions")
+    if joint:
+        mean, dirs = _principal(np.moveaxis(tokens, 0, 1).reshape(S, K * D), rank)  # [K*D], [r, K*D]
+        return np.concatenate([mean[None], dirs]).reshape(1 + rank, K, D).astype(np.float32)
     out = np.empty((K, 1 + rank, D), dtype=np.float32)
     for k in range(K):
-        x = tokens[k].astype(np.float64)  # [S, D]
-        mean = x.mean(0)
-        xc = x - mean
-        w, v = np.linalg.eigh(xc.T @ xc / (S - 1))  # ascending eigenvalues
-        w, v = w[::-1][:rank], v[:, ::-1][:, :rank]  # [r], [D, r]
-        # A direction with (numerically) no variance would make the whitened coefficient blow up.
-        std = np.sqrt(np.maximum(w, max(float(w[0]), 1e-30) * 1e-12))
-        sign = np.sign(v[np.abs(v).argmax(0), np.arange(rank)])
-        out[k, 0] = mean
-        out[k, 1:] = (v * sign * std).T
+        mean, dirs = _principal(tokens[k], rank)
+        out[k, 0], out[k, 1:] = mean, dirs
     return out
 
 
@@ -125,10 +139,12 @@ def read_basis(root: str | Path, spec: dict[str, Any]) -> np.ndarray:
         raise StoreDamagedError(path, f"{digest} differs from spec.json's basis {entry['sha256']}: the basis was "
                                 "replaced or damaged, and records coded in another basis decode to wrong numbers")
     basis = np.load(io.BytesIO(data), allow_pickle=False)
-    rank = getattr(codec, "rank", None)
-    if basis.dtype != np.float32 or list(basis.shape) != list(entry["shape"]) or basis.shape[1] != (rank or 0) + 1:
-        raise StoreDamagedError(path, f"{basis.dtype} {list(basis.shape)}, spec.json says float32 {entry['shape']} "
-                                f"for codec {codec.name}")
+    if list(basis.shape) != list(entry["shape"]):
+        raise StoreDamagedError(path, f"shape {list(basis.shape)}, spec.json says {entry['shape']}")
+    try:
+        codec.bind(basis)
+    except CodecError as e:
+        raise StoreDamagedError(path, str(e)) from None
     return basis
 
 
@@ -176,8 +192,16 @@ def sample_clip_indices(num_clips: int, wanted: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, num_clips - 1, n).round()}) if n else []
 
 
+def subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` positions of tokens [K, S, D] (seeded, the same positions in every layer)."""
+    if x.shape[1] <= limit:
+        return x
+    return x[:, np.sort(np.random.default_rng([seed, 14]).choice(x.shape[1], limit, replace=False))]
+
+
 def sample_tokens(cfg: Recipe, rows, teacher, device) -> tuple[np.ndarray, dict[str, Any]]:
-    """Teacher tokens [K, S, D] of all K views of the sample clips (at most :data:`MAX_FIT_TOKENS` per layer).
+    """Teacher tokens [K, S, D] of all K views of the sample clips (at most :data:`MAX_FIT_TOKENS`, or
+    :data:`MAX_FIT_TOKENS_JOINT` for a joint basis, positions).
 
     A clip that fails to decode is left out of the sample (the shard that owns it records the failure).
     """
@@ -196,10 +220,8 @@ def sample_tokens(cfg: Recipe, rows, teacher, device) -> tuple[np.ndarray, dict[
     if not chunks:
         raise CodecError(f"codec {cfg.cache.codec}: none of the {cfg.cache.basis_clips} sample clips decoded; "
                          "cannot fit the basis")
-    x = np.concatenate(chunks, axis=1)  # [K, S, D]
-    if x.shape[1] > MAX_FIT_TOKENS:
-        keep = np.sort(np.random.default_rng([cfg.seed, 14]).choice(x.shape[1], MAX_FIT_TOKENS, replace=False))
-        x = x[:, keep]
+    joint = get_codec(cfg.cache.codec).joint  # type: ignore[attr-defined]
+    x = subsample(np.concatenate(chunks, axis=1), MAX_FIT_TOKENS_JOINT if joint else MAX_FIT_TOKENS, cfg.seed)  # [K, S, D]
     return x, {"clips": used, "tokens_per_layer": int(x.shape[1])}
 
 
@@ -221,6 +243,6 @@ def ensure_basis(root: Path, cfg: Recipe, rows, teacher, device, env) -> None:
             read_basis(root, spec)  # refuses a missing or replaced basis
         else:
             tokens, fit = sample_tokens(cfg, rows, teacher, device)
-            spec["basis"] = write_basis(root, fit_basis(tokens, codec.rank), fit)
+            spec["basis"] = write_basis(root, fit_basis(tokens, codec.rank, codec.joint), fit)
             atomic_write_json(Path(root) / SPEC_FILE, spec)
     du.barrier()

@@ -16,6 +16,9 @@ codec      parts                                       decode
 ``pca<r>`` ``q`` int8 [..., K, T, N, r], ``scale``     ``(q * scale) @ basis[:, 1:] + basis[:, 0]``
            float32 [..., K, T, N, 1]: coefficients     per layer: one matmul (``cache/basis.py``
            in a per-layer basis stored once per store  fits, stores and binds the basis)
+``jpca<r>`` as ``pca<r>`` but one basis over the K    ``(q * scale) @ basis[1:] + basis[0]`` over
+           layers jointly: ``q`` [..., 1, T, N, r]      K*D, then [..., T, N, K, D] -> [..., K, T, N, D]
+``...i4``  coefficients int4, two per byte
 =========  ==========================================  ==========================================
 
 Compressors (``zstd`` default, ``blosc``, ``none``) are lossless and applied per stored chunk (zarr)
@@ -193,6 +196,39 @@ class Int8Codec(Codec):
         return {"q": ("int8", tuple(shape)), "scale": ("float32", (*shape[:-1], 1))}
 
 
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-7, 7], last axis even -> uint8 [..., n/2]: value 2i in the low nibble of byte i,
+    2i + 1 in the high nibble, each as 4-bit two's complement."""
+    nib = q.astype(np.int8).view(np.uint8) & np.uint8(0x0F)
+    return np.ascontiguousarray(nib[..., 0::2] | (nib[..., 1::2] << np.uint8(4)))
+
+
+def unpack_int4(b: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: uint8 [..., n] -> int8 [..., 2n]."""
+    b = np.asarray(b, dtype=np.uint8)
+    lo = (b << np.uint8(4)).view(np.int8) >> 4  # arithmetic shift sign-extends the nibble
+    hi = b.view(np.int8) >> 4
+    return np.stack([lo, hi], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
+
+
+def unpack_int4_torch(b: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack_int4` on a tensor's device."""
+    import torch
+
+    b = b.to(torch.uint8)
+    lo = (b << 4).view(torch.int8) >> 4
+    hi = b.view(torch.int8) >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
+
+
+def _quantize(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-vector quantisation of the last axis to integers in [-levels, levels]."""
+    scale = np.abs(c).max(axis=-1, keepdims=True) / np.float32(levels)  # [..., 1]
+    safe = np.where(scale > 0, scale, np.float32(1))  # an all-zero vector: scale 0, q 0
+    q = np.clip(np.rint(c / safe), -levels, levels).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
 @CODECS.register("int4")
 class Int4Codec(Codec):
     """int4 with one float32 scale per token, two values per byte (symmetric; ~0.5 byte per value).
@@ -207,68 +243,77 @@ class Int4Codec(Codec):
         x = _as_float32(x, self.name)
         if x.shape[-1] % 2:
             raise CodecError(f"codec int4 packs two values per byte: the last axis must be even, got {x.shape[-1]}")
-        scale = np.abs(x).max(axis=-1, keepdims=True) / np.float32(7)  # [..., 1]
-        safe = np.where(scale > 0, scale, np.float32(1))  # all-zero token: scale 0, q 0
-        q = np.clip(np.rint(x / safe), -7, 7).astype(np.int8).view(np.uint8) & np.uint8(0x0F)  # [..., D] nibbles
-        packed = q[..., 0::2] | (q[..., 1::2] << np.uint8(4))  # [..., D/2]
-        return {"q": np.ascontiguousarray(packed), "scale": scale.astype(np.float32)}
+        q, scale = _quantize(x, 7)
+        return {"q": pack_int4(q), "scale": scale}
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
-        b = np.asarray(parts["q"], dtype=np.uint8)  # [..., D/2]
-        lo = (b << np.uint8(4)).view(np.int8) >> 4  # arithmetic shift sign-extends the nibble
-        hi = b.view(np.int8) >> 4
-        q = np.stack([lo, hi], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])  # [..., D]
-        return q.astype(np.float32) * np.asarray(parts["scale"], dtype=np.float32)
+        return unpack_int4(parts["q"]).astype(np.float32) * np.asarray(parts["scale"], dtype=np.float32)
 
     def decode_torch(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        import torch
-
-        b = parts["q"].to(torch.uint8)  # [..., D/2]
-        lo = (b << 4).view(torch.int8) >> 4
-        hi = b.view(torch.int8) >> 4
-        q = torch.stack([lo, hi], dim=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])  # [..., D]
-        return q.float() * parts["scale"].float()
+        return unpack_int4_torch(parts["q"]).float() * parts["scale"].float()
 
     def part_layout(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {"q": ("uint8", (*shape[:-1], shape[-1] // 2)), "scale": ("float32", (*shape[:-1], 1))}
 
 
 class PcaCodec(Codec):
-    """Per-layer low-rank basis (fitted on a sample of the corpus, stored once) + int8 coefficients.
+    """Low-rank codes of teacher tokens in a basis fitted per store, coefficients int8 (or int4).
 
-    Values are teacher tokens ``[..., K, T, N, D]`` (the layer axis is the 4th from last, as in both
-    record modes). The store's basis is float32 ``[K, 1 + r, D]``: row 0 of layer k is the mean,
-    rows 1..r the principal directions scaled by their standard deviation, so coefficients are
-    whitened: ``c_j = (x - mean) . B_j / |B_j|^2``. Coefficients are int8 with one float32 scale per
-    token (``max|c| / 127``). Decoding is ``(q * scale) @ B + mean``: one matmul per layer.
+    Values are teacher tokens ``[..., K, T, N, D]`` (the layer axis is the 4th from last in both record
+    modes). Names: ``pca<r>`` -- r coefficients per layer, basis float32 ``[K, 1 + r, D]`` (per layer:
+    row 0 the mean, rows 1..r the principal directions times their standard deviation);
+    ``jpca<r>`` -- *joint* over layers: the K tokens of one (frame, patch) concatenated to ``K*D`` values
+    share r coefficients (layers are correlated: the residual stream changes little from block to
+    block), basis ``[1 + r, K, D]`` (row 0 the mean, rows 1..r the directions, each reshaped to [K, D]);
+    its parts keep a layer axis of size 1 (``q`` [..., 1, T, N, r]), so every codec's parts have the
+    values' number of axes.
+    Suffix ``i4``: coefficients int4, two per byte (as :class:`Int4Codec`), else int8. Coefficients are
+    whitened, ``c_j = (x - mean) . B_j / |B_j|^2``, then quantised with one float32 scale per vector
+    (``max|c| / 127`` or ``/ 7``). Decoding is ``c @ B + mean``: one matmul.
 
-    :func:`get_codec` gives an *unbound* instance (name, parts, layout); encoding or decoding needs
-    the store's basis: ``umt_distill.cache.basis.codec_for_store(root)`` returns a bound one.
+    :func:`get_codec` gives an *unbound* instance (name, parts, layout); encoding or decoding needs the
+    store's basis: ``umt_distill.cache.basis.codec_for_store(root)`` returns a bound one.
     """
 
     parts = ("q", "scale")
     needs_basis = True
-    rank: int
 
-    def __init__(self, basis: np.ndarray | None = None) -> None:
-        self.name = f"pca{self.rank}"
+    def __init__(self, rank: int, joint: bool = False, bits: int = 8, basis: np.ndarray | None = None) -> None:
+        if rank < 1 or bits not in (4, 8):
+            raise ValueError(f"rank must be >= 1 and bits 4 or 8, got rank {rank}, bits {bits}")
+        if bits == 4 and rank % 2:
+            raise ValueError(f"int4 coefficients pack two per byte: the rank must be even, got {rank}")
+        self.rank, self.joint, self.bits = rank, joint, bits
+        self.name = f"{'j' if joint else ''}pca{rank}{'i4' if bits == 4 else ''}"
         self.basis: np.ndarray | None = None
-        self._device_basis: dict[Any, Any] = {}  # device -> torch basis, moved once
+        self._device_basis: dict[Any, Any] = {}  # device -> (mean, directions) tensors, moved once
         if basis is not None:
             self.basis = self._check_basis(basis)
 
     def bind(self, basis: np.ndarray) -> PcaCodec:
-        """A codec of the same rank using ``basis`` (float32 [K, 1 + r, D])."""
-        return type(self)(basis)
+        """A codec of the same kind using ``basis``."""
+        return PcaCodec(self.rank, self.joint, self.bits, basis)
+
+    def basis_shape(self, K: int, D: int) -> tuple[int, int, int]:
+        return (1 + self.rank, K, D) if self.joint else (K, 1 + self.rank, D)
 
     def _check_basis(self, basis: np.ndarray) -> np.ndarray:
         basis = np.asarray(basis)
-        if basis.dtype != np.float32 or basis.ndim != 3 or basis.shape[1] != self.rank + 1:
-            raise CodecError(f"codec {self.name}: the basis must be float32 [K, {self.rank + 1}, D], "
-                             f"got {basis.dtype} {list(basis.shape)}")
-        if not np.isfinite(basis).all() or not (np.abs(basis[:, 1:]).sum(-1) > 0).all():
+        rows = basis.shape[0] if self.joint else (basis.shape[1] if basis.ndim == 3 else -1)
+        if basis.dtype != np.float32 or basis.ndim != 3 or rows != self.rank + 1:
+            want = f"[{self.rank + 1}, K, D]" if self.joint else f"[K, {self.rank + 1}, D]"
+            raise CodecError(f"codec {self.name}: the basis must be float32 {want}, got {basis.dtype} {list(basis.shape)}")
+        mean, dirs = self._split(basis)
+        if not np.isfinite(basis).all() or not (np.abs(dirs).sum(-1) > 0).all():
             raise CodecError(f"codec {self.name}: the basis has non-finite values or an all-zero direction")
         return np.ascontiguousarray(basis)
+
+    def _split(self, basis):
+        """(mean, directions) shaped to broadcast against the values: per layer [K, 1, 1, D] and
+        [K, 1, r, D] (values [..., K, T, N, D]); joint [K*D] and [r, K*D] (values [..., T, N, K*D])."""
+        if self.joint:
+            return basis[0].reshape(-1), basis[1:].reshape(self.rank, -1)
+        return basis[:, None, 0:1], basis[:, None, 1:]
 
     def _bound(self) -> np.ndarray:
         if self.basis is None:
@@ -276,30 +321,53 @@ class PcaCodec(Codec):
                              "umt_distill.cache.basis.codec_for_store(root), not get_codec")
         return self.basis
 
-    def _check_values(self, shape: tuple[int, ...], last: int, what: str) -> None:
-        K, D = self.basis.shape[0], self.basis.shape[2]  # type: ignore[union-attr]
-        if len(shape) < 4 or shape[-4] != K or shape[-1] != last:
-            raise CodecError(f"codec {self.name}: {what} must be [..., K={K}, T, N, {last}] "
-                             f"(basis of {K} layers, D={D}), got {list(shape)}")
+    def _layers(self) -> tuple[int, int]:
+        b = self._bound()
+        return (b.shape[1], b.shape[2]) if self.joint else (b.shape[0], b.shape[2])
+
+    def _check_values(self, shape: tuple[int, ...]) -> None:
+        K, D = self._layers()
+        if len(shape) < 4 or shape[-4] != K or shape[-1] != D:
+            raise CodecError(f"codec {self.name}: values must be [..., K={K}, T, N, D={D}] (the basis), got {list(shape)}")
+
+    def _check_codes(self, shape: tuple[int, ...]) -> None:
+        K, _ = self._layers()
+        n = self.rank if self.bits == 8 else self.rank // 2
+        layers = 1 if self.joint else K
+        if len(shape) < 4 or shape[-1] != n or shape[-4] != layers:
+            want = f"[..., {'1' if self.joint else f'K={K}'}, T, N, {n}]"
+            raise CodecError(f"codec {self.name}: coefficients must be {want}, got {list(shape)}")
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         basis = self._bound()
         x = _as_float32(x, self.name)
-        self._check_values(x.shape, basis.shape[2], "values")
-        mean, B = basis[:, None, 0:1], basis[:, None, 1:]  # [K, 1, 1, D], [K, 1, r, D]
-        enc = B / (B * B).sum(-1, keepdims=True)  # whitening: unit-variance coefficients
-        c = np.matmul(x - mean, np.swapaxes(enc, -1, -2))  # [..., K, T, N, r]
-        scale = np.abs(c).max(axis=-1, keepdims=True) / np.float32(127)
-        safe = np.where(scale > 0, scale, np.float32(1))
-        q = np.clip(np.rint(c / safe), -127, 127).astype(np.int8)
-        return {"q": q, "scale": scale.astype(np.float32)}
+        self._check_values(x.shape)
+        mean, dirs = self._split(basis)
+        enc = dirs / (dirs * dirs).sum(-1, keepdims=True)  # whitening: unit-variance coefficients
+        if self.joint:  # [..., K, T, N, D] -> [..., T, N, K*D]
+            x = np.moveaxis(x, -4, -2).reshape(*x.shape[:-4], *x.shape[-3:-1], -1)
+        c = np.matmul(x - mean, np.swapaxes(enc, -1, -2))  # [..., (K,) T, N, r]
+        if self.joint:  # keep a layer axis (of size 1: all layers at once) so parts have the values' rank
+            c = c[..., None, :, :, :]  # [..., 1, T, N, r]
+        q, scale = _quantize(c, 127 if self.bits == 8 else 7)
+        return {"q": q if self.bits == 8 else pack_int4(q), "scale": scale}
+
+    def _unjoin(self, y, K: int, D: int, moveaxis):
+        """Joint codes: [..., 1, T, N, K*D] -> [..., K, T, N, D]; per layer: unchanged."""
+        if not self.joint:
+            return y
+        y = y.reshape(*y.shape[:-4], *y.shape[-3:-1], K, D)  # [..., T, N, K, D]
+        return moveaxis(y, -2, -4)
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         basis = self._bound()
         q = np.asarray(parts["q"])
-        self._check_values(q.shape, self.rank, "coefficients")
-        c = q.astype(np.float32) * np.asarray(parts["scale"], dtype=np.float32)  # [..., K, T, N, r]
-        return np.matmul(c, basis[:, None, 1:]) + basis[:, None, 0:1]  # [..., K, T, N, D]
+        self._check_codes(q.shape)
+        q = q if self.bits == 8 else unpack_int4(q)
+        c = q.astype(np.float32) * np.asarray(parts["scale"], dtype=np.float32)  # [..., (K,) T, N, r]
+        mean, dirs = self._split(basis)
+        y = np.matmul(c, dirs) + mean
+        return np.ascontiguousarray(self._unjoin(y, *self._layers(), np.moveaxis))
 
     def decode_torch(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Same arithmetic as :meth:`decode` on the parts' device (equal up to the matmul's summation order)."""
@@ -307,29 +375,38 @@ class PcaCodec(Codec):
 
         self._bound()
         q = parts["q"]
-        self._check_values(tuple(q.shape), self.rank, "coefficients")
-        basis = self._device_basis.get(q.device)
-        if basis is None:  # moved to the training device once, then reused
-            basis = torch.from_numpy(self.basis).to(q.device)  # type: ignore[arg-type]
-            self._device_basis[q.device] = basis
-        c = q.float() * parts["scale"].float()  # [..., K, T, N, r]
-        return torch.matmul(c, basis[:, None, 1:]) + basis[:, None, 0:1]  # [..., K, T, N, D]
+        self._check_codes(tuple(q.shape))
+        mats = self._device_basis.get(q.device)
+        if mats is None:  # moved to the training device once, then reused
+            mats = tuple(torch.from_numpy(np.ascontiguousarray(m)).to(q.device) for m in self._split(self.basis))
+            self._device_basis[q.device] = mats
+        q = q if self.bits == 8 else unpack_int4_torch(q)
+        c = q.float() * parts["scale"].float()  # [..., (K,) T, N, r]
+        y = torch.matmul(c, mats[1]) + mats[0]
+        return self._unjoin(y, *self._layers(), torch.movedim)  # [..., K, T, N, D]
 
     def part_layout(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {"q": ("int8", (*shape[:-1], self.rank)), "scale": ("float32", (*shape[:-1], 1))}
+        lead = (*shape[:-4], 1, *shape[-3:-1]) if self.joint else tuple(shape[:-1])
+        n, dtype = (self.rank, "int8") if self.bits == 8 else (self.rank // 2, "uint8")
+        return {"q": (dtype, (*lead, n)), "scale": ("float32", (*lead, 1))}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_device_basis": {}}  # DataLoader workers: no device tensors
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(bound={self.basis is not None})"
+        return f"PcaCodec({self.name}, bound={self.basis is not None})"
 
 
-#: Registered ranks of the low-rank codec (``pca<r>``); a rank must be smaller than the teacher's D.
-PCA_RANKS = (4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
-for _r in PCA_RANKS:
-    CODECS.register(f"pca{_r}", type(f"Pca{_r}Codec", (PcaCodec,), {
-        "rank": _r, "__doc__": f"rank-{_r} per-layer basis + int8 coefficients (the basis is fitted per store)"}))
+def _pca_family(match: Any):
+    import functools
+
+    joint, rank, int4 = bool(match.group(1)), int(match.group(2)), bool(match.group(3))
+    PcaCodec(rank, joint, 4 if int4 else 8)  # refuses a bad rank now (ValueError -> registry error)
+    return functools.partial(PcaCodec, rank, joint, 4 if int4 else 8)
+
+
+CODECS.register_family(r"(j?)pca([0-9]+)(i4)?", "pca<r>[i4], jpca<r>[i4]", _pca_family,
+                       "rank-r basis fitted per store (jpca: joint over layers) + int8 (i4: int4) coefficients")
 
 
 def get_codec(name: str) -> Codec:

@@ -105,6 +105,12 @@ def build_teacher(cfg: Recipe, device: torch.device):
     )
 
 
+def layout_options(cfg: Recipe) -> dict:
+    """The store layout's writer options: wds groups each shard's samples by epoch slot, which needs
+    K and the seed of the view rotation (the recipe seed, which also draws the views)."""
+    return {"num_views": cfg.cache.num_views, "view_seed": cfg.seed} if cfg.cache.layout == "wds" else {}
+
+
 def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
     """The spec a run of ``cfg`` writes (identity fields + volatile ones filled later)."""
     v, c = cfg.views, cfg.cache
@@ -171,7 +177,8 @@ class _Writer:
                 if kind == "add":
                     if plan.name not in self.writers:
                         self.writers[plan.name] = open_shard_writer(
-                            c.layout, self.shards_dir, plan.name, self.codec, c.compressor, frames=c.frames
+                            c.layout, self.shards_dir, plan.name, self.codec, c.compressor, frames=c.frames,
+                            **layout_options(self.cfg),
                         )
                     self.writers[plan.name].add(op[2])
                 elif kind == "close":
@@ -319,7 +326,7 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
     shard_of = {i: p for p in plans for i in range(p.start, p.stop)}
     remaining = {p.name: p.stop - p.start for p in plans}
     failures: dict[str, list] = {p.name: [] for p in plans}
-    pending: list[tuple] = []  # (plan, row, k, view, pixels [T,3,H,W])
+    pending: list[tuple] = []  # (plan, row, k, view, pixels [T,3,H,W], jpegs or None)
     n_clips = sum(p.stop - p.start for p in plans)
     # Where the wall time went: in the teacher, waiting for the first decoded clip (worker start-up),
     # and draining the writer at the end; the rest is the main thread's own work and decode stalls.
@@ -335,7 +342,7 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
         out = teacher(pixels.to(device, non_blocking=True))
         tokens, attn, pooled = (x.float().cpu().numpy() for x in (out.tokens, out.attn, out.pooled))
         stats["teacher_seconds"] += time.perf_counter() - t
-        for b, (plan, row, k, view, pix) in enumerate(pending):
+        for b, (plan, row, k, view, pix, jpegs) in enumerate(pending):
             rec_tokens, visible = tokens[b], None  # [K, T, N, D]
             if cfg.cache.mode == "visible":
                 rec_tokens, visible = visible_tokens(cfg, row.id, k, tokens[b], out.attn[b])
@@ -343,6 +350,7 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
                 clip_id=row.id, view_index=k, view=view, frames_digest=frames_digest(pix.numpy()),
                 tokens=rec_tokens, attn=attn[b], pooled=pooled[b], visible_idx=visible,
                 frames=pix.numpy() if cfg.cache.frames != "none" else None,
+                frames_jpeg=jpegs,
             )
             writer.put(("add", plan, record))
         stats["records"] += len(pending)
@@ -367,7 +375,8 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
                 stats["failures"] += 1
             else:
                 for k, view in enumerate(item["views"]):
-                    pending.append((plan, row, k, view, item["pixels"][k]))
+                    jpegs = tuple(item["jpegs"][k]) if "jpegs" in item else None
+                    pending.append((plan, row, k, view, item["pixels"][k], jpegs))
                     if len(pending) >= cfg.cache.batch_size:
                         flush()
             stats["clips"] += 1

@@ -73,6 +73,8 @@ class TargetRecord:
         pooled: float32 [T, D], the image embedding of each frame.
         visible_idx: int16 [M, T, N_vis] patch indices per frame, sorted (mode visible), else None.
         frames: uint8 [T, 3, H, W] view pixels, if the store keeps them, else None.
+        frames_jpeg: With JPEG frames: the T stored JPEGs, whose decoding is ``frames`` (the pixels
+            the teacher saw and the digest covers), else None.
     """
 
     clip_id: str
@@ -84,6 +86,7 @@ class TargetRecord:
     pooled: np.ndarray
     visible_idx: np.ndarray | None = None
     frames: np.ndarray | None = None
+    frames_jpeg: tuple[bytes, ...] | None = None
 
     @property
     def mode(self) -> str:
@@ -127,6 +130,8 @@ class TargetRecord:
             if self.frames.shape != (T, 3, *self.view.size):
                 want = [T, 3, *self.view.size]
                 raise self._fail(f"frames must be [T, 3, H, W] = {want}, got {list(self.frames.shape)}")
+        if self.frames_jpeg is not None and (self.frames is None or len(self.frames_jpeg) != T):
+            raise self._fail(f"frames_jpeg must hold T={T} JPEGs beside the decoded frames")
         for name in ("tokens", "attn", "pooled"):
             if not np.isfinite(getattr(self, name)).all():
                 raise self._fail(f"{name} contains NaN or inf")
@@ -214,6 +219,17 @@ def require_frames(record: TargetRecord) -> np.ndarray:
     if record.frames is None:
         raise RecordError(f"record {record.clip_id!r} view {record.view_index}: the store keeps frames, it has none")
     return record.frames
+
+
+def record_jpegs(record: TargetRecord, quality: int = 95) -> list[bytes]:
+    """The JPEG bytes to store for a record: the ones the pipeline decoded for the teacher
+    (``frames_jpeg``), or, for a record without them (tools that re-encode a store), an encoding of its
+    frames (whose decoding then differs slightly from ``frames``)."""
+    if record.frames_jpeg is not None:
+        return list(record.frames_jpeg)
+    from umt_distill.data.jpeg import encode_jpegs
+
+    return encode_jpegs(require_frames(record), quality)
 
 
 def record_from_arrays(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], codec: Codec) -> TargetRecord:

@@ -18,10 +18,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from umt_distill.cache import wds_store, zarr_store
 from umt_distill.cache.codecs import Codec
 from umt_distill.cache.record import StoreDamagedError, TargetRecord
-from umt_distill.cache.wds_store import WdsRecords, WdsShardWriter, decode_sample, iter_tar_records
+from umt_distill.cache.wds_store import (
+    WdsRecords,
+    WdsShardWriter,
+    decode_sample,
+    iter_tar_records,
+    iter_tar_samples,
+    stored_sample_arrays,
+)
 from umt_distill.cache.zarr_store import ZarrShardReader, ZarrShardWriter
 from umt_distill.registry import STORES
 
@@ -41,7 +50,8 @@ __all__ = [
     "write_index",
 ]
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+READABLE_INDEX_FORMATS = (1, 2)  # 1: wds shards without epoch-slot groups (read whole; see FORMAT.md §8)
 INDEX_FILE = "index.json"
 SPEC_FILE = "spec.json"
 SHARDS_DIR = "shards"
@@ -79,7 +89,7 @@ def open_shard_writer(
         codec: Token codec name (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``), or a codec object
             (``pca<r>`` needs one bound to the store's basis: ``cache.basis.codec_for_store``).
         compressor: ``zstd``, ``blosc`` or ``none``.
-        frames: Keep the view pixels: ``none``, ``raw`` (both layouts) or ``jpeg`` (wds only).
+        frames: Keep the view pixels: ``none``, ``raw`` or ``jpeg`` (both layouts).
         **options: Layout-specific options, e.g. ``jpeg_quality=95`` for wds.
     """
     writer_cls = STORES.get(layout)
@@ -133,9 +143,14 @@ def write_index(root: str | Path, layout: str, shard_infos: Sequence[dict[str, A
         records = [[str(c), int(v)] for c, v in info["records"]]
         if len(records) != info["num_records"]:
             raise ValueError(f"shard {info['name']}: num_records {info['num_records']} but {len(records)} records")
-        shards.append(
-            {"name": info["name"], "num_records": len(records), "nbytes": int(info["nbytes"]), "records": records}
-        )
+        entry = {"name": info["name"], "num_records": len(records), "nbytes": int(info["nbytes"]), "records": records}
+        if "groups" in info:  # wds: the byte range of each epoch slot's samples
+            groups = [{k: int(g[k]) for k in ("offset", "nbytes", "num_records")} for g in info["groups"]]
+            if sum(g["num_records"] for g in groups) != len(records):
+                raise ValueError(f"shard {info['name']}: its groups hold {sum(g['num_records'] for g in groups)} "
+                                 f"records, it has {len(records)}")
+            entry["groups"] = groups
+        shards.append(entry)
     index = {"format": INDEX_FORMAT, "layout": layout, "shards": shards}
     atomic_write_json(Path(root) / INDEX_FILE, index)
     return index
@@ -164,8 +179,9 @@ def read_index(root: str | Path) -> dict[str, Any]:
     index = _read_json(root, INDEX_FILE)
     path = f"{root}/{INDEX_FILE}"
     try:
-        if index["format"] != INDEX_FORMAT:
-            raise StoreDamagedError(path, f"index format {index['format']}, this reader knows {INDEX_FORMAT}")
+        if index["format"] not in READABLE_INDEX_FORMATS:
+            raise StoreDamagedError(path, f"index format {index['format']}, this reader knows "
+                                          f"{', '.join(map(str, READABLE_INDEX_FORMATS))}: upgrade umt-distill")
         STORES.get(index["layout"])
         for s in index["shards"]:
             if len(s["records"]) != s["num_records"]:
@@ -251,6 +267,25 @@ class CacheReader:
         for i, record in enumerate(self.iter_shard(name)):
             if i == row:
                 return record
+        raise StoreDamagedError(self.shard_path(name), f"ended before row {row}")  # unreachable: count is checked
+
+    def get_stored(self, clip_id: str, view_index: int, frames: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(description, stored arrays)`` of one record, for training: codec parts undecoded, no ``pooled``.
+
+        Args:
+            frames: Also read the view pixels (``frames``, uint8 [T, 3, H, W]; JPEGs decoded).
+        """
+        try:
+            name, row = self._where[(clip_id, int(view_index))]
+        except KeyError:
+            raise KeyError(f"{self.root}: no record for clip {clip_id!r} view {view_index}") from None
+        if self.layout == "zarr":
+            shard = self._zarr_shard(name)
+            wanted = [n for n in shard.arrays if n != "pooled" and (frames or not n.startswith("frames"))]
+            return shard.read_stored(row, wanted)
+        for i, sample in enumerate(iter_tar_samples(self.shard_path(name), self.shards[name]["records"])):
+            if i == row:
+                return stored_sample_arrays(sample, frames)
         raise StoreDamagedError(self.shard_path(name), f"ended before row {row}")  # unreachable: count is checked
 
     def iter_shard(self, name: str) -> Iterator[TargetRecord]:

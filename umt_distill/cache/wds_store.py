@@ -1,8 +1,15 @@
-"""WebDataset layout: one tar per work shard, one sample per (clip, view), streamed sequentially.
+"""WebDataset layout: one tar per work shard, one sample per (clip, view), grouped by epoch slot.
 
-A sample's files share a key ``<shard>_<row>`` (``shard-000003_000017``). WebDataset splits a file name
-at the first dot of its base name into key and extension, so keys never contain dots; the clip id,
-which may contain anything, travels in ``view.json``. See ``cache/FORMAT.md``.
+A shard's samples are grouped by *epoch slot* (``data.views.epoch_slot``): group ``g`` holds the one
+view of each clip that epochs ``e ≡ g (mod K)`` train on. The index records each group's byte range,
+so an epoch streams one contiguous range per shard, exactly the bytes it trains on (format 2; format
+1 tars hold the views in clip order and must be read whole). The tar itself stays a standard tar that
+plain ``webdataset`` reads from start to end.
+
+A sample's files share a key ``<shard>_<group:03d>_<row:06d>`` (``shard-000003_002_000017``; row
+within the group). WebDataset splits a file name at the first dot of its base name into key and
+extension, so keys never contain dots; the clip id, which may contain anything, travels in
+``view.json``. See ``cache/FORMAT.md``.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import io
 import json
 import os
 import random
+import shutil
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -33,22 +41,24 @@ from umt_distill.cache.record import (
     check_new_key,
     record_arrays,
     record_from_arrays,
-    require_frames,
+    record_jpegs,
     stored_names,
 )
 from umt_distill.cache.zarr_store import fsync_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".tar"
 FRAME_MODES = ("none", "jpeg", "raw")
 # A fixed member mtime makes the same records produce byte-identical tars (2001-09-09; 0 would make
 # GNU tar warn about an "implausibly old time stamp").
 _MTIME = 1_000_000_000
+_BLOCK = 512
+_END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 
 
-def sample_key(shard: str, row: int) -> str:
-    """WebDataset key of a shard's ``row``-th sample: unique across shards and free of dots."""
-    return f"{shard}_{row:06d}"
+def sample_key(shard: str, group: int, row: int) -> str:
+    """WebDataset key of the ``row``-th sample of a shard's ``group``: unique across shards, no dots."""
+    return f"{shard}_{group:03d}_{row:06d}"
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -57,20 +67,44 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _jpeg_bytes(frame: np.ndarray, quality: int) -> bytes:
-    from PIL import Image
+def entry_checksum(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of a member's bytes, as zarr's ``crc32c`` codec computes it (hardware-
+    accelerated in google-crc32c: ~5x zlib's CRC-32, which format 1 used)."""
+    import google_crc32c
 
-    buf = io.BytesIO()
-    # 4:4:4 (no chroma subsampling): the student should see colours as close as possible to what the
-    # teacher saw; at quality 95, on the test frames, it costs ~25% more bytes and cuts the mean pixel
-    # error ~3x.
-    image = Image.fromarray(np.ascontiguousarray(frame.transpose(1, 2, 0)))  # [H, W, 3]
-    image.save(buf, format="JPEG", quality=quality, subsampling=0)
-    return buf.getvalue()
+    return google_crc32c.value(bytes(data) if not isinstance(data, bytes) else data)
+
+
+def check_entry(meta: dict[str, Any], entry: str, data: bytes) -> bool:
+    """Whether a member's bytes match the checksum ``view.json`` records for it (``crc32c``; format 1:
+    ``crc32``). An entry without a recorded checksum passes."""
+    if "crc32c" in meta:
+        want = meta["crc32c"].get(entry)
+        return want is None or entry_checksum(data) == want
+    want = meta.get("crc32", {}).get(entry)
+    return want is None or zlib.crc32(data) == want
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One ustar member: header (mode 0444, owner ``bigdata``, fixed mtime) + data + padding to 512."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), _MTIME, 0o444
+    info.uname = info.gname = "bigdata"
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + bytes(data) + b"\0" * (-len(data) % _BLOCK)
 
 
 class WdsShardWriter:
-    """WebDataset: one tar per shard, one sample per clip-view (sequential streaming, optional frames)."""
+    """WebDataset: one tar per shard, one sample per clip-view, grouped by epoch slot.
+
+    Samples go to one temporary part file per group as they arrive; ``close`` concatenates the parts
+    into the shard's tar (so memory stays at one sample, whatever the shard size).
+
+    Args:
+        num_views: K, the views per clip (the number of groups); ``None``: one group, samples in
+            arrival order (a tar that training must read whole).
+        view_seed: The seed of the store's view rotation (``data.views.epoch_slot``); the pipeline
+            passes the recipe seed, which also drew the views.
+    """
 
     def __init__(
         self,
@@ -80,56 +114,96 @@ class WdsShardWriter:
         compressor: str = "zstd",
         frames: str = "none",
         jpeg_quality: int = 95,
+        num_views: int | None = None,
+        view_seed: int = 0,
     ) -> None:
-        import webdataset as wds
-
         if frames not in FRAME_MODES:
             raise ValueError(f"frames must be one of {', '.join(FRAME_MODES)}, not {frames!r}")
+        if num_views is not None and num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}")
         self.shards_dir, self.name = Path(shards_dir), name
         self.codec_name, self.codec = codec, get_codec(codec)
         self.compressor = check_compressor(compressor)
         self.frames, self.jpeg_quality = frames, jpeg_quality
+        self.num_views, self.view_seed = num_views, view_seed
+        self.num_groups = 1 if num_views is None else num_views
         self.final_path = self.shards_dir / f"{name}{SUFFIX}"
         self.tmp_path = self.shards_dir / f".tmp-{name}{SUFFIX}"
-        self._file = open(self.tmp_path, "wb")  # truncates what a crashed earlier attempt left
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=_MTIME)
-        self._records: list[list] = []
+        # Part files are opened on first use; "wb" truncates what a crashed earlier attempt left.
+        self._parts: dict[int, Any] = {}
+        self._records: list[list[list]] = [[] for _ in range(self.num_groups)]  # per group, in write order
         self._keys: set[tuple[str, int]] = set()
         self._closed = False
 
+    def _part_path(self, group: int) -> Path:
+        return self.shards_dir / f".tmp-{self.name}.g{group:03d}"
+
+    def group_of(self, record: TargetRecord) -> int:
+        from umt_distill.data.views import epoch_slot
+
+        if self.num_views is None:
+            return 0
+        if record.view_index >= self.num_views:
+            raise ValueError(f"record {record.clip_id!r} view {record.view_index}: the store has {self.num_views} views")
+        return epoch_slot(self.view_seed, record.clip_id, int(record.view_index), self.num_views)
+
     def add(self, record: TargetRecord) -> None:
-        """Validate, encode and append one sample to the temporary tar."""
+        """Validate, encode and append one sample to its group's part file."""
         if self._closed:
             raise RuntimeError(f"shard writer {self.name} is closed")
         check_new_key(record, self._keys)
+        group = self.group_of(record)
         entries: dict[str, bytes] = {}
         sfx = entry_suffix(self.compressor)
         for name, arr in record_arrays(record, self.codec, frames=self.frames == "raw").items():
             entries[f"{name}.npy{sfx}"] = compress_bytes(self.compressor, _npy_bytes(arr), arr.dtype.itemsize)
         if self.frames == "jpeg":
-            for t, frame in enumerate(require_frames(record)):  # [3, H, W]
-                entries[f"frame{t:03d}.jpg"] = _jpeg_bytes(frame, self.jpeg_quality)
-        # Tar checksums cover headers only; a CRC32 per entry turns flipped data bits into an error
+            for t, data in enumerate(record_jpegs(record, self.jpeg_quality)):
+                entries[f"frame{t:03d}.jpg"] = data
+        # Tar checksums cover headers only; a CRC-32C per entry turns flipped data bits into an error
         # whatever the compressor (the zarr layout has CRC32C per chunk for the same reason).
         meta = record.describe(self.codec_name, self.compressor) | {
             "frames": self.frames,
-            "crc32": {entry: zlib.crc32(data) for entry, data in entries.items()},
+            "group": group,
+            "crc32c": {entry: entry_checksum(data) for entry, data in entries.items()},
         }
-        key = sample_key(self.name, len(self._records))
-        self._tar.write({"__key__": key, "view.json": json.dumps(meta, sort_keys=True).encode(), **entries})
-        self._records.append([record.clip_id, int(record.view_index)])
+        entries["view.json"] = json.dumps(meta, sort_keys=True).encode()
+        key = sample_key(self.name, group, len(self._records[group]))
+        part = self._parts.get(group)
+        if part is None:
+            part = self._parts[group] = open(self._part_path(group), "wb")
+        part.write(b"".join(tar_member(f"{key}.{entry}", entries[entry]) for entry in sorted(entries)))
+        self._records[group].append([record.clip_id, int(record.view_index)])
         self._keys.add((record.clip_id, int(record.view_index)))
 
     def close(self) -> dict[str, Any]:
-        """Finish the tar, fsync, rename to the final name; return the shard info (see ``stores``)."""
+        """Concatenate the groups into the tar, fsync, rename to the final name; return the shard info.
+
+        Returns:
+            ``{"name", "path", "num_records", "nbytes", "records", "groups"}``; ``records`` in tar order
+            (group 0's samples first), ``groups[g] = {"offset", "nbytes", "num_records"}`` the byte range
+            of group ``g``'s samples in the tar.
+        """
         if self._closed:
             raise RuntimeError(f"shard writer {self.name} is closed")
         self._closed = True
+        groups, records = [], []
         try:
-            self._tar.close()  # writes the end-of-archive blocks
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            with open(self.tmp_path, "wb") as out:
+                for g in range(self.num_groups):
+                    offset = out.tell()
+                    part = self._parts.pop(g, None)
+                    if part is not None:
+                        part.close()
+                        with open(self._part_path(g), "rb") as src:
+                            shutil.copyfileobj(src, out, 1 << 22)
+                        self._part_path(g).unlink()
+                    groups.append({"offset": offset, "nbytes": out.tell() - offset, "num_records": len(self._records[g])})
+                    records += self._records[g]
+                out.write(_END_OF_ARCHIVE)
+                out.write(b"\0" * (-out.tell() % tarfile.RECORDSIZE))  # tar's 10 KiB record, as tarfile pads
+                out.flush()
+                os.fsync(out.fileno())
             nbytes = os.path.getsize(self.tmp_path)
             os.replace(self.tmp_path, self.final_path)
             fsync_dir(self.shards_dir)
@@ -139,23 +213,23 @@ class WdsShardWriter:
         return {
             "name": self.name,
             "path": str(self.final_path),
-            "num_records": len(self._records),
+            "num_records": len(records),
             "nbytes": nbytes,
-            "records": self._records,
+            "records": records,
+            "groups": groups,
         }
 
     def abort(self) -> None:
-        """Close and delete the temporary tar; the final name is never touched."""
+        """Close and delete the temporary files; the final name is never touched."""
         self._closed = True
         self._discard()
 
     def _discard(self) -> None:
-        if not self._file.closed:
-            try:  # close the tar stream first, or its finaliser later writes into a closed file
-                self._tar.close()
-            except Exception:  # e.g. the disk is full; the file is deleted below anyway
-                pass
-            self._file.close()
+        for g, part in list(self._parts.items()):
+            part.close()
+        self._parts.clear()
+        for g in range(self.num_groups):
+            self._part_path(g).unlink(missing_ok=True)
         self.tmp_path.unlink(missing_ok=True)
 
 
@@ -200,7 +274,8 @@ def decode_sample(sample: dict[str, Any]) -> TargetRecord:
         meta = json.loads(sample["view.json"])
         codec = get_codec(meta["codec"])
         frames_mode = meta.get("frames", "none")
-        checksums = meta["crc32"]
+        if "crc32c" not in meta and "crc32" not in meta:
+            raise KeyError("crc32c")
     except Exception as e:
         raise StoreDamagedError(where, f"sample {key}: bad view.json: {type(e).__name__}: {e}") from e
     arrays: dict[str, np.ndarray] = {}
@@ -208,8 +283,8 @@ def decode_sample(sample: dict[str, Any]) -> TargetRecord:
     for entry, data in sample.items():
         if entry.startswith("__") or entry == "view.json":
             continue
-        if entry in checksums and zlib.crc32(data) != checksums[entry]:
-            raise StoreDamagedError(where, f"sample {key}: entry {entry}: CRC32 mismatch (corrupted data)")
+        if not check_entry(meta, entry, data):
+            raise StoreDamagedError(where, f"sample {key}: entry {entry}: checksum mismatch (CRC32C; corrupted data)")
         try:
             if ".npy" in entry:
                 raw = decompress_bytes(compressor_from_suffix(entry), data)
@@ -222,26 +297,42 @@ def decode_sample(sample: dict[str, Any]) -> TargetRecord:
     if missing:
         raise StoreDamagedError(where, f"sample {key}: missing entries {sorted(missing)}")
     if frames_mode == "jpeg":
-        arrays["frames"] = _decode_jpegs(sorted(jpegs), where, key)
+        jpegs.sort()
+        arrays["frames"] = _decode_jpegs(jpegs, where, key)
     try:
-        return record_from_arrays(meta, arrays, codec)
+        record = record_from_arrays(meta, arrays, codec)
+        if frames_mode == "jpeg":
+            record.frames_jpeg = tuple(bytes(data) for _, data in jpegs)
+        return record
     except (KeyError, ValueError, TypeError) as e:
         raise StoreDamagedError(where, f"sample {key}: cannot rebuild the record: {type(e).__name__}: {e}") from e
 
 
 def _decode_jpegs(entries: list[tuple[str, bytes]], where: str, key: str) -> np.ndarray:
-    from PIL import Image
+    from umt_distill.data.jpeg import decode_jpegs
 
     if not entries:
         raise StoreDamagedError(where, f"sample {key}: frames were stored as jpeg but none are present")
-    frames = []
-    for entry, data in entries:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                frames.append(np.asarray(im.convert("RGB")).transpose(2, 0, 1))  # [3, H, W]
-        except Exception as e:
-            raise StoreDamagedError(where, f"sample {key}: entry {entry}: {type(e).__name__}: {e}") from e
-    return np.ascontiguousarray(np.stack(frames))  # [T, 3, H, W]
+    try:
+        return np.ascontiguousarray(decode_jpegs([data for _, data in entries]).numpy())  # [T, 3, H, W]
+    except ValueError as e:
+        raise StoreDamagedError(where, f"sample {key}: jpeg frames: {e}") from e
+
+
+def stored_sample_arrays(sample: dict[str, Any], frames: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One raw sample's description and stored arrays (codec parts undecoded; JPEG frames decoded)."""
+    from umt_distill.cache.wds_stream import BatchAssembler, parse_meta
+
+    where, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
+    entries = {k: v for k, v in sample.items() if not k.startswith("__")}
+    meta = parse_meta(where, key, entries)
+    assembler = BatchAssembler(1, epoch=None, frames="array" if frames else None)  # all M masks: the caller picks
+    assembler.add(where, key, entries, meta)
+    batch = assembler.finish()
+    arrays = {k: v[0].numpy() for k, v in batch.items() if k not in ("clip_id", "view_index")}
+    if "pixels" in arrays:
+        arrays["frames"] = arrays.pop("pixels")
+    return meta, arrays
 
 
 def iter_tar_records(url: str, expected_records: list | None = None) -> Iterator[TargetRecord]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -23,11 +24,13 @@ from umt_distill.cache.record import (
     check_new_key,
     record_arrays,
     record_from_arrays,
+    record_jpegs,
     stored_names,
 )
 
 FORMAT_VERSION = 1
 SUFFIX = ".zarr"
+FRAME_MODES = ("none", "raw", "jpeg")
 
 # Axis names written into each array's metadata, so a plain zarr user sees what the axes mean.
 _AXES = {
@@ -44,6 +47,8 @@ def _dimension_names(name: str, ndim: int, mode: str) -> list[str] | None:
         "pooled": ["record", "frame", "channel"],
         "visible_idx": ["record", "mask", "frame", "token"],
         "frames": ["record", "frame", "rgb", "height", "width"],
+        "frames_jpeg": ["record", "frame", "byte"],
+        "frames_jpeg_len": ["record", "frame"],
     }.get(name) if ndim > 1 else None
 
 
@@ -80,14 +85,16 @@ class ZarrShardWriter:
     """Zarr v3: one group per shard, sharded arrays, one chunk per record (random access)."""
 
     def __init__(
-        self, shards_dir: str | Path, name: str, codec: str, compressor: str = "zstd", frames: str = "none"
+        self, shards_dir: str | Path, name: str, codec: str, compressor: str = "zstd", frames: str = "none",
+        jpeg_quality: int = 95,
     ) -> None:
-        if frames not in ("none", "raw"):
-            raise ValueError(f"layout zarr stores frames as 'raw' or not at all ('none'), not {frames!r}")
+        if frames not in FRAME_MODES:
+            raise ValueError(f"frames must be one of {', '.join(FRAME_MODES)}, not {frames!r}")
         self.shards_dir, self.name = Path(shards_dir), name
         self.codec_name, self.codec = codec, get_codec(codec)
         self.compressor = check_compressor(compressor)
-        self.frames = frames == "raw"
+        self.frames, self.frames_mode, self.jpeg_quality = frames == "raw", frames, jpeg_quality
+        self._jpegs: list[list[bytes]] = []  # frames jpeg: each row's T JPEGs, padded into one array at close
         self.final_path = self.shards_dir / f"{name}{SUFFIX}"
         self.tmp_path = self.shards_dir / f".tmp-{name}{SUFFIX}"
         # Encoded records wait in memory and are written at close: writing a zarr shard row by row
@@ -115,6 +122,9 @@ class ZarrShardWriter:
                     f"record {record.clip_id!r} view {record.view_index}: shapes {got} differ from the "
                     f"shard's first record {want}"
                 )
+        if self.frames_mode == "jpeg":
+            jpegs = record_jpegs(record, self.jpeg_quality)
+            self._jpegs.append(jpegs)
         self._mode = record.mode
         self._rows.append(arrays)
         self._meta.append(record.describe(self.codec_name, self.compressor))
@@ -139,6 +149,8 @@ class ZarrShardWriter:
             names = list(self._rows[0]) if n else []
             for name in names:
                 self._write_array(group, name, n)
+            if self._jpegs:
+                self._write_jpegs(group)
             self._rows.clear()
             nbytes = fsync_tree(self.tmp_path)
             if self.final_path.exists():  # left by a run that died between rename and its sidecar
@@ -163,7 +175,7 @@ class ZarrShardWriter:
             "codec": self.codec_name,
             "compressor": self.compressor,
             "mode": self._mode or "full",
-            "frames": "raw" if self.frames else "none",
+            "frames": self.frames_mode,
             "records": records,
             "views": [m["view"] for m in self._meta],
             "frames_digests": [m["frames_digest"] for m in self._meta],
@@ -187,10 +199,26 @@ class ZarrShardWriter:
             config={"write_empty_chunks": True},
         )[...] = data
 
+    def _write_jpegs(self, group: Any) -> None:
+        """``frames_jpeg`` uint8 [n, T, L] (each JPEG zero-padded to the longest) + ``frames_jpeg_len`` int32 [n, T]."""
+        n, t = len(self._jpegs), len(self._jpegs[0])
+        lengths = np.array([[len(d) for d in row] for row in self._jpegs], dtype=np.int32)  # [n, T]
+        data = np.zeros((n, t, int(lengths.max())), dtype=np.uint8)
+        for i, row in enumerate(self._jpegs):
+            for f, d in enumerate(row):
+                data[i, f, : len(d)] = np.frombuffer(d, dtype=np.uint8)
+        self._jpegs.clear()
+        for name, arr in (("frames_jpeg", data), ("frames_jpeg_len", lengths)):
+            group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(1, *arr.shape[1:]), shards=arr.shape,
+                               compressors=zarr_compressors("none"), fill_value=0,
+                               dimension_names=_dimension_names(name, arr.ndim, self._mode or "full"),
+                               config={"write_empty_chunks": True})[...] = arr
+
     def abort(self) -> None:
         """Drop buffered records and remove temporary files; the final name is never touched."""
         self._closed = True
         self._rows.clear()
+        self._jpegs.clear()
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
 
@@ -212,14 +240,17 @@ class ZarrShardReader:
             self.records = [(str(c), int(v)) for c, v in attrs["records"]]
             self.views = attrs["views"]
             self.digests = attrs["frames_digests"]
-            has_frames = attrs["frames"] == "raw"
+            self.frames_mode = attrs["frames"]
         except Exception as e:
             raise StoreDamagedError(f"{path}/zarr.json", f"bad shard attributes: {type(e).__name__}: {e}") from e
         if expected_records is not None and [tuple(r) for r in expected_records] != self.records:
             raise StoreDamagedError(path, "the shard's records differ from index.json")
         n = len(self.records)
         self.arrays = {}
-        for name in stored_names(self.codec, self.mode, has_frames):
+        names = stored_names(self.codec, self.mode, self.frames_mode == "raw")
+        if self.frames_mode == "jpeg":
+            names += ["frames_jpeg", "frames_jpeg_len"]
+        for name in names:
             try:
                 arr = group[name]
                 initialized = arr.nchunks_initialized
@@ -242,12 +273,16 @@ class ZarrShardReader:
     def __len__(self) -> int:
         return len(self.records)
 
-    def read(self, row: int) -> TargetRecord:
-        """Read and decode one record (one chunk per array)."""
+    def read_stored(self, row: int, names: Iterable[str] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One record's description and stored arrays (codec parts undecoded), one chunk per array read.
+
+        Args:
+            names: The arrays to read (default: all of them).
+        """
         arrays = {}
-        for name, arr in self.arrays.items():
+        for name in self.arrays if names is None else names:
             try:
-                arrays[name] = arr[row]
+                arrays[name] = self.arrays[name][row]
             except Exception as e:  # checksum mismatch, truncated shard file, decompression error
                 raise StoreDamagedError(self.shard_file(name), f"row {row}: {type(e).__name__}: {e}") from e
         clip_id, view_index = self.records[row]
@@ -257,8 +292,25 @@ class ZarrShardReader:
             "view": self.views[row],
             "frames_digest": self.digests[row],
             "mode": self.mode,
+            "codec": self.codec.name,
         }
+        if "frames_jpeg" in arrays:  # decoded as training decodes them: the pixels the teacher saw
+            from umt_distill.data.jpeg import decode_jpegs
+
+            data, lengths = arrays.pop("frames_jpeg"), arrays.pop("frames_jpeg_len")  # [T, L], [T]
+            meta["frames_jpeg"] = tuple(data[f, : int(n)].tobytes() for f, n in enumerate(lengths))
+            try:
+                arrays["frames"] = np.ascontiguousarray(decode_jpegs(meta["frames_jpeg"]).numpy())  # [T, 3, H, W]
+            except ValueError as e:
+                raise StoreDamagedError(self.shard_file("frames_jpeg"), f"row {row}: {e}") from e
+        return meta, arrays
+
+    def read(self, row: int) -> TargetRecord:
+        """Read and decode one record (one chunk per array)."""
+        meta, arrays = self.read_stored(row)
         try:
-            return record_from_arrays(meta, arrays, self.codec)
+            record = record_from_arrays(meta, arrays, self.codec)
+            record.frames_jpeg = meta.get("frames_jpeg")
+            return record
         except (KeyError, ValueError, TypeError) as e:
             raise StoreDamagedError(self.path, f"row {row}: cannot rebuild the record: {type(e).__name__}: {e}") from e

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -33,6 +34,14 @@ class ClipViewsDataset(Dataset):
             views, pixels = decode_clip_views(row, self.cfg)
         except ClipFailure as e:
             return {"index": idx, "error": str(e)}
+        if self.cfg.cache.frames == "jpeg":
+            # The teacher must see the pixels training will decode from the stored JPEGs, not the raw
+            # view: encode, decode with training's decoder, and carry both on.
+            from umt_distill.data.jpeg import jpeg_round_trip
+
+            trips = [jpeg_round_trip(view_pixels.numpy()) for view_pixels in pixels]  # K x (T bytes, [T,3,H,W])
+            pixels = torch.from_numpy(np.stack([decoded for _, decoded in trips]))  # [K, T, 3, H, W]
+            return {"index": idx, "views": views, "pixels": pixels, "jpegs": [data for data, _ in trips]}
         return {"index": idx, "views": views, "pixels": pixels}
 
 

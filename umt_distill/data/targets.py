@@ -1,13 +1,18 @@
 """Training datasets: the view's pixels with the cached teacher targets (or without, for online mode).
 
-Epoch ``e`` shows clip ``c`` its view ``(e + offset(c)) mod K``, where ``offset`` is a stable hash of
-(seed, clip id); so every epoch sees every clip once, and consecutive epochs cycle through the K
-cached views. The online dataset yields the same views without targets.
+Epoch ``e`` shows clip ``c`` its view ``(e + offset(c)) mod K`` (``data.views.epoch_view``), where
+``offset`` is a stable hash of (seed, clip id); so every epoch sees every clip once, and consecutive
+epochs cycle through the K cached views. The seed of that rotation is the store's (``views.seed`` in
+``spec.json``, the seed that drew the views), so the WebDataset layout can group each epoch's views
+together. The online dataset yields the same views (from the recipe seed) without targets.
+
+Targets leave the datasets in their *stored* dtypes (``tokens`` fp16 / bf16 bits, or ``tokens.q``
+int8 + ``tokens.scale``; ``attn`` float32; ``visible_idx`` int16): they cross to the device at the
+size they were stored, and ``training.stage_parts.step_targets`` dequantises them there.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,16 +21,15 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from umt_distill.config import Recipe
+from umt_distill.data.views import epoch_view, view_offset  # noqa: F401 - re-exported
+
+__all__ = ["CachedViewDataset", "EpochSampler", "OnlineViewDataset", "StreamingViewDataset", "epoch_view",
+           "view_offset", "rotation_seed", "stored_targets"]
 
 
-def view_offset(seed: int, clip_id: str, num_views: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{clip_id}:offset".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % num_views
-
-
-def epoch_view(seed: int, clip_id: str, epoch: int, num_views: int) -> int:
-    """The view of ``clip_id`` shown in ``epoch``."""
-    return (epoch + view_offset(seed, clip_id, num_views)) % num_views
+def rotation_seed(spec: dict, cfg: Recipe) -> int:
+    """The seed of a store's view rotation: the seed that drew its views (older specs: the recipe's)."""
+    return int(spec.get("views", {}).get("seed", cfg.seed))
 
 
 def _decode_view_pixels(row, view, backend: str) -> torch.Tensor:
@@ -37,19 +41,19 @@ def _decode_view_pixels(row, view, backend: str) -> torch.Tensor:
     return apply_view(frames, view)  # [T, 3, H, W] uint8
 
 
-def _sample(record, pixels: torch.Tensor, epoch: int) -> dict:
-    out = {
-        "clip_id": record.clip_id,
-        "view_index": record.view_index,
-        "pixels": pixels,  # [T, 3, H, W] uint8
-        "attn": torch.from_numpy(np.ascontiguousarray(record.attn, dtype=np.float32)),  # [T, N]
-    }
-    if record.visible_idx is None:
-        out["tokens"] = torch.from_numpy(np.ascontiguousarray(record.tokens, dtype=np.float32))  # [K, T, N, D]
-    else:  # mode visible: cycle through the M stored masks over epochs
-        m = epoch % record.tokens.shape[0]
-        out["tokens"] = torch.from_numpy(np.ascontiguousarray(record.tokens[m], dtype=np.float32))  # [K, T, N_vis, D]
-        out["visible_idx"] = torch.from_numpy(record.visible_idx[m].astype(np.int64))  # [T, N_vis]
+def stored_targets(arrays: dict[str, np.ndarray], mode: str, epoch: int) -> dict[str, torch.Tensor]:
+    """One record's targets as the step takes them: stored dtypes; mode visible: this epoch's mask.
+
+    Args:
+        arrays: The record's stored arrays (``tokens`` or ``tokens.<part>``, ``attn``, ``visible_idx``).
+        mode: ``full`` or ``visible`` (M stored masks, cycled over epochs: mask ``epoch mod M``).
+    """
+    out = {"attn": torch.from_numpy(np.ascontiguousarray(arrays["attn"]))}  # [T, N] float32
+    for name, arr in arrays.items():
+        if name == "visible_idx" or name.startswith("tokens"):
+            if mode == "visible":
+                arr = arr[epoch % arr.shape[0]]  # [K, T, N_vis, D] (or [.., 1] scales), [T, N_vis]
+            out[name] = torch.from_numpy(np.ascontiguousarray(arr))
     return out
 
 
@@ -58,7 +62,7 @@ class CachedViewDataset(Dataset):
 
     Args:
         store: The cache store.
-        cfg: The training recipe (seed, pixel source, video backend).
+        cfg: The training recipe (pixel source, video backend).
         rows: Corpus rows by id, needed when pixels are re-decoded from the videos.
     """
 
@@ -69,6 +73,7 @@ class CachedViewDataset(Dataset):
         self.reader = None  # opened lazily in each worker
         reader = CacheReader(self.store)
         self.num_views = int(reader.spec["views"]["num_views"])
+        self.seed = rotation_seed(reader.spec, cfg)
         self.clip_ids = sorted({clip for clip, _ in reader.keys})
         self.epoch = 0
         if cfg.train.pixels_from == "video":
@@ -89,14 +94,19 @@ class CachedViewDataset(Dataset):
         if self.reader is None:
             self.reader = CacheReader(self.store)
         clip = self.clip_ids[i]
-        record = self.reader.get(clip, epoch_view(self.cfg.seed, clip, self.epoch, self.num_views))
-        if self.cfg.train.pixels_from == "store":
-            if record.frames is None:
+        view_index = epoch_view(self.seed, clip, self.epoch, self.num_views)
+        from_store = self.cfg.train.pixels_from == "store"
+        meta, arrays = self.reader.get_stored(clip, view_index, frames=from_store)
+        if from_store:
+            if "frames" not in arrays:
                 raise ValueError(f"{self.store}: the store has no view frames (cache.frames=none); use train.pixels_from=video")
-            pixels = torch.from_numpy(np.ascontiguousarray(record.frames))
+            pixels = torch.from_numpy(np.ascontiguousarray(arrays["frames"]))
         else:
-            pixels = _decode_view_pixels(self.rows[clip], record.view, self.cfg.corpus.video_backend)
-        return _sample(record, pixels, self.epoch)
+            from umt_distill.data.views import ViewSpec
+
+            pixels = _decode_view_pixels(self.rows[clip], ViewSpec.from_dict(meta["view"]), self.cfg.corpus.video_backend)
+        return {"clip_id": clip, "view_index": view_index, "pixels": pixels,  # [T, 3, H, W] uint8
+                **stored_targets(arrays, meta["mode"], self.epoch)}
 
 
 class OnlineViewDataset(Dataset):
@@ -152,45 +162,150 @@ class EpochSampler(Sampler[int]):
 
 
 class StreamingViewDataset(IterableDataset):
-    """WebDataset streaming: this epoch's view of every clip, split by node and worker.
+    """WebDataset streaming: this epoch's view of every clip, as whole batches, split by node and worker.
 
-    Rank ``r`` of ``w`` streams shards ``r, r + w, ...`` (in index order); a shuffle buffer seeded by
-    (seed, epoch, rank, worker) mixes their samples. Each shard holds all K views of its clips, so the
-    other K − 1 views are read and skipped: streaming trades read bandwidth for sequential access.
-    Pixels come from the store's frames or are re-decoded from the videos.
+    Rank ``r`` of ``w`` takes shards ``r, r + w, ...`` (index order) and DataLoader worker ``j`` of
+    ``W`` every ``W``-th of those, a fixed split, so every rank knows its step count in advance
+    (:meth:`batches_per_rank`); the shard order of a worker and a shuffle buffer of raw samples are
+    seeded by (seed, epoch, rank, worker). From a format-2 store an epoch reads one byte range per
+    shard, the group of its epoch slot: exactly the views it trains on. A format-1 store (views in clip
+    order) is read whole and the other K − 1 views are skipped.
+
+    Batches are assembled in the worker (``cache.wds_stream.BatchAssembler``) with targets in their
+    stored dtypes; use it with ``DataLoader(batch_size=None)``. A worker's last incomplete batch is
+    dropped, as ``drop_last`` would.
+
+    Args:
+        store: The store root.
+        cfg: The training recipe (seed, pixel source, video backend, batch size, workers).
+        rows: Corpus rows by id (pixels re-decoded from the videos).
+        shuffle: Shuffle buffer size in samples (0: store order, shards unshuffled; default
+            ``train.shuffle_buffer``).
+        jpeg_device: Where JPEG frames are decoded: ``None`` in the worker; a device name to ship the
+            bytes and decode in the step (``data.targets.batch_pixels``).
+        pixels: ``False``: targets only (benchmarks, tools).
     """
 
-    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, shuffle: int = 64) -> None:
+    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, shuffle: int | None = None,
+                 jpeg_device: str | None = None, pixels: bool = True) -> None:
         from umt_distill.cache.spec import read_spec
         from umt_distill.cache.stores import read_index
 
-        self.store, self.cfg, self.rows, self.shuffle = Path(store), cfg, rows or {}, shuffle
-        self.num_views = int(read_spec(self.store)["views"]["num_views"])
+        self.store, self.cfg, self.rows = Path(store), cfg, rows or {}
+        self.shuffle = cfg.train.shuffle_buffer if shuffle is None else shuffle
+        self.jpeg_device, self.pixels = jpeg_device, pixels
+        spec = read_spec(self.store)
+        self.num_views = int(spec["views"]["num_views"])
+        self.seed = rotation_seed(spec, cfg)
         self.shards = read_index(self.store)["shards"]
+        self.grouped = all(len(s.get("groups", ())) == self.num_views for s in self.shards)
+        self.batch_size, self.num_workers = cfg.train.batch_size, max(1, cfg.train.num_workers)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def clips_per_rank(self, world_size: int) -> int:
-        """Clips every rank can stream in one epoch: the smallest rank's share (ranks take equal steps)."""
-        def clips(rank: int) -> int:
-            return sum(len({c for c, _ in s["records"]}) for s in self.shards[rank::world_size])
+    def _shard_clips(self, shard: dict) -> int:
+        if self.grouped:
+            return min(g["num_records"] for g in shard["groups"])  # one record per clip in every group
+        return len({c for c, _ in shard["records"]})
 
-        return min(clips(r) for r in range(world_size))
+    def _worker_shards(self, rank: int, world_size: int, worker: int) -> list[dict]:
+        return self.shards[rank::world_size][worker :: self.num_workers]
+
+    def batches_per_rank(self, world_size: int) -> int:
+        """Full batches every rank streams per epoch: the smallest rank's (ranks take equal steps)."""
+        def batches(rank: int) -> int:
+            return sum(sum(self._shard_clips(s) for s in self._worker_shards(rank, world_size, w)) // self.batch_size
+                       for w in range(self.num_workers))
+
+        return min(batches(r) for r in range(world_size))
+
+    def clips_per_rank(self, world_size: int) -> int:
+        """Clips every rank trains on per epoch (whole batches only)."""
+        return self.batches_per_rank(world_size) * self.batch_size
+
+    def _ranges(self, shard: dict) -> tuple[str, int, int | None]:
+        from umt_distill.cache.stores import shard_path
+
+        url = shard_path(self.store, "wds", shard["name"])
+        if not self.grouped:
+            return url, 0, None
+        g = shard["groups"][self.epoch % self.num_views]
+        return url, g["offset"], g["nbytes"]
+
+    def _samples(self, shards: list[dict]) -> Iterator[tuple[str, str, dict, dict]]:
+        from umt_distill.cache.record import StoreDamagedError
+        from umt_distill.cache.wds_stream import iter_range_samples, parse_meta
+
+        slot = self.epoch % self.num_views
+        for shard in shards:
+            url, offset, nbytes = self._ranges(shard)
+            count = 0
+            for key, entries in iter_range_samples(url, offset, nbytes):
+                meta = parse_meta(url, key, entries)
+                if self.grouped:
+                    if meta.get("group") != slot:
+                        raise StoreDamagedError(url, f"sample {key}: group {meta.get('group')}, index.json says {slot}")
+                elif meta["view_index"] != epoch_view(self.seed, meta["clip_id"], self.epoch, self.num_views):
+                    continue
+                count += 1
+                yield url, key, entries, meta
+            want = shard["groups"][slot]["num_records"] if self.grouped else self._shard_clips(shard)
+            if count != want:
+                raise StoreDamagedError(url, f"{count} samples for epoch slot {slot}, index.json lists {want}")
 
     def __iter__(self) -> Iterator[dict]:
-        from umt_distill.cache.stores import wds_records
+        import random
 
-        records = wds_records(self.store, shuffle=self.shuffle, split_by_node=True, split_by_worker=True,
-                              seed=self.cfg.seed, epoch=self.epoch)
-        for record in records:
-            if record.view_index != epoch_view(self.cfg.seed, record.clip_id, self.epoch, self.num_views):
-                continue
-            if self.cfg.train.pixels_from == "store":
-                if record.frames is None:
-                    raise ValueError(f"{self.store}: the store has no view frames; use train.pixels_from=video")
-                pixels = torch.from_numpy(np.ascontiguousarray(record.frames))
-            else:
-                pixels = _decode_view_pixels(self.rows[record.clip_id], record.view, self.cfg.corpus.video_backend)
-            yield _sample(record, pixels, self.epoch)
+        from umt_distill.cache.wds_stream import BatchAssembler
+        from umt_distill.cache.wds_store import _worker_info
+
+        rank, world, worker, _ = _worker_info()
+        shards = self._worker_shards(rank, world, worker)
+        if self.shuffle:
+            random.Random(f"shards:{self.seed}:{self.epoch}:{rank}:{worker}").shuffle(shards)
+        samples: Iterator = self._samples(shards)
+        if self.shuffle:
+            samples = _shuffled(samples, self.shuffle, random.Random(f"samples:{self.seed}:{self.epoch}:{rank}:{worker}"))
+        from_store = self.pixels and self.cfg.train.pixels_from == "store"
+        from_video = self.pixels and not from_store
+        assembler = BatchAssembler(self.batch_size, self.epoch, "array" if from_store else None, self.jpeg_device)
+        pixels: list[torch.Tensor] = []
+        for url, key, entries, meta in samples:
+            assembler.add(url, key, entries, meta)
+            if from_video:
+                from umt_distill.data.views import ViewSpec
+
+                row = self.rows[meta["clip_id"]]
+                pixels.append(_decode_view_pixels(row, ViewSpec.from_dict(meta["view"]), self.cfg.corpus.video_backend))
+            if len(assembler) == self.batch_size:
+                batch = assembler.finish()
+                if pixels:
+                    batch["pixels"] = torch.stack(pixels)  # [B, T, 3, H, W] uint8
+                    pixels = []
+                yield batch
+
+
+def _shuffled(items: Iterator, size: int, rng) -> Iterator:
+    """A shuffle buffer of ``size`` items drawn with ``rng`` (what ``webdataset.shuffle`` does, explicitly)."""
+    buf: list = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def batch_pixels(batch: dict, device: torch.device) -> torch.Tensor:
+    """A batch's view pixels on ``device``: uint8 [B, T, 3, H, W] (JPEGs shipped as bytes are decoded there)."""
+    if "pixels" in batch:
+        return batch["pixels"].to(device, non_blocking=True)
+    if "frames_jpeg" in batch:
+        from umt_distill.cache.wds_stream import decode_jpeg_batch
+
+        return decode_jpeg_batch(batch["frames_jpeg"], batch["frames_jpeg_sizes"], device)
+    raise KeyError("the batch has no pixels")

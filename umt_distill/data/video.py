@@ -15,6 +15,9 @@ sequentially.
   frame and names every decoded frame by its pts, so a returned frame provably is the requested one.
 - ``"decord"`` (default, ``video_decord.py``) — decord's ``get_batch`` where decord is known to be exact,
   else the PyAV path (see :class:`DecordVideoReader`).
+- ``"torchcodec"`` (``video_torchcodec.py``) — torchcodec's exact-seek decoder on the CPU or, with
+  ``device="cuda"``, on the GPU; every frame checked against the probe's pts, the PyAV path where
+  torchcodec is not verified (see :class:`TorchCodecVideoReader`). Needs FFmpeg's shared libraries.
 
 Every failure (missing, unreadable, empty, truncated, not a video, decoder error, index out of range)
 raises :class:`VideoDecodeError` naming the file and the reason; no reader returns substitute frames.
@@ -28,29 +31,41 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from umt_distill.data.video_base import ReaderBase, VideoDecodeError, VideoInfo, VideoReader, normalize_indices
+from umt_distill.data.video_base import (
+    BackendUnavailableError,
+    ReaderBase,
+    VideoDecodeError,
+    VideoInfo,
+    VideoReader,
+    normalize_indices,
+)
 
 # Importing the backends registers them in VIDEO_BACKENDS (and keeps their names importable from here).
 from umt_distill.data.video_decord import DecordVideoReader
 from umt_distill.data.video_probe import StreamIndex, probe_video
 from umt_distill.data.video_pyav import PyAVVideoReader
+from umt_distill.data.video_torchcodec import TorchCodecVideoReader, torchcodec_unavailable_reason
 from umt_distill.registry import VIDEO_BACKENDS
 
 __all__ = [
-    "IMAGE_SUFFIXES", "DecordVideoReader", "ImageReader", "PyAVVideoReader", "StreamIndex", "VideoDecodeError",
-    "VideoInfo", "VideoReader", "normalize_indices", "open_video", "probe_video",
+    "IMAGE_SUFFIXES", "BackendUnavailableError", "DecordVideoReader", "ImageReader", "PyAVVideoReader", "StreamIndex",
+    "TorchCodecVideoReader", "VideoDecodeError", "VideoInfo", "VideoReader", "normalize_indices", "open_video",
+    "preload_video_backend", "probe_video", "torchcodec_unavailable_reason",
 ]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 
-def open_video(path: str | Path, backend: str = "decord", threads: int = 1) -> VideoReader:
+def open_video(path: str | Path, backend: str = "decord", threads: int = 1, device: str = "cpu") -> VideoReader:
     """Open a video (or an image as a 1-frame video) for exact frame access.
 
     Args:
         path: Video or image file; images are recognised by suffix (.jpg, .jpeg, .png, .bmp, .webp).
-        backend: ``"decord"`` or ``"pyav"`` (names in ``VIDEO_BACKENDS``); images always use PIL.
+        backend: ``"decord"``, ``"pyav"`` or ``"torchcodec"`` (names in ``VIDEO_BACKENDS``); images always
+            use PIL.
         threads: Decoder threads; keep 1 inside DataLoader workers.
+        device: Where to decode: ``"cpu"``, or ``"cuda"`` with the torchcodec backend (NVDEC); images
+            are decoded on the CPU whatever the device.
 
     Returns:
         An open :class:`VideoReader`.
@@ -58,13 +73,29 @@ def open_video(path: str | Path, backend: str = "decord", threads: int = 1) -> V
     Raises:
         VideoDecodeError: The file is missing, unreadable, empty, truncated or not decodable.
         RegistryError: ``backend`` is not registered.
+        BackendUnavailableError: The backend's package or system libraries are missing (says which).
+        ValueError: ``device`` is not the CPU and the backend decodes on the CPU only.
     """
     factory = VIDEO_BACKENDS.get(backend)  # a bad name is a configuration error: raise it before any I/O
+    on_device = device != "cpu"
+    if on_device and not getattr(factory, "supports_device", False):
+        raise ValueError(f"video backend {backend!r} decodes on the CPU only; device={device!r} needs 'torchcodec'")
     path = Path(path)
     _check_readable(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return ImageReader(path)
-    return factory(path, threads=threads)
+    return factory(path, threads=threads, device=device) if on_device else factory(path, threads=threads)
+
+
+def preload_video_backend(backend: str) -> None:
+    """Import ``backend``'s decoding library now, e.g. in the parent before DataLoader workers fork.
+
+    Each worker otherwise imports it on its first clip: cheap for PyAV and decord, seconds for torchcodec
+    (it imports ``torch._dynamo``). Raises what :func:`open_video` would for a missing library.
+    """
+    preload = getattr(VIDEO_BACKENDS.get(backend), "preload", None)
+    if preload is not None:
+        preload()
 
 
 def _check_readable(path: Path) -> None:

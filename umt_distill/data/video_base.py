@@ -28,6 +28,10 @@ class VideoDecodeError(Exception):
         return (type(self), (self.path, self.reason))
 
 
+class BackendUnavailableError(ImportError):
+    """A video backend cannot run on this machine (a package or system library is missing); says the fix."""
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What a reader knows about its stream before decoding anything."""

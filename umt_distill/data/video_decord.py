@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from umt_distill.data.video_base import ReaderBase, VideoDecodeError, normalize_indices
+from umt_distill.data.video_base import BackendUnavailableError, ReaderBase, VideoDecodeError, normalize_indices
 from umt_distill.data.video_probe import open_container, probe_video
 from umt_distill.data.video_pyav import PyAVVideoReader
 from umt_distill.registry import VIDEO_BACKENDS
@@ -22,7 +22,7 @@ def _import_decord() -> Any:
     try:
         import decord
     except ImportError as err:
-        raise ImportError(
+        raise BackendUnavailableError(
             "video backend 'decord' needs the decord package: `pip install decord` (wheels for Linux "
             "x86_64 and Windows), or set the video backend to 'pyav'."
         ) from err
@@ -44,6 +44,11 @@ class DecordVideoReader(ReaderBase):
     files decord cannot open, files whose decord frame count or timestamps disagree with the probe, and
     files decord fails to decode once opened are decoded by :class:`PyAVVideoReader`. ``decoder`` says which one serves the file, ``fallback_reason`` why.
     """
+
+    @staticmethod
+    def preload() -> None:
+        """Import decord; see ``preload_video_backend``."""
+        _import_decord()
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
         decord = _import_decord()

@@ -174,6 +174,27 @@ def view_generator(seed: int, clip_id: str, view_index: int) -> torch.Generator:
     return gen
 
 
+def view_offset(seed: int, clip_id: str, num_views: int) -> int:
+    """Which view a clip shows in epoch 0: a stable hash of (seed, clip id), uniform over the K views."""
+    digest = hashlib.sha256(f"{seed}:{clip_id}:offset".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % num_views
+
+
+def epoch_view(seed: int, clip_id: str, epoch: int, num_views: int) -> int:
+    """The view of ``clip_id`` shown in ``epoch``: ``(epoch + view_offset) mod K``.
+
+    Every epoch shows every clip once, and K consecutive epochs show each of its K views once.
+    """
+    return (epoch + view_offset(seed, clip_id, num_views)) % num_views
+
+
+def epoch_slot(seed: int, clip_id: str, view_index: int, num_views: int) -> int:
+    """The epoch slot of a view: the ``e mod K`` of the epochs ``e`` that show it (inverse of
+    :func:`epoch_view`). A WebDataset shard stores its samples grouped by slot, so an epoch reads one
+    group: exactly the views it trains on."""
+    return (view_index - view_offset(seed, clip_id, num_views)) % num_views
+
+
 def _randint(high: int, gen: torch.Generator) -> int:
     """One uniform integer in [0, high)."""
     return int(torch.randint(high, (1,), generator=gen))

@@ -92,7 +92,7 @@ class CaptionedDataset(Dataset):
 
 
 class CaptionedStream(IterableDataset):
-    """:class:`~umt_distill.data.targets.StreamingViewDataset` (WebDataset) with captions."""
+    """:class:`~umt_distill.data.targets.StreamingViewDataset` (WebDataset) batches with captions."""
 
     def __init__(self, base, captions: dict[str, tuple[str, ...]], source: str, seed: int) -> None:
         self.base, self.captions, self.source, self.seed = base, captions, source, seed
@@ -103,8 +103,11 @@ class CaptionedStream(IterableDataset):
         self.base.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict]:
-        for item in self.base:
-            yield _caption(item, self.captions, self.source, self.seed, self.epoch)
+        for batch in self.base:
+            items = [_caption({"clip_id": c}, self.captions, self.source, self.seed, self.epoch) for c in batch["clip_id"]]
+            batch["caption"] = [it["caption"] for it in items]
+            batch["sample_id"] = torch.tensor([it["sample_id"] for it in items])
+            yield batch
 
 
 @dataclass
@@ -142,13 +145,15 @@ def build_source(cfg: Recipe, source: str, env: DistEnv) -> SourceData:
     """
     from umt_distill.data.corpus import read_corpus
     from umt_distill.data.targets import CachedViewDataset, EpochSampler, OnlineViewDataset, StreamingViewDataset
+    from umt_distill.training.stage_parts import jpeg_device
 
     scfg = source_recipe(cfg, source)
     rows = read_corpus(scfg.corpus.source, scfg.corpus.root)  # captions always come from the manifest
     by_id = {r.id: r for r in rows}
     sampler = None
-    if scfg.teacher.mode == "cached" and scfg.cache.layout == "wds":
-        base = StreamingViewDataset(scfg.cache.store, scfg, by_id)
+    stream = scfg.teacher.mode == "cached" and scfg.cache.layout == "wds"
+    if stream:  # yields whole batches (targets in stored dtypes)
+        base = StreamingViewDataset(scfg.cache.store, scfg, by_id, jpeg_device=jpeg_device(scfg))
         clip_ids = sorted({c for s in base.shards for c, _ in s["records"]})
         per_rank = base.clips_per_rank(env.world_size)
     else:
@@ -166,8 +171,8 @@ def build_source(cfg: Recipe, source: str, env: DistEnv) -> SourceData:
     workers = cfg.train.num_workers
 
     def make_loader() -> DataLoader:
-        return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                          drop_last=True, pin_memory=torch.cuda.is_available(),
+        return DataLoader(dataset, batch_size=None if stream else cfg.train.batch_size, sampler=sampler,
+                          num_workers=workers, drop_last=not stream, pin_memory=torch.cuda.is_available(),
                           generator=torch.Generator().manual_seed(cfg.seed),
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 

@@ -25,6 +25,7 @@ score matrices are summed across ranks.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from umt_distill.config import Recipe
 from umt_distill.training.checkpoint import weights_file
+from umt_distill.training.progress import track
 
 DEFAULT_K_TEST = 128
 RECALL_AT = (1, 5, 10)
@@ -277,6 +279,13 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _tracked_video_batches(rows, cfg: Recipe):
+    """The test videos in batches, with live progress on rank 0 (encoding them is the long part)."""
+    size = cfg.finetune.eval_batch_size
+    return track(_video_batches(rows, cfg, size), "eval videos", math.ceil(len(rows) / size),
+                 enabled=_rank_world()[0] == 0)
+
+
 def k_test_of(cfg: Recipe) -> int:
     """The recipe's ``retrieval.k_test`` (UMT: 128)."""
     return cfg.retrieval.k_test
@@ -305,7 +314,7 @@ def evaluate_retrieval_model(model, tokenizer, cfg: Recipe, source: str | Path, 
     model.eval()
     try:
         text = encode_texts(model, tokenizer, texts, cfg.text.max_length, device)
-        video = encode_videos(model, _video_batches(rows, cfg, cfg.finetune.eval_batch_size), device)
+        video = encode_videos(model, _tracked_video_batches(rows, cfg), device)
         scores = score_retrieval(model, video, text, k, device, *_rank_world())
     finally:
         model.train(was_training)
@@ -340,7 +349,7 @@ def evaluate_multiple_choice_model(model, tokenizer, cfg: Recipe, source: str | 
     model.eval()
     try:
         text = encode_texts(model, tokenizer, [c for r in rows for c in r.captions], cfg.text.max_length, device)
-        video = encode_videos(model, _video_batches(rows, cfg, cfg.finetune.eval_batch_size), device)
+        video = encode_videos(model, _tracked_video_batches(rows, cfg), device)
         vi = torch.arange(len(rows)).repeat_interleave(A)  # [N·A]: candidate j of question i is text i·A + j
         ti = torch.arange(len(rows) * A)
         itm = _pair_scorer(model, video, text, device)(vi, ti).view(len(rows), A)

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from umt_distill.config import Recipe
@@ -19,10 +20,40 @@ from umt_distill.data.toyworld import MOTIONS, appearance_classes
 from umt_distill.quickstart.finetune import AXES
 from umt_distill.quickstart.names import CONTROL, DISTILLED_PREFIX, IMAGE_TEACHER, TEACHER
 from umt_distill.quickstart.plots import plot_accuracy, plot_loss, plot_semantic_mask
-from umt_distill.quickstart.retrieval import CHANCE
+from umt_distill.quickstart.retrieval import CHANCE, STUDENT_ITC, STUDENT_ITM
+from umt_distill.quickstart.retrieval import TEACHER as RETRIEVAL_TEACHER
 # The issue's bar for "the method works at toy scale" (UMT's claim, Table 3, in miniature).
 MOTION_MARGIN = 0.20
 APPEARANCE_FRACTION = 0.9
+
+
+# Terminal tables fit in 80 columns: short row labels and column heads, spelt out in the table's caption.
+_SHORT_ROWS = {TEACHER: "teacher", RETRIEVAL_TEACHER: "teacher", CONTROL: "control", IMAGE_TEACHER: "img teacher",
+               STUDENT_ITC: "s2 contrast", STUDENT_ITM: "s2 re-rank", CHANCE: "chance"}
+_PROBE_COLUMNS = (("app lin", "appearance, linear probe"), ("mot lin", "motion, linear probe"),
+                  ("app kNN", "appearance, kNN"), ("mot kNN", "motion, kNN"), ("order", "order sensitivity"))
+_FINETUNE_COLUMNS = (("tubelet", "tubelet"), ("top-1", "motion top-1"), ("class acc", "mean class accuracy"),
+                     ("axis acc", "axis accuracy"), ("run", "run"))
+_RETRIEVAL_SHORT = {"t2v R@1": "t2v@1", "t2v R@5": "t2v@5", "v2t R@1": "v2t@1", "v2t R@5": "v2t@5",
+                    "mean recall": "mean R", "appearance": "app", "motion given appearance": "mot|app"}
+_RETRIEVAL_LEGEND = (("t2v@k", "text→video recall at k (%)"), ("v2t@k", "video→text recall at k (%)"),
+                     ("mean R", "mean recall"), ("app", "appearance"), ("mot|app", "motion given appearance"))
+
+
+def short_row(name: str) -> str:
+    """A row label of at most 15 characters for the terminal tables (``results.json`` keeps the full name)."""
+    if name in _SHORT_ROWS:
+        return _SHORT_ROWS[name]
+    if name.startswith(DISTILLED_PREFIX):  # "student, distilled (cached)" [", tubelet 1 (UMT-exact)"]
+        mode = name[len(DISTILLED_PREFIX):].split(")")[0].strip(" (")
+        return f"dist. {mode}" + (" t1" if "tubelet 1" in name else "")
+    return name if len(name) <= 15 else name[:14] + "…"
+
+
+def legend(rows, columns) -> str:
+    """``short = full`` for every shortened row label and column head (a table caption)."""
+    items = [f"{short_row(n)} = {n}" for n in rows if short_row(n) != n] + [f"{a} = {b}" for a, b in columns if a != b]
+    return escape("; ".join(items))
 
 
 def checks(results: dict) -> list[dict]:
@@ -49,12 +80,13 @@ def print_table(console: Console, results: dict) -> None:
     """The accuracy table and the checks, for a human at the terminal."""
     chance = {"appearance": 1 / len(appearance_classes()), "motion": 1 / len(MOTIONS)}
     n = results["num_clips"]
-    table = Table(title=f"frozen-feature probes, test accuracy ({n['test']} clips; fit on {n['train']}, ridge chosen on {n['val']})")
+    table = Table(title=f"frozen-feature probes, test accuracy ({n['test']} clips; fit on {n['train']}, ridge chosen on {n['val']})",
+                  caption=legend(results["models"], _PROBE_COLUMNS), caption_justify="left")
     table.add_column("model")
-    for col in ("appearance (linear)", "motion (linear)", "appearance (kNN)", "motion (kNN)", "order sensitivity"):
+    for col, _ in _PROBE_COLUMNS:
         table.add_column(col, justify="right")
     for name, m in results["models"].items():
-        table.add_row(name, *(f"{m[task][probe]['accuracy']:.3f}" for probe in ("linear", "knn") for task in ("appearance", "motion")),
+        table.add_row(short_row(name), *(f"{m[task][probe]['accuracy']:.3f}" for probe in ("linear", "knn") for task in ("appearance", "motion")),
                       f"{m['order_sensitivity']:.3f}")
     table.add_row("[dim]chance[/]", *(f"[dim]{chance[task]:.3f}[/]" for _ in range(2) for task in ("appearance", "motion")), "")
     console.print(table)
@@ -226,12 +258,13 @@ def finetune_table(console: Console, finetune: dict) -> None:
     seeds = s.get("seeds", 1)
     table = Table(title=f"fine-tuned on motion labels ({s['steps']} steps × {s['batch_size']} videos on {n['train']} clips"
                         + (f", mean ± std over {seeds} seeds" if seeds > 1 else "")
-                        + f"), test accuracy ({n['test']} clips × {views} views)")
+                        + f"), test accuracy ({n['test']} clips × {views} views)",
+                  caption=legend(finetune["models"], _FINETUNE_COLUMNS), caption_justify="left")
     table.add_column("model")
-    for col in ("tubelet", "motion top-1", "mean class acc.", "axis acc.", "run"):
+    for col, _ in _FINETUNE_COLUMNS:
         table.add_column(col, justify="right")
     for name, m in finetune["models"].items():
-        table.add_row(name, _tubelet(name, m), _top1(m), f"{m['mean_class_accuracy']:.3f}", f"{m['axis_accuracy']:.3f}",
+        table.add_row(short_row(name), _tubelet(name, m), _top1(m), f"{m['mean_class_accuracy']:.3f}", f"{m['axis_accuracy']:.3f}",
                       "reused" if m["reused"] else f"{m['seconds']:.0f} s")
     table.add_row("[dim]chance[/]", "", *(f"[dim]{c:.3f}[/]" for c in (1 / len(MOTIONS), 1 / len(MOTIONS), 1 / len(AXES))), "")
     console.print(table)
@@ -401,14 +434,15 @@ def retrieval_reading(result: dict) -> list[str]:
 def retrieval_table(result: dict) -> Table:
     """A rich table of the retrieval rows (percent); the headline rows in bold."""
     table = Table(title=f"zero-shot retrieval on motion captions ({result['num_videos']} test clips, "
-                        f"{result['num_texts']} distinct captions; class-level hits)")
+                        f"{result['num_texts']} distinct captions; class-level hits)",
+                  caption=legend(result["rows"], _RETRIEVAL_LEGEND), caption_justify="left")
     table.add_column("model")
     for _, title in _COLUMNS:
-        table.add_column(title, justify="right")
+        table.add_column(_RETRIEVAL_SHORT[title], justify="right")
     headline = set(result["headline"][k] for k in ("student", "teacher"))
     for name, m in result["rows"].items():
         style = "bold" if name in headline else ("dim" if name == CHANCE else "")
-        table.add_row(name, *(f"{m[key]:.1f}" for key, _ in _COLUMNS), style=style)
+        table.add_row(short_row(name), *(f"{m[key]:.1f}" for key, _ in _COLUMNS), style=style)
     return table
 
 

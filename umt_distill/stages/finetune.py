@@ -37,6 +37,7 @@ from umt_distill.training.checkpoint import find_resume_checkpoint, latest_check
 from umt_distill.training.layer_decay import layer_decay_lr_scale
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
+from umt_distill.training.progress import StepProgress, track
 from umt_distill.training.stage_parts import NonFiniteLossError
 
 
@@ -77,6 +78,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
     if ckpt is not None:
         step = resume_training(ckpt, model, optimizer, metrics, env.is_main)
+    progress = StepProgress("finetune", total_steps, start=step, enabled=env.is_main)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     recipe_yaml = recipe_to_yaml(cfg)
     last: dict = {}
@@ -124,6 +126,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                     "clips_per_s": seen * env.world_size / step_time}
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics.log(last)
+            progress.update(step, loss=loss_sum)
             epoch_done = step % steps_per_epoch == 0
             if ft.val_source and ft.eval_every and epoch_done and (epoch + 1) % ft.eval_every == 0 and step < total_steps:
                 val = evaluate_model(model, cfg, ft.val_source, env, device, num_clips=1, num_crops=1)[0]
@@ -368,7 +371,8 @@ def evaluate_model(model: torch.nn.Module, cfg: Recipe, source: str, env: du.Dis
     model.eval()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
     ids, keys, logits_list, label_of = [], [], [], {}
-    for batch in _loader(mine, ft.eval_batch_size, cfg.train.num_workers, collate_test):
+    batches = _loader(mine, ft.eval_batch_size, cfg.train.num_workers, collate_test)
+    for batch in track(batches, "eval", math.ceil(len(mine) / ft.eval_batch_size), enabled=env.is_main):
         B, V = batch["pixels"].shape[:2]
         pixels = batch["pixels"].to(device).flatten(0, 1)  # [B·V, T, 3, S, S] uint8
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

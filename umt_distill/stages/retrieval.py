@@ -44,6 +44,7 @@ from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint, weights_file
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
+from umt_distill.training.progress import StepProgress
 from umt_distill.training.stage_parts import NonFiniteLossError, mask_generator
 
 WEIGHTS = {"uta": 0.0, "vtc": 1.0, "vtm": 1.0, "mlm": 0.0}
@@ -91,6 +92,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     ckpt = find_resume_checkpoint(out_dir, resume)
     if ckpt is not None:
         step = resume_training(ckpt, model, optimizer, metrics, env.is_main)
+    progress = StepProgress("retrieval", total_steps, start=step, enabled=env.is_main)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     recipe_yaml, last = recipe_to_yaml(cfg), {}
     while step < total_steps:
@@ -136,6 +138,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                     "step_time": step_time, "data_time": data_time, "samples_per_s": micro * accum * env.world_size / step_time}
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics.log(last)
+            progress.update(step, loss=sums["loss"])
             if step % cfg.train.ckpt_every == 0 or step == total_steps:
                 state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
                 if env.is_main:

@@ -16,10 +16,12 @@ import torch
 from umt_distill.cache.spec import SpecMismatchError, read_spec
 from umt_distill.config import Recipe, recipe_to_yaml
 from umt_distill.data.pixels import normalize_video
+from umt_distill.data.targets import batch_pixels
 from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
+from umt_distill.training.progress import StepProgress
 from umt_distill.training.stage_parts import (
     NonFiniteLossError,
     build_data,
@@ -63,6 +65,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     ckpt = find_resume_checkpoint(out_dir, resume)
     if ckpt is not None:
         step = resume_training(ckpt, student, optimizer, metrics, env.is_main)
+    progress = StepProgress("stage1", total_steps, start=step, enabled=env.is_main)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     recipe_yaml = recipe_to_yaml(cfg)
     last: dict = {}
@@ -87,7 +90,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
             for micro in range(cfg.train.accum_steps):
                 batch = next(batches)
                 data_time += time.perf_counter() - t_data
-                pixels = batch["pixels"].to(device, non_blocking=True)  # [B, T, 3, H, W] uint8
+                pixels = batch_pixels(batch, device)  # [B, T, 3, H, W] uint8
                 # Cached or online targets at the visible positions, and the mask that chose them.
                 targets, visible_idx = step_targets(cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
                 sync = micro == cfg.train.accum_steps - 1
@@ -115,6 +118,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                     "step_time": step_time, "data_time": data_time, "tokens_per_s": n_tokens * env.world_size / step_time}
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics.log(last)
+            progress.update(step, loss=loss_sum)
             if step % cfg.train.ckpt_every == 0 or step == total_steps:
                 state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
                 if env.is_main:

@@ -20,6 +20,7 @@ import torch
 from umt_distill.cache.spec import SpecMismatchError, read_spec
 from umt_distill.config import Recipe, recipe_to_yaml
 from umt_distill.data.pixels import normalize_video
+from umt_distill.data.targets import batch_pixels
 from umt_distill.data.text import prepare_tokenizer, special_ids, tokenize
 from umt_distill.data.vl import SourceData, build_source, source_schedule
 from umt_distill.losses_vl import LOSS_NAMES, Stage2Objective, freeze_unused
@@ -27,6 +28,7 @@ from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint, weights_file
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
+from umt_distill.training.progress import StepProgress
 from umt_distill.training.stage_parts import NonFiniteLossError, build_student, check_store_matches, mask_generator, step_targets
 
 
@@ -64,6 +66,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     ckpt = find_resume_checkpoint(out_dir, resume)
     if ckpt is not None:
         step = resume_training(ckpt, model, optimizer, metrics, env.is_main)
+    progress = StepProgress("stage2", total_steps, start=step, enabled=env.is_main)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     recipe_yaml, last = recipe_to_yaml(cfg), {}
     while step < total_steps:
@@ -84,7 +87,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
             for m in range(accum):
                 batch = next(batches[source])
                 data_time += time.perf_counter() - t_data
-                pixels = batch["pixels"].to(device, non_blocking=True)  # [B, T, 3, H, W] uint8 (T = 1: images)
+                pixels = batch_pixels(batch, device)  # [B, T, 3, H, W] uint8 (T = 1: images)
                 targets, visible_idx = None, None
                 if weights["uta"] > 0:  # UMT: without UTA the student sees every token
                     targets, visible_idx = step_targets(src.cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
@@ -115,6 +118,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                     "samples_per_s": micro * accum * env.world_size / step_time}
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics.log(last)
+            progress.update(step, loss=sums["loss"])
             if step % cfg.train.ckpt_every == 0 or step == total_steps:
                 state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
                 if env.is_main:

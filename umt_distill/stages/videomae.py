@@ -25,6 +25,7 @@ from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
+from umt_distill.training.progress import StepProgress
 from umt_distill.training.stage_parts import NonFiniteLossError, build_data, check_store_matches
 from umt_distill.training.videomae_parts import (
     build_model,
@@ -73,6 +74,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     ckpt = find_resume_checkpoint(out_dir, resume)
     if ckpt is not None:
         step = resume_training(ckpt, core, optimizer, metrics, env.is_main)
+    progress = StepProgress("videomae", total_steps, start=step, enabled=env.is_main)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     recipe_yaml = recipe_to_yaml(cfg)
     last: dict = {}
@@ -127,6 +129,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                     "tokens_per_s": n_tokens * W / step_time, "reconstructed_tokens": n_decoded * W}
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics.log(last)
+            progress.update(step, loss=last["loss"])
             if step % cfg.train.ckpt_every == 0 or step == total_steps:
                 state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
                 if env.is_main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -69,10 +70,13 @@ def build_data(cfg: Recipe, env: DistEnv, targets: bool = True):
     rows = []
     online = cfg.teacher.mode == "online" or not targets
     if online or cfg.train.pixels_from == "video":
+        from umt_distill.data.video import preload_video_backend
+
         rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
-    sampler = None
-    if not online and cfg.cache.layout == "wds":
-        dataset = StreamingViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
+        preload_video_backend(cfg.corpus.video_backend)  # once here, not in every worker of every epoch
+    sampler, stream = None, not online and cfg.cache.layout == "wds"
+    if stream:  # batches are assembled in the workers, targets in their stored dtypes
+        dataset = StreamingViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows}, jpeg_device=jpeg_device(cfg))
         per_rank = dataset.clips_per_rank(env.world_size)
     else:
         if online:
@@ -85,12 +89,45 @@ def build_data(cfg: Recipe, env: DistEnv, targets: bool = True):
 
     def make_loader() -> DataLoader:
         # Its own generator: creating an iterator must not consume the global RNG (resume exactness).
-        return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                          drop_last=True, pin_memory=torch.cuda.is_available(),
+        return DataLoader(dataset, batch_size=None if stream else cfg.train.batch_size, sampler=sampler,
+                          num_workers=workers, drop_last=not stream, pin_memory=torch.cuda.is_available(),
                           generator=torch.Generator().manual_seed(cfg.seed),
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
     return dataset, sampler, make_loader, per_rank
+
+
+def jpeg_device(cfg: Recipe) -> str | None:
+    """Where JPEG view frames are decoded: on the training GPU (nvJPEG) when there is one, else in the
+    DataLoader workers (a CPU step would otherwise decode in the training process)."""
+    device = cfg.train.device
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "cuda" if device == "auto" else device
+    return None
+
+
+@functools.cache
+def target_codec(store: str, name: str):
+    """The codec that dequantises a store's targets in the step, bound to its basis where it has one
+    (one instance per store; ``name`` is the recipe's ``cache.codec``, checked against the spec)."""
+    from umt_distill.cache.basis import codec_for_store
+
+    codec = codec_for_store(store)
+    if codec.name != name:
+        raise ValueError(f"{store}: targets are {codec.name}, the recipe says cache.codec={name}")
+    return codec
+
+
+def device_targets(batch: dict, codec, device: torch.device) -> torch.Tensor:
+    """The batch's cached tokens, moved in their stored dtype and decoded to float32 on ``device``.
+
+    The parts are the record's stored arrays (``tokens`` or ``tokens.<part>``, see ``cache/record.py``);
+    only their bytes cross to the device.
+    """
+    from umt_distill.cache.record import part_name
+
+    parts = {p: batch[part_name("tokens", p)].to(device, non_blocking=True) for p in codec.parts}
+    return codec.decode_torch(parts)
 
 
 def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -112,10 +149,11 @@ def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: t
         out = teacher(pixels)
         tokens, attn = out.tokens.float(), out.attn.float()  # [B, K, T, N, D], [B, T, N]
     else:
-        tokens, attn = batch["tokens"].to(device), batch["attn"].to(device)
+        tokens = device_targets(batch, target_codec(str(cfg.cache.store), cfg.cache.codec), device)  # [B, K, T, N(_vis), D] float32
+        attn = batch["attn"].to(device, non_blocking=True).float()
     B, T, N = attn.shape
     if "visible_idx" in batch:  # mode visible: the mask was drawn at cache time; tokens are [B, K, T, N_vis, D]
-        vis = batch["visible_idx"].to(device)  # [B, T, N_vis]
+        vis = batch["visible_idx"].to(device, non_blocking=True).long()  # [B, T, N_vis]
         visible_idx = (vis + torch.arange(T, device=device).view(1, T, 1) * N).flatten(1)  # [B, T*N_vis]
         return tokens.flatten(2, 3).transpose(0, 1), visible_idx
     # A CPU generator keeps masks reproducible on any device; the noise it draws moves to `device`.

@@ -1,0 +1,269 @@
+"""The training input path: WebDataset epoch-slot groups (format 2), batches in stored dtypes decoded on
+the device, JPEG frames the teacher saw — each checked against the plain reference reader."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_stores import make_record
+
+from umt_distill.cache.record import StoreDamagedError
+from umt_distill.cache.stores import CacheReader, init_store_root, open_shard_writer, write_index
+from umt_distill.config import load_recipe
+from umt_distill.data.targets import StreamingViewDataset, batch_pixels, stored_targets
+from umt_distill.data.views import epoch_view
+from umt_distill.cache.codecs import get_codec
+from umt_distill.training.stage_parts import device_targets
+
+SEED, VIEWS, CLIPS, SHARDS = 3, 3, 5, 2
+
+
+def build_wds(root: Path, codec: str = "fp16", frames: str = "none", visible: int | None = None,
+              grouped: bool = True, compressor: str = "zstd") -> None:
+    """A complete wds store of random records, written the way the pipeline writes (spec, shards, index)."""
+    init_store_root(root, "wds", {})
+    spec = {"layout": "wds", "codec": {"name": codec, "compressor": compressor}, "frames": frames,
+            "views": {"num_views": VIEWS, "seed": SEED}, "mode": {"mode": "visible" if visible else "full"}}
+    (root / "spec.json").write_text(json.dumps(spec))
+    infos = []
+    for s in range(SHARDS):
+        options = {"num_views": VIEWS, "view_seed": SEED} if grouped else {}
+        writer = open_shard_writer("wds", root / "shards", f"shard-{s:06d}", codec, compressor, frames=frames, **options)
+        for c in range(CLIPS):
+            for v in range(VIEWS):
+                writer.add(make_record(f"vids/clip.{s}.{c}.mp4", v, seed=100 * s + 10 * c + v, visible=visible,
+                                       frames=frames != "none"))
+        infos.append(writer.close())
+    write_index(root, "wds", infos)
+
+
+def _cfg(batch_size: int = 2, pixels_from: str = "store", workers: int = 0, codec: str = "fp16"):
+    return load_recipe("stage1/tiny", [f"seed={SEED}", f"train.batch_size={batch_size}", f"train.pixels_from={pixels_from}",
+                                       f"train.num_workers={workers}", "train.shuffle_buffer=0", f"cache.codec={codec}"])
+
+
+def test_each_group_holds_the_views_of_its_epoch_slot_and_the_tar_stays_plain(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    build_wds(tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["format"] == 2
+    for shard in index["shards"]:
+        tar = tmp_path / "shards" / f"{shard['name']}.tar"
+        groups = shard["groups"]
+        assert [g["num_records"] for g in groups] == [CLIPS] * VIEWS
+        assert groups[0]["offset"] == 0  # contiguous ranges, in slot order
+        assert all(a["offset"] + a["nbytes"] == b["offset"] for a, b in zip(groups, groups[1:]))
+        with tarfile.open(tar) as t:  # a standard tar: members of group g lie inside its byte range
+            for m in t.getmembers():
+                g = int(m.name.split("_")[1])  # <shard>_<group>_<row>.<entry>
+                assert groups[g]["offset"] <= m.offset < groups[g]["offset"] + groups[g]["nbytes"]
+        for slot in range(VIEWS):  # every sample of group g is the view that epochs g, g + K, ... show
+            start = sum(g["num_records"] for g in groups[:slot])
+            for clip, view in shard["records"][start : start + CLIPS]:
+                assert all(epoch_view(SEED, clip, e, VIEWS) == view for e in (slot, slot + VIEWS))
+        # plain webdataset still reads every sample of the shard, end to end
+        samples = list(wds.WebDataset(str(tar), shardshuffle=False))
+        assert len(samples) == CLIPS * VIEWS
+
+
+def _clip_views(ds: StreamingViewDataset) -> list[tuple[str, int]]:
+    return [(c, int(v)) for batch in ds for c, v in zip(batch["clip_id"], batch["view_index"])]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_an_epoch_streams_each_clip_once_in_its_epoch_view_and_reads_only_its_group(tmp_path: Path, grouped: bool,
+                                                                                    monkeypatch) -> None:
+    from umt_distill.cache import wds_stream
+
+    build_wds(tmp_path, grouped=grouped)
+    ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
+    read = []
+    real = wds_stream.iter_range_samples
+    monkeypatch.setattr(wds_stream, "iter_range_samples", lambda url, o=0, n=None: (read.append(n), real(url, o, n))[1])
+    clips = sorted({c for s in ds.shards for c, _ in s["records"]})
+    for epoch in range(VIEWS + 1):
+        ds.set_epoch(epoch)
+        read.clear()
+        got = _clip_views(ds)
+        assert sorted(got) == sorted((c, epoch_view(SEED, c, epoch, VIEWS)) for c in clips)
+        tar_bytes = sum((tmp_path / "shards" / f"{s['name']}.tar").stat().st_size for s in ds.shards)
+        if grouped:  # one group per shard: 1/K of the data
+            assert sum(read) == sum(s["groups"][epoch % VIEWS]["nbytes"] for s in ds.shards) < tar_bytes / (VIEWS - 0.5)
+        else:  # format-1 order: the whole tar
+            assert read == [None] * SHARDS
+    assert ds.batches_per_rank(1) == SHARDS * CLIPS
+
+
+CASES = [("fp32", "full", "none"), ("fp16", "full", "raw"), ("bf16", "full", "none"), ("int8", "full", "jpeg"),
+         ("int8", "visible", "raw"), ("fp16", "visible", "jpeg")]
+
+
+@pytest.mark.parametrize("codec, mode, frames", CASES)
+def test_batches_decoded_on_the_device_equal_the_float32_reference(tmp_path: Path, codec: str, mode: str,
+                                                                   frames: str) -> None:
+    build_wds(tmp_path, codec, frames, visible=2 if mode == "visible" else None)
+    reader = CacheReader(tmp_path)
+    ds = StreamingViewDataset(tmp_path, _cfg(batch_size=3, codec=codec), pixels=frames != "none")
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        for batch in ds:
+            assert batch["tokens" if codec in ("fp32", "fp16", "bf16") else "tokens.q"].dtype == {
+                "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.uint16, "int8": torch.int8}[codec]
+            got = device_targets(batch, get_codec(codec), torch.device("cpu"))
+            for b, (clip, view) in enumerate(zip(batch["clip_id"], batch["view_index"].tolist())):
+                ref = reader.get(clip, view)  # float32 decoded on the CPU by the plain webdataset reader
+                m = epoch % 2
+                want = ref.tokens if mode == "full" else ref.tokens[m]
+                assert torch.equal(got[b], torch.from_numpy(want)), (codec, clip)  # bit-identical, int8 included
+                assert torch.equal(batch["attn"][b], torch.from_numpy(ref.attn))
+                if mode == "visible":
+                    assert torch.equal(batch["visible_idx"][b], torch.from_numpy(ref.visible_idx[m]))
+                if frames != "none":
+                    assert torch.equal(batch["pixels"][b], torch.from_numpy(ref.frames))
+
+
+def test_jpeg_frames_shipped_as_bytes_decode_on_the_device_to_the_worker_pixels(tmp_path: Path) -> None:
+    build_wds(tmp_path, "int8", "jpeg")
+    in_worker = list(StreamingViewDataset(tmp_path, _cfg(batch_size=2)))
+    shipped = list(StreamingViewDataset(tmp_path, _cfg(batch_size=2), jpeg_device="cpu"))
+    assert "pixels" not in shipped[0] and shipped[0]["frames_jpeg"].dtype == torch.uint8
+    for a, b in zip(in_worker, shipped, strict=True):
+        assert torch.equal(a["pixels"], batch_pixels(b, torch.device("cpu")))
+
+
+def test_zarr_items_keep_stored_dtypes(tmp_path: Path) -> None:
+    from test_stores import build_store
+
+    from umt_distill.data.targets import CachedViewDataset
+
+    build_store(tmp_path, "zarr", "int8", frames="raw")
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    spec["views"] = {"num_views": 2, "seed": 0}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    ds = CachedViewDataset(tmp_path, _cfg(codec="int8"))
+    reader = CacheReader(tmp_path)
+    item = ds[0]
+    assert item["tokens.q"].dtype == torch.int8 and "pooled" not in item
+    ref = reader.get(item["clip_id"], item["view_index"])
+    batch = torch.utils.data.default_collate([item])
+    assert torch.equal(device_targets(batch, get_codec("int8"), torch.device("cpu"))[0], torch.from_numpy(ref.tokens))
+    assert torch.equal(item["pixels"], torch.from_numpy(ref.frames))
+    assert set(stored_targets({"attn": ref.attn, "tokens": ref.tokens}, "full", 0)) == {"attn", "tokens"}
+
+
+def test_a_wrong_group_range_or_a_truncated_tar_names_the_tar(tmp_path: Path) -> None:
+    build_wds(tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["shards"][0]["groups"][1]["offset"] += 512  # no longer at a member header
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
+    ds.set_epoch(1)
+    with pytest.raises(StoreDamagedError, match=r"shard-000000\.tar"):
+        list(ds)
+    build_wds(tmp_path / "b")
+    tar = tmp_path / "b" / "shards" / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    ds = StreamingViewDataset(tmp_path / "b", _cfg(batch_size=1), pixels=False)
+    ds.set_epoch(VIEWS - 1)
+    with pytest.raises(StoreDamagedError, match=r"shard-000001\.tar.*truncated"):
+        list(ds)
+
+
+# --------------------------------------------------------------------------------------------------
+# through cache-teacher and the stage-1 loop
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    import csv
+
+    from umt_distill.data.synthetic import moving_shapes_video, write_video
+
+    folder = tmp_path_factory.mktemp("ipvideos")
+    with open(folder / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path"])
+        for i in range(8):
+            write_video(folder / f"v{i}.mp4", moving_shapes_video(12, 64, 80, seed=200 + i), fps=10)
+            w.writerow([f"v{i}", f"v{i}.mp4"])
+    return folder / "m.csv"
+
+
+@pytest.fixture(scope="module")
+def jpeg_store(corpus, tmp_path_factory) -> Path:
+    from umt_distill.cache.pipeline import cache_teacher
+
+    store = tmp_path_factory.mktemp("ipstore") / "wds"
+    cache_teacher(load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32"]),
+                  progress=False)
+    return store
+
+
+@pytest.mark.parametrize("layout", ["wds", "zarr"])
+def test_with_jpeg_frames_the_teacher_saw_the_decoded_pixels(corpus, jpeg_store, tmp_path, layout) -> None:
+    from umt_distill.cache.pipeline import build_teacher, cache_teacher
+    from umt_distill.cache.record import frames_digest
+
+    store = jpeg_store
+    if layout == "zarr":
+        store = tmp_path / "zarr"
+        cache_teacher(load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32",
+                                                      "cache.layout=zarr"]), progress=False)
+    cfg = load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=fp32"])
+    teacher = build_teacher(cfg, torch.device("cpu"))
+    records = list(CacheReader(store))
+    assert len(records) == 16
+    for rec in records:
+        assert frames_digest(rec.frames) == rec.frames_digest  # the digest is of the decoded JPEGs
+    with torch.no_grad():
+        out = teacher(torch.from_numpy(np.stack([r.frames for r in records[:4]])))
+    # the teacher, run on the pixels training decodes, gives the stored targets
+    assert torch.allclose(out.tokens, torch.from_numpy(np.stack([r.tokens for r in records[:4]])), atol=1e-5)
+
+
+class _ReferenceStream(torch.utils.data.IterableDataset):
+    """The pre-format-2 path: float32 records decoded on the CPU, this epoch's view kept, store order."""
+
+    def __init__(self, store: Path, seed: int, num_views: int) -> None:
+        self.reader, self.seed, self.num_views, self.epoch = CacheReader(store), seed, num_views, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        for rec in self.reader:
+            if rec.view_index == epoch_view(self.seed, rec.clip_id, self.epoch, self.num_views):
+                yield {"clip_id": rec.clip_id, "view_index": rec.view_index, "pixels": torch.from_numpy(rec.frames),
+                       "attn": torch.from_numpy(rec.attn), "tokens": torch.from_numpy(rec.tokens)}
+
+
+def test_training_from_the_stream_gives_the_losses_of_the_float32_reference(corpus, jpeg_store, tmp_path,
+                                                                           monkeypatch) -> None:
+    from umt_distill.stages import stage1
+    from umt_distill.training.metrics import read_metrics
+
+    def losses(run: Path) -> list[float]:
+        cfg = load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={jpeg_store}", "cache.codec=fp32",
+                                              f"train.output_dir={run}", "train.pixels_from=store", "train.max_steps=10",
+                                              "train.batch_size=2", "train.shuffle_buffer=0", "train.ckpt_every=100"])
+        stage1.train(cfg)
+        return [m["loss"] for m in read_metrics(run / "metrics.jsonl")]
+
+    fast = losses(tmp_path / "fast")  # 10 steps = 2.5 epochs of 4 steps: both epoch slots
+    reference = _ReferenceStream(jpeg_store, seed=0, num_views=2)
+
+    def reference_data(cfg, env):
+        def make_loader():
+            return torch.utils.data.DataLoader(reference, batch_size=cfg.train.batch_size, drop_last=True)
+
+        return reference, None, make_loader, 8
+
+    monkeypatch.setattr(stage1, "build_data", reference_data)
+    monkeypatch.setattr("umt_distill.training.stage_parts.target_codec", lambda store, name: get_codec("fp32"))
+    assert losses(tmp_path / "reference") == fast

@@ -267,3 +267,23 @@ def test_training_from_the_stream_gives_the_losses_of_the_float32_reference(corp
     monkeypatch.setattr(stage1, "build_data", reference_data)
     monkeypatch.setattr("umt_distill.training.stage_parts.target_codec", lambda store, name: get_codec("fp32"))
     assert losses(tmp_path / "reference") == fast
+
+
+def test_a_basis_codec_streams_from_wds_and_decodes_on_the_device_like_the_reference(corpus, tmp_path) -> None:
+    from umt_distill.cache.pipeline import cache_teacher
+    from umt_distill.training.stage_parts import target_codec
+
+    store = tmp_path / "pca"
+    cfg = load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=pca8",
+                                          "train.pixels_from=store", "train.batch_size=4", "train.shuffle_buffer=0"])
+    cache_teacher(cfg, progress=False)
+    reader = CacheReader(store)  # binds the store's basis: the float32 reference
+    codec = target_codec(str(store), "pca8")  # what the step uses: bound to the same basis
+    ds = StreamingViewDataset(store, cfg)
+    n = 0
+    for batch in ds:
+        got = device_targets(batch, codec, torch.device("cpu"))
+        for b, (clip, view) in enumerate(zip(batch["clip_id"], batch["view_index"].tolist())):
+            torch.testing.assert_close(got[b], torch.from_numpy(reader.get(clip, view).tokens), rtol=0, atol=1e-6)
+            n += 1
+    assert n == 8

@@ -297,7 +297,7 @@ class CacheReader:
             for row in range(len(shard)):
                 yield shard.read(row)
         else:
-            yield from iter_tar_records(self.shard_path(name), self.shards[name]["records"])
+            yield from iter_tar_records(self.shard_path(name), self.shards[name]["records"], self.codec)
 
     def __iter__(self) -> Iterator[TargetRecord]:
         for name in self.shards:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from umt_distill.cache.codecs import (
+    Codec,
     check_compressor,
     compress_bytes,
     compressor_from_suffix,
@@ -264,15 +265,21 @@ def iter_tar_samples(url: str, expected_records: list | None = None) -> Iterator
         raise StoreDamagedError(url, f"{count} samples, index.json lists {len(expected_records)} (truncated tar?)")
 
 
-def decode_sample(sample: dict[str, Any]) -> TargetRecord:
-    """Decode one raw WebDataset sample of this layout into a float32 :class:`TargetRecord`."""
+def decode_sample(sample: dict[str, Any], codec: Codec | None = None) -> TargetRecord:
+    """Decode one raw WebDataset sample of this layout into a float32 :class:`TargetRecord`.
+
+    Args:
+        codec: The store's codec object when it carries store-level state (``pca<r>``, bound to the
+            basis: ``CacheReader.codec``); by default the one ``view.json`` names.
+    """
     where = f"{sample.get('__url__', '?')}"
     key = sample.get("__key__", "?")
     if "view.json" not in sample:
         raise StoreDamagedError(where, f"sample {key}: no view.json (incomplete sample: truncated tar?)")
     try:
         meta = json.loads(sample["view.json"])
-        codec = get_codec(meta["codec"])
+        if codec is None or codec.name != meta["codec"]:
+            codec = get_codec(meta["codec"])
         frames_mode = meta.get("frames", "none")
         if "crc32c" not in meta and "crc32" not in meta:
             raise KeyError("crc32c")
@@ -335,10 +342,11 @@ def stored_sample_arrays(sample: dict[str, Any], frames: bool = False) -> tuple[
     return meta, arrays
 
 
-def iter_tar_records(url: str, expected_records: list | None = None) -> Iterator[TargetRecord]:
-    """Decoded records of one tar, in order, checked against ``expected_records`` when given."""
+def iter_tar_records(url: str, expected_records: list | None = None, codec: Codec | None = None) -> Iterator[TargetRecord]:
+    """Decoded records of one tar, in order, checked against ``expected_records`` when given
+    (``codec``: see :func:`decode_sample`)."""
     for row, sample in enumerate(iter_tar_samples(url, expected_records)):
-        record = decode_sample(sample)
+        record = decode_sample(sample, codec)
         if expected_records is not None and [record.clip_id, record.view_index] != list(expected_records[row]):
             got = f"{record.clip_id!r} view {record.view_index}"
             raise StoreDamagedError(url, f"sample {row} is {got}, index.json says {expected_records[row]}")

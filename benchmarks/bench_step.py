@@ -82,12 +82,18 @@ class StepSettings:
 
 def store_overrides(size: str, frames: int, manifest: str, store: str, s: StepSettings, codec: str,
                     batch_size: int, workers: int) -> list[str]:
-    """Recipe overrides of the cache-teacher run that builds a configuration's store (1 view per clip)."""
+    """Recipe overrides of the cache-teacher run that builds a configuration's store (1 view per clip).
+
+    The step's cached mode reads a zarr store and re-decodes the pixels from the videos, like its
+    online mode: the comparison isolates the teacher (the recipes' stored-frames WebDataset path is
+    measured by the loader section, ``bench_loader.py``).
+    """
     return [
         f"corpus.source={manifest}", f"cache.store={store}", f"corpus.video_backend={s.backend}",
         "teacher.pretrained=null", f"teacher.precision={s.teacher_precision}", f"cache.device={s.device}",
         "cache.num_views=1", f"cache.batch_size={batch_size}", f"cache.num_workers={workers}",
         f"cache.codec={codec}", "cache.mode=full", "cache.clips_per_shard=64", f"views.num_frames={frames}",
+        "cache.layout=zarr", "cache.frames=none", "cache.compressor=zstd", "train.pixels_from=video",
     ]
 
 

@@ -3,8 +3,8 @@
 The target of token (t, h, w) is its tubelet of raw pixels in [0, 1] — ``tubelet × p × p`` pixels of
 3 channels — flattened in (frame-in-tubelet, row, column, channel) order, the order of the official
 decoder head's outputs. With ``normalize`` every channel of a patch is standardised over its
-``tubelet·p·p`` pixels: ``(x − mean) / (std + 1e-6)`` with the unbiased std (VideoMAE
-``engine_for_pretraining.py``, ``normlize_target``). The loss is the squared error averaged over a
+``tubelet·p·p`` pixels: ``(x − mean) / (std + 1e-6)`` with the unbiased std (VideoMAE code
+@14ef8d8: engine_for_pretraining.py, ``normlize_target``). The loss is the squared error averaged over a
 token's values, then over the tokens that count (VideoMAE: all reconstructed tokens; V2: those the
 encoder did not see).
 """

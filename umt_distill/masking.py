@@ -137,8 +137,8 @@ def running_cell_pattern(num_frames: int, height: int, width: int, ratio: float,
     Every 2×2 cell of the H'×W' token grid holds a queue of 4 slots, the first ``m = int(4·ratio)``
     marked "not decoded"; token (t, h, w) reads slot ``(2·(h mod 2) + (w mod 2) + t + 1 + phase) mod 4``,
     so the pattern moves by one slot per token frame ("running") and over any 4 consecutive frames every
-    position is decoded ``4 − m`` times (VideoMAEv2 ``dataset/masking_generator.py``,
-    ``RunningCellMaskingGenerator``, whose 4 precomputed maps are the 4 phases). Ratio 0.5 decodes half.
+    position is decoded ``4 − m`` times (VideoMAEv2 code @29eab1e:
+    dataset/masking_generator.py, ``RunningCellMaskingGenerator``, whose 4 precomputed maps are the 4 phases). Ratio 0.5 decodes half.
 
     Args:
         num_frames, height, width: The token grid T' × H' × W' (H', W' even).
@@ -184,8 +184,9 @@ def decoder_plan(visible_idx: Tensor, decode: str, total: int, grid: tuple[int, 
     """The tokens the decoder predicts and which of them count in the loss.
 
     ``none`` (VideoMAE): every token the encoder did not see, all in the loss. ``running_cell``
-    (VideoMAE V2 dual masking): the running-cell tokens, whether or not the encoder saw them (as the
-    official code does, so the decoder's cost is fixed); only the ones the encoder did not see count.
+    (VideoMAE V2 dual masking): the running-cell tokens, whether or not the encoder saw them, so the
+    decoder's cost is fixed; only the ones the encoder did not see count (as VideoMAEv2 code @29eab1e:
+    engine_for_pretraining.py does).
 
     Args:
         visible_idx: long [B, L_vis] sorted encoder-visible indices.

@@ -334,7 +334,7 @@ def videomae_train_view(
 ) -> ViewSpec:
     """VideoMAE pretraining view: T consecutive frames every ``sampling_rate``-th, the same multi-scale crop.
 
-    Frames (VideoMAE ``kinetics.py`` ``VideoMAE._sample_train_indices``, one segment): a start drawn
+    Frames (VideoMAE code @14ef8d8: kinetics.py, ``VideoMAE._sample_train_indices``, one segment): a start drawn
     uniformly in ``[lo, hi − T·rate]`` and frames ``start + i·rate``. A window shorter than ``T·rate``
     starts at ``lo`` and clamps the frames that fall past its end to its last frame (VideoMAE repeats its
     last reachable frame there). Crop as :func:`umt_train_view`; VideoMAE pretraining never flips

@@ -1,8 +1,7 @@
 """VideoMAE: the video ViT encoder on the visible tokens, a light pixel decoder, optional UTA heads.
 
-Architecture as VideoMAE's ``PretrainVisionTransformer`` (github.com/MCG-NJU/VideoMAE
-``modeling_pretrain.py``; VideoMAE V2 adds the decoder mask, github.com/OpenGVLab/VideoMAEv2
-``models/modeling_pretrain.py``): the encoder (the same :class:`VisionTransformer` as the UMT student,
+Architecture as VideoMAE's ``PretrainVisionTransformer`` (VideoMAE code @14ef8d8: modeling_pretrain.py;
+VideoMAE V2 adds the decoder mask, VideoMAEv2 code @29eab1e: models/modeling_pretrain.py): the encoder (the same :class:`VisionTransformer` as the UMT student,
 usually with tubelet 2) runs on the visible tokens and ends in its final norm; ``encoder_to_decoder``
 (Linear without bias) maps them to the decoder width; the decoder sees them plus a learned
 ``mask_token`` at every position it must predict, each with the 1-D sine-cosine table of the decoder

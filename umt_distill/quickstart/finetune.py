@@ -97,7 +97,7 @@ class FinetunedModel:
 
 
 def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: dict[str, Path],
-                 settings: FinetuneSettings, console: Console) -> dict:
+                 settings: FinetuneSettings, console: Console, baselines: dict[str, Path] | None = None) -> dict:
     """Fine-tune the distilled students, the control and the image teacher on motion; test each.
 
     Every model is fine-tuned ``settings.seeds`` times (fine-tuning seeds ``cfg.seed + i``: data order,
@@ -112,6 +112,8 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
         runs: Finished stage-1 runs by teacher mode (those the probes report).
         settings: Steps, batch, tubelet, seeds, test views.
         console: Progress and reuse messages.
+        baselines: Pixel-reconstruction runs by model name (``quickstart.baselines=true``), fine-tuned
+            like the distilled students.
 
     Returns:
         ``{"models": {name: {top1, top1_std, top1_seeds, mean_class_accuracy, axis_accuracy, tubelet, role,
@@ -121,7 +123,7 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
     label_map = output / "runs" / "motion_classes.txt"
     label_map.parent.mkdir(parents=True, exist_ok=True)
     label_map.write_text("\n".join(MOTIONS) + "\n", encoding="utf-8")
-    plan = model_plan(output, cfg, runs, settings)
+    plan = model_plan(output, cfg, runs, settings, baselines)
     world_settings = json.loads((Path(world["manifest"]).parent / "world.json").read_text())
 
     jobs: list[FinetuneJob] = []
@@ -224,13 +226,15 @@ def _job_in_process(job: FinetuneJob, threads: int) -> tuple[bool, dict, float]:
     return reused, last, round(time.perf_counter() - t, 1)
 
 
-def model_plan(output: Path, cfg: Recipe, runs: dict[str, Path], settings: FinetuneSettings) -> dict[str, FinetunedModel]:
+def model_plan(output: Path, cfg: Recipe, runs: dict[str, Path], settings: FinetuneSettings,
+               baselines: dict[str, Path] | None = None) -> dict[str, FinetunedModel]:
     """The models of the step, by name: distilled students, control and image teacher on one recipe
     (the students at ``settings.tubelet_size``), then the UMT-exact tubelet-1 rows (``settings.umt_exact``)."""
     from umt_distill.training.checkpoint import latest_checkpoint
 
     t = settings.tubelet_size
     plan = {distilled(mode): FinetunedModel("student", latest_checkpoint(run), t, "distilled") for mode, run in runs.items()}
+    plan.update({name: FinetunedModel("student", latest_checkpoint(run), t, "pixel") for name, run in (baselines or {}).items()})
     plan[CONTROL] = FinetunedModel("student", write_initial_student(output / "runs" / INIT_RUN, cfg), t, "control")
     plan[IMAGE_TEACHER] = FinetunedModel("image_teacher", None, None, "image_teacher")
     if settings.umt_exact and t != 1:

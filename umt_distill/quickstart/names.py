@@ -6,6 +6,7 @@ TEACHER = "teacher (image CLIP)"  # the probes' teacher: its image embedding, fr
 CONTROL = "student, random init (control)"  # the weights stage 1 started from
 IMAGE_TEACHER = "image teacher (CLIP per frame)"  # the fine-tuned image-teacher baseline
 DISTILLED_PREFIX = "student, distilled"
+PIXEL = "student, pixel reconstruction (VideoMAE)"  # quickstart.baselines=true: no teacher, same student and steps
 
 
 def distilled(mode: str) -> str:

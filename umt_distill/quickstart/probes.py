@@ -15,8 +15,12 @@ from umt_distill.quickstart.names import CONTROL, TEACHER, distilled
 from umt_distill.quickstart.settings import QuickstartSettings
 
 
-def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: QuickstartSettings) -> dict:
+def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: QuickstartSettings,
+             baselines: dict[str, Path] | None = None) -> dict:
     """Probe appearance and motion on frozen features of the teacher, each distilled student and the control.
+
+    ``baselines``: pixel-reconstruction runs by model name (``quickstart.baselines=true``); their encoders
+    go into the same student.
 
     Returns:
         ``{"models": {name: {"appearance": {...}, "motion": {...}}}, "num_clips": {...}}``; each task
@@ -43,6 +47,12 @@ def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: Quicksta
         student = build_student(cfg, teacher.embed_dim)
         load_checkpoint(latest_checkpoint(run), student)
         features[distilled(mode)] = {s: student_features(student, p) for s, p in pixels.items()}
+    for name, run in (baselines or {}).items():
+        from umt_distill.quickstart.baselines import load_encoder
+
+        student = build_student(cfg, teacher.embed_dim)
+        load_encoder(student, run)
+        features[name] = {s: student_features(student, p) for s, p in pixels.items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # exactly the weights stage 1 started from
         control = build_student(cfg, teacher.embed_dim)

@@ -160,6 +160,10 @@ def render_markdown(cfg: Recipe, results: dict) -> str:
         lines += ["", *finetune_markdown(results["finetune"])]
     if "retrieval" in results:
         lines += ["", retrieval_markdown(results["retrieval"])]
+    if "baselines" in results:
+        from umt_distill.quickstart.baselines import baselines_markdown
+
+        lines += ["", *baselines_markdown(results)]
     lines += ["", "## Closing note", "", *closing_note(results)]
     lines += ["", "## Steps", "", "| step | status | seconds | note |", "|---|---|---:|---|"]
     lines += [f"| {name} | {status} | {sec:.1f} | {note} |" for name, status, sec, note in results["steps"]]

@@ -12,8 +12,10 @@ from rich.console import Console
 
 from umt_distill.config import recipe_to_yaml
 from umt_distill.data.toyworld import write_world
+from umt_distill.quickstart.baselines import PIXEL_RECIPE, ensure_pixel_trained, pixel_recipe
 from umt_distill.quickstart.cache import ensure_cache
 from umt_distill.quickstart.finetune import run_finetune
+from umt_distill.quickstart.names import PIXEL
 from umt_distill.quickstart.probes import evaluate
 from umt_distill.quickstart.report import print_table, write_report
 from umt_distill.quickstart.runs import StepLog
@@ -85,16 +87,32 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
     log.add(f"stage 1 ({cfg.teacher.mode})", reused, time.perf_counter() - t)
     _said(console, reused, "training run")
 
+    baselines, baseline_info = {}, None
+    if settings.baselines:  # the same student, the same steps, pixel reconstruction instead of UTA
+        t = time.perf_counter()
+        pixel_cfg = pixel_recipe(output, world, teacher, recipe_overrides, cfg.teacher.mode)
+        console.print(f"[bold]4b/{NUM_STEPS} pixel reconstruction[/] (quickstart.baselines=true) → {pixel_cfg.train.output_dir}")
+        reused, pixel_run, last = ensure_pixel_trained(pixel_cfg, teacher["weights_sha256"], console)
+        seconds = time.perf_counter() - t
+        log.add("pixel reconstruction", reused, seconds)
+        _said(console, reused, "pixel-reconstruction run")
+        baselines[PIXEL] = pixel_run
+        baseline_info = {"run": str(pixel_run), "steps": last.get("step"), "final_loss": last.get("loss_pixel"),
+                         "seconds": last.get("train_seconds", round(seconds, 1)), "reused": reused,
+                         "recipe_overrides": list(PIXEL_RECIPE)}
+
     t = time.perf_counter()
     console.print(f"[bold]5/{NUM_STEPS} probes[/] on frozen features (train → fit, val → ridge strength, test → accuracy)")
     runs = finished_runs(output, cfg, teacher["weights_sha256"])
-    results = evaluate(cfg, world, runs, settings)
+    results = evaluate(cfg, world, runs, settings, baselines)
     log.add("probes", False, time.perf_counter() - t)
 
     t = time.perf_counter()  # reuses finished runs of the same init
     console.print(f"[bold]6/{NUM_STEPS} fine-tune[/] on the motion labels ({settings.finetune.steps} steps per model; "
                   "train split → fit, test split → top-1)")
-    results["finetune"] = run_finetune(output, cfg, world, teacher, runs, settings.finetune, console)
+    results["finetune"] = run_finetune(output, cfg, world, teacher, runs, settings.finetune, console, baselines)
+    if baseline_info is not None:
+        results["baselines"] = {**baseline_info, "name": PIXEL}
     log.add("fine-tune", results["finetune"]["reused"], time.perf_counter() - t, f"{len(results['finetune']['models'])} models")
 
     t = time.perf_counter()  # from this teacher mode's stage-1 run

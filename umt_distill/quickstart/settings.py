@@ -61,6 +61,8 @@ class QuickstartSettings:
         clip_images: Still images in the tiny CLIP's image–caption corpus.
         clip_eval_images: Held-out stills for its zero-shot accuracy.
         knn_k: Neighbours of the kNN probe.
+        baselines: Also train the stage-1 student by pixel reconstruction (VideoMAE) for the same steps
+            and report it beside the distilled one in the probes and the fine-tuning (``baselines.py``).
         threads: torch CPU threads. The models are so small that one op's work does not pay for
             splitting it: measured here, a stage-1 step of the tiny student took 81 ms on 1 thread and
             900 ms on 2 while another process used the second core (threads spin-wait for each other).
@@ -74,6 +76,7 @@ class QuickstartSettings:
     clip_images: int = 6000
     clip_eval_images: int = 500
     knn_k: int = 10
+    baselines: bool = False
     threads: int = 1
 
 

@@ -44,8 +44,10 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     v = cfg.videomae
     uta = v.target == "uta+pixel"
+    # Pixels come from the videos, or (train.pixels_from=store) from a cache store's view frames, as in stage 1.
+    from_store = uta or cfg.train.pixels_from == "store"
     teacher, teacher_dim = None, None
-    if uta and cfg.teacher.mode == "cached":
+    if from_store and cfg.teacher.mode == "cached":
         from umt_distill.cache.spec import read_spec
 
         spec = read_spec(cfg.cache.store)
@@ -57,7 +59,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
         teacher = build_teacher(cfg, device)  # frozen; never wrapped, never in the optimizer
         teacher_dim = teacher.embed_dim
     core = build_model(cfg, teacher_dim).to(device)
-    dataset, sampler, make_loader, clips_per_rank = build_data(cfg, env, targets=uta)
+    dataset, sampler, make_loader, clips_per_rank = build_data(cfg, env, targets=from_store)
     B, A, W = cfg.train.batch_size, cfg.train.accum_steps, env.world_size
     steps_per_epoch = clips_per_rank // (B * A)
     if steps_per_epoch == 0:

@@ -129,14 +129,16 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None), kernel():
             if model.__class__.__name__ == "UMTStudent":
-                targets, vis = step_targets(cfg, cached, pixels, teacher, mask_generator(0, step, 0), device)
+                gen = mask_generator(0, step, 0)
+                targets, vis = (step_targets(cfg, cached, pixels, teacher, gen, device) if teacher is not None
+                                else _in_memory_targets(cfg, cached, gen, device))
                 loss, _ = uta_loss(model(normalize_video(pixels), vis).float(), targets)
                 counts = {"visible_tokens": vis.shape[1], "decoded_tokens": 0}
             else:
                 from umt_distill.stages.videomae import _losses
                 from umt_distill.training.videomae_parts import step_plan
 
-                plan = step_plan(cfg, cached, pixels, None, step, list(range(B)), 16, device)
+                plan = step_plan(cfg, pixels, cached.get("tokens"), cached.get("attn"), step, list(range(B)), 16, device)
                 pred, align = model(normalize_video(pixels), plan.visible_idx, plan.decode_idx)
                 pix, uta_l = _losses(pred, align, plan)
                 loss = pix + uta_l
@@ -158,6 +160,17 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
             "peak_mb": round(peak - base, 1), "step_peak_mb": round(step_peak - steady, 1),
             "base_mb": round(base, 1), "memory": "cuda max_memory_allocated" if s.device.startswith("cuda")
             else "CPU resident-set high-water mark (VmHWM) minus the pre-build resident set"}
+
+
+def _in_memory_targets(cfg, cached: dict, gen, device):
+    """Stage 1's cached targets at the visible tokens (``step_targets`` without a store to decode from):
+    the float32 tokens as the loader delivers them, a semantic mask from the attention."""
+    from umt_distill.losses import gather_visible
+    from umt_distill.registry import MASKS
+
+    B, T, N = cached["attn"].shape
+    visible_idx = MASKS.get(cfg.mask.type)(B, T, N, cfg.mask.ratio, gen, attn=cached["attn"], device=device)
+    return gather_visible(cached["tokens"].flatten(2, 3).transpose(0, 1), visible_idx), visible_idx  # [K, B, L, D]
 
 
 def _attention_kernel(name: str):

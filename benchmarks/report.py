@@ -179,33 +179,92 @@ def _step_md(res: dict) -> list[str]:
     return lines + [""]
 
 
+def _layers(r: dict) -> str:
+    return " / ".join(f"{c:.4f}" for c in r.get("layer_mean_cos", []))
+
+
 def storage_md(res: dict, stem: str) -> list[str]:
     st = res.get("storage")
     if not st:
         return []
     ref = st["reference"]
     lines = ["## 2. Storage vs fidelity", "",
+             "### Random-weights headline teacher (shapes and bytes)", "",
              f"The same {ref['records']} clip-views (targets K×T×N×D = {ref['shape_KTND']}, {ref['tokens_compared']} tokens) "
              f"re-encoded with each codec (zstd on top). Visible mode keeps {ref['visible_tokens_per_frame']} tokens per frame "
-             f"(mask ratio {ref['mask_ratio']}, one mask per view). Cosine is per token against fp32. Loss = UTA loss of a "
+             f"(mask ratio {ref['mask_ratio']}, one mask per view). Cosine is per token against fp32 (per layer: mean, "
+             f"last layer last). Loss = UTA loss of a "
              f"freshly initialised `{ref['loss_student']}` on a fixed batch of {ref['loss_batch']} clip-views, fp32 targets vs codec targets "
              "(same predictions and mask). Write = encode + compress + write + fsync; read = cold (page cache evicted) "
-             "read + decode to float32. MB/s are of on-disk bytes.", "",
-             "| codec | mode | MB per clip-view | write MB/s | read MB/s | read clip-views/s | mean cos | p1 cos | loss fp32 | |Δ loss| |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "read + decode to float32. MB/s are of on-disk bytes. Random weights have no low-rank structure: "
+             "the pca rows here show cost, not the fidelity a trained CLIP would keep.", "",
+             "| codec | mode | MB per clip-view | write MB/s | read MB/s | read clip-views/s | mean cos | p1 cos | mean cos per layer | loss fp32 | |Δ loss| |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in st["rows"]:
         lines.append(f"| {r['codec']} | {r['mode']} | {r['bytes_per_clip_view'] / 1e6:.4f} | {r['write_mb_per_s']:.1f} | "
                      f"{r['read_mb_per_s']:.1f} | {r['read_records_per_s']:.2f} | {r['mean_cos']:.6f} | {r['p1_cos']:.6f} | "
-                     f"{r['loss_fp32']:.5f} | {r['loss_abs_diff']:.2e} |")
-    lines += ["", f"![bytes vs cosine]({stem}-storage.png)", "",
-              f"UMT target shapes and a Kinetics-710 projection ({K710_CLIPS / 1e6:.2f} M training clips, 658,340 in the "
+                     f"{_layers(r)} | {r['loss_fp32']:.5f} | {r['loss_abs_diff']:.2e} |")
+    lines += ["", f"![bytes vs cosine]({stem}-storage.png)", ""]
+    lines += _trained_md(st.get("trained"))
+    lines += _faithful_md(st.get("smallest_faithful"))
+    lines += [f"UMT target shapes and a Kinetics-710 projection ({K710_CLIPS / 1e6:.2f} M training clips, 658,340 in the "
               "k710 list of VideoMAEv2's `docs/DATASET.md`; one view per clip — multiply by K views). Raw = exact array bytes from the "
-              "shapes; on disk = raw × the on-disk/raw ratio measured above for that codec and mode.", "",
-              "| model | codec | mode | raw MB / clip-view | on-disk MB / clip-view | K710 TB per view (raw) | K710 TB per view (on disk) |",
-              "|---|---|---|---|---|---|---|"]
-    for p in st["projection"]:
-        lines.append(f"| {p['model']} | {p['codec']} | {p['mode']} | {p['raw_mb_per_clip_view']:.4f} | {p['disk_mb_per_clip_view']:.4f} | "
-                     f"{p['k710_tb_per_view_raw']:.3f} | {p['k710_tb_per_view_disk']:.3f} |")
+              "shapes (visible mode at UMT's 80 % mask ratio; pca ranks at the same share of D, or of K×D for jpca); on disk = raw × "
+              "the on-disk/raw ratio measured above for that codec and mode. A pca store also holds its basis once "
+              "(float32, K×(1+r)×D or (1+r)×K×D values), not counted per clip-view.", "",
+              "| teacher measured | model | codec (projected as) | mode | raw MB / clip-view | on-disk MB / clip-view | K710 TB per view (raw) | K710 TB per view (on disk) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for label, section in (("random weights", st), ("trained tiny CLIP", st.get("trained"))):
+        for p in (section or {}).get("projection", []):
+            lines.append(f"| {label} | {p['model']} | {p['codec']} ({p.get('target_codec', p['codec'])}) | {p['mode']} | "
+                         f"{p['raw_mb_per_clip_view']:.4f} | {p['disk_mb_per_clip_view']:.4f} | "
+                         f"{p['k710_tb_per_view_raw']:.3f} | {p['k710_tb_per_view_disk']:.3f} |")
+    return lines + [""]
+
+
+def _trained_md(tr: dict | None) -> list[str]:
+    if not tr:
+        return []
+    ref, teacher, down = tr["reference"], tr.get("teacher", {}), tr.get("downstream")
+    lines = ["### Trained teacher: the quickstart's tiny CLIP on its toy world", "",
+             f"Teacher `{teacher.get('name')}` ({teacher.get('source')}; zero-shot appearance accuracy "
+             f"{_f(teacher.get('zero_shot_accuracy'))}), targets K×T×N×D = {ref['shape_KTND']} of {ref['records']} clip-views "
+             f"(training split × 4 views), visible mode at the quickstart's mask ratio {ref['mask_ratio']}. "
+             "UMT-B MB = the raw bytes of UMT-B/16 targets with the same codec at the same share of D (visible: 80 % masked; "
+             "zstd ratios at this tiny shape are dominated by per-chunk overhead, so they are not carried over). "
+             "Loss (trained) = UTA loss of the fp32-trained student on a fixed batch with the codec's targets vs fp32's."]
+    if down:
+        seeds = [r for r in down["runs"] if r["seed"] != 0]
+        noise = ", ".join(f"{r['mode']} {_f(abs(r['appearance_linear'] - next(x['appearance_linear'] for x in down['runs'] if x['codec'] == 'fp32' and x['mode'] == r['mode'] and x['seed'] == 0)))}"
+                          for r in seeds if r["codec"] == "fp32")
+        lines[-1] += (f" Probe = linear-probe appearance accuracy (test split, {down['test_clips']} clips: one clip = "
+                      f"{1 / down['test_clips']:.4f}) of the stage-1 student trained {down['epochs']} epochs from the codec's targets, "
+                      f"same seed; Δ probe against fp32 of the same mode (faithful: ≤ 0.01). Two fp32 runs that differ only "
+                      f"in the seed differ by: {noise or '—'}. Rows with mean cos < 0.99 were not trained (—).")
+    lines += ["", "| codec | mode | UMT-B codec | UMT-B MB / clip-view | mean cos | p1 cos | mean cos per layer | |Δ loss| fresh | |Δ loss| trained | probe | Δ probe |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in tr["rows"]:
+        lines.append(f"| {r['codec']} | {r['mode']} | {r.get('umt_b_codec', '')} | {r['umt_b_mb_per_clip_view']:.4f} | "
+                     f"{r['mean_cos']:.6f} | {r['p1_cos']:.6f} | {_layers(r)} | {r['loss_abs_diff']:.2e} | "
+                     f"{_e(r.get('loss_trained_abs_diff'))} | {_f(r.get('appearance_linear'))} | {_f(r.get('probe_diff'))} |")
+    return lines + [""]
+
+
+def _e(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2e}"
+
+
+def _faithful_md(sf: dict | None) -> list[str]:
+    if not sf:
+        return []
+    lines = ["Smallest faithful codec/mode per teacher (`storage.smallest_faithful`; goal ≤ 0.25 MB per UMT-B clip-view):", "",
+             "| teacher | judged by | codec / mode | UMT-B codec | UMT-B MB / clip-view | mean cos | Δ probe | goal met |", "|---|---|---|---|---|---|---|---|"]
+    for key, b in sf.items():
+        if b:
+            lines.append(f"| {key} | {b['judged_by']} | {b['codec']} / {b['mode']} | {b['umt_b_codec']} | {b['umt_b_mb_per_clip_view']:.4f} | "
+                         f"{b['mean_cos']:.6f} | {_f(b.get('probe_diff'))} | {'yes' if b['goal_met'] else 'no'} |")
+        else:
+            lines.append(f"| {key} | — | none faithful | — | — | — | — | no |")
     return lines + [""]
 
 

@@ -73,7 +73,7 @@ class LoaderCase:
     pixels: str = "raw"          # none | raw | jpeg | jpeg-device | video-<backend>
     layout: str = "wds"          # wds | wds-v1 | zarr
     path: str = "fast"           # fast | reference
-    compressor: str = "zstd"
+    compressor: str = "none"     # the stage-1 recipes' choice: int8 tokens and pixels barely compress
 
     @property
     def frames(self) -> str:
@@ -89,30 +89,33 @@ TARGETS_ONLY = LoaderCase(pixels="none")
 
 def default_grid(quick: bool) -> list[LoaderCase]:
     if quick:
-        return [HEADLINE, TARGETS_ONLY, LoaderCase(path="reference", layout="wds-v1"), LoaderCase(pixels="video-pyav")]
-    grid = [
-        # targets alone: codec x mode, fast vs the reference path
-        *(LoaderCase(codec=c, mode=m, pixels="none", path=p, layout="wds" if p == "fast" else "wds-v1")
-          for c in ("fp16", "int8") for m in ("full", "visible") for p in ("fast", "reference")),
-        LoaderCase(pixels="none", compressor="none"),
+        return [HEADLINE, TARGETS_ONLY, LoaderCase(path="reference", layout="wds-v1", compressor="zstd"),
+                LoaderCase(pixels="video-pyav")]
+    ref = {"path": "reference", "layout": "wds-v1", "compressor": "zstd"}  # the path and store of format 1
+    return [
+        # targets alone: codec x mode, fast vs the reference path, compressors, layouts
+        *(LoaderCase(codec=c, mode=m, pixels="none") for c in ("fp16", "int8") for m in ("full", "visible")),
+        *(LoaderCase(codec=c, mode=m, pixels="none", **ref) for c in ("fp16", "int8") for m in ("full", "visible")),
+        LoaderCase(pixels="none", compressor="zstd"),
+        LoaderCase(codec="fp16", mode="full", pixels="none", compressor="zstd"),
         LoaderCase(pixels="none", layout="wds-v1"),
         LoaderCase(pixels="none", layout="zarr"),
-        LoaderCase(codec="fp16", mode="full", pixels="none", layout="zarr"),
-        # pixels: from the store and from the video, int8 visible targets
+        LoaderCase(codec="fp16", mode="full", pixels="none", layout="zarr", compressor="zstd"),
+        # pixels from the store and from the video, int8 visible targets
         HEADLINE,
-        LoaderCase(compressor="none"),
+        LoaderCase(compressor="zstd"),
         LoaderCase(pixels="jpeg"),
         LoaderCase(pixels="jpeg-device"),
-        LoaderCase(pixels="raw", path="reference", layout="wds-v1"),
-        LoaderCase(pixels="jpeg", path="reference", layout="wds-v1"),
+        LoaderCase(pixels="raw", **ref),
+        LoaderCase(pixels="jpeg", **ref),
         LoaderCase(pixels="raw", layout="zarr"),
+        LoaderCase(mode="full"),  # the recipes' mode: fresh masks every epoch
         *(LoaderCase(pixels=f"video-{b}") for b in ("decord", "pyav", "torchcodec")),
         # UMT-L target shapes
         LoaderCase(shape="umt-l", pixels="none"),
         LoaderCase(shape="umt-l"),
-        LoaderCase(shape="umt-l", codec="fp16", mode="full", pixels="none"),
+        LoaderCase(shape="umt-l", codec="fp16", mode="full", pixels="none", compressor="zstd"),
     ]
-    return grid
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ def make_loader(case: LoaderCase, store: Path, manifest: str, batch_size: int, w
         loader = lambda: torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=True, **common)  # noqa: E731
         codec = get_codec("fp32")
     elif case.layout == "zarr":
-        dataset = CachedViewDataset(store, cfg, rows)
+        dataset = CachedViewDataset(store, cfg, rows, pixels=case.pixels != "none")
         sampler = EpochSampler(len(dataset), 0)
         loader = lambda: torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)  # noqa: E731
         codec = get_codec(case.codec)
@@ -520,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates = {f"custom_{r:g}": r for r in args.student_rate} if args.student_rate else dict(YARDSTICKS)
     torch.set_num_threads(1)
     grid = default_grid(args.quick)
-    prof = (HEADLINE, LoaderCase(pixels="raw", path="reference", layout="wds-v1"))
+    prof = (HEADLINE, LoaderCase(pixels="raw", path="reference", layout="wds-v1", compressor="zstd"))
 
     def go(work: Path) -> dict[str, Any]:
         return run_loader(work, grid, rates, args.clips, args.batch_size, args.passes, prof)

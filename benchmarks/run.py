@@ -312,7 +312,7 @@ class Suite:
 
         lp = self.preset["loader"]
         rates = {f"custom_{r:g}": r for r in self.args.student_rate} if self.args.student_rate else dict(YARDSTICKS)
-        profiles = (LOADER_HEADLINE, LoaderCase(pixels="raw", path="reference", layout="wds-v1"))
+        profiles = (LOADER_HEADLINE, LoaderCase(pixels="raw", path="reference", layout="wds-v1", compressor="zstd"))
         return run_loader(clean_dir(self.work / "loader"), default_grid(lp["grid"] == "quick"), rates, lp["clips"],
                           lp["batch_size"], lp["passes"], profiles, all_workers=lp["all_workers"])
 

@@ -21,7 +21,7 @@ MINI = [
     "quickstart.clip.steps=3", "quickstart.clip.batch_size=16", "quickstart.clip_images=48", "quickstart.clip_eval_images=16",
     "views.num_frames=4", "cache.num_views=1", "train.epochs=1", "train.batch_size=4", "train.log_every=1",
     "quickstart.finetune.steps=2", "quickstart.finetune.test_clips=1", "quickstart.finetune.workers=0",
-    "quickstart.stage2_epochs=1",
+    "quickstart.stage2_epochs=1", "quickstart.finetune.parallel=1",  # one run with parallel=2 below
 ]
 DISTILLED = "student, distilled (cached)"
 UMT_EXACT = umt_exact("cached")  # the distilled student at tubelet 1; the others' tubelet is 2
@@ -102,12 +102,14 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
 
     # more fine-tuning seeds: the first seed's runs are reused, the others trained; the mean is reported
     console, printed = quiet()
-    seeds = run_quickstart(out, overrides=[*MINI, "train.epochs=2", "quickstart.finetune.seeds=2"], console=console)["finetune"]
+    seeds = run_quickstart(out, overrides=[*MINI, "train.epochs=2", "quickstart.finetune.seeds=2",
+                                           "quickstart.finetune.parallel=2"], console=console)["finetune"]
     for name, model in seeds["models"].items():
         assert [r["reused"] for r in model["per_seed"]] == [True, False] and model["seeds"] == 2, name
         assert model["top1"] == pytest.approx(sum(model["top1_seeds"]) / 2) and model["top1_std"] >= 0
         assert model["top1_seeds"][0] == changed["finetune"]["models"][name]["top1"]
     assert "± " in printed.getvalue() and "2 fine-tuning seeds" in (out / "report.md").read_text()
+    assert "4 runs to train, 2 at a time" in printed.getvalue()  # the finished seed-0 runs start no process
 
 
 def test_online_mode_runs_without_a_cache_and_reports_both_runs(tmp_path) -> None:

@@ -155,3 +155,17 @@ def test_appearance_and_motion_read_apart_and_chance() -> None:
     assert c["t2v_r1"] == pytest.approx(100 * (2 / 4 + 1 / 4 + 1 / 4) / 3)
     assert c["v2t_r1"] == pytest.approx(100 / 3) and c["v2t_r5"] == 100
     assert c["appearance_top1"] == pytest.approx(100 / 16) and c["motion_given_appearance"] == pytest.approx(100 / 6)
+
+
+def test_stage2_with_a_tubelet2_encoder_trains_without_uta(stage1) -> None:
+    """quickstart.stage2_tubelet=2: the stage-1 kernel inflated, UTA off, its own run folder."""
+    s = stage1
+    run = s["out"] / "runs" / "stage2-cached-tubelet2"
+    console, _ = quiet()
+    result = run_stage2_retrieval(s["out"], s["cfg"], s["world"], s["teacher"], s["run"], console,
+                                  [*MINI_STAGE2, "stage2.tubelet_size=2", "stage2.loss_weights.uta=0", f"train.output_dir={run}"])
+    assert result["tubelet"] == 2 and result["losses"] == "VTC + VTM + MLM" and result["run"] == str(run)
+    assert (run / DONE_FILE).is_file() and "loss_uta" not in json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "tubelet-2 vision encoder" in retrieval_markdown(result)
+    for row in result["rows"].values():
+        assert 0.0 <= row["motion_given_appearance"] <= 100.0

@@ -136,3 +136,21 @@ def test_impossible_combinations_are_refused(tmp_path) -> None:
         load_classifier_weights(create_classifier("umt_test_tiny", 6, tubelet_size=4), model.state_dict())
     with pytest.raises(CheckpointError, match="tubelet 2, the model 1"):  # shrinking is no inflation either
         load_classifier_weights(create_classifier("umt_test_tiny", 6), model.state_dict())
+
+
+def test_stage2_inflates_its_vision_encoder_only_without_uta(tmp_path) -> None:
+    from umt_distill.config import RecipeError
+    from umt_distill.stages.stage2 import build_model
+
+    with pytest.raises(RecipeError, match="set loss_weights.uta=0"):
+        load_recipe("stage2/tiny", ["stage2.tubelet_size=2"])
+    path, stage1 = _stage1_file(tmp_path)
+    cfg = load_recipe("stage2/tiny", ["stage2.tubelet_size=2", "stage2.loss_weights.uta=0", f"stage2.init_vision={path}",
+                                      "teacher.layers=2"])
+    model = build_model(cfg, 32, 100)
+    encoder = model.vision_encoder.encoder
+    assert encoder.patch_embed.tubelet_size == 2
+    torch.testing.assert_close(encoder.patch_embed.proj.weight, inflate_tubelet(stage1["encoder.patch_embed.proj.weight"], 2))
+    assert torch.equal(encoder.blocks[3].mlp.fc2.weight, stage1["encoder.blocks.3.mlp.fc2.weight"])
+    plain = build_model(load_recipe("stage2/tiny", [f"stage2.init_vision={path}", "teacher.layers=2"]), 32, 100)
+    assert plain.vision_encoder.encoder.patch_embed.tubelet_size == 1  # null: the student's, loaded as is

@@ -205,6 +205,10 @@ class Stage2Config(_Section):
     """Stage-1 weights for the vision encoder: our run/checkpoint folder or .safetensors, or an official UMT file."""
     init: str | None = None
     """A whole stage-2 model to start from: an official UMT stage-2 file or our stage-2 checkpoint."""
+    tubelet_size: int | None = Field(None, ge=1)
+    """Frames per token of the vision encoder; null = the student's (UMT: 1). A tubelet-1 ``init_vision`` is
+    inflated (kernel / T' on each frame, as ``finetune.tubelet_size``). UTA pairs each student token with
+    one teacher token of one frame, so T' > 1 needs ``loss_weights.uta=0``."""
 
     @property
     def weights(self) -> dict[str, float]:
@@ -223,6 +227,9 @@ class Stage2Config(_Section):
             raise ValueError(f"sources: give video and/or image once each, got {list(self.sources)}")
         if self.init and self.init_vision:
             raise ValueError("init and init_vision: give one (init loads the whole stage-2 model)")
+        if (self.tubelet_size or 1) > 1 and self.weights["uta"] > 0:
+            raise ValueError(f"tubelet_size={self.tubelet_size}: a token then spans {self.tubelet_size} frames and has no "
+                             "single teacher token to align with; set loss_weights.uta=0 (or tubelet_size=1)")
         return self
 
 
@@ -292,6 +299,8 @@ class FinetuneConfig(_Section):
     recount: int = Field(1, ge=1)
     num_sample: int = Field(2, ge=1)
     """Repeated augmentation: augmented clips per decoded video (the batch holds batch_size × num_sample)."""
+    preload: bool = False
+    """Decode the training videos once into memory instead of every epoch (small corpora only)."""
 
     # evaluation
     test_num_clips: int = Field(4, ge=1)

@@ -237,11 +237,6 @@ def ensure_basis(root: Path, cfg: Recipe, rows, teacher, device, env) -> None:
     codec = get_codec(cfg.cache.codec)
     if not isinstance(codec, PcaCodec):
         return
-    if cfg.cache.layout == "wds":
-        # The WebDataset reader (wds_store.decode_sample) still builds codecs by name, without the
-        # store's basis: refuse now rather than write a store that training cannot read.
-        raise CodecError(f"codec {codec.name} needs the store's basis, which the WebDataset reader does not "
-                         "load yet: use cache.layout=zarr")
     if env.is_main:
         spec = read_spec(root)
         if "basis" in spec:

@@ -64,19 +64,20 @@ class CachedViewDataset(Dataset):
         store: The cache store.
         cfg: The training recipe (pixel source, video backend).
         rows: Corpus rows by id, needed when pixels are re-decoded from the videos.
+        pixels: ``False``: targets only (benchmarks, tools).
     """
 
-    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None) -> None:
+    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, pixels: bool = True) -> None:
         from umt_distill.cache.stores import CacheReader
 
-        self.store, self.cfg, self.rows = Path(store), cfg, rows or {}
+        self.store, self.cfg, self.rows, self.pixels = Path(store), cfg, rows or {}, pixels
         self.reader = None  # opened lazily in each worker
         reader = CacheReader(self.store)
         self.num_views = int(reader.spec["views"]["num_views"])
         self.seed = rotation_seed(reader.spec, cfg)
         self.clip_ids = sorted({clip for clip, _ in reader.keys})
         self.epoch = 0
-        if cfg.train.pixels_from == "video":
+        if pixels and cfg.train.pixels_from == "video":
             missing = [c for c in self.clip_ids if c not in self.rows]
             if missing:
                 raise KeyError(f"{len(missing)} cached clip(s) are not in the corpus (first: {missing[0]!r}); "
@@ -95,18 +96,19 @@ class CachedViewDataset(Dataset):
             self.reader = CacheReader(self.store)
         clip = self.clip_ids[i]
         view_index = epoch_view(self.seed, clip, self.epoch, self.num_views)
-        from_store = self.cfg.train.pixels_from == "store"
+        from_store = self.pixels and self.cfg.train.pixels_from == "store"
         meta, arrays = self.reader.get_stored(clip, view_index, frames=from_store)
+        item = {"clip_id": clip, "view_index": view_index, **stored_targets(arrays, meta["mode"], self.epoch)}
         if from_store:
             if "frames" not in arrays:
                 raise ValueError(f"{self.store}: the store has no view frames (cache.frames=none); use train.pixels_from=video")
-            pixels = torch.from_numpy(np.ascontiguousarray(arrays["frames"]))
-        else:
+            item["pixels"] = torch.from_numpy(np.ascontiguousarray(arrays["frames"]))  # [T, 3, H, W] uint8
+        elif self.pixels:
             from umt_distill.data.views import ViewSpec
 
-            pixels = _decode_view_pixels(self.rows[clip], ViewSpec.from_dict(meta["view"]), self.cfg.corpus.video_backend)
-        return {"clip_id": clip, "view_index": view_index, "pixels": pixels,  # [T, 3, H, W] uint8
-                **stored_targets(arrays, meta["mode"], self.epoch)}
+            view = ViewSpec.from_dict(meta["view"])
+            item["pixels"] = _decode_view_pixels(self.rows[clip], view, self.cfg.corpus.video_backend)
+        return item
 
 
 class OnlineViewDataset(Dataset):
@@ -258,10 +260,14 @@ class StreamingViewDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         import random
 
-        from umt_distill.cache.wds_stream import BatchAssembler
-        from umt_distill.cache.wds_store import _worker_info
+        from webdataset.utils import pytorch_worker_info
 
-        rank, world, worker, _ = _worker_info()
+        from umt_distill.cache.wds_stream import BatchAssembler
+
+        rank, world, worker, workers = pytorch_worker_info()  # env / torch.distributed, DataLoader worker
+        if max(1, workers) != self.num_workers:  # the split (and the step count) assume the recipe's workers
+            raise ValueError(f"{self.store}: the dataset splits shards for train.num_workers={self.num_workers}, "
+                             f"the DataLoader runs {workers} workers")
         shards = self._worker_shards(rank, world, worker)
         if self.shuffle:
             random.Random(f"shards:{self.seed}:{self.epoch}:{rank}:{worker}").shuffle(shards)

@@ -346,6 +346,25 @@ def inflate_tubelet(weight: Tensor, tubelet: int) -> Tensor:
     return (weight / tubelet).repeat(1, 1, tubelet, 1, 1).contiguous()
 
 
+def inflate_patch_kernel(state: Mapping[str, Tensor], key: str, tubelet: int, source: str) -> dict[str, Tensor]:
+    """``state`` with its patch kernel ``key`` at ``tubelet`` frames per token: inflated from tubelet 1
+    (:func:`inflate_tubelet`), kept if it already has that tubelet, refused otherwise.
+
+    Raises:
+        CheckpointError: No such key, or a kernel of another tubelet than 1 or ``tubelet``.
+    """
+    weight = state.get(key)
+    if weight is None or weight.ndim != 5:
+        raise CheckpointError(source, f"no patch-embedding kernel {key!r} [C, 3, T, p, p] to inflate")
+    have = int(weight.shape[2])
+    if have == tubelet:
+        return dict(state)
+    if have != 1:
+        raise CheckpointError(source, f"the patch embedding has tubelet {have}: only a tubelet-1 checkpoint can be "
+                                      f"inflated to {tubelet}")
+    return {**state, key: inflate_tubelet(weight, tubelet)}
+
+
 def detect_layout(state: Mapping[str, Tensor], source: str) -> str:
     """``stage1`` / ``stage2`` (pretraining: ``encoder.*`` / ``vision_encoder.encoder.*``) or ``finetuned``."""
     if any(k.startswith("encoder.") for k in state):
@@ -468,7 +487,7 @@ def _inflate_patch_embed(state: dict[str, Tensor], expected: Mapping[str, Tensor
         raise CheckpointError(source, f"the file's patch embedding has tubelet {t_file}, the model {t_model}: only a "
                                       "tubelet-1 checkpoint can be inflated; set finetune.tubelet_size to the file's "
                                       f"{t_file} (or leave it null)")
-    state[key] = inflate_tubelet(have, t_model)
+    state.update(inflate_patch_kernel(state, key, t_model, source))
     return f"patch_embed tubelet 1 → {t_model} (kernel / {t_model} on each frame)"
 
 

@@ -37,7 +37,7 @@ from rich.console import Console
 from umt_distill.config import Recipe, load_recipe, recipe_to_yaml
 from umt_distill.data.toyworld import MOTIONS
 from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, distilled, umt_exact
-from umt_distill.quickstart.runs import ensure_run
+from umt_distill.quickstart.runs import ensure_run, finished_run
 from umt_distill.quickstart.settings import FinetuneSettings
 
 FINETUNE_RECIPE = "finetune/tiny"
@@ -66,6 +66,8 @@ MOTION_RECIPE: tuple[str, ...] = (
     # One frame per equal segment (TSN), as UMT samples Something-Something, its motion benchmark; its
     # test views are evenly spaced (segment starts, then midpoints), where sparse test views are not.
     "finetune.sampling=segment",
+    # The 288 toy clips (57 MB of frames) are decoded once instead of every epoch (about 17 here).
+    "finetune.preload=true",
     # Toy frames are square, so UMT's 3 crops along the long side would be one crop 3 times.
     "finetune.test_num_crops=1",
     "finetune.val_source=null",
@@ -118,19 +120,16 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
         per_seed, ...}}, "reused": bool, "num_clips", "views_per_clip", "settings", "recipe_overrides"}`` —
         the ``finetune`` section of ``results.json``.
     """
-    from umt_distill.stages.finetune import train
-
     label_map = output / "runs" / "motion_classes.txt"
     label_map.parent.mkdir(parents=True, exist_ok=True)
     label_map.write_text("\n".join(MOTIONS) + "\n", encoding="utf-8")
     plan = model_plan(output, cfg, runs, settings, baselines)
     world_settings = json.loads((Path(world["manifest"]).parent / "world.json").read_text())
 
-    models, all_reused = {}, True
+    jobs: list[FinetuneJob] = []
     for name, m in plan.items():
         console.print(f"  {name} ← {'teacher weights' if m.init is None else m.init}"
                       + (f", tubelet {m.tubelet}" if m.tubelet else ""), highlight=False)
-        per_seed, t = [], time.perf_counter()
         for i in range(settings.seeds):
             run = output / "runs" / (f"finetune-{_slug(name)}" + (f"-seed{i}" if i else ""))
             ft = finetune_recipe(cfg, world, run, m.backbone, m.init, settings, label_map, tubelet=m.tubelet, seed=cfg.seed + i)
@@ -142,14 +141,19 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
                 "world": world_settings,
             }
             label = f"fine-tune: {name}" + (f", seed {i + 1}/{settings.seeds}" if settings.seeds > 1 else "")
-            reused, last = ensure_run(run, identity, lambda ft=ft: _train_and_score(train, ft), console, label)
-            per_seed.append({**last, "reused": reused, "run": str(run), "seed": ft.seed})
+            jobs.append(FinetuneJob(name, run, ft, identity, label))
+    done = run_jobs(jobs, settings.parallel, torch.get_num_threads(), console)
+
+    models, all_reused = {}, True
+    for name, m in plan.items():
+        per_seed = [{**done[j.run][1], "reused": done[j.run][0], "run": str(j.run), "seed": j.recipe.seed,
+                     "seconds": done[j.run][2]} for j in jobs if j.name == name]
         reused = all(r["reused"] for r in per_seed)
         if reused:
             console.print(f"  [green]reusing the finished fine-tuning run ({name})[/]", highlight=False)
         all_reused &= reused
         models[name] = {**combine_seeds(per_seed), "reused": reused, "init": None if m.init is None else str(m.init),
-                        "tubelet": m.tubelet, "role": m.role, "seconds": round(time.perf_counter() - t, 1)}
+                        "tubelet": m.tubelet, "role": m.role, "seconds": round(sum(r["seconds"] for r in per_seed), 1)}
     first = next(iter(models.values()))
     return {
         "models": models, "reused": all_reused,
@@ -157,6 +161,69 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
         "views_per_clip": first["num_views"],
         "settings": asdict(settings), "recipe": FINETUNE_RECIPE, "recipe_overrides": list(MOTION_RECIPE),
     }
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One fine-tuning run: model ``name``, its folder, recipe, reuse identity and progress label."""
+
+    name: str
+    run: Path
+    recipe: Recipe
+    identity: dict
+    label: str
+
+
+def run_jobs(jobs: list[FinetuneJob], parallel: int, threads: int, console: Console) -> dict[Path, tuple[bool, dict, float]]:
+    """Train (or reuse) every job; with ``parallel`` > 1 that many at a time, each in its own process.
+
+    The runs are independent and each is deterministic on its own (one thread), so running them side by
+    side on separate cores changes when they finish, not what they compute.
+
+    Returns:
+        By run folder: (reused, the run's final metrics, seconds it took).
+    """
+    out: dict[Path, tuple[bool, dict, float]] = {}
+    for job in jobs:  # finished runs are reused here, without starting a process for them
+        last = finished_run(job.run, job.identity)
+        if last is not None:
+            out[job.run] = (True, last, 0.0)
+    jobs = [job for job in jobs if job.run not in out]
+    if parallel <= 1 or len(jobs) <= 1:
+        from umt_distill.stages.finetune import train
+
+        for job in jobs:
+            t = time.perf_counter()
+            reused, last = ensure_run(job.run, job.identity, lambda ft=job.recipe: _train_and_score(train, ft), console, job.label)
+            out[job.run] = (reused, last, round(time.perf_counter() - t, 1))
+        return out
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    console.print(f"  {len(jobs)} runs to train, {parallel} at a time (one process each)", highlight=False)
+    # spawn: a fresh interpreter per worker (no forked torch state); its loader workers are its children.
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_job_in_process, job, threads): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            out[job.run] = future.result()
+            reused, _, seconds = out[job.run]
+            console.print(f"  {'reused' if reused else 'finished'}: {job.label.removeprefix('fine-tune: ')}"
+                          + ("" if reused else f" ({seconds:.0f} s)"), highlight=False)
+    return out
+
+
+def _job_in_process(job: FinetuneJob, threads: int) -> tuple[bool, dict, float]:
+    """A worker process's job: its own torch thread count, its messages discarded (the parent reports)."""
+    import io
+
+    from umt_distill.stages.finetune import train
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    reused, last = ensure_run(job.run, job.identity, lambda: _train_and_score(train, job.recipe),
+                              Console(file=io.StringIO()), job.label)
+    return reused, last, round(time.perf_counter() - t, 1)
 
 
 def model_plan(output: Path, cfg: Recipe, runs: dict[str, Path], settings: FinetuneSettings,

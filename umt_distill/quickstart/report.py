@@ -450,7 +450,12 @@ def retrieval_markdown(result: dict) -> str:
     """The retrieval rows as a markdown section (headline rows in bold), with the counting rules."""
     head = set(result["headline"][k] for k in ("student", "teacher"))
     h = result["headline"]
-    lines = ["## Zero-shot retrieval on motion captions (stage 2)", "",
+    setting = ""
+    if result.get("tubelet", 1) != 1:
+        setting = (f"Stage 2 ran with a tubelet-{result['tubelet']} vision encoder (the stage-1 kernel spread over "
+                   f"{result['tubelet']} frames) and the losses {result.get('losses', '?')}: UTA is off, since a token "
+                   "spanning several frames has no one teacher token. ")
+    lines = ["## Zero-shot retrieval on motion captions (stage 2)", "", setting +
              f"{result['num_videos']} test clips, {result['num_texts']} distinct captions. Rule: {result['rule']}. "
              f"Appearance column: {result['appearance_rule']}. Motion column: {result['motion_rule']}. "
              f"Headline: **{h['student']}** vs **{h['teacher']}** ({h['why']}). Re-ranking: top {result['k_test']}.", "",

@@ -119,6 +119,9 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
     console.print(f"[bold]7/{NUM_STEPS} stage 2[/] on the training captions, then zero-shot retrieval on the test "
                   "split (student vs the teacher's own image-text model)")
     stage2 = [f"train.epochs={settings.stage2_epochs}"] if settings.stage2_epochs else []
+    if settings.stage2_tubelet != 1:
+        stage2 += [f"stage2.tubelet_size={settings.stage2_tubelet}", "stage2.loss_weights.uta=0",
+                   f"train.output_dir={(output / 'runs' / f'stage2-{cfg.teacher.mode}-tubelet{settings.stage2_tubelet}').resolve()}"]
     results["retrieval"] = run_stage2_retrieval(output, cfg, world, teacher, run, console, overrides=stage2,
                                                 test_pixels=results.get("_test_pixels"))
     log.add("stage 2 + retrieval", results["retrieval"]["reused"], time.perf_counter() - t,
@@ -131,6 +134,7 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
         teacher={k: teacher[k] for k in ("zero_shot_accuracy", "final_loss", "seconds", "weights", "weights_sha256")},
         settings={"world": settings.world.to_json(), "clip": dataclasses.asdict(settings.clip),
                   "finetune": dataclasses.asdict(settings.finetune), "stage2_epochs": settings.stage2_epochs,
+                  "stage2_tubelet": settings.stage2_tubelet,
                   "clip_images": settings.clip_images, "knn_k": settings.knn_k},
         mode=cfg.teacher.mode,
     )

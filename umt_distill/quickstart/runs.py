@@ -38,10 +38,9 @@ def ensure_run(run: Path, identity: dict, train: Callable[[], dict], console: Co
         (reused, what ``train`` returned: kept in the done marker, so a reused run returns it too).
     """
     marker, started = run / DONE_FILE, run / STARTED_FILE
-    if marker.exists():
-        done = json.loads(marker.read_text())
-        if same_identity(done, identity):
-            return True, done.get("last", {})
+    last = finished_run(run, identity)
+    if last is not None:
+        return True, last
     if run.exists() and not (started.exists() and same_identity(json.loads(started.read_text()), identity)):
         # Another recipe or teacher (or a run from before this marker existed): a resume would mix them.
         console.print(f"  [yellow]{run} holds a run of another recipe or teacher; training again[/]")
@@ -54,6 +53,15 @@ def ensure_run(run: Path, identity: dict, train: Callable[[], dict], console: Co
         last = train()
     marker.write_text(json.dumps({**identity, "last": last}), encoding="utf-8")
     return False, last
+
+
+def finished_run(run: Path, identity: dict) -> dict | None:
+    """The final metrics of a finished run in ``run`` with this ``identity`` (reusable), else None."""
+    marker = run / DONE_FILE
+    if not marker.exists():
+        return None
+    done = json.loads(marker.read_text())
+    return done.get("last", {}) if same_identity(done, identity) else None
 
 
 def same_identity(found: dict, identity: dict) -> bool:

@@ -83,7 +83,8 @@ def run_stage2_retrieval(output: str | Path, cfg_stage1: Recipe, world: dict, te
     t = time.perf_counter()
     result = evaluate_zero_shot(cfg, run, world, k_test, test_pixels)
     seconds["retrieval"] = time.perf_counter() - t
-    result.update(reused=reused, cache_reused=cache_reused, run=str(run), recipe=RECIPE,
+    result.update(reused=reused, cache_reused=cache_reused, run=str(run), recipe=RECIPE, losses=losses,
+                  tubelet=cfg.stage2.tubelet_size or 1,
                   train={k: last.get(k) for k in ("step", "epoch", "loss", "loss_uta", "loss_vtc", "loss_vtm", "loss_mlm", "temp")},
                   seconds=round(time.perf_counter() - t_start, 1), seconds_parts={k: round(v, 1) for k, v in seconds.items()})
     return result

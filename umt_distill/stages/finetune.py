@@ -58,7 +58,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
               + (f"; inflated: {report.inflated}" if report.inflated else "") + ")", flush=True)
 
     rows, labels = read_labelled_corpus(ft.train_source, cfg.corpus.root, ft.num_classes, ft.label_map)
-    dataset = VideoClassificationTrainSet(rows, labels, ft, cfg.seed, cfg.corpus.video_backend)
+    dataset = VideoClassificationTrainSet(rows, labels, ft, cfg.seed, cfg.corpus.video_backend, preload=ft.preload)
     sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
     steps_per_epoch = sampler.per_rank() // (cfg.train.batch_size * cfg.train.accum_steps)
     if steps_per_epoch == 0:

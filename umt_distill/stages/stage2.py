@@ -144,9 +144,16 @@ def build_model(cfg: Recipe, teacher_dim: int, vocab_size: int):
     from umt_distill.models.umt_vl import UMTVisionLanguage, load_umt_vl_checkpoint
 
     s, t = cfg.stage2, cfg.text
-    student = build_student(cfg, teacher_dim)
+    student = build_student(cfg, teacher_dim, **({"tubelet_size": s.tubelet_size} if s.tubelet_size else {}))
     if s.init_vision:
-        load_umt_checkpoint(student, weights_file(s.init_vision))  # strict: stage-1 (ours or UMT's) or stage-2 file
+        init = weights_file(s.init_vision)
+        if s.tubelet_size:  # a tubelet-1 file into a tubelet-T' encoder: the kernel spread over T' frames
+            from umt_distill.models.checkpoints import read_state_dict, select_student_keys
+            from umt_distill.models.classifier import inflate_patch_kernel
+
+            state, _ = select_student_keys(read_state_dict(init), str(init))
+            init = inflate_patch_kernel(state, "encoder.patch_embed.proj.weight", s.tubelet_size, str(init))
+        load_umt_checkpoint(student, init)  # strict: stage-1 (ours or UMT's) or stage-2 file
     text = build_text_encoder(t.encoder, t.fusion_layer, student.embed_dim, vocab_size,
                               gradient_checkpointing=t.gradient_checkpointing)
     model = UMTVisionLanguage(student, text, s.embed_dim, s.temp_init)

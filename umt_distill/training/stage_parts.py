@@ -46,7 +46,8 @@ def check_store_matches(spec: dict, cfg: Recipe) -> None:
     check_spec(stored, wanted, f"cannot train from {cfg.cache.store}")
 
 
-def build_student(cfg: Recipe, teacher_dim: int) -> torch.nn.Module:
+def build_student(cfg: Recipe, teacher_dim: int, **overrides) -> torch.nn.Module:
+    """The recipe's student; ``overrides`` (e.g. ``tubelet_size``) replace its size's defaults."""
     from umt_distill.registry import STUDENTS, load_all_parts
 
     load_all_parts()
@@ -54,6 +55,7 @@ def build_student(cfg: Recipe, teacher_dim: int) -> torch.nn.Module:
     return STUDENTS.get(s.name)(
         teacher_dim=teacher_dim, num_align_layers=cfg.teacher.layers, align_interval=s.align_interval,
         drop_path_rate=s.drop_path_rate, use_checkpoint=s.use_checkpoint, checkpoint_num=s.checkpoint_num,
+        **overrides,
     )
 
 

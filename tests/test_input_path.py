@@ -287,3 +287,17 @@ def test_a_basis_codec_streams_from_wds_and_decodes_on_the_device_like_the_refer
             torch.testing.assert_close(got[b], torch.from_numpy(reader.get(clip, view).tokens), rtol=0, atol=1e-6)
             n += 1
     assert n == 8
+
+
+def test_two_workers_stream_the_same_batches_as_one_process(tmp_path: Path) -> None:
+    build_wds(tmp_path, "int8", "raw")
+    one = {(c, int(v)): b for b in StreamingViewDataset(tmp_path, _cfg(batch_size=1))
+           for c, v in zip(b["clip_id"], b["view_index"])}
+    ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1, workers=2))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    got = {(c, int(v)): b for b in loader for c, v in zip(b["clip_id"], b["view_index"])}  # batches in shared memory
+    assert got.keys() == one.keys() and len(got) == ds.batches_per_rank(1) == SHARDS * CLIPS
+    for key, b in got.items():
+        assert all(torch.equal(b[k], one[key][k]) for k in ("tokens.q", "tokens.scale", "attn", "pixels"))
+    with pytest.raises(ValueError, match="train.num_workers=2, the DataLoader runs 0 workers"):
+        list(ds)

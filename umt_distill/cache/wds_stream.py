@@ -147,6 +147,7 @@ class BatchAssembler:
     def _reset(self) -> None:
         self.n = 0
         self.arrays: dict[str, np.ndarray] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
         self.clip_ids: list[str] = []
         self.view_index = np.empty(self.batch_size, dtype=np.int64)
         self.jpegs: list[bytes] = []
@@ -208,7 +209,8 @@ class BatchAssembler:
         if out is None:
             if i:
                 raise StoreDamagedError(url, f"sample {key}: has {name}, the batch's first sample has not")
-            out = self.arrays[name] = np.empty((self.batch_size, *arr.shape), dtype=arr.dtype)
+            tensor = self.tensors[name] = _batch_tensor((self.batch_size, *arr.shape), arr.dtype)
+            out = self.arrays[name] = tensor.numpy()  # the same memory, filled through numpy
         elif out.shape[1:] != arr.shape or out.dtype != arr.dtype:
             raise StoreDamagedError(url, f"sample {key}: {name} is {arr.dtype} {list(arr.shape)}, the batch's first "
                                          f"sample has {out.dtype} {list(out.shape[1:])}")
@@ -218,7 +220,7 @@ class BatchAssembler:
         """The batch as tensors (stored dtypes), and a fresh assembler state."""
         from umt_distill.data.jpeg import decode_jpegs
 
-        batch: dict[str, Any] = {k: torch.from_numpy(v[: self.n]) for k, v in self.arrays.items()}
+        batch: dict[str, Any] = {k: v[: self.n] for k, v in self.tensors.items()}
         batch["clip_id"], batch["view_index"] = self.clip_ids, torch.from_numpy(self.view_index[: self.n])
         if self.jpegs:
             t = len(self.jpegs) // self.n
@@ -231,6 +233,16 @@ class BatchAssembler:
                 batch["frames_jpeg_sizes"] = torch.from_numpy(sizes.reshape(self.n, t))
         self._reset()
         return batch
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker, allocated in shared memory, as
+    ``default_collate`` does, so handing it to the training process copies nothing."""
+    like = torch.from_numpy(np.empty(0, dtype=dtype))
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=like.dtype)
+    numel = int(np.prod(shape, dtype=np.int64))
+    return like.new(like._typed_storage()._new_shared(numel, device="cpu")).view(shape)  # noqa: SLF001
 
 
 def parse_meta(url: str, key: str, entries: dict[str, bytes]) -> dict[str, Any]:

@@ -266,8 +266,9 @@ class StreamingViewDataset(IterableDataset):
 
         rank, world, worker, workers = pytorch_worker_info()  # env / torch.distributed, DataLoader worker
         if max(1, workers) != self.num_workers:  # the split (and the step count) assume the recipe's workers
+            running = workers if torch.utils.data.get_worker_info() is not None else 0
             raise ValueError(f"{self.store}: the dataset splits shards for train.num_workers={self.num_workers}, "
-                             f"the DataLoader runs {workers} workers")
+                             f"the DataLoader runs {running} workers")
         shards = self._worker_shards(rank, world, worker)
         if self.shuffle:
             random.Random(f"shards:{self.seed}:{self.epoch}:{rank}:{worker}").shuffle(shards)

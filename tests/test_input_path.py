@@ -313,7 +313,7 @@ def test_two_workers_stream_the_same_batches_as_one_process(tmp_path: Path) -> N
 
 
 @pytest.mark.distributed
-def test_two_ranks_stream_disjoint_shards_and_take_the_same_steps(corpus, jpeg_store, tmp_path) -> None:
+def test_two_ranks_train_from_the_stream_with_equal_steps(corpus, jpeg_store, tmp_path) -> None:
     import os
     import subprocess
     import sys
@@ -329,3 +329,13 @@ def test_two_ranks_stream_disjoint_shards_and_take_the_same_steps(corpus, jpeg_s
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]  # 2 steps per epoch per rank
+
+
+def test_ranks_stream_disjoint_shards_covering_the_store(tmp_path: Path, monkeypatch) -> None:
+    build_wds(tmp_path)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append({c for b in StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False) for c in b["clip_id"]})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == SHARDS * CLIPS

@@ -155,6 +155,11 @@ def test_zarr_items_keep_stored_dtypes(tmp_path: Path) -> None:
     assert torch.equal(device_targets(batch, get_codec("int8"), torch.device("cpu"))[0], torch.from_numpy(ref.tokens))
     assert torch.equal(item["pixels"], torch.from_numpy(ref.frames))
     assert set(stored_targets({"attn": ref.attn, "tokens": ref.tokens}, "full", 0)) == {"attn", "tokens"}
+    # a batch is read in one call into zarr (chunks of several shards at once): the same items
+    batch_items = ds.__getitems__([3, 0, 2])
+    for got, want in zip(batch_items, [ds[3], ds[0], ds[2]], strict=True):
+        assert got.keys() == want.keys() and got["clip_id"] == want["clip_id"]
+        assert all(torch.equal(got[k], want[k]) for k in got if isinstance(got[k], torch.Tensor))
 
 
 def test_a_wrong_group_range_or_a_truncated_tar_names_the_tar(tmp_path: Path) -> None:

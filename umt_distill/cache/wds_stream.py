@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from umt_distill.cache.codecs import compressor_from_suffix, decompress_bytes, get_codec
-from umt_distill.cache.record import StoreDamagedError, part_name
+from umt_distill.cache.record import StoreDamagedError, stored_names
 from umt_distill.cache.wds_store import check_entry
 
 _BLOCK = 512
@@ -132,8 +132,8 @@ class BatchAssembler:
         batch_size: Samples per batch.
         epoch: Selects mask ``epoch mod M`` of a mode-visible record, as the reference dataset does
             (``None``: keep all M).
-        frames: ``"array"`` to put raw frames into ``pixels``; ``"jpeg"`` to collect the JPEG bytes
-            (decoded by :func:`finish`'s caller, see ``jpeg_device``); ``None`` to skip frames.
+        frames: ``"array"``: the stored view frames become ``pixels`` (raw ones copied, JPEGs decoded
+            or shipped, see ``jpeg_device``); ``None``: frames are not read.
         jpeg_device: ``None``: decode the JPEGs here, into ``pixels`` (a CPU worker); else ship
             ``frames_jpeg`` (uint8, all frames concatenated) + ``frames_jpeg_sizes`` ([B, T]) for the
             step to decode on that device.
@@ -142,6 +142,7 @@ class BatchAssembler:
     def __init__(self, batch_size: int, epoch: int | None, frames: str | None, jpeg_device: str | None = None) -> None:
         self.batch_size, self.epoch, self.frames, self.jpeg_device = batch_size, epoch, frames, jpeg_device
         self.headers = _NpyHeaders()
+        self._codecs: dict[str, Any] = {}  # by name: only their part names are used here
         self._reset()
 
     def _reset(self) -> None:
@@ -159,14 +160,11 @@ class BatchAssembler:
         """Add one sample (``meta``: its parsed ``view.json``, if the caller already parsed it)."""
         if meta is None:
             meta = parse_meta(url, key, entries)
-        codec = get_codec(meta["codec"])
+        codec = self._codecs.get(meta["codec"]) or self._codecs.setdefault(meta["codec"], get_codec(meta["codec"]))
         mode, stored_frames = meta.get("mode", "full"), meta.get("frames", "none")
-        names = [part_name("tokens", p) for p in codec.parts] + ["attn"]
-        if mode == "visible":
-            names.append("visible_idx")
-        if self.frames == "array" and stored_frames == "raw":
-            names.append("frames")
-        elif self.frames is not None and stored_frames == "none":
+        # Everything the step uses (pooled is not), in stored dtypes: only these are checked and decompressed.
+        names = [n for n in stored_names(codec, mode, self.frames is not None and stored_frames == "raw") if n != "pooled"]
+        if self.frames is not None and stored_frames == "none":
             raise ValueError(f"{url}: sample {key}: the store keeps no view frames (cache.frames=none); "
                              "use train.pixels_from=video")
         sfx = {e.split(".npy")[0]: e for e in entries if ".npy" in e}

@@ -90,14 +90,20 @@ class CachedViewDataset(Dataset):
         return len(self.clip_ids)
 
     def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The items of a batch (the DataLoader calls this with a batch's indices): one read per batch."""
         from umt_distill.cache.stores import CacheReader
 
         if self.reader is None:
             self.reader = CacheReader(self.store)
-        clip = self.clip_ids[i]
-        view_index = epoch_view(self.seed, clip, self.epoch, self.num_views)
+        keys = [(self.clip_ids[i], epoch_view(self.seed, self.clip_ids[i], self.epoch, self.num_views)) for i in indices]
         from_store = self.pixels and self.cfg.train.pixels_from == "store"
-        meta, arrays = self.reader.get_stored(clip, view_index, frames=from_store)
+        stored = self.reader.get_stored_many(keys, frames=from_store)
+        return [self._item(clip, view_index, meta, arrays, from_store) for (clip, view_index), (meta, arrays) in zip(keys, stored)]
+
+    def _item(self, clip: str, view_index: int, meta: dict, arrays: dict, from_store: bool) -> dict:
         item = {"clip_id": clip, "view_index": view_index, **stored_targets(arrays, meta["mode"], self.epoch)}
         if from_store:
             if "frames" not in arrays:

@@ -55,6 +55,8 @@ class Table1Settings:
     amp: str = "bf16"  # CUDA only; CPU runs fp32
     size: int = 224
     student: str = "umt_base_patch16"  # the smoke preset shrinks it; the rows are B/16 otherwise
+    attention: str = "default"  # "math": the unfused softmax(QK^T)V kernel, which keeps the L×L attention
+    # (as the official VideoMAE / UMT code computes it); "default": PyTorch's fused choice
     isolate: bool = True
     rows: tuple[str, ...] = tuple(r[0] for r in ROWS)
 
@@ -119,21 +121,24 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
     optimizer = build_adamw(model, o.lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())
     amp, _ = amp_setup(cfg.train.amp, device)
     times, counts, warm_peak, steady = [], {}, 0.0, 0.0
+    kernel = _attention_kernel(s.attention)
     for step in range(s.warmup + s.steps):
         if step == s.warmup:  # steady state: optimizer state allocated, the step's transient memory freed
             warm_peak = peak_memory_mb(s.device)
             steady = reset_peak_memory(s.device)
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None), kernel():
             if model.__class__.__name__ == "UMTStudent":
-                targets, vis = step_targets(cfg, cached, pixels, teacher, mask_generator(0, step, 0), device)
+                gen = mask_generator(0, step, 0)
+                targets, vis = (step_targets(cfg, cached, pixels, teacher, gen, device) if teacher is not None
+                                else _in_memory_targets(cfg, cached, gen, device))
                 loss, _ = uta_loss(model(normalize_video(pixels), vis).float(), targets)
                 counts = {"visible_tokens": vis.shape[1], "decoded_tokens": 0}
             else:
                 from umt_distill.stages.videomae import _losses
                 from umt_distill.training.videomae_parts import step_plan
 
-                plan = step_plan(cfg, cached, pixels, None, step, list(range(B)), 16, device)
+                plan = step_plan(cfg, pixels, cached.get("tokens"), cached.get("attn"), step, list(range(B)), 16, device)
                 pred, align = model(normalize_video(pixels), plan.visible_idx, plan.decode_idx)
                 pix, uta_l = _losses(pred, align, plan)
                 loss = pix + uta_l
@@ -157,6 +162,29 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
             else "CPU resident-set high-water mark (VmHWM) minus the pre-build resident set"}
 
 
+def _in_memory_targets(cfg, cached: dict, gen, device):
+    """Stage 1's cached targets at the visible tokens (``step_targets`` without a store to decode from):
+    the float32 tokens as the loader delivers them, a semantic mask from the attention."""
+    from umt_distill.losses import gather_visible
+    from umt_distill.registry import MASKS
+
+    B, T, N = cached["attn"].shape
+    visible_idx = MASKS.get(cfg.mask.type)(B, T, N, cfg.mask.ratio, gen, attn=cached["attn"], device=device)
+    return gather_visible(cached["tokens"].flatten(2, 3).transpose(0, 1), visible_idx), visible_idx  # [K, B, L, D]
+
+
+def _attention_kernel(name: str):
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext
+    if name != "math":
+        raise ValueError(f"attention {name!r}: expected 'default' or 'math'")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel(SDPBackend.MATH)
+
+
 def table1(s: Table1Settings) -> dict[str, Any]:
     """Every requested row (each in its own process when ``s.isolate``) and the ratios against the papers."""
     rows: dict[str, Any] = {}
@@ -170,8 +198,20 @@ def table1(s: Table1Settings) -> dict[str, Any]:
             "load_start": load_start, "load_end": load_average()}
 
 
+def state_mb(row: dict[str, Any]) -> float:
+    """Training state by arithmetic: fp32 weights, gradients and AdamW's two moments of the trained model
+    (16 B per parameter) plus the frozen teacher's fp32 weights (4 B per parameter)."""
+    return round((16 * row["params_M"] + 4 * row["teacher_params_M"]) * 1e6 / 2**20, 1)
+
+
+def activation_estimate_mb(row: dict[str, Any]) -> float:
+    """``peak_mb`` minus :func:`state_mb`: what the step itself (activations, targets, workspace) added."""
+    return round(row["peak_mb"] - state_mb(row), 1)
+
+
 def ratios(rows: dict[str, Any]) -> dict[str, float | None]:
-    field = {"time": None, "memory": "peak_mb", "step_memory": "step_peak_mb"}
+    rows = {k: {**v, "activation_est_mb": activation_estimate_mb(v)} for k, v in rows.items()}
+    field = {"time": None, "memory": "peak_mb", "step_memory": "step_peak_mb", "activation": "activation_est_mb"}
 
     def r(a: str, b: str, key: str) -> float | None:
         if a not in rows or b not in rows:
@@ -183,6 +223,9 @@ def ratios(rows: dict[str, Any]) -> dict[str, float | None]:
     # "memory": weights + optimizer + step (the papers' GPU memory); "step_memory": a measured step's peak
     # over the steady state after the warm-up (activations, gradients, targets): what grows with the batch.
     return {
+        "uta_cached_over_pixel_activation_est": r("uta_cached", "pixel", "activation"),
+        "uta_online_over_pixel_activation_est": r("uta_online", "pixel", "activation"),
+        "dual_over_plain_activation_est": r("pixel_dual", "pixel", "activation"),
         "uta_cached_over_pixel_step_memory": r("uta_cached", "pixel", "step_memory"),
         "uta_online_over_pixel_step_memory": r("uta_online", "pixel", "step_memory"),
         "dual_over_plain_step_memory": r("pixel_dual", "pixel", "step_memory"),
@@ -204,21 +247,25 @@ def table1_markdown(result: dict[str, Any]) -> str:
     """The rows and ratios as markdown (the suite's report and the standalone script print this)."""
     s = result["settings"]
     lines = [f"### UMT Table 1: UTA vs pixel reconstruction (B/16, batch {s['batch_size']}, {s['device']}, "
-             f"{s['size']} px)", "",
-             "| row | T | tubelet | encoder tokens | decoded tokens | step s (median) | peak MB | step peak MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{s['size']} px, attention kernel {s.get('attention', 'default')})", "",
+             "| row | T | tubelet | encoder tokens | decoded tokens | step s (median) | peak MB | state MB | peak − state MB "
+             "| step peak MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in result["rows"].items():
         lines.append(f"| {name} | {row['frames']} | {row['tubelet']} | {row['visible_tokens']} | {row['decoded_tokens']} "
-                     f"| {row['step_time']['median']:.3f} | {row['peak_mb']:.0f} | {row['step_peak_mb']:.0f} |")
+                     f"| {row['step_time']['median']:.3f} | {row['peak_mb']:.0f} | {state_mb(row):.0f} | {activation_estimate_mb(row):.0f} "
+                     f"| {row['step_peak_mb']:.0f} |")
     lines += ["", "| ratio | measured | paper |", "|---|---:|---:|"]
-    paper = {"uta_cached_over_pixel_memory": "0.36 (UMT)", "uta_online_over_pixel_memory": "0.36 (UMT)",
+    paper = {"uta_cached_over_pixel_activation_est": "0.36 (UMT)", "uta_online_over_pixel_activation_est": "0.36 (UMT)",
+             "dual_over_plain_activation_est": "0.5 (V2)", "uta_cached_over_pixel_memory": "0.36 (UMT)", "uta_online_over_pixel_memory": "0.36 (UMT)",
              "uta_cached_over_pixel_step_memory": "0.36 (UMT)", "uta_online_over_pixel_step_memory": "0.36 (UMT)",
              "dual_over_plain_memory": "0.5 (V2)", "dual_over_plain_step_memory": "0.5 (V2)", "dual_over_plain_time": "0.667 (V2: 1.5x less compute)"}
-    for key, value in result["ratios"].items():
+    for key, value in ratios(result["rows"]).items():  # recomputed: a re-rendered old JSON gets every ratio
         lines.append(f"| {key} | {'n/a' if value is None else f'{value:.3f}'} | {paper.get(key, '')} |")
-    lines.append("\npeak MB: weights + optimizer state + the step, over the process before the build; step peak MB: "
-                 "a measured step's peak over the steady state after the warm-up (activations, gradients, the batch's "
-                 "targets: what grows with the batch; on CPU a resident-set measure, coarse for small steps).")
+    lines.append("\npeak MB: weights + optimizer state + the step, over the process before the build. state MB: by "
+                 "arithmetic, 16 B per trained parameter (fp32 weights, gradients, AdamW moments) + 4 B per frozen teacher "
+                 "parameter; peak − state: what the step itself added (activations, targets, workspace). step peak MB: a "
+                 "measured step's peak over the steady state after the warm-up; on CPU a resident-set measure, which "
+                 "misses memory the allocator kept from the warm-up step, so it is a lower bound.")
     lines.append(f"\nLoad average (1, 5, 15 min) at start {result['load_start']}, at end {result['load_end']}.")
     return "\n".join(lines) + "\n"
 
@@ -233,10 +280,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--size", type=int, default=224, help="input side (224 for the papers' shapes)")
     p.add_argument("--rows", default=None, help="comma list from " + ",".join(r[0] for r in ROWS))
     p.add_argument("--in-process", action="store_true", help="no fresh process per row (memory then accumulates)")
+    p.add_argument("--attention", default="default", choices=["default", "math"],
+                   help="math: unfused attention that stores the L×L matrix, as the official code")
     p.add_argument("--json", type=Path, default=None, help="write {'table1': ...} here")
     a = p.parse_args(argv)
     s = Table1Settings(device=a.device, batch_size=a.batch_size, warmup=a.warmup, steps=a.steps, threads=a.threads,
-                       size=a.size, isolate=not a.in_process,
+                       size=a.size, isolate=not a.in_process, attention=a.attention,
                        rows=tuple(a.rows.split(",")) if a.rows else tuple(r[0] for r in ROWS))
     result = table1(s)
     print(table1_markdown(result))

@@ -159,9 +159,14 @@ def test_spec_check_ignores_the_derived_basis_but_not_the_codec(stores) -> None:
         check_spec(spec, {**fresh, "codec": {**fresh["codec"], "name": "pca8"}}, "other codec")
 
 
-def test_a_webdataset_store_with_a_basis_codec_is_refused_before_any_work(corpus, tmp_path) -> None:
-    from umt_distill.cache.codecs import CodecError
+def test_cache_verify_checks_a_pca_store_against_the_codec_round_trip(stores, tmp_path) -> None:
+    from umt_distill.cache.verify import verify_store
 
-    with pytest.raises(CodecError, match="cache.layout=zarr"):
-        cache_teacher(_recipe(corpus, tmp_path / "s", "pca16", "cache.layout=wds"), progress=False)
-    assert not (tmp_path / "s" / "shards").exists() or not any((tmp_path / "s" / "shards").iterdir())
+    report = verify_store(stores["pca16"], sample=2, device="cpu")
+    assert report["ok"], report["problems"]
+    tokens = next(f for f in report["fields"] if f["field"] == "tokens")
+    assert tokens["min_cos"] >= 0.999  # stored records = the codec applied to a fresh teacher run
+    store = _copy(stores["pca16"], tmp_path)
+    (store / BASIS_FILE).unlink()
+    with pytest.raises(CacheError, match="basis.npy: missing"):
+        verify_store(store, sample=2, device="cpu")

@@ -82,7 +82,11 @@ def test_an_epoch_streams_each_clip_once_in_its_epoch_view_and_reads_only_its_gr
     from umt_distill.cache import wds_stream
 
     build_wds(tmp_path, grouped=grouped)
-    ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
+    if grouped:
+        ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
+    else:
+        with pytest.warns(UserWarning, match="reads all 3 views of every clip"):
+            ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
     read = []
     real = wds_stream.iter_range_samples
     monkeypatch.setattr(wds_stream, "iter_range_samples", lambda url, o=0, n=None: (read.append(n), real(url, o, n))[1])
@@ -155,6 +159,11 @@ def test_zarr_items_keep_stored_dtypes(tmp_path: Path) -> None:
     assert torch.equal(device_targets(batch, get_codec("int8"), torch.device("cpu"))[0], torch.from_numpy(ref.tokens))
     assert torch.equal(item["pixels"], torch.from_numpy(ref.frames))
     assert set(stored_targets({"attn": ref.attn, "tokens": ref.tokens}, "full", 0)) == {"attn", "tokens"}
+    # a batch is read in one call into zarr (chunks of several shards at once): the same items
+    batch_items = ds.__getitems__([3, 0, 2])
+    for got, want in zip(batch_items, [ds[3], ds[0], ds[2]], strict=True):
+        assert got.keys() == want.keys() and got["clip_id"] == want["clip_id"]
+        assert all(torch.equal(got[k], want[k]) for k in got if isinstance(got[k], torch.Tensor))
 
 
 def test_a_wrong_group_range_or_a_truncated_tar_names_the_tar(tmp_path: Path) -> None:
@@ -287,3 +296,46 @@ def test_a_basis_codec_streams_from_wds_and_decodes_on_the_device_like_the_refer
             torch.testing.assert_close(got[b], torch.from_numpy(reader.get(clip, view).tokens), rtol=0, atol=1e-6)
             n += 1
     assert n == 8
+
+
+def test_two_workers_stream_the_same_batches_as_one_process(tmp_path: Path) -> None:
+    build_wds(tmp_path, "int8", "raw")
+    one = {(c, int(v)): b for b in StreamingViewDataset(tmp_path, _cfg(batch_size=1))
+           for c, v in zip(b["clip_id"], b["view_index"])}
+    ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1, workers=2))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    got = {(c, int(v)): b for b in loader for c, v in zip(b["clip_id"], b["view_index"])}  # batches in shared memory
+    assert got.keys() == one.keys() and len(got) == ds.batches_per_rank(1) == SHARDS * CLIPS
+    for key, b in got.items():
+        assert all(torch.equal(b[k], one[key][k]) for k in ("tokens.q", "tokens.scale", "attn", "pixels"))
+    with pytest.raises(ValueError, match="train.num_workers=2, the DataLoader runs 0 workers"):
+        list(ds)
+
+
+@pytest.mark.distributed
+def test_two_ranks_train_from_the_stream_with_equal_steps(corpus, jpeg_store, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from umt_distill.training.metrics import read_metrics
+
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "umt_distill",
+         "train", "stage1/tiny_wds", f"corpus.source={corpus}", f"cache.store={jpeg_store}", "cache.codec=fp32",
+         f"train.output_dir={out}", "train.pixels_from=store", "train.max_steps=4", "train.batch_size=2",
+         "train.ckpt_every=4"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]  # 2 steps per epoch per rank
+
+
+def test_ranks_stream_disjoint_shards_covering_the_store(tmp_path: Path, monkeypatch) -> None:
+    build_wds(tmp_path)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append({c for b in StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False) for c in b["clip_id"]})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == SHARDS * CLIPS

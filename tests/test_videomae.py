@@ -306,3 +306,34 @@ def test_the_finetuning_loop_builds_a_tubelet_2_classifier_from_a_videomae_run(c
     model, report = build_classifier(ft)
     assert model.patch_embed.tubelet_size == 2 and report.layout == "stage1"
     torch.testing.assert_close(model.pos_table((4, 4, 4), torch.device("cpu")), sincos_1d(64, 64))
+
+
+def test_uta_plus_pixel_cached_targets_give_the_online_loss(corpus, tmp_path) -> None:
+    """UTA + pixel from an fp32 store equals the same step with the teacher run online (same views, masks)."""
+    from umt_distill.cache.pipeline import build_teacher, cache_teacher
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.pixels import normalize_video
+    from umt_distill.data.targets import CachedViewDataset, OnlineViewDataset
+    from umt_distill.stages.videomae import _losses
+    from umt_distill.training.videomae_parts import build_model, step_plan, teacher_tokens
+
+    store = tmp_path / "store"
+    args = ["videomae.target=uta+pixel", "videomae.tubelet_size=1", "mask.type=semantic", "views.policy=umt_train",
+            "views.num_frames=4", "views.flip=true", f"cache.store={store}", "cache.codec=fp32", "cache.num_views=2",
+            "cache.num_workers=0", "cache.batch_size=4", "cache.clips_per_shard=4"]
+    cfg = _cfg(corpus, tmp_path / "run", *args, "teacher.mode=cached")
+    cache_teacher(cfg, progress=False)
+    rows = read_corpus(corpus)
+    batches = [torch.utils.data.default_collate([ds[i] for i in range(3)])
+               for ds in (CachedViewDataset(store, cfg, {r.id: r for r in rows}), OnlineViewDataset(rows, cfg))]
+    teacher = build_teacher(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg, teacher.embed_dim)
+    losses = []
+    for batch, t in zip(batches, (None, teacher)):
+        tokens, attn = teacher_tokens(cfg, batch, batch["pixels"], t, torch.device("cpu"))
+        plan = step_plan(cfg, batch["pixels"], tokens, attn, 0, [0, 1, 2], 16, torch.device("cpu"))
+        with torch.no_grad():
+            pred, align = model(normalize_video(batch["pixels"]), plan.visible_idx, plan.decode_idx)
+            losses.append([x.item() for x in _losses(pred, align, plan)])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6), losses

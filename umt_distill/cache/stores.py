@@ -31,7 +31,7 @@ from umt_distill.cache.wds_store import (
     iter_tar_samples,
     stored_sample_arrays,
 )
-from umt_distill.cache.zarr_store import ZarrShardReader, ZarrShardWriter
+from umt_distill.cache.zarr_store import ZarrShardReader, ZarrShardWriter, read_stored_many
 from umt_distill.registry import STORES
 
 __all__ = [
@@ -280,13 +280,29 @@ class CacheReader:
         except KeyError:
             raise KeyError(f"{self.root}: no record for clip {clip_id!r} view {view_index}") from None
         if self.layout == "zarr":
-            shard = self._zarr_shard(name)
-            wanted = [n for n in shard.arrays if n != "pooled" and (frames or not n.startswith("frames"))]
-            return shard.read_stored(row, wanted)
+            return self.get_stored_many([(clip_id, view_index)], frames)[0]
         for i, sample in enumerate(iter_tar_samples(self.shard_path(name), self.shards[name]["records"])):
             if i == row:
                 return stored_sample_arrays(sample, frames)
         raise StoreDamagedError(self.shard_path(name), f"ended before row {row}")  # unreachable: count is checked
+
+    def get_stored_many(self, keys: Sequence[tuple[str, int]], frames: bool = False) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        """:meth:`get_stored` of many records; a zarr store reads them all in one call into zarr's event
+        loop (its chunks fetched and decoded concurrently), not one call per array and record."""
+        if self.layout != "zarr":
+            return [self.get_stored(c, v, frames) for c, v in keys]
+        requests = []
+        for clip_id, view_index in keys:
+            try:
+                name, row = self._where[(clip_id, int(view_index))]
+            except KeyError:
+                raise KeyError(f"{self.root}: no record for clip {clip_id!r} view {view_index}") from None
+            requests.append((self._zarr_shard(name), row))
+
+        def names_of(shard: ZarrShardReader) -> list[str]:
+            return [n for n in shard.arrays if n != "pooled" and (frames or not n.startswith("frames"))]
+
+        return read_stored_many(requests, names_of)
 
     def iter_shard(self, name: str) -> Iterator[TargetRecord]:
         """The records of shard ``name`` in order."""

@@ -13,7 +13,10 @@ from umt_distill.cache.spec import read_spec
 
 # Minimum cosine (over the last dim, worst vector) a decoded field must keep against a fresh teacher
 # run, per codec. fp32 differs only by float reassociation between batch sizes.
-COSINE_TOLERANCE = {"fp32": 1 - 1e-5, "fp16": 0.9995, "bf16": 0.995, "int8": 0.99}
+COSINE_TOLERANCE = {"fp32": 1 - 1e-5, "fp16": 0.9995, "bf16": 0.995, "int8": 0.99, "int4": 0.95}
+# Basis codecs (pca/jpca) lose what the basis does not span, which depends on the teacher: their records
+# are compared with the codec's own round trip of the fresh tokens instead, which must agree closely.
+BASIS_TOLERANCE = 0.999
 
 
 def _compare(name: str, stored: np.ndarray, fresh: np.ndarray, tol: float) -> dict:
@@ -78,6 +81,7 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
     try:
         spec = read_spec(root)
         reader = CacheReader(root)
+        reader.codec  # a basis codec's basis: missing or replaced is damage, reported before any work
     except (FileNotFoundError, ValueError, StoreDamagedError) as e:
         raise CacheError(str(e)) from None
     if spec.get("status") != "complete":
@@ -93,7 +97,8 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
     keys = list(reader.keys)
     rng = np.random.default_rng(seed)
     chosen = [keys[i] for i in sorted(rng.choice(len(keys), size=min(sample, len(keys)), replace=False))]
-    tol = COSINE_TOLERANCE.get(spec["codec"]["name"], 0.99)
+    codec = reader.codec
+    tol = BASIS_TOLERANCE if codec.needs_basis else COSINE_TOLERANCE.get(spec["codec"]["name"], 0.99)
     collected: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"tokens": [], "attn": [], "pooled": []}
     damaged: dict[str, int] = {}  # one line per damaged file, however many sampled records it holds
     for clip_id, k in chosen:
@@ -128,6 +133,8 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
         if rec.visible_idx is not None:
             T = tokens.shape[1]
             tokens = np.stack([tokens[:, np.arange(T)[:, None], idx.astype(np.int64)] for idx in rec.visible_idx])
+        if codec.needs_basis:
+            tokens = codec.decode(codec.encode(tokens))
         collected["tokens"].append((rec.tokens, tokens))
         collected["attn"].append((rec.attn, out.attn[0].float().cpu().numpy()))
         collected["pooled"].append((rec.pooled, out.pooled[0].float().cpu().numpy()))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from umt_distill.cache.codecs import compressor_from_suffix, decompress_bytes, get_codec
-from umt_distill.cache.record import StoreDamagedError, part_name
+from umt_distill.cache.record import StoreDamagedError, stored_names
 from umt_distill.cache.wds_store import check_entry
 
 _BLOCK = 512
@@ -132,8 +132,8 @@ class BatchAssembler:
         batch_size: Samples per batch.
         epoch: Selects mask ``epoch mod M`` of a mode-visible record, as the reference dataset does
             (``None``: keep all M).
-        frames: ``"array"`` to put raw frames into ``pixels``; ``"jpeg"`` to collect the JPEG bytes
-            (decoded by :func:`finish`'s caller, see ``jpeg_device``); ``None`` to skip frames.
+        frames: ``"array"``: the stored view frames become ``pixels`` (raw ones copied, JPEGs decoded
+            or shipped, see ``jpeg_device``); ``None``: frames are not read.
         jpeg_device: ``None``: decode the JPEGs here, into ``pixels`` (a CPU worker); else ship
             ``frames_jpeg`` (uint8, all frames concatenated) + ``frames_jpeg_sizes`` ([B, T]) for the
             step to decode on that device.
@@ -142,11 +142,13 @@ class BatchAssembler:
     def __init__(self, batch_size: int, epoch: int | None, frames: str | None, jpeg_device: str | None = None) -> None:
         self.batch_size, self.epoch, self.frames, self.jpeg_device = batch_size, epoch, frames, jpeg_device
         self.headers = _NpyHeaders()
+        self._codecs: dict[str, Any] = {}  # by name: only their part names are used here
         self._reset()
 
     def _reset(self) -> None:
         self.n = 0
         self.arrays: dict[str, np.ndarray] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
         self.clip_ids: list[str] = []
         self.view_index = np.empty(self.batch_size, dtype=np.int64)
         self.jpegs: list[bytes] = []
@@ -158,14 +160,11 @@ class BatchAssembler:
         """Add one sample (``meta``: its parsed ``view.json``, if the caller already parsed it)."""
         if meta is None:
             meta = parse_meta(url, key, entries)
-        codec = get_codec(meta["codec"])
+        codec = self._codecs.get(meta["codec"]) or self._codecs.setdefault(meta["codec"], get_codec(meta["codec"]))
         mode, stored_frames = meta.get("mode", "full"), meta.get("frames", "none")
-        names = [part_name("tokens", p) for p in codec.parts] + ["attn"]
-        if mode == "visible":
-            names.append("visible_idx")
-        if self.frames == "array" and stored_frames == "raw":
-            names.append("frames")
-        elif self.frames is not None and stored_frames == "none":
+        # Everything the step uses (pooled is not), in stored dtypes: only these are checked and decompressed.
+        names = [n for n in stored_names(codec, mode, self.frames is not None and stored_frames == "raw") if n != "pooled"]
+        if self.frames is not None and stored_frames == "none":
             raise ValueError(f"{url}: sample {key}: the store keeps no view frames (cache.frames=none); "
                              "use train.pixels_from=video")
         sfx = {e.split(".npy")[0]: e for e in entries if ".npy" in e}
@@ -208,7 +207,8 @@ class BatchAssembler:
         if out is None:
             if i:
                 raise StoreDamagedError(url, f"sample {key}: has {name}, the batch's first sample has not")
-            out = self.arrays[name] = np.empty((self.batch_size, *arr.shape), dtype=arr.dtype)
+            tensor = self.tensors[name] = _batch_tensor((self.batch_size, *arr.shape), arr.dtype)
+            out = self.arrays[name] = tensor.numpy()  # the same memory, filled through numpy
         elif out.shape[1:] != arr.shape or out.dtype != arr.dtype:
             raise StoreDamagedError(url, f"sample {key}: {name} is {arr.dtype} {list(arr.shape)}, the batch's first "
                                          f"sample has {out.dtype} {list(out.shape[1:])}")
@@ -218,7 +218,7 @@ class BatchAssembler:
         """The batch as tensors (stored dtypes), and a fresh assembler state."""
         from umt_distill.data.jpeg import decode_jpegs
 
-        batch: dict[str, Any] = {k: torch.from_numpy(v[: self.n]) for k, v in self.arrays.items()}
+        batch: dict[str, Any] = {k: v[: self.n] for k, v in self.tensors.items()}
         batch["clip_id"], batch["view_index"] = self.clip_ids, torch.from_numpy(self.view_index[: self.n])
         if self.jpegs:
             t = len(self.jpegs) // self.n
@@ -231,6 +231,16 @@ class BatchAssembler:
                 batch["frames_jpeg_sizes"] = torch.from_numpy(sizes.reshape(self.n, t))
         self._reset()
         return batch
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker, allocated in shared memory, as
+    ``default_collate`` does, so handing it to the training process copies nothing."""
+    like = torch.from_numpy(np.empty(0, dtype=dtype))
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=like.dtype)
+    numel = int(np.prod(shape, dtype=np.int64))
+    return like.new(like._typed_storage()._new_shared(numel, device="cpu")).view(shape)  # noqa: SLF001
 
 
 def parse_meta(url: str, key: str, entries: dict[str, bytes]) -> dict[str, Any]:

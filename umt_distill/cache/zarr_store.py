@@ -222,6 +222,32 @@ class ZarrShardWriter:
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
 
+def read_stored_many(requests: list[tuple[ZarrShardReader, int]], names_of) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """Many records' stored arrays with one call into zarr's event loop (not one per array and record).
+
+    Args:
+        requests: ``(shard, row)`` per record, in the order the results come back.
+        names_of: ``shard -> the array names to read``.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    jobs = [(i, name) for i, (shard, _) in enumerate(requests) for name in names_of(shard)]
+
+    async def gather() -> list:  # created inside zarr's loop, which runs it
+        return await asyncio.gather(*(requests[i][0].read_stored_async(requests[i][1], name) for i, name in jobs),
+                                    return_exceptions=True)
+
+    arrays: list[dict[str, np.ndarray]] = [{} for _ in requests]
+    for (i, name), got in zip(jobs, sync(gather())):
+        shard, row = requests[i]
+        if isinstance(got, BaseException):  # checksum mismatch, truncated shard file, decompression error
+            raise StoreDamagedError(shard.shard_file(name), f"row {row}: {type(got).__name__}: {got}") from got
+        arrays[i][name] = np.asarray(got)
+    return [shard.describe(row, arrays[i]) for i, (shard, row) in enumerate(requests)]
+
+
 class ZarrShardReader:
     """Random access to the records of one zarr shard group (opened once, read row by row)."""
 
@@ -285,6 +311,16 @@ class ZarrShardReader:
                 arrays[name] = self.arrays[name][row]
             except Exception as e:  # checksum mismatch, truncated shard file, decompression error
                 raise StoreDamagedError(self.shard_file(name), f"row {row}: {type(e).__name__}: {e}") from e
+        return self.describe(row, arrays)
+
+    def read_stored_async(self, row: int, name: str):
+        """A coroutine reading row ``row`` of array ``name`` (one chunk), for :func:`read_stored_many`
+        to gather with others in one call into zarr's event loop. (An orthogonal selection of several
+        rows of a sharded array was ~40x slower here than gathering one basic selection per row.)"""
+        return self.arrays[name].async_array.getitem(row)
+
+    def describe(self, row: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(description, arrays)`` of a row whose stored arrays were read (JPEG frames decoded here)."""
         clip_id, view_index = self.records[row]
         meta = {
             "clip_id": clip_id,

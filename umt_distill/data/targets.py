@@ -90,14 +90,20 @@ class CachedViewDataset(Dataset):
         return len(self.clip_ids)
 
     def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The items of a batch (the DataLoader calls this with a batch's indices): one read per batch."""
         from umt_distill.cache.stores import CacheReader
 
         if self.reader is None:
             self.reader = CacheReader(self.store)
-        clip = self.clip_ids[i]
-        view_index = epoch_view(self.seed, clip, self.epoch, self.num_views)
+        keys = [(self.clip_ids[i], epoch_view(self.seed, self.clip_ids[i], self.epoch, self.num_views)) for i in indices]
         from_store = self.pixels and self.cfg.train.pixels_from == "store"
-        meta, arrays = self.reader.get_stored(clip, view_index, frames=from_store)
+        stored = self.reader.get_stored_many(keys, frames=from_store)
+        return [self._item(clip, view_index, meta, arrays, from_store) for (clip, view_index), (meta, arrays) in zip(keys, stored)]
+
+    def _item(self, clip: str, view_index: int, meta: dict, arrays: dict, from_store: bool) -> dict:
         item = {"clip_id": clip, "view_index": view_index, **stored_targets(arrays, meta["mode"], self.epoch)}
         if from_store:
             if "frames" not in arrays:
@@ -201,6 +207,12 @@ class StreamingViewDataset(IterableDataset):
         self.seed = rotation_seed(spec, cfg)
         self.shards = read_index(self.store)["shards"]
         self.grouped = all(len(s.get("groups", ())) == self.num_views for s in self.shards)
+        if not self.grouped and self.num_views > 1:
+            import warnings
+
+            warnings.warn(f"{self.store}: a store without epoch-slot groups (format 1): every epoch reads all "
+                          f"{self.num_views} views of every clip and keeps one; re-run cache-teacher into a new "
+                          "store to read only the epoch's views (cache/FORMAT.md §8)", stacklevel=2)
         self.batch_size, self.num_workers = cfg.train.batch_size, max(1, cfg.train.num_workers)
         self.epoch = 0
 
@@ -266,8 +278,9 @@ class StreamingViewDataset(IterableDataset):
 
         rank, world, worker, workers = pytorch_worker_info()  # env / torch.distributed, DataLoader worker
         if max(1, workers) != self.num_workers:  # the split (and the step count) assume the recipe's workers
+            running = workers if torch.utils.data.get_worker_info() is not None else 0
             raise ValueError(f"{self.store}: the dataset splits shards for train.num_workers={self.num_workers}, "
-                             f"the DataLoader runs {workers} workers")
+                             f"the DataLoader runs {running} workers")
         shards = self._worker_shards(rank, world, worker)
         if self.shuffle:
             random.Random(f"shards:{self.seed}:{self.epoch}:{rank}:{worker}").shuffle(shards)

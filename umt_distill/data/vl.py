@@ -90,6 +90,11 @@ class CaptionedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return _caption(self.base[i], self.captions, self.source, self.seed, self.epoch)
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        getitems = getattr(self.base, "__getitems__", None)  # a cached base reads a batch at once
+        items = getitems(indices) if getitems is not None else [self.base[i] for i in indices]
+        return [_caption(item, self.captions, self.source, self.seed, self.epoch) for item in items]
+
 
 class CaptionedStream(IterableDataset):
     """:class:`~umt_distill.data.targets.StreamingViewDataset` (WebDataset) batches with captions."""

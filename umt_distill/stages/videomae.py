@@ -32,6 +32,7 @@ from umt_distill.training.videomae_parts import (
     check_videomae_recipe,
     global_sample_index,
     step_plan,
+    teacher_tokens,
 )
 
 
@@ -101,7 +102,8 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                 data_time += time.perf_counter() - t_data
                 pixels = batch["pixels"].to(device, non_blocking=True)  # [B, T, 3, H, W] uint8
                 first = [global_sample_index(env.rank, W, micro, B, j) for j in range(pixels.shape[0])]
-                plan = step_plan(cfg, batch, pixels, teacher, step, first, core.patch_size, device)
+                tokens, attn = teacher_tokens(cfg, batch, pixels, teacher, device) if uta else (None, None)
+                plan = step_plan(cfg, pixels, tokens, attn, step, first, core.patch_size, device)
                 sync = micro == A - 1
                 with model.no_sync() if (env.distributed and not sync) else _null(), \
                         torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

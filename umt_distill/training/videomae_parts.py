@@ -80,14 +80,26 @@ def global_sample_index(rank: int, world: int, micro: int, batch: int, j: int) -
     return (micro * batch + j) * world + rank
 
 
-def step_plan(cfg: Recipe, batch: dict, pixels: Tensor, teacher, step: int, first: list[int],
+def teacher_tokens(cfg: Recipe, batch: dict, pixels: Tensor, teacher, device: torch.device) -> tuple[Tensor, Tensor]:
+    """UTA + pixel: the teacher's tokens [B, K, T, N, D] and attention [B, T, N], float32 on ``device`` —
+    from the online teacher on exactly the student's pixels, or the batch's cached targets (moved in
+    their stored dtype and decoded on the device, as stage 1)."""
+    if teacher is not None:
+        out = teacher(pixels)
+        return out.tokens.float(), out.attn.float()
+    from umt_distill.training.stage_parts import device_targets, target_codec
+
+    tokens = device_targets(batch, target_codec(str(cfg.cache.store), cfg.cache.codec), device)
+    return tokens, batch["attn"].to(device, non_blocking=True).float()
+
+
+def step_plan(cfg: Recipe, pixels: Tensor, tokens: Tensor | None, attn: Tensor | None, step: int, first: list[int],
               patch: int, device: torch.device) -> StepPlan:
     """Masks, decoder plan and targets of one micro-batch.
 
     Args:
-        batch: The loader's batch (``tokens``/``attn`` for cached UTA + pixel).
         pixels: uint8 [B, T, 3, H, W] on ``device``.
-        teacher: The online teacher (UTA + pixel with ``teacher.mode=online``) or None.
+        tokens, attn: UTA + pixel: :func:`teacher_tokens`; pixel only: None.
         first: Global sample index of every sample in the micro-batch (:func:`global_sample_index`).
         patch: The encoder's spatial patch side.
     """
@@ -102,13 +114,6 @@ def step_plan(cfg: Recipe, batch: dict, pixels: Tensor, teacher, step: int, firs
     p = patch
     grid = (T // v.tubelet_size, H // p, W // p)
     N = grid[1] * grid[2]
-    tokens = attn = None
-    if v.target == "uta+pixel":
-        if teacher is not None:  # online: the teacher sees exactly the student's pixels
-            out = teacher(pixels)
-            tokens, attn = out.tokens.float(), out.attn.float()  # [B, K, T, N, D], [B, T, N]
-        else:
-            tokens, attn = batch["tokens"].to(device), batch["attn"].to(device)
     vis, dec, wts = [], [], []
     for j in range(B):  # per-sample generators: masks do not depend on how the batch is split
         gen = sample_generator(cfg.seed, step, first[j])

@@ -82,7 +82,11 @@ def test_an_epoch_streams_each_clip_once_in_its_epoch_view_and_reads_only_its_gr
     from umt_distill.cache import wds_stream
 
     build_wds(tmp_path, grouped=grouped)
-    ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
+    if grouped:
+        ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
+    else:
+        with pytest.warns(UserWarning, match="reads all 3 views of every clip"):
+            ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
     read = []
     real = wds_stream.iter_range_samples
     monkeypatch.setattr(wds_stream, "iter_range_samples", lambda url, o=0, n=None: (read.append(n), real(url, o, n))[1])
@@ -306,3 +310,32 @@ def test_two_workers_stream_the_same_batches_as_one_process(tmp_path: Path) -> N
         assert all(torch.equal(b[k], one[key][k]) for k in ("tokens.q", "tokens.scale", "attn", "pixels"))
     with pytest.raises(ValueError, match="train.num_workers=2, the DataLoader runs 0 workers"):
         list(ds)
+
+
+@pytest.mark.distributed
+def test_two_ranks_train_from_the_stream_with_equal_steps(corpus, jpeg_store, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from umt_distill.training.metrics import read_metrics
+
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "umt_distill",
+         "train", "stage1/tiny_wds", f"corpus.source={corpus}", f"cache.store={jpeg_store}", "cache.codec=fp32",
+         f"train.output_dir={out}", "train.pixels_from=store", "train.max_steps=4", "train.batch_size=2",
+         "train.ckpt_every=4"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]  # 2 steps per epoch per rank
+
+
+def test_ranks_stream_disjoint_shards_covering_the_store(tmp_path: Path, monkeypatch) -> None:
+    build_wds(tmp_path)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append({c for b in StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False) for c in b["clip_id"]})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == SHARDS * CLIPS

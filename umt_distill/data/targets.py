@@ -207,6 +207,12 @@ class StreamingViewDataset(IterableDataset):
         self.seed = rotation_seed(spec, cfg)
         self.shards = read_index(self.store)["shards"]
         self.grouped = all(len(s.get("groups", ())) == self.num_views for s in self.shards)
+        if not self.grouped and self.num_views > 1:
+            import warnings
+
+            warnings.warn(f"{self.store}: a store without epoch-slot groups (format 1): every epoch reads all "
+                          f"{self.num_views} views of every clip and keeps one; re-run cache-teacher into a new "
+                          "store to read only the epoch's views (cache/FORMAT.md §8)", stacklevel=2)
         self.batch_size, self.num_workers = cfg.train.batch_size, max(1, cfg.train.num_workers)
         self.epoch = 0
 

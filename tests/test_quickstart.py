@@ -100,16 +100,21 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     assert {m: r["reused"] for m, r in changed["finetune"]["models"].items()} == \
         {DISTILLED: False, CONTROL: True, IMAGE_TEACHER: True, UMT_EXACT: False}
 
-    # more fine-tuning seeds: the first seed's runs are reused, the others trained; the mean is reported
+
+def test_more_seeds_reuse_the_first_and_train_the_rest_in_parallel_processes(tmp_path) -> None:
+    out, lean = tmp_path / "qs", [*MINI, "quickstart.finetune.umt_exact=false"]
+    first = run_quickstart(out, overrides=lean, console=quiet()[0])["finetune"]
     console, printed = quiet()
-    seeds = run_quickstart(out, overrides=[*MINI, "train.epochs=2", "quickstart.finetune.seeds=2",
-                                           "quickstart.finetune.parallel=2"], console=console)["finetune"]
+    seeds = run_quickstart(out, overrides=[*lean, "quickstart.finetune.seeds=2", "quickstart.finetune.parallel=2"],
+                           console=console)["finetune"]
+    assert set(seeds["models"]) == {DISTILLED, CONTROL, IMAGE_TEACHER}
     for name, model in seeds["models"].items():
         assert [r["reused"] for r in model["per_seed"]] == [True, False] and model["seeds"] == 2, name
         assert model["top1"] == pytest.approx(sum(model["top1_seeds"]) / 2) and model["top1_std"] >= 0
-        assert model["top1_seeds"][0] == changed["finetune"]["models"][name]["top1"]
+        assert model["top1_seeds"][0] == first["models"][name]["top1"]
+        assert (out / "runs" / Path(model["per_seed"][1]["run"]).name / DONE_FILE).is_file()
+    assert "3 runs to train, 2 at a time" in printed.getvalue()  # the finished seed-0 runs start no process
     assert "± " in printed.getvalue() and "2 fine-tuning seeds" in (out / "report.md").read_text()
-    assert "4 runs to train, 2 at a time" in printed.getvalue()  # the finished seed-0 runs start no process
 
 
 def test_online_mode_runs_without_a_cache_and_reports_both_runs(tmp_path) -> None:

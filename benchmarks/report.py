@@ -74,6 +74,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                             "mean_cos": best["mean_cos"], "p1_cos": best["p1_cos"],
                             "bytes_goal_met": best["bytes_per_clip_view"] <= GOALS["bytes"]}
         out["targets"] = storage["reference"]["shape_KTND"]
+        trained = (storage.get("smallest_faithful") or {}).get("trained")
+        if storage.get("trained"):
+            out["trained_smallest_faithful"] = trained  # None: no codec was faithful by cos and probe
     loader = results.get("loader", {}).get("headline")
     if loader:
         out["loader"] = {**loader,
@@ -123,6 +126,12 @@ def _headline_md(res: dict) -> list[str]:
                      f"| {yn[ld['targets_only_goal_met']]} |")
         lines.append(f"| read amplification (bytes read / bytes of the epoch's views) | {ld['read_amplification']:.3f} "
                      f"| {GOALS['read_amplification']:.1f} | {yn[ld['amplification_goal_met']]} |")
+    if "trained_smallest_faithful" in h:
+        b = h["trained_smallest_faithful"]
+        got = (f"{b['codec']}/{b['mode']} (UMT-B {b['umt_b_codec']}): {b['umt_b_mb_per_clip_view']:.4f} MB per UMT-B clip-view "
+               f"(mean cos {b['mean_cos']:.6f}, Δ probe {_f(b.get('probe_diff'))})") if b else "none"
+        met = "yes" if b and b["goal_met"] else "no"
+        lines.append(f"| trained tiny CLIP: smallest codec/mode with mean cos ≥ 0.99 and Δ probe ≤ 0.01 | {got} | ≤ 0.25 MB | {met} |")
     if "step" in h:
         lines += ["", "Spread of the headline steps, (max − min) / median: "
                   + ", ".join(f"{MODE_NAMES[m]} {x:.0%}" for m, x in h["step"]["spread"].items()) + "."]

@@ -108,10 +108,18 @@ def jpeg_device(cfg: Recipe) -> str | None:
     return None
 
 
-@functools.cache
 def target_codec(store: str, name: str):
     """The codec that dequantises a store's targets in the step, bound to its basis where it has one
-    (one instance per store; ``name`` is the recipe's ``cache.codec``, checked against the spec)."""
+    (``name`` is the recipe's ``cache.codec``, checked against the spec). Built once per version of the
+    store's ``spec.json``: a store rebuilt at the same path (another basis) is not decoded with a stale one."""
+    import os
+
+    spec = os.path.join(str(store), "spec.json")
+    return _target_codec(str(store), name, os.stat(spec).st_mtime_ns if os.path.exists(spec) else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _target_codec(store: str, name: str, spec_version: int):
     from umt_distill.cache.basis import codec_for_store
 
     codec = codec_for_store(store)

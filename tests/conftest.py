@@ -27,3 +27,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def write_shapes_corpus(folder, num_clips: int, seed: int):
+    """``num_clips`` PyAV-encoded moving-shape MP4s (12 frames, 80x64, 10 fps; clip i seeded
+    ``seed + i``) and their manifest ``m.csv`` (ids ``v<i>``); returns the manifest's path."""
+    import csv
+
+    from umt_distill.data.synthetic import moving_shapes_video, write_video
+
+    with open(folder / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path"])
+        for i in range(num_clips):
+            write_video(folder / f"v{i}.mp4", moving_shapes_video(12, 64, 80, seed=seed + i), fps=10)
+            w.writerow([f"v{i}", f"v{i}.mp4"])
+    return folder / "m.csv"

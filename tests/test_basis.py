@@ -3,7 +3,6 @@ store whose basis is missing or differs from the spec's digest."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_shapes_corpus
 
 from umt_distill.cache.basis import BASIS_FILE, codec_for_store, sample_clip_indices
 from umt_distill.cache.pipeline import CacheError, cache_teacher
@@ -24,18 +24,7 @@ NUM_CLIPS = 4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
-
-    folder = tmp_path_factory.mktemp("basis_videos")
-    rows = []
-    for i in range(NUM_CLIPS):
-        write_video(folder / f"v{i}.mp4", moving_shapes_video(12, 64, 80, seed=200 + i), fps=10)
-        rows.append({"id": f"v{i}", "path": f"v{i}.mp4"})
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "path"])
-        w.writeheader()
-        w.writerows(rows)
-    return folder / "m.csv"
+    return write_shapes_corpus(tmp_path_factory.mktemp("basis_videos"), NUM_CLIPS, seed=200)
 
 
 def _recipe(corpus: Path, store: Path, codec: str, *extra: str):

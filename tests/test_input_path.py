@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_shapes_corpus
 from test_stores import make_record
 
 from umt_distill.cache.record import StoreDamagedError
@@ -190,18 +191,7 @@ def test_a_wrong_group_range_or_a_truncated_tar_names_the_tar(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    import csv
-
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
-
-    folder = tmp_path_factory.mktemp("ipvideos")
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path"])
-        for i in range(8):
-            write_video(folder / f"v{i}.mp4", moving_shapes_video(12, 64, 80, seed=200 + i), fps=10)
-            w.writerow([f"v{i}", f"v{i}.mp4"])
-    return folder / "m.csv"
+    return write_shapes_corpus(tmp_path_factory.mktemp("ipvideos"), 8, seed=200)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_shapes_corpus
 
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.config import load_recipe
@@ -23,18 +23,7 @@ NUM_CLIPS = 8
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
-
-    folder = tmp_path_factory.mktemp("s1videos")
-    rows = []
-    for i in range(NUM_CLIPS):
-        write_video(folder / f"v{i}.mp4", moving_shapes_video(12, 64, 80, seed=100 + i), fps=10)
-        rows.append({"id": f"v{i}", "path": f"v{i}.mp4"})
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "path"])
-        w.writeheader()
-        w.writerows(rows)
-    return folder / "m.csv"
+    return write_shapes_corpus(tmp_path_factory.mktemp("s1videos"), NUM_CLIPS, seed=100)
 
 
 def _args(corpus: Path, store: Path, codec: str) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_shapes_corpus
 
 from umt_distill.config import RecipeError, load_recipe
 from umt_distill.training.metrics import read_metrics
@@ -190,18 +190,7 @@ def test_official_pretraining_file_loads_into_the_model_and_the_finetuning_class
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
-
-    folder = tmp_path_factory.mktemp("maevideos")
-    rows = []
-    for i in range(NUM_CLIPS):
-        write_video(folder / f"v{i}.mp4", moving_shapes_video(12, 64, 80, seed=200 + i), fps=10)
-        rows.append({"id": f"v{i}", "path": f"v{i}.mp4"})
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "path"])
-        w.writeheader()
-        w.writerows(rows)
-    return folder / "m.csv"
+    return write_shapes_corpus(tmp_path_factory.mktemp("maevideos"), NUM_CLIPS, seed=200)
 
 
 def _cfg(corpus: Path, out: Path, *extra: str):

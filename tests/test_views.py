@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from umt_distill.data.video import VideoInfo
@@ -20,6 +21,7 @@ from umt_distill.data.views import (
     ViewError,
     ViewSpec,
     apply_view,
+    resize_frames,
     fixed_crop_offsets,
     multiscale_crop_sizes,
     sample_view,
@@ -303,6 +305,20 @@ def test_apply_view_resize_properties() -> None:
     # a constant image stays constant; upsampling works too
     const = np.full((1, 30, 40, 3), 77, dtype=np.uint8)
     assert (apply_view(const, ViewSpec((0,), (3, 2, 20, 25), False, (64, 48))) == 77).all()
+
+
+def test_resize_frames_in_chunks_equals_one_frame_at_a_time() -> None:
+    # the plain reference: each frame resized on its own, as apply_view did before frames were batched
+    gen = torch.Generator().manual_seed(0)
+    clip = torch.randint(0, 256, (7, 3, 53, 71), dtype=torch.uint8, generator=gen)
+    for size in ((24, 24), (64, 48), (53, 30)):
+        reference = torch.stack([
+            F.interpolate(f[None].double(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+            .round_().clamp_(0, 255).to(torch.uint8) for f in clip])
+        for chunk in (1, 3 * (53 * 71 + size[0] * size[1]) * 2, 1 << 22):  # 1 frame, 2 frames, all at once
+            out = resize_frames(clip, size, chunk_values=chunk)
+            assert out.dtype == torch.uint8 and out.shape == (7, 3, *size)
+            assert torch.equal(out, reference), (size, chunk)
 
 
 def test_apply_view_downscale_by_two_matches_hand_computed_triangle_filter() -> None:

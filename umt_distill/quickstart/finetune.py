@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from rich.console import Console
 from umt_distill.config import Recipe, load_recipe, recipe_to_yaml
 from umt_distill.data.toyworld import MOTIONS
 from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, distilled, umt_exact
+from umt_distill.quickstart.pool import Job, JobPool
 from umt_distill.quickstart.runs import ensure_run, finished_run
 from umt_distill.quickstart.settings import FinetuneSettings
 
@@ -97,7 +99,8 @@ class FinetunedModel:
 
 
 def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: dict[str, Path],
-                 settings: FinetuneSettings, console: Console, baselines: dict[str, Path] | None = None) -> dict:
+                 settings: FinetuneSettings, console: Console, baselines: dict[str, Path] | None = None,
+                 pool: JobPool | None = None) -> dict:
     """Fine-tune the distilled students, the control and the image teacher on motion; test each.
 
     Every model is fine-tuned ``settings.seeds`` times (fine-tuning seeds ``cfg.seed + i``: data order,
@@ -114,6 +117,8 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
         console: Progress and reuse messages.
         baselines: Pixel-reconstruction runs by model name (``quickstart.baselines=true``), fine-tuned
             like the distilled students.
+        pool: Where the runs are trained (the quickstart shares one with stage 2); None: a pool of
+            ``settings.parallel`` of this step's own.
 
     Returns:
         ``{"models": {name: {top1, top1_std, top1_seeds, mean_class_accuracy, axis_accuracy, tubelet, role,
@@ -142,7 +147,11 @@ def run_finetune(output: Path, cfg: Recipe, world: dict, teacher: dict, runs: di
             }
             label = f"fine-tune: {name}" + (f", seed {i + 1}/{settings.seeds}" if settings.seeds > 1 else "")
             jobs.append(FinetuneJob(name, run, ft, identity, label))
-    done = run_jobs(jobs, settings.parallel, torch.get_num_threads(), console)
+    if pool is None:
+        with JobPool(settings.parallel, torch.get_num_threads(), console) as own:
+            done = run_jobs(jobs, own, console)
+    else:
+        done = run_jobs(jobs, pool, console)
 
     models, all_reused = {}, True
     for name, m in plan.items():
@@ -174,56 +183,39 @@ class FinetuneJob:
     label: str
 
 
-def run_jobs(jobs: list[FinetuneJob], parallel: int, threads: int, console: Console) -> dict[Path, tuple[bool, dict, float]]:
-    """Train (or reuse) every job; with ``parallel`` > 1 that many at a time, each in its own process.
+def run_jobs(jobs: list[FinetuneJob], pool: JobPool, console: Console) -> dict[Path, tuple[bool, dict, float]]:
+    """Train (or reuse) every job, ``pool.parallel`` at a time (``quickstart/pool.py``).
 
-    The runs are independent and each is deterministic on its own (one thread), so running them side by
-    side on separate cores changes when they finish, not what they compute.
+    Finished runs are reused here, without starting a process for them.
 
     Returns:
         By run folder: (reused, the run's final metrics, seconds it took).
     """
     out: dict[Path, tuple[bool, dict, float]] = {}
-    for job in jobs:  # finished runs are reused here, without starting a process for them
+    for job in jobs:
         last = finished_run(job.run, job.identity)
         if last is not None:
             out[job.run] = (True, last, 0.0)
     jobs = [job for job in jobs if job.run not in out]
-    if parallel <= 1 or len(jobs) <= 1:
-        from umt_distill.stages.finetune import train
-
-        for job in jobs:
-            t = time.perf_counter()
-            reused, last = ensure_run(job.run, job.identity, lambda ft=job.recipe: _train_and_score(train, ft), console, job.label)
-            out[job.run] = (reused, last, round(time.perf_counter() - t, 1))
-        return out
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    console.print(f"  {len(jobs)} runs to train, {parallel} at a time (one process each)", highlight=False)
-    # spawn: a fresh interpreter per worker (no forked torch state); its loader workers are its children.
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_job_in_process, job, threads): job for job in jobs}
-        for future in as_completed(futures):
-            job = futures[future]
-            out[job.run] = future.result()
-            reused, _, seconds = out[job.run]
+    if pool.side_by_side and jobs:
+        console.print(f"  {len(jobs)} runs to train, {pool.parallel} at a time (one process each)", highlight=False)
+    futures = {pool.submit(Job(job.label.removeprefix("fine-tune: "), train_job, (job.run, job.identity, job.recipe, job.label))): job
+               for job in jobs}
+    for future in as_completed(futures):  # a job that ran in this process is done already
+        job, done = futures[future], future.result()
+        (reused, last), seconds = done.value, done.seconds
+        out[job.run] = (reused, last, seconds)
+        if pool.side_by_side:  # what the worker printed is dropped: these lines say what it did
             console.print(f"  {'reused' if reused else 'finished'}: {job.label.removeprefix('fine-tune: ')}"
                           + ("" if reused else f" ({seconds:.0f} s)"), highlight=False)
     return out
 
 
-def _job_in_process(job: FinetuneJob, threads: int) -> tuple[bool, dict, float]:
-    """A worker process's job: its own torch thread count, its messages discarded (the parent reports)."""
-    import io
-
+def train_job(run: Path, identity: dict, recipe: Recipe, label: str, console: Console) -> tuple[bool, dict]:
+    """One fine-tuning run as a pool job: train it (or resume / reuse it), then test it (``ensure_run``)."""
     from umt_distill.stages.finetune import train
 
-    torch.set_num_threads(threads)
-    t = time.perf_counter()
-    reused, last = ensure_run(job.run, job.identity, lambda: _train_and_score(train, job.recipe),
-                              Console(file=io.StringIO()), job.label)
-    return reused, last, round(time.perf_counter() - t, 1)
+    return ensure_run(run, identity, lambda: _train_and_score(train, recipe), console, label)
 
 
 def model_plan(output: Path, cfg: Recipe, runs: dict[str, Path], settings: FinetuneSettings,
@@ -355,5 +347,5 @@ def _count_rows(manifest: str | Path) -> int:
     return len(read_corpus(str(manifest)))
 
 
-__all__ = ["run_finetune", "model_plan", "combine_seeds", "FinetunedModel", "finetune_recipe", "write_initial_student", "axis_accuracy", "MOTION_RECIPE", "AXES",
+__all__ = ["run_finetune", "run_jobs", "train_job", "model_plan", "combine_seeds", "FinetunedModel", "finetune_recipe", "write_initial_student", "axis_accuracy", "MOTION_RECIPE", "AXES",
            "FINETUNE_RECIPE", "INIT_RUN"]

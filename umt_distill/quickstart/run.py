@@ -16,12 +16,13 @@ from umt_distill.quickstart.baselines import PIXEL_RECIPE, ensure_pixel_trained,
 from umt_distill.quickstart.cache import ensure_cache
 from umt_distill.quickstart.finetune import run_finetune
 from umt_distill.quickstart.names import PIXEL
+from umt_distill.quickstart.pool import Job, JobPool
 from umt_distill.quickstart.probes import evaluate
 from umt_distill.quickstart.report import print_table, write_report
 from umt_distill.quickstart.runs import StepLog
 from umt_distill.quickstart.settings import QuickstartSettings, parse_settings
 from umt_distill.quickstart.stage1 import ensure_trained, finished_runs, make_recipe
-from umt_distill.quickstart.stage2 import run_stage2_retrieval
+from umt_distill.quickstart.stage2 import stage2_retrieval_job
 from umt_distill.quickstart.teacher import build_teacher_weights
 
 NUM_STEPS = 7  # numbered steps printed while running (the report is not one)
@@ -107,26 +108,33 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
     results = evaluate(cfg, world, runs, settings, baselines)
     log.add("probes", False, time.perf_counter() - t)
 
-    t = time.perf_counter()  # reuses finished runs of the same init
-    console.print(f"[bold]6/{NUM_STEPS} fine-tune[/] on the motion labels ({settings.finetune.steps} steps per model; "
-                  "train split → fit, test split → top-1)")
-    results["finetune"] = run_finetune(output, cfg, world, teacher, runs, settings.finetune, console, baselines)
-    if baseline_info is not None:
-        results["baselines"] = {**baseline_info, "name": PIXEL}
-    log.add("fine-tune", results["finetune"]["reused"], time.perf_counter() - t, f"{len(results['finetune']['models'])} models")
-
-    t = time.perf_counter()  # from this teacher mode's stage-1 run
-    console.print(f"[bold]7/{NUM_STEPS} stage 2[/] on the training captions, then zero-shot retrieval on the test "
-                  "split (student vs the teacher's own image-text model)")
+    # Steps 6 and 7 both start from the finished stage-1 run and share nothing else: side by side
+    # (quickstart.finetune.parallel > 1), stage 2 starts first, as the longest job, and the fine-tuning
+    # runs take the other slots; one after the other (parallel=1) they run here, in order.
     stage2 = [f"train.epochs={settings.stage2_epochs}"] if settings.stage2_epochs else []
     if settings.stage2_tubelet != 1:
         stage2 += [f"stage2.tubelet_size={settings.stage2_tubelet}", "stage2.loss_weights.uta=0",
                    f"train.output_dir={(output / 'runs' / f'stage2-{cfg.teacher.mode}-tubelet{settings.stage2_tubelet}').resolve()}"]
-    results["retrieval"] = run_stage2_retrieval(output, cfg, world, teacher, run, console, overrides=stage2,
-                                                test_pixels=results.get("_test_pixels"))
-    log.add("stage 2 + retrieval", results["retrieval"]["reused"], time.perf_counter() - t,
-            f"{results['retrieval']['num_texts']} captions")
-    results.pop("_test_pixels", None)
+    stage2_job = Job("stage 2", stage2_retrieval_job, (output, cfg, world, teacher, run, stage2, results.pop("_test_pixels", None)))
+    with JobPool(settings.finetune.parallel, settings.threads, console) as pool:
+        ahead = pool.submit(stage2_job) if pool.side_by_side else None
+
+        t = time.perf_counter()  # reuses finished runs of the same init
+        console.print(f"[bold]6/{NUM_STEPS} fine-tune[/] on the motion labels ({settings.finetune.steps} steps per model; "
+                      "train split → fit, test split → top-1)" + ("; stage 2 runs beside it" if ahead else ""))
+        results["finetune"] = run_finetune(output, cfg, world, teacher, runs, settings.finetune, console, baselines, pool)
+        if baseline_info is not None:
+            results["baselines"] = {**baseline_info, "name": PIXEL}
+        log.add("fine-tune", results["finetune"]["reused"], time.perf_counter() - t, f"{len(results['finetune']['models'])} models")
+
+        t = time.perf_counter()  # from this teacher mode's stage-1 run
+        console.print(f"[bold]7/{NUM_STEPS} stage 2[/] on the training captions, then zero-shot retrieval on the test "
+                      "split (student vs the teacher's own image-text model)")
+        done = (ahead or pool.submit(stage2_job)).result()
+        done.show(console)
+    results["retrieval"] = done.value
+    log.add("stage 2 + retrieval", results["retrieval"]["reused"], done.seconds if ahead else time.perf_counter() - t,
+            f"{results['retrieval']['num_texts']} captions" + (", beside step 6" if ahead else ""))
 
     results.update(
         failures=failures, total_seconds=round(time.perf_counter() - t_start, 1), steps=log.steps,

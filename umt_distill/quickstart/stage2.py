@@ -90,6 +90,13 @@ def run_stage2_retrieval(output: str | Path, cfg_stage1: Recipe, world: dict, te
     return result
 
 
+def stage2_retrieval_job(output: Path, cfg_stage1: Recipe, world: dict, teacher: dict, stage1_run: Path,
+                         overrides: Sequence[str], test_pixels: torch.Tensor | None, console: Console) -> dict:
+    """:func:`run_stage2_retrieval` as a job of the quickstart's pool (``quickstart/pool.py``)."""
+    return run_stage2_retrieval(output, cfg_stage1, world, teacher, stage1_run, console, overrides=overrides,
+                                test_pixels=test_pixels)
+
+
 # --------------------------------------------------------------------------------------------------
 # the recipe and the run
 
@@ -143,4 +150,4 @@ def ensure_stage2(cfg: Recipe, identity: dict, console: Console) -> tuple[bool, 
     return reused, run, last
 
 
-__all__ = ["run_stage2_retrieval", "make_stage2_recipe", "run_identity", "ensure_stage2", "RECIPE"]
+__all__ = ["run_stage2_retrieval", "stage2_retrieval_job", "make_stage2_recipe", "run_identity", "ensure_stage2", "RECIPE"]

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from rich.console import Console
+from rich.progress import Progress
 
 from umt_distill.quickstart.pool import Job, JobPool, TaggedLines
 
@@ -15,8 +16,9 @@ from umt_distill.quickstart.pool import Job, JobPool, TaggedLines
 def square_and_say(x: int, console: Console) -> int:
     console.print(f"[green]squared[/] {x}")
     print(f"plain print of {x}")
-    sys.stderr.write(f"progress of {x}\npartial ")
-    sys.stderr.write("line\n")
+    with Progress(console=console, transient=True):  # as ensure_run shows a run: stderr must not go into it
+        sys.stderr.write(f"progress of {x}\npartial ")
+        sys.stderr.write("line\n")
     return x * x
 
 

@@ -7,8 +7,8 @@ so running jobs side by side changes when they finish, not what they compute.
 
 A job is a module-level function whose last argument is ``console``. In this process (``parallel=1``)
 it is the quickstart's console and the job runs when it is submitted. In a worker process it is a
-console that writes into a buffer, handed back with the result (:class:`Done`) for the caller to show
-or drop; ``print`` goes to the same buffer. A worker's stderr, where the training loops write their
+console that records what is printed (``print`` included), handed back with the result (:class:`Done`)
+for the caller to show or drop. A worker's stderr, where the training loops write their
 progress, is never a terminal there (two processes cannot share one live bar): it gets the loops' plain
 lines, each prefixed with the job's tag.
 """
@@ -140,17 +140,32 @@ def _start_worker(threads: int) -> None:
 
 
 def _run_in_worker(job: Job, width: int) -> Done:
-    buffer = io.StringIO()  # styled (ANSI) text, in the order it was printed; no live displays
-    console = Console(file=buffer, force_terminal=True, force_interactive=False, width=width)
+    # Not a terminal console: rich's live displays would redirect stderr (the loops' progress) into it.
+    console = Console(file=io.StringIO(), record=True, width=width)
     if isinstance(sys.stderr, TaggedLines):
         sys.stderr.tag = job.tag
     t = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(buffer):
+        with contextlib.redirect_stdout(_IntoConsole(console)):  # print() lands in order with the rest
             value = job.fn(*job.args, console=console)
     finally:
         sys.stderr.flush()
-    return Done(value, buffer.getvalue(), round(time.perf_counter() - t, 1))
+    return Done(value, console.export_text(styles=True), round(time.perf_counter() - t, 1))
+
+
+class _IntoConsole(io.TextIOBase):
+    """``print`` into a console's record, as written (no markup, no wrapping)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.console.out(s, end="", highlight=False)
+        return len(s)
 
 
 __all__ = ["Done", "Job", "JobPool", "TaggedLines"]

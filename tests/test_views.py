@@ -310,8 +310,9 @@ def test_apply_view_resize_properties() -> None:
 def test_resize_frames_in_chunks_equals_one_frame_at_a_time() -> None:
     # the plain reference: each frame resized on its own, as apply_view did before frames were batched
     gen = torch.Generator().manual_seed(0)
-    clip = torch.randint(0, 256, (7, 3, 53, 71), dtype=torch.uint8, generator=gen)
-    for size in ((24, 24), (64, 48), (53, 30)):
+    contiguous = torch.randint(0, 256, (7, 3, 53, 71), dtype=torch.uint8, generator=gen)
+    channels_last = contiguous.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # as apply_view has it
+    for clip, size in [(c, s) for c in (contiguous, channels_last) for s in ((24, 24), (64, 48), (53, 30))]:
         reference = torch.stack([
             F.interpolate(f[None].double(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
             .round_().clamp_(0, 255).to(torch.uint8) for f in clip])

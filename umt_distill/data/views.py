@@ -443,7 +443,7 @@ def sample_view(
 
 
 # float64 values (input + output) per interpolate call, 32 MiB: 4 frames of a 480-px crop resized to 224,
-# one 1080p frame. One call per frame cost a quickstart fine-tuning run (64-px frames) ~6 of its 50 s.
+# one 1080p frame.
 RESIZE_CHUNK_VALUES = 1 << 22
 
 
@@ -460,8 +460,10 @@ def resize_frames(clip: torch.Tensor, size: tuple[int, int], chunk_values: int =
     step = max(1, chunk_values // (c * (h * w + size[0] * size[1])))
     out = torch.empty((t, c, *size), dtype=torch.uint8)
     for i in range(0, t, step):
-        x = F.interpolate(clip[i : i + step].double(), size=size, mode="bilinear", align_corners=False,
-                          antialias=True)  # fmt: skip
+        # contiguous first: on the decoder's channels-last layout the batched kernel was slower than one
+        # call per frame (0.68 against 0.59 ms for 8 crops to 64 px); contiguous it takes 0.43 ms
+        x = F.interpolate(clip[i : i + step].contiguous().double(), size=size, mode="bilinear",
+                          align_corners=False, antialias=True)  # fmt: skip
         out[i : i + step] = x.round_().clamp_(0, 255)  # exact integers: the cast to uint8 is exact
     return out
 

@@ -290,7 +290,9 @@ def quickstart(
     Generates a toy world of MP4 clips, trains a tiny image CLIP teacher on stills, caches it, distils
     the tiny video student (stage 1), probes frozen features of teacher, student and a random-init
     control, fine-tunes them on the motion labels, runs stage 2 with zero-shot retrieval, and writes
-    report.md, results.json and plots into --output. A re-run reuses every finished step and says so.
+    report.md, results.json and plots into --output. About 5 minutes on 2 idle CPU cores (the
+    fine-tuning runs and stage 2 go 2 at a time: quickstart.finetune.parallel=2). A re-run reuses every
+    finished step and says so.
 
     Examples:
 

@@ -22,7 +22,8 @@ One module per step; ``run.py`` holds the run order and nothing else:
    and PNG plots.
 
 Shared by the steps: ``settings.py`` (the ``quickstart.*`` keys), ``runs.py`` (reuse of finished runs),
-``names.py`` (the models' names). Imports go one way: ``run`` → steps → ``runs``/``settings``/``names``;
+``names.py`` (the models' names), ``pool.py`` (steps 6 and 7 side by side: the fine-tuning runs and
+stage 2, one process each, ``quickstart.finetune.parallel`` at a time). Imports go one way: ``run`` → steps → ``runs``/``settings``/``names``;
 ``report`` → ``plots`` and the steps' constants; no step imports ``run`` or ``report``.
 
 Every step that finished before is reused on a re-run, and the output says so. Settings: the recipe

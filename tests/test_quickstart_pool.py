@@ -61,11 +61,12 @@ def test_jobs_side_by_side_give_what_they_give_in_process(capfd) -> None:
 
 
 def test_a_failing_job_raises_its_error_to_the_caller() -> None:
-    for parallel in (1, 2):
-        with JobPool(parallel, 1, quiet()[0]) as pool:
-            future = pool.submit(Job("bad", fail, ("no such clip: clip-007",)))
-            with pytest.raises(ValueError, match="no such clip: clip-007"):
-                future.result()
+    with JobPool(1, 1, quiet()[0]) as pool, pytest.raises(ValueError, match="no such clip: clip-007"):
+        pool.submit(Job("bad", fail, ("no such clip: clip-007",)))  # in this process: raised at once
+    with JobPool(2, 1, quiet()[0]) as pool:
+        future = pool.submit(Job("bad", fail, ("no such clip: clip-007",)))
+        with pytest.raises(ValueError, match="no such clip: clip-007"):
+            future.result()
 
 
 def test_leaving_the_pool_on_an_error_stops_running_jobs() -> None:

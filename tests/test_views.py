@@ -21,9 +21,9 @@ from umt_distill.data.views import (
     ViewError,
     ViewSpec,
     apply_view,
-    resize_frames,
     fixed_crop_offsets,
     multiscale_crop_sizes,
+    resize_frames,
     sample_view,
     view_generator,
 )

@@ -70,16 +70,16 @@ class JobPool:
         return self.parallel > 1
 
     def submit(self, job: Job) -> Future:
-        """Start ``job`` (in this process: run it now); the future's result is a :class:`Done`."""
+        """Start ``job``; the future's result is a :class:`Done`, or raises what the job raised.
+
+        In this process the job runs now, and what it raises is raised here, before anything else starts
+        (as a plain loop would).
+        """
         if not self.side_by_side:
-            future: Future = Future()
             t = time.perf_counter()
-            try:
-                value = job.fn(*job.args, console=self.console)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller as a worker's would be
-                future.set_exception(exc)
-            else:
-                future.set_result(Done(value, "", round(time.perf_counter() - t, 1)))
+            value = job.fn(*job.args, console=self.console)
+            future: Future = Future()
+            future.set_result(Done(value, "", round(time.perf_counter() - t, 1)))
             return future
         if self._executor is None:
             import multiprocessing

@@ -182,6 +182,11 @@ class FinetuneJob:
     identity: dict
     label: str
 
+    @property
+    def tag(self) -> str:
+        """The label without its step: the model (and seed), as the pool's progress lines show it."""
+        return self.label.removeprefix("fine-tune: ")
+
 
 def run_jobs(jobs: list[FinetuneJob], pool: JobPool, console: Console) -> dict[Path, tuple[bool, dict, float]]:
     """Train (or reuse) every job, ``pool.parallel`` at a time (``quickstart/pool.py``).
@@ -199,15 +204,14 @@ def run_jobs(jobs: list[FinetuneJob], pool: JobPool, console: Console) -> dict[P
     jobs = [job for job in jobs if job.run not in out]
     if pool.side_by_side and jobs:
         console.print(f"  {len(jobs)} runs to train, {pool.parallel} at a time (one process each)", highlight=False)
-    futures = {pool.submit(Job(job.label.removeprefix("fine-tune: "), train_job, (job.run, job.identity, job.recipe, job.label))): job
-               for job in jobs}
+    futures = {pool.submit(Job(job.tag, train_job, (job.run, job.identity, job.recipe, job.label))): job for job in jobs}
     for future in as_completed(futures):  # a job that ran in this process is done already
         job, done = futures[future], future.result()
         (reused, last), seconds = done.value, done.seconds
         out[job.run] = (reused, last, seconds)
         if pool.side_by_side:  # what the worker printed is dropped: these lines say what it did
-            console.print(f"  {'reused' if reused else 'finished'}: {job.label.removeprefix('fine-tune: ')}"
-                          + ("" if reused else f" ({seconds:.0f} s)"), highlight=False)
+            console.print(f"  {'reused' if reused else 'finished'}: {job.tag}" + ("" if reused else f" ({seconds:.0f} s)"),
+                          highlight=False)
     return out
 
 

@@ -39,8 +39,10 @@ class FinetuneSettings:
     umt_exact: bool = True
     seeds: int = 1
     test_clips: int = 2
-    # Measured idle (tubelet-2 distilled run, 600 steps): alone, 39 s with one loader worker, 50 s without;
-    # two runs side by side, 105-108 s each with a worker (4 processes on 2 cores), 48 s each without.
+    # Measured idle, 2 runs side by side and stage 2 beside them (`umt-distill quickstart --output DIR`, then
+    # the same with quickstart.finetune.workers=1 into a fresh DIR; seconds per run in the step-6 lines):
+    # with a loader worker each (4+ processes on 2 cores) the four runs took 104/113/137/108 s and the
+    # step 326 s; without, 42/41/64/63 s and 156 s.
     workers: int = 0
     parallel: int = 2  # the runs are independent; this machine has 2 cores
 

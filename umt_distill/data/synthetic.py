@@ -21,6 +21,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from umt_distill.data.video_pyav import RGB_OPTIONS
+
 # Side of one code cell in pixels. 8 px aligns with H.264's transform blocks, so a cell is either wholly
 # black or wholly white inside a block and survives quantisation far better than finer patterns.
 CELL = 8
@@ -209,6 +211,9 @@ def write_video(
             stream.options = dict(options)
         for t in range(num_frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[t]), format="rgb24")
+            # Converted here on one thread (the encoder's own conversion is multithreaded on PyAV >= 17,
+            # and its threads would not survive a later fork; see video_pyav.RGB_OPTIONS).
+            frame = frame.reformat(format=pix_fmt, **RGB_OPTIONS)
             frame.pts = t
             frame.time_base = stream.codec_context.time_base
             for packet in stream.encode(frame):

@@ -13,6 +13,12 @@ from umt_distill.data.video_base import ReaderBase, VideoDecodeError, normalize_
 from umt_distill.data.video_probe import StreamIndex, av_reason, open_container, probe_video
 from umt_distill.registry import VIDEO_BACKENDS
 
+# PyAV 17 made swscale multithreaded by default (``threads=0``: a pool sized to the CPUs). Its threads do
+# not survive a fork, so a DataLoader worker forked after the parent converted a frame waits forever on
+# them (``avpriv_slicethread_execute``). One thread keeps the conversion fork-safe; the few frames a clip
+# needs gain little from slices. Older PyAV has no ``threads`` argument and scales on the calling thread.
+RGB_OPTIONS: dict[str, Any] = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
 
 @VIDEO_BACKENDS.register("pyav")
 class PyAVVideoReader(ReaderBase):
@@ -168,7 +174,7 @@ class PyAVVideoReader(ReaderBase):
     def _to_rgb(self, frame: Any, pos: int) -> np.ndarray:
         if frame.is_corrupt:
             raise VideoDecodeError(self.path, f"frame {pos} decoded with errors (corrupt data)")
-        rgb = frame.to_ndarray(format="rgb24")  # [H, W, 3]
+        rgb = frame.to_ndarray(format="rgb24", **RGB_OPTIONS)  # [H, W, 3]
         if rgb.shape != (self.info.height, self.info.width, 3):
             raise VideoDecodeError(self.path, f"frame {pos} is {rgb.shape[1]}x{rgb.shape[0]}, the stream "
                                    f"{self.info.width}x{self.info.height}")

@@ -114,3 +114,32 @@ def test_scientific_notation_is_a_number_in_overrides_and_files(tmp_path) -> Non
     recipe.write_text("optim:\n  lr: 3e-4\n  min_lr: 1E-6\n")
     cfg = load_recipe(str(recipe))
     assert cfg.optim.lr == 3e-4 and cfg.optim.min_lr == 1e-6
+
+
+def test_the_catalog_holds_what_the_registries_hold() -> None:
+    from umt_distill.registry import ALL_REGISTRIES, CATALOG, load_all_parts
+
+    load_all_parts()
+    for kind, registry in ALL_REGISTRIES.items():
+        families = tuple((p.pattern, label) for p, label, _, _ in registry._families)
+        assert CATALOG[kind] == (tuple(registry.names()), families), f"registry.CATALOG[{kind!r}] is stale"
+
+
+def test_a_family_name_passes_the_catalog_and_a_typo_is_named() -> None:
+    check_parts(load_recipe(None, ["cache.codec=jpca64i4"]))
+    with pytest.raises(RecipeError, match=r"mask.type: unknown mask 'semantc'. Did you mean 'semantic'"):
+        check_parts(load_recipe(None, ["mask.type=semantc"]))
+
+
+def test_validate_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom umt_distill.cli import app\n"
+            "try:\n    app(['validate', 'stage1/tiny', 'cache.codec=int8'], standalone_mode=False)\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'zarr', 'av'))\n"
+            "assert not heavy, heavy[:5]\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "codec: int8" in done.stdout

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from umt_distill.config import RecipeError, check_parts, load_recipe, recipe_to_yaml
@@ -37,7 +38,7 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect and verify teacher cache stores.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error line is never broken mid-word
 out = Console()
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or a name under recipes/ (e.g. stage1/tiny).")]
@@ -47,7 +48,7 @@ OverridesArg = Annotated[
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # "[i4]" is text, not markup
     raise typer.Exit(code)
 
 

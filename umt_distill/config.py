@@ -533,19 +533,19 @@ _PART_KEYS = {
 
 
 def check_parts(recipe: Recipe) -> None:
-    """Fail, naming the key, if the recipe names a part that no registry holds."""
-    from umt_distill.registry import ALL_REGISTRIES, RegistryError, load_all_parts
+    """Fail, naming the key, if the recipe names a part that no registry holds.
 
-    load_all_parts()
+    Names are checked against the registries' catalog, so no part (and no torch) is imported; a family's
+    parameters (``pca<r>``) are checked when the part is built.
+    """
+    from umt_distill.registry import RegistryError, catalog_registry
+
     problems = []
     for key, kind in _PART_KEYS.items():
         section, field = key.split(".")
         name = getattr(getattr(recipe, section), field)
-        registry = ALL_REGISTRIES[kind]
-        if not registry.names():  # that part of the package is not installed in this build
-            continue
         try:
-            registry.get(name)
+            catalog_registry(kind).get(name)
         except RegistryError as e:
             problems.append(f"{key}: {e}")
     if problems:

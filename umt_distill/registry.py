@@ -113,6 +113,33 @@ ALL_REGISTRIES: dict[str, Registry] = {
     "video backends": VIDEO_BACKENDS,
 }
 
+# What the registries hold once their modules are imported: names, and the patterns of parametrised
+# families. Checking a recipe's part names against it needs no torch (`umt-distill validate` stays fast);
+# tests/test_registry.py keeps it equal to the registries themselves.
+CATALOG: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
+    "teachers": (("open_clip",), ()),
+    "students": (("umt_base_patch16", "umt_large_patch16", "umt_small_patch16", "umt_test_tiny"), ()),
+    "masks": (("random", "semantic", "tube"), ()),
+    "codecs": (("bf16", "fp16", "fp32", "int4", "int8"), (("(j?)pca([0-9]+)(i4)?", "pca<r>[i4], jpca<r>[i4]"),)),
+    "stores": (("wds", "zarr"), ()),
+    "view policies": (("eval_center", "umt_train", "videomae_train"), ()),
+    "video backends": (("decord", "pyav", "torchcodec"), ()),
+}
+
+
+def catalog_registry(kind: str) -> Registry:
+    """A registry of :data:`CATALOG`'s names for ``kind`` (the parts themselves are not imported): its
+    ``get`` accepts and refuses the names the real registry does, with the same messages, but does not
+    check a family's parameters (that happens when the part is built)."""
+    names, families = CATALOG[kind]
+    registry: Registry = Registry(ALL_REGISTRIES[kind].kind)
+    for name in names:
+        registry.register(name, name)
+    for pattern, label in families:
+        registry.register_family(pattern, label, lambda match: match.group(0))
+    return registry
+
+
 # Modules whose import fills the registries. Imported lazily so `import umt_distill` stays cheap.
 _PART_MODULES = (
     "umt_distill.data.video",

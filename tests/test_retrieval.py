@@ -133,13 +133,9 @@ def captioned_clips(tmp_path_factory) -> Path:
 def test_retrieval_finetune_learns_and_is_evaluated(captioned_clips, tmp_path, capsys) -> None:
     """120 steps from a random tiny model: the loss falls and contrastive retrieval beats the untrained model."""
     from umt_distill.data.text import load_tokenizer
-    from umt_distill.evaluation.retrieval import (
-        evaluate_multiple_choice_model,
-        evaluate_retrieval,
-        evaluate_retrieval_model,
-        load_vl_model,
-    )
-    from umt_distill.stages.retrieval import build_retrieval_model, train
+    from umt_distill.evaluation.retrieval import evaluate_multiple_choice_model, evaluate_retrieval_model
+    from umt_distill.stages.retrieval import build_retrieval_model, load_vl_model, train
+    from umt_distill.stages.retrieval import evaluate as evaluate_retrieval
     from umt_distill.training.metrics import read_metrics
 
     run, cpu = tmp_path / "run", torch.device("cpu")

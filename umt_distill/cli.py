@@ -248,7 +248,7 @@ def eval_cmd(
 
     cfg = _load(recipe, overrides)
     if cfg.train.stage == "retrieval":
-        from umt_distill.evaluation.retrieval import evaluate_retrieval as evaluate
+        from umt_distill.stages.retrieval import evaluate
     else:
         from umt_distill.stages.finetune import evaluate
 

@@ -108,9 +108,8 @@ def student_scores(cfg: Recipe, run: Path, pixels: torch.Tensor, classes: list[s
         By row name: (v2t [Nv, Nt] over the ``present`` captions, t2v [Nt, Nv], every clip against every
         class caption [Nv, C]: cosine for the contrastive row, the match logit for the re-ranked one).
     """
-    from umt_distill.evaluation.retrieval import (
-        PAIR_BATCH, TextFeatures, encode_texts, encode_videos, load_vl_model, score_retrieval,
-    )
+    from umt_distill.evaluation.retrieval import PAIR_BATCH, TextFeatures, encode_texts, encode_videos, score_retrieval
+    from umt_distill.stages.retrieval import load_vl_model
     from umt_distill.losses_vl import similarity
 
     device = torch.device("cpu")

@@ -18,6 +18,7 @@ views use the ``umt_train`` multi-scale crop rather than RandomResizedCrop(0.5, 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -29,16 +30,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from umt_distill.config import Recipe, recipe_to_yaml
+from umt_distill.data.corpus import read_corpus
 from umt_distill.data.pixels import normalize_video
 from umt_distill.data.targets import EpochSampler
-from umt_distill.data.text import prepare_tokenizer, tokenize
+from umt_distill.data.text import TRAIN_ON_CORPUS, load_tokenizer, prepare_tokenizer, tokenize
 from umt_distill.data.vl import CaptionedDataset, CaptionError
-from umt_distill.evaluation.retrieval import (
-    evaluate_multiple_choice_model,
-    evaluate_retrieval_model,
-    find_tokenizer_dir,
-    vl_shapes,
-)
+from umt_distill.evaluation.retrieval import evaluate_multiple_choice_model, evaluate_retrieval_model
+from umt_distill.models.checkpoints import read_state_dict, unwrap_state_dict
+from umt_distill.models.umt_vl import load_umt_vl_checkpoint
 from umt_distill.losses_vl import freeze_unused, similarity, vtc_loss, vtm_loss, vtm_pairs
 from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint, weights_file
@@ -46,6 +45,7 @@ from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
 from umt_distill.training.progress import StepProgress
 from umt_distill.training.stage_parts import NonFiniteLossError, mask_generator
+from umt_distill.stages.stage2 import build_model
 
 WEIGHTS = {"uta": 0.0, "vtc": 1.0, "vtm": 1.0, "mlm": 0.0}
 
@@ -58,7 +58,6 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     and ``stage2.embed_dim``/``temp_init``/``vtm_hard_negatives`` as in stage 2. Resumes from
     ``train.output_dir`` (or ``resume``) mid-epoch.
     """
-    from umt_distill.data.corpus import read_corpus
 
     env = du.init_distributed()
     device = du.resolve_device(cfg.train.device, env)
@@ -226,9 +225,6 @@ def build_retrieval_model(cfg: Recipe, vocab_size: int):
     The alignment heads are unused here but kept so the weights load strictly and the result is a
     complete stage-2 checkpoint; their width and count come from the init file.
     """
-    from umt_distill.models.checkpoints import read_state_dict, unwrap_state_dict
-    from umt_distill.models.umt_vl import load_umt_vl_checkpoint
-    from umt_distill.stages.stage2 import build_model
 
     s = cfg.stage2
     teacher_dim, heads, state = s.embed_dim, cfg.teacher.layers, None
@@ -267,3 +263,84 @@ def _tokenizer(cfg: Recipe, captions: list[str], out_dir: Path, env: du.DistEnv)
 
 
 __all__ = ["train", "evaluate_after_training", "FreshViewDataset", "RetrievalObjective", "build_retrieval_model", "WEIGHTS"]
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluating a finished run or checkpoint (`umt-distill eval`)
+
+
+def find_tokenizer_dir(checkpoint: str | Path) -> Path | None:
+    """The ``tokenizer/`` folder a run saved beside its checkpoints (run dir, checkpoints/, step dir)."""
+    path = Path(checkpoint).resolve()
+    for folder in [path, *list(path.parents)[:3]]:
+        if (folder / "tokenizer" / "tokenizer_config.json").exists():
+            return folder / "tokenizer"
+    return None
+
+
+_HEAD = re.compile(r"^vision_encoder\.clip_decoder\.(\d+)\.head\.weight$")
+
+
+def vl_shapes(state: dict[str, Tensor], source: str) -> tuple[int, int, int]:
+    """(teacher width, number of alignment heads, vocabulary size) a stage-2 state dict was built with."""
+    heads = {int(m.group(1)): v.shape[0] for k, v in state.items() if (m := _HEAD.match(k))}
+    words = state.get("text_encoder.bert.embeddings.word_embeddings.weight")
+    if not heads or words is None:
+        raise ValueError(f"{source}: not a stage-2 vision-language checkpoint (no vision_encoder.clip_decoder.* "
+                         "or text_encoder.bert.embeddings.word_embeddings.weight)")
+    return next(iter(heads.values())), len(heads), int(words.shape[0])
+
+
+def load_vl_model(cfg: Recipe, checkpoint: str | Path):
+    """The stage-2 model of the recipe with ``checkpoint``'s weights (strict), and its tokenizer.
+
+    The teacher width, head count and vocabulary come from the checkpoint; the tokenizer from the run's
+    ``tokenizer/`` folder, else ``text.tokenizer``.
+    """
+    file = weights_file(checkpoint)
+    state = unwrap_state_dict(read_state_dict(file), str(file))
+    teacher_dim, heads, vocab = vl_shapes(state, str(file))
+    tok_dir = find_tokenizer_dir(checkpoint)
+    if tok_dir is None and cfg.text.tokenizer == TRAIN_ON_CORPUS:
+        raise FileNotFoundError(f"{checkpoint}: no tokenizer/ folder beside the checkpoint, and text.tokenizer="
+                                f"{TRAIN_ON_CORPUS} cannot rebuild the training vocabulary; pass text.tokenizer=PATH")
+    tokenizer = load_tokenizer(tok_dir or cfg.text.tokenizer)
+    bare = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"layers": heads}),
+                                  "stage2": cfg.stage2.model_copy(update={"init": None, "init_vision": None})})
+    model = build_model(bare, teacher_dim, vocab)
+    load_umt_vl_checkpoint(model, state)
+    return model, tokenizer
+
+
+def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
+    """Retrieval evaluation of a checkpoint (and multiple-choice accuracy when ``retrieval.mc_source`` is set).
+
+    Args:
+        cfg: The recipe: test manifest ``finetune.test_source`` (else ``val_source``), test view
+            ``views.num_frames``/``views.size``, ``text.max_length``, ``finetune.eval_batch_size``;
+            results go to ``<train.output_dir>/eval/<checkpoint name>/retrieval.json``.
+        checkpoint: Our stage-2 or retrieval run/checkpoint folder, or an official UMT stage-2 file.
+
+    Returns:
+        The metrics and ``output``.
+    """
+    env = du.init_distributed()
+    device = du.resolve_device(cfg.train.device, env)
+    ft = cfg.finetune
+    source = ft.test_source or ft.val_source
+    if not source:
+        raise ValueError("retrieval evaluation needs finetune.test_source (a manifest with captions)")
+    model, tokenizer = load_vl_model(cfg, checkpoint)
+    model.to(device)
+    result = evaluate_retrieval_model(model, tokenizer, cfg, source, device)
+    mc_source = cfg.retrieval.mc_source
+    if mc_source:
+        result.update(evaluate_multiple_choice_model(model, tokenizer, cfg, mc_source, device))
+    name = Path(str(checkpoint).rstrip("/")).name or "checkpoint"
+    out = Path(cfg.train.output_dir) / "eval" / name
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "retrieval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(f"{source}: t2v R@1 {result['t2v_r1']:.1f}  v2t R@1 {result['v2t_r1']:.1f}  r_mean "
+              f"{result['r_mean']:.1f}  (ITC only: {result['emb_r_mean']:.1f}; k={result['k_test']})", flush=True)
+    return {**result, "output": str(out)}

@@ -10,8 +10,8 @@
 
 Standalone (``run.py`` runs both as part of the suite and writes the report):
 
-    .venv/bin/python benchmarks/bench_cache.py                      # CLIP-B/16, fp16, batch 2 and 4, CPU, ~5 min
-    .venv/bin/python benchmarks/bench_cache.py --device cuda --clips 256 --batch-sizes 8,32,64 --precision fp16
+    .venv/bin/python -m benchmarks.bench_cache                      # CLIP-B/16, fp16, batch 2 and 4, CPU, ~5 min
+    .venv/bin/python -m benchmarks.bench_cache --device cuda --clips 256 --batch-sizes 8,32,64 --precision fp16
 """
 
 from __future__ import annotations
@@ -19,24 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from benchmarks.common import K710_CLIPS, clean_dir, evict_page_cache, log, transcode_store
+from benchmarks.derived import FAITHFUL, smallest_faithful  # noqa: F401  (FAITHFUL: re-exported)
 
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "pca128", "pca256", "jpca768i4", "jpca1152i4")
 # Mask ratio of the projected visible-mode records (UMT's 80 %: 40 of 196 tokens a frame).
 UMT_MASK_RATIO = 0.8
-# "Faithful" (issue 14): mean cosine to fp32 >= 0.99 and, where a downstream run exists, a linear-probe
-# appearance accuracy within 0.01 of the fp32 student's.
-FAITHFUL = {"min_cos": 0.99, "max_probe_diff": 0.01}
 STORE_MODES = ("full", "visible")
 # Target shapes of the two UMT models (UMT code @4fb4049, single_modality/exp/pretraining/*.sh): last 6 CLIP
 # blocks, 8 frames, 14x14 tokens.
@@ -163,7 +157,7 @@ def _fixed_batch_preds(ref: list, cfg, student_name: str, device: str, visible_p
     from umt_distill.data.video import open_video
     from umt_distill.data.views import apply_view
     from umt_distill.registry import MASKS
-    from umt_distill.training.stage_parts import build_student
+    from umt_distill.stages.parts import build_student
 
     pixels = view_pixels(ref, cfg)  # [B, T, 3, H, W]
     T, N = ref[0].attn.shape
@@ -344,19 +338,6 @@ def project(rows: list[dict], measured_shape: list[int], mask_ratio: float) -> l
                         "disk_mb_per_clip_view": disk / 1e6, "k710_tb_per_view_raw": raw * K710_CLIPS / 1e12,
                         "k710_tb_per_view_disk": disk * K710_CLIPS / 1e12, "measured_shape": shape == measured})
     return out
-
-
-def smallest_faithful(rows: list[dict], min_cos: float = FAITHFUL["min_cos"], mode: str | None = None,
-                      probe: bool = False, max_probe_diff: float = FAITHFUL["max_probe_diff"]) -> dict | None:
-    """The codec/mode with the fewest bytes per clip-view whose mean cosine to fp32 is >= ``min_cos``
-    (with ``probe``: and whose downstream probe accuracy is within ``max_probe_diff`` of fp32's).
-
-    Bytes are the projected UMT-B/16 ones when the rows have them (``umt_b_mb_per_clip_view``), else
-    the measured ones.
-    """
-    ok = [r for r in rows if r["mean_cos"] >= min_cos and (mode is None or r["mode"] == mode)
-          and (not probe or (r.get("probe_diff") is not None and r["probe_diff"] <= max_probe_diff))]
-    return min(ok, key=lambda r: r.get("umt_b_mb_per_clip_view", r["bytes_per_clip_view"])) if ok else None
 
 
 #: Issue 14's goal for the smallest faithful record, projected to UMT-B/16 (MB per clip-view).

@@ -11,14 +11,13 @@
 ``run.py`` compares both with the clips/s the student consumes at each size (from the step benchmark).
 Standalone:
 
-    .venv/bin/python benchmarks/bench_input.py --clips 24 --workers 1,2
+    .venv/bin/python -m benchmarks.bench_input --clips 24 --workers 1,2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import evict_page_cache, log, store_data_bytes
 

@@ -34,9 +34,9 @@ GB/s one GPU needs. Yardsticks: UMT's own run (60 h on 32 A100 for 200 epochs of
 peak bf16 (~171 GFLOP per clip-view fwd+bwd at 314 visible tokens: A100 312 TFLOP/s -> ~700, H100 SXM
 989 TFLOP/s -> ~2,000 clip-views/s).
 
-    .venv/bin/python benchmarks/bench_loader.py                       # the default grid, ~5 min here
-    .venv/bin/python benchmarks/bench_loader.py --quick               # a few rows (smoke)
-    .venv/bin/python benchmarks/bench_loader.py --student-rate 700 --json loader.json
+    .venv/bin/python -m benchmarks.bench_loader                       # the default grid, ~5 min here
+    .venv/bin/python -m benchmarks.bench_loader --quick               # a few rows (smoke)
+    .venv/bin/python -m benchmarks.bench_loader --student-rate 700 --json loader.json
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import cProfile
 import io
 import json
 import pstats
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,9 +53,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import evict_page_cache, log
 
@@ -229,8 +225,9 @@ def make_loader(case: LoaderCase, store: Path, manifest: str, batch_size: int, w
     """(dataset, DataLoader factory, device-side consumer) exactly as stage 1 builds them."""
     from umt_distill.cache.codecs import get_codec
     from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.targets import CachedViewDataset, EpochSampler, StreamingViewDataset, batch_pixels
-    from umt_distill.training.stage_parts import device_targets
+    from umt_distill.cache.datasets import CachedViewDataset, StreamingViewDataset, batch_pixels
+    from umt_distill.data.samplers import EpochSampler
+    from umt_distill.cache.datasets import device_targets
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _recipe(case, store, manifest, batch_size, workers)
@@ -386,8 +383,8 @@ def _device_work_on_cpu(case: LoaderCase, batch: dict) -> float:
     """Seconds the step's device-side input work (JPEG decode of shipped bytes, dequantisation) takes
     when the device is this CPU: the cost a GPU takes over, or a CPU-only run adds to its step."""
     from umt_distill.cache.codecs import get_codec
-    from umt_distill.data.targets import batch_pixels
-    from umt_distill.training.stage_parts import device_targets
+    from umt_distill.cache.datasets import batch_pixels
+    from umt_distill.cache.datasets import device_targets
 
     cpu = torch.device("cpu")
     t = time.perf_counter()

@@ -18,23 +18,19 @@ do not fit on one GPU). Step time = median, min, max over the steps after the wa
 
 Standalone (one configuration; ``run.py`` runs the grid and writes the report):
 
-    .venv/bin/python benchmarks/bench_step.py                       # UMT-B/16, T=8, 80 %, batch 2, CPU, ~5 min
-    .venv/bin/python benchmarks/bench_step.py --size tiny --frames 16 --ratio 0.9
-    .venv/bin/python benchmarks/bench_step.py --device cuda --batch-size 32 --steps 20 --warmup 5 --amp bf16
+    .venv/bin/python -m benchmarks.bench_step                       # UMT-B/16, T=8, 80 %, batch 2, CPU, ~5 min
+    .venv/bin/python -m benchmarks.bench_step --size tiny --frames 16 --ratio 0.9
+    .venv/bin/python -m benchmarks.bench_step --device cuda --batch-size 32 --steps 20 --warmup 5 --amp bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
     IsolatedRun,
@@ -124,7 +120,7 @@ def _student_only(cfg, s: StepSettings) -> tuple[list[float], list[float]]:
     from umt_distill.data.pixels import normalize_video
     from umt_distill.losses import uta_loss
     from umt_distill.training.optim import build_adamw
-    from umt_distill.training.stage_parts import build_student, mask_generator, step_targets
+    from umt_distill.stages.parts import build_student, mask_generator, step_targets
 
     device = torch.device(s.device)
     torch.manual_seed(cfg.seed)

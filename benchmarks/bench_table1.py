@@ -18,23 +18,19 @@ preloaded server); peak memory is CUDA ``max_memory_allocated`` or, on CPU, the 
 mark over the process's footprint before the models were built (so weights, optimizer state and the
 step's activations all count, as in the papers' GPU memory).
 
-    .venv/bin/python benchmarks/bench_table1.py                        # CPU, batch 1, ~5-10 min on 2 cores
-    .venv/bin/python benchmarks/bench_table1.py --device cuda --batch-size 32 --steps 10 --warmup 3
-    .venv/bin/python benchmarks/run.py --sections table1              # the same inside the suite's report
+    .venv/bin/python -m benchmarks.bench_table1                        # CPU, batch 1, ~5-10 min on 2 cores
+    .venv/bin/python -m benchmarks.bench_table1 --device cuda --batch-size 32 --steps 10 --warmup 3
+    .venv/bin/python -m benchmarks.run --sections table1              # the same inside the suite's report
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import load_average, log, peak_memory_mb, reset_peak_memory, run_isolated, timing_stats
 
@@ -88,7 +84,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
     from umt_distill.data.pixels import normalize_video
     from umt_distill.losses import uta_loss
     from umt_distill.training.optim import amp_setup, build_adamw
-    from umt_distill.training.stage_parts import build_student, mask_generator, step_targets
+    from umt_distill.stages.parts import build_student, mask_generator, step_targets
 
     torch.set_num_threads(s.threads)
     device = torch.device(s.device)
@@ -114,7 +110,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
     if mode.startswith("uta_") and mode != "uta_pixel":
         model = build_student(cfg, D).to(device)
     else:
-        from umt_distill.training.videomae_parts import build_model
+        from umt_distill.stages.videomae_parts import build_model
 
         model = build_model(cfg, D).to(device)
     o = cfg.optim
@@ -136,7 +132,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
                 counts = {"visible_tokens": vis.shape[1], "decoded_tokens": 0}
             else:
                 from umt_distill.stages.videomae import _losses
-                from umt_distill.training.videomae_parts import step_plan
+                from umt_distill.stages.videomae_parts import step_plan
 
                 plan = step_plan(cfg, pixels, cached.get("tokens"), cached.get("attn"), step, list(range(B)), 16, device)
                 pred, align = model(normalize_video(pixels), plan.visible_idx, plan.decode_idx)

@@ -135,7 +135,7 @@ def cache_chart(points: list[dict], path: Path, machine: str) -> None:
 
 
 def write_charts(res: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
-    from benchmarks.report import student_rates
+    from benchmarks.derived import student_rates
 
     mi = res["meta"]["machine"]
     machine = f"{mi['cpu']} ({mi['cores']} cores)" + (f", {mi['gpu']}" if mi.get("gpu") else "") + f" — {res['meta']['started']}"

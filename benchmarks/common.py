@@ -29,8 +29,6 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-if str(REPO_DIR) not in sys.path:  # `python benchmarks/run.py` from a checkout without `pip install -e`
-    sys.path.insert(0, str(REPO_DIR))
 
 # Kinetics-710 training clips: ~0.66 M (658,340 in the k710 list of github.com/OpenGVLab/VideoMAEv2,
 # docs/DATASET.md; UMT's K710, prepared as in UniFormerV2, is the union of K400/600/700 training sets with
@@ -174,7 +172,7 @@ _CONTEXT: Any = None
 # Everything a measurement imports: torch, open_clip (+ torchvision: ~6 s alone), the registered parts.
 PRELOAD = [
     "torch", "open_clip", "zarr", "webdataset",
-    "umt_distill.data.video", "umt_distill.data.views", "umt_distill.data.targets", "umt_distill.teachers.clip",
+    "umt_distill.data.video", "umt_distill.data.views", "umt_distill.cache.datasets", "umt_distill.teachers.clip",
     "umt_distill.teachers.configs", "umt_distill.cache.codecs", "umt_distill.cache.stores", "umt_distill.masking",
     "umt_distill.models.vit", "umt_distill.losses", "umt_distill.stages.stage1", "umt_distill.cache.pipeline",
     "benchmarks.common", "benchmarks.bench_step",

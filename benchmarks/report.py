@@ -7,15 +7,11 @@ machine, load and command produced them.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.bench_cache import smallest_faithful
 from benchmarks.common import K710_CLIPS
+from benchmarks.derived import smallest_faithful, student_rates
 
 MODE_NAMES = {"student": "student only", "cached": "cached", "online": "online"}
 GOALS = {"online_over_cached": 2.5, "cached_over_student": 1.05, "min_cos": 0.99, "bytes": 1e6,
@@ -275,18 +271,6 @@ def _faithful_md(sf: dict | None) -> list[str]:
         else:
             lines.append(f"| {key} | — | none faithful | — | — | — | — | no |")
     return lines + [""]
-
-
-def student_rates(res: dict) -> list[dict]:
-    """Clip-views/s the student consumes (student-only mode) per size at T=8 (ratio 0.8 if measured)."""
-    out = {}
-    for r in res.get("step", []):
-        if r["frames"] != 8 or r.get("student_clips_per_s") is None:
-            continue
-        if r["size"] not in out or r["mask_ratio"] == 0.8:
-            out[r["size"]] = {"size": r["size"], "label": r["label"], "mask_ratio": r["mask_ratio"],
-                              "clips_per_s": r["student_clips_per_s"]}
-    return list(out.values())
 
 
 def _input_md(res: dict, stem: str) -> list[str]:

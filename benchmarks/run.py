@@ -1,14 +1,16 @@
 """The benchmark suite: what caching the teacher buys, measured side by side in one run.
 
-    .venv/bin/python benchmarks/run.py                          # CPU preset (~15 min on 2 cores)
-    .venv/bin/python benchmarks/run.py --grid full              # every size x T x mask ratio (hours on a CPU)
-    .venv/bin/python benchmarks/run.py --preset gpu             # CUDA, batch 32, full grid
-    .venv/bin/python benchmarks/run.py --preset gpu-quick       # one GPU, <= 8 min: headline step + loader
-    .venv/bin/python benchmarks/run.py --preset gpu-quick --device cpu --reduced   # the same at toy size (smoke)
-    .venv/bin/python benchmarks/run.py --sections step --sizes base,large --frames 8 --ratios 0.8
+    .venv/bin/python -m benchmarks.run                          # CPU preset (~15 min on 2 cores)
+    .venv/bin/python -m benchmarks.run --grid full              # every size x T x mask ratio (hours on a CPU)
+    .venv/bin/python -m benchmarks.run --preset gpu             # CUDA, batch 32, full grid
+    .venv/bin/python -m benchmarks.run --preset gpu-quick       # one GPU, <= 8 min: headline step + loader
+    .venv/bin/python -m benchmarks.run --preset gpu-quick --device cpu --reduced   # the same at toy size (smoke)
+    .venv/bin/python -m benchmarks.run --sections step --sizes base,large --frames 8 --ratios 0.8
 
-Writes ``<out>/<machine>-<date>.json``, ``<machine>-<date>.md`` and ``<machine>-<date>-*.png``
-(``--out`` defaults to ``benchmarks/results``). See ``benchmarks/README.md`` for what each number means.
+Run it as a module from the repository root (``python -m`` puts the current directory first on
+``sys.path``, so ``benchmarks.*`` and ``umt_distill`` import). Writes ``<out>/<machine>-<date>.json``,
+``<machine>-<date>.md`` and ``<machine>-<date>-*.png`` (``--out`` defaults to ``benchmarks/results``).
+See ``benchmarks/README.md`` for what each number means.
 
 Sections (``--sections``, all by default):
   step     student-only vs cached vs online step time and peak memory (bench_step.py)
@@ -37,9 +39,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks.*` and `umt_distill` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_step import SIZES, StepSettings, rows_needed, store_overrides
 from benchmarks.common import (
@@ -364,7 +363,8 @@ def run_suite(args) -> dict[str, Path]:
     suite.results["omitted"] = [list(c) for c in full_grid if c not in grid] if "step" in sections else []
     results = {
         "meta": {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]) if args.command is None else args.command,
+            "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]])
+                       if args.command is None else args.command,
             "preset": args.preset, "sections": sections, "started": started, "finished": now_iso(),
             "wall_seconds": round(time.perf_counter() - t0, 1), "load_start": load_start, "load_end": load_average(),
             "machine": info, "grid": [list(c) for c in grid], "headline_config": suite.headline,

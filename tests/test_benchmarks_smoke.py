@@ -1,20 +1,23 @@
 """The benchmark suite runs end to end at the tiniest size, so its scripts cannot rot.
 
 Nothing here asserts a timing: the numbers of a smoke run are meaningless. The real suite is run by
-hand (``python benchmarks/run.py``, see benchmarks/README.md), never by the test suite.
+hand (``python -m benchmarks.run`` from the repository root, see benchmarks/README.md), never by the
+test suite. ``benchmarks`` is a package imported by name: the repository root is on ``sys.path`` under
+``python -m pytest`` (and under the editable install), so nothing here or in benchmarks/ edits it.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -148,3 +151,55 @@ def test_table1_section_writes_its_rows_and_ratios(tmp_path: Path) -> None:
     assert dual["decoded_tokens"] < plain["decoded_tokens"] + plain["visible_tokens"]  # running cell: half of all
     assert table1["ratios"]["dual_over_plain_memory"] is not None and table1["paper"]["uta_over_pixel_memory"] == 0.36
     assert "UMT Table 1" in paths["markdown"].read_text()
+
+
+def test_suite_runs_as_a_module_from_the_repository_root() -> None:
+    """``python -m benchmarks.run`` is the documented entry point; its help names that form."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--preset" in out.stdout and "python -m benchmarks.run" in out.stdout
+
+
+def _benchmark_imports() -> dict[str, set[str]]:
+    """Module -> the benchmarks modules it imports (at any depth of its code, functions included)."""
+    modules = {f"benchmarks.{p.stem}": p for p in (REPO / "benchmarks").glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # from .x import y / from . import x
+                    base = ".".join(["benchmarks", *([base] if base else [])])
+                names = [base, *(f"{base}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            targets |= {n for n in names if n in modules and n != name}
+        graph[name] = targets
+    return graph
+
+
+def test_benchmarks_neither_edit_sys_path_nor_import_in_a_circle() -> None:
+    edit = re.compile(r"sys\.path\.(insert|append|extend)\(|sys\.path\s*\+?=[^=]")
+    edits = [p.name for p in (REPO / "benchmarks").glob("*.py") if edit.search(p.read_text())]
+    assert not edits, f"run as python -m benchmarks.<module> instead of editing sys.path: {edits}"
+    graph = _benchmark_imports()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles among the benchmarks:\n" + "\n".join(cycles)

@@ -172,7 +172,7 @@ _CONTEXT: Any = None
 # Everything a measurement imports: torch, open_clip (+ torchvision: ~6 s alone), the registered parts.
 PRELOAD = [
     "torch", "open_clip", "zarr", "webdataset",
-    "umt_distill.data.video", "umt_distill.data.views", "umt_distill.cache.datasets", "umt_distill.teachers.clip",
+    "umt_distill.data.video", "umt_distill.data.views", "umt_distill.data.targets", "umt_distill.teachers.clip",
     "umt_distill.teachers.configs", "umt_distill.cache.codecs", "umt_distill.cache.stores", "umt_distill.masking",
     "umt_distill.models.vit", "umt_distill.losses", "umt_distill.stages.stage1", "umt_distill.cache.pipeline",
     "benchmarks.common", "benchmarks.bench_step",

@@ -73,12 +73,14 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
 @app.command("ls")
 def list_parts() -> None:
-    """List shipped recipes and registered parts (teachers, students, masks, codecs, stores ...).
+    """List shipped recipes, training stages (`train.stage`) and registered parts (teachers, students,
+    masks, codecs, stores ...).
 
     Example: `umt-distill ls`
     """
     from umt_distill.config import list_recipe_files, recipe_header, recipes_dir
     from umt_distill.registry import ALL_REGISTRIES, load_all_parts
+    from umt_distill.stages import STAGES
 
     load_all_parts()
     table = Table(title="recipes", show_lines=False)
@@ -86,6 +88,13 @@ def list_parts() -> None:
     table.add_column("description")
     for path in list_recipe_files():
         table.add_row(path.relative_to(recipes_dir()).with_suffix("").as_posix(), recipe_header(path))
+    out.print(table)
+    table = Table(title="stages (train.stage)")
+    table.add_column("name")
+    table.add_column("description")
+    table.add_column("eval")
+    for stage in STAGES:
+        table.add_row(stage.name, stage.description, "yes" if stage.has_evaluate else "")
     out.print(table)
     for kind, registry in ALL_REGISTRIES.items():
         table = Table(title=kind)
@@ -199,27 +208,34 @@ def cache_verify_cmd(
     raise typer.Exit(EXIT_OK if report["ok"] else EXIT_ERROR)
 
 
-@app.command()
+def _train_help() -> str:
+    """`train --help`, its list of stages generated from the stage registry."""
+    from umt_distill.stages import STAGES
+
+    stages = "\n".join(f"* `{s.name}`: {s.description}" for s in STAGES)
+    return f"""Train the stage named by `train.stage` as the recipe says. The stages:
+
+{stages}
+
+Stage 1 streams cached teacher targets (`teacher.mode=cached`) or runs the teacher online
+(`teacher.mode=online`). A re-run with the same `train.output_dir` resumes mid-epoch.
+
+Examples:
+
+    umt-distill train stage1/tiny corpus.source=data/m.csv cache.store=cache/tiny train.output_dir=runs/tiny
+
+    torchrun --nproc-per-node 8 -m umt_distill train stage1/b16_k710
+"""
+
+
+@app.command(help=_train_help())
 def train(recipe: RecipeArg, overrides: OverridesArg = None,
           resume: Annotated[Optional[Path], typer.Option(help="Checkpoint dir to resume from.")] = None) -> None:
-    """Train the stage named by `train.stage` (stage1, stage2, finetune or retrieval) as the recipe says.
-
-    Stage 1 streams cached teacher targets (`teacher.mode=cached`) or runs the teacher online
-    (`teacher.mode=online`). A re-run with the same `train.output_dir` resumes mid-epoch.
-
-    Examples:
-
-        umt-distill train stage1/tiny corpus.source=data/m.csv cache.store=cache/tiny train.output_dir=runs/tiny
-
-        torchrun --nproc-per-node 8 -m umt_distill train stage1/b16_k710
-    """
-    import importlib
+    """Train the stage named by `train.stage` (its help text is `_train_help()`, listing the stage registry)."""
+    from umt_distill.stages import get_stage
 
     cfg = _load(recipe, overrides)
-    try:
-        stage = importlib.import_module(f"umt_distill.stages.{cfg.train.stage}")
-    except ModuleNotFoundError:
-        _fail(f"train.stage={cfg.train.stage} is not available in this version yet", EXIT_ERROR)
+    stage = get_stage(cfg.train.stage)  # the recipe's stage was checked against the same names
     try:
         stage.train(cfg, resume=resume)
     except _user_errors() as e:
@@ -246,14 +262,13 @@ def eval_cmd(
     """
     import json
 
-    cfg = _load(recipe, overrides)
-    if cfg.train.stage == "retrieval":
-        from umt_distill.stages.retrieval import evaluate
-    else:
-        from umt_distill.stages.finetune import evaluate
+    from umt_distill.stages import StageError, get_stage
 
+    cfg = _load(recipe, overrides)
     try:
-        summary = evaluate(cfg, checkpoint)
+        summary = get_stage(cfg.train.stage).evaluate(cfg, checkpoint)
+    except StageError as e:  # a stage without an evaluation: the message names those with one
+        _fail(str(e))
     except _user_errors() as e:
         _fail(str(e), EXIT_ERROR)
     out.print_json(json.dumps(summary))
@@ -270,7 +285,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from umt_distill.data.video import VideoDecodeError
     from umt_distill.data.vl import CaptionError
     from umt_distill.models.checkpoints import CheckpointError
-    from umt_distill.training.stage_parts import NonFiniteLossError
+    from umt_distill.training.loop import NonFiniteLossError
 
     return (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError, CorpusError,
             StoreDamagedError, CheckpointError, LabelError, VideoDecodeError, CaptionError, TokenizerError)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class RecipeError(ValueError):
@@ -134,11 +135,17 @@ class OptimConfig(_Section):
     """Scale lr, min_lr and warmup_lr by total batch / 256 (UMT's rule)."""
 
 
+# The names of umt_distill.stages.STAGES, the stage registry (`umt-distill ls` lists it with descriptions).
+# Recipes are checked here, a layer below the stages, so the names are repeated rather than imported;
+# tests/test_stage_registry.py keeps the two equal.
+STAGE_NAMES: tuple[str, ...] = ("stage1", "stage2", "finetune", "retrieval", "videomae")
+
+
 class TrainConfig(_Section):
     """The training loop."""
 
-    stage: Literal["stage1", "stage2", "finetune", "retrieval", "videomae"] = "stage1"
-    """Which loop `umt-distill train` runs."""
+    stage: str = "stage1"
+    """Which loop `umt-distill train` runs: one of :data:`STAGE_NAMES` (see `umt-distill ls`)."""
     output_dir: str = "runs/default"
     epochs: int = Field(201, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -156,6 +163,15 @@ class TrainConfig(_Section):
     """Re-decode the view from the video, or read the frames stored in the shards."""
     shuffle_buffer: int = Field(64, ge=0)
     """WebDataset streaming: samples in each worker's shuffle buffer (0: store order, shards unshuffled)."""
+
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, stage: str) -> str:
+        if stage not in STAGE_NAMES:  # reads "train.stage: not a known stage (...), got 'stag1'"
+            close = difflib.get_close_matches(stage, STAGE_NAMES, n=2, cutoff=0.5)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            raise PydanticCustomError("unknown_stage", f"not a known stage ({hint}known: {', '.join(STAGE_NAMES)})")
+        return stage
 
 
 class TextConfig(_Section):

@@ -386,11 +386,18 @@ class Recipe(_Section):
 
 
 def recipes_dir() -> Path:
-    """The shipped recipes folder (``$UMT_DISTILL_RECIPES`` or ``recipes/`` beside the package)."""
+    """The recipes folder: ``$UMT_DISTILL_RECIPES``, else the recipes shipped inside the package.
+
+    They are package data (``umt_distill/recipes``, found with importlib.resources), so an installed
+    wheel has them; in the repository the top-level ``recipes/`` is a link to that folder.
+    """
     env = os.environ.get("UMT_DISTILL_RECIPES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "recipes"
+    from importlib.resources import files
+
+    # A package installed as files (wheel, editable) gives a real path; a zipped one is not supported.
+    return Path(str(files("umt_distill").joinpath("recipes")))
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:

@@ -157,7 +157,7 @@ def _fixed_batch_preds(ref: list, cfg, student_name: str, device: str, visible_p
     from umt_distill.data.video import open_video
     from umt_distill.data.views import apply_view
     from umt_distill.registry import MASKS
-    from umt_distill.training.stage_parts import build_student
+    from umt_distill.stages.parts import build_student
 
     pixels = view_pixels(ref, cfg)  # [B, T, 3, H, W]
     T, N = ref[0].attn.shape

@@ -150,7 +150,7 @@ def build_store(case: LoaderCase, root: Path, rows: list, clips: int, clips_per_
     """A complete store for ``case`` (spec, shards, index), written by the package's shard writers."""
     import shutil
 
-    from umt_distill.cache.spec import atomic_write_json
+    from umt_distill.io import atomic_write_json
     from umt_distill.cache.stores import init_store_root, open_shard_writer, write_index
 
     layout = "zarr" if case.layout == "zarr" else "wds"
@@ -225,8 +225,9 @@ def make_loader(case: LoaderCase, store: Path, manifest: str, batch_size: int, w
     """(dataset, DataLoader factory, device-side consumer) exactly as stage 1 builds them."""
     from umt_distill.cache.codecs import get_codec
     from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.targets import CachedViewDataset, EpochSampler, StreamingViewDataset, batch_pixels
-    from umt_distill.training.stage_parts import device_targets
+    from umt_distill.cache.datasets import CachedViewDataset, StreamingViewDataset, batch_pixels
+    from umt_distill.data.samplers import EpochSampler
+    from umt_distill.cache.datasets import device_targets
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _recipe(case, store, manifest, batch_size, workers)
@@ -382,8 +383,8 @@ def _device_work_on_cpu(case: LoaderCase, batch: dict) -> float:
     """Seconds the step's device-side input work (JPEG decode of shipped bytes, dequantisation) takes
     when the device is this CPU: the cost a GPU takes over, or a CPU-only run adds to its step."""
     from umt_distill.cache.codecs import get_codec
-    from umt_distill.data.targets import batch_pixels
-    from umt_distill.training.stage_parts import device_targets
+    from umt_distill.cache.datasets import batch_pixels
+    from umt_distill.cache.datasets import device_targets
 
     cpu = torch.device("cpu")
     t = time.perf_counter()

@@ -84,7 +84,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
     from umt_distill.data.pixels import normalize_video
     from umt_distill.losses import uta_loss
     from umt_distill.training.optim import amp_setup, build_adamw
-    from umt_distill.training.stage_parts import build_student, mask_generator, step_targets
+    from umt_distill.stages.parts import build_student, mask_generator, step_targets
 
     torch.set_num_threads(s.threads)
     device = torch.device(s.device)
@@ -110,7 +110,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
     if mode.startswith("uta_") and mode != "uta_pixel":
         model = build_student(cfg, D).to(device)
     else:
-        from umt_distill.training.videomae_parts import build_model
+        from umt_distill.stages.videomae_parts import build_model
 
         model = build_model(cfg, D).to(device)
     o = cfg.optim
@@ -132,7 +132,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
                 counts = {"visible_tokens": vis.shape[1], "decoded_tokens": 0}
             else:
                 from umt_distill.stages.videomae import _losses
-                from umt_distill.training.videomae_parts import step_plan
+                from umt_distill.stages.videomae_parts import step_plan
 
                 plan = step_plan(cfg, pixels, cached.get("tokens"), cached.get("attn"), step, list(range(B)), 16, device)
                 pred, align = model(normalize_video(pixels), plan.visible_idx, plan.decode_idx)

@@ -172,7 +172,7 @@ _CONTEXT: Any = None
 # Everything a measurement imports: torch, open_clip (+ torchvision: ~6 s alone), the registered parts.
 PRELOAD = [
     "torch", "open_clip", "zarr", "webdataset",
-    "umt_distill.data.video", "umt_distill.data.views", "umt_distill.data.targets", "umt_distill.teachers.clip",
+    "umt_distill.data.video", "umt_distill.data.views", "umt_distill.cache.datasets", "umt_distill.teachers.clip",
     "umt_distill.teachers.configs", "umt_distill.cache.codecs", "umt_distill.cache.stores", "umt_distill.masking",
     "umt_distill.models.vit", "umt_distill.losses", "umt_distill.stages.stage1", "umt_distill.cache.pipeline",
     "benchmarks.common", "benchmarks.bench_step",
@@ -423,7 +423,8 @@ def transcode_store(
     import torch
 
     from umt_distill.cache.pipeline import visible_tokens
-    from umt_distill.cache.spec import atomic_write_json, read_spec
+    from umt_distill.cache.spec import read_spec
+    from umt_distill.io import atomic_write_json
     from umt_distill.cache.stores import CacheReader, TargetRecord, init_store_root, open_shard_writer, write_index
     from umt_distill.config import load_recipe
 

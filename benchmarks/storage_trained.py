@@ -74,8 +74,9 @@ def downstream(work: Path, world: dict, teacher: dict, stores: dict[tuple[str, s
     from umt_distill.data.toyworld import read_labels
     from umt_distill.evaluation.probe import decode_eval_views, linear_probe, student_features
     from umt_distill.stages.stage1 import train
-    from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint
-    from umt_distill.training.stage_parts import build_student
+    from umt_distill.models.checkpoints import latest_checkpoint
+    from umt_distill.training.checkpoint import load_checkpoint
+    from umt_distill.stages.parts import build_student
 
     base = trained_recipe(work, world, teacher)
     labels = read_labels(world["labels"])["clips"]
@@ -136,7 +137,7 @@ def trained_student_losses(rows: list[dict], stores: dict[tuple[str, str], Path]
     from umt_distill.losses import uta_loss
     from umt_distill.registry import MASKS
     from umt_distill.training.checkpoint import load_checkpoint
-    from umt_distill.training.stage_parts import build_student
+    from umt_distill.stages.parts import build_student
 
     ref_reader = CacheReader(ref_store)
     keys = ref_reader.keys[:loss_batch]

@@ -105,7 +105,7 @@ def test_a_spec_without_a_basis_entry_is_refused(stores, tmp_path) -> None:
 
 def test_training_from_a_store_with_a_replaced_basis_is_refused(stores, corpus, tmp_path) -> None:
     from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.targets import CachedViewDataset
+    from umt_distill.cache.datasets import CachedViewDataset
 
     store = _copy(stores["pca16"], tmp_path)
     np.save(store / BASIS_FILE, np.load(store / BASIS_FILE) * 1.5)

@@ -16,10 +16,10 @@ from test_stores import make_record
 from umt_distill.cache.record import StoreDamagedError
 from umt_distill.cache.stores import CacheReader, init_store_root, open_shard_writer, write_index
 from umt_distill.config import load_recipe
-from umt_distill.data.targets import StreamingViewDataset, batch_pixels, stored_targets
+from umt_distill.cache.datasets import StreamingViewDataset, batch_pixels, stored_targets
 from umt_distill.data.views import epoch_view
 from umt_distill.cache.codecs import get_codec
-from umt_distill.training.stage_parts import device_targets
+from umt_distill.cache.datasets import device_targets
 
 SEED, VIEWS, CLIPS, SHARDS = 3, 3, 5, 2
 
@@ -80,7 +80,7 @@ def _clip_views(ds: StreamingViewDataset) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("grouped", [True, False])
 def test_an_epoch_streams_each_clip_once_in_its_epoch_view_and_reads_only_its_group(tmp_path: Path, grouped: bool,
                                                                                     monkeypatch) -> None:
-    from umt_distill.cache import wds_stream
+    from umt_distill.cache import datasets  # reads through the iter_range_samples it imported
 
     build_wds(tmp_path, grouped=grouped)
     if grouped:
@@ -89,8 +89,8 @@ def test_an_epoch_streams_each_clip_once_in_its_epoch_view_and_reads_only_its_gr
         with pytest.warns(UserWarning, match="reads all 3 views of every clip"):
             ds = StreamingViewDataset(tmp_path, _cfg(batch_size=1), pixels=False)
     read = []
-    real = wds_stream.iter_range_samples
-    monkeypatch.setattr(wds_stream, "iter_range_samples", lambda url, o=0, n=None: (read.append(n), real(url, o, n))[1])
+    real = datasets.iter_range_samples
+    monkeypatch.setattr(datasets, "iter_range_samples", lambda url, o=0, n=None: (read.append(n), real(url, o, n))[1])
     clips = sorted({c for s in ds.shards for c, _ in s["records"]})
     for epoch in range(VIEWS + 1):
         ds.set_epoch(epoch)
@@ -145,7 +145,7 @@ def test_jpeg_frames_shipped_as_bytes_decode_on_the_device_to_the_worker_pixels(
 def test_zarr_items_keep_stored_dtypes(tmp_path: Path) -> None:
     from test_stores import build_store
 
-    from umt_distill.data.targets import CachedViewDataset
+    from umt_distill.cache.datasets import CachedViewDataset
 
     build_store(tmp_path, "zarr", "int8", frames="raw")
     spec = json.loads((tmp_path / "spec.json").read_text())
@@ -264,13 +264,13 @@ def test_training_from_the_stream_gives_the_losses_of_the_float32_reference(corp
         return reference, None, make_loader, 8
 
     monkeypatch.setattr(stage1, "build_data", reference_data)
-    monkeypatch.setattr("umt_distill.training.stage_parts.target_codec", lambda store, name: get_codec("fp32"))
+    monkeypatch.setattr("umt_distill.stages.parts.target_codec", lambda store, name: get_codec("fp32"))
     assert losses(tmp_path / "reference") == fast
 
 
 def test_a_basis_codec_streams_from_wds_and_decodes_on_the_device_like_the_reference(corpus, tmp_path) -> None:
     from umt_distill.cache.pipeline import cache_teacher
-    from umt_distill.training.stage_parts import target_codec
+    from umt_distill.cache.datasets import target_codec
 
     store = tmp_path / "pca"
     cfg = load_recipe("stage1/tiny_wds", [f"corpus.source={corpus}", f"cache.store={store}", "cache.codec=pca8",

@@ -122,13 +122,11 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23: the moves are in progress")
 def test_no_module_imports_a_higher_layer() -> None:
     problems = upward_imports(import_graph(PACKAGE))
     assert not problems, "upward imports:\n  " + "\n  ".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23: the moves are in progress")
 def test_no_import_cycles() -> None:
     found = cycles(import_graph(PACKAGE))
     assert not found, "import cycles:\n  " + "\n  ".join(" <-> ".join(c) for c in found)

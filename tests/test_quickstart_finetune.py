@@ -64,7 +64,7 @@ def test_motion_recipe_has_no_flip_and_stage1_geometry(tmp_path) -> None:
 def test_control_starts_from_the_weights_stage1_started_from(tmp_path) -> None:
     from umt_distill.cache.pipeline import build_teacher
     from umt_distill.stages.finetune import build_classifier
-    from umt_distill.training.stage_parts import build_student
+    from umt_distill.stages.parts import build_student
 
     cfg = _stage1(tmp_path)
     ckpt = write_initial_student(tmp_path / "init", cfg)
@@ -163,7 +163,7 @@ def test_plan_compares_like_with_like_and_adds_the_umt_exact_row(tmp_path) -> No
     from umt_distill.quickstart.finetune import model_plan
     from umt_distill.quickstart.names import distilled, umt_exact
     from umt_distill.training.checkpoint import save_checkpoint
-    from umt_distill.training.stage_parts import build_student
+    from umt_distill.stages.parts import build_student
 
     cfg = _stage1(tmp_path)
     run = tmp_path / "runs" / "stage1-cached"

@@ -54,10 +54,11 @@ def stores(corpus, tmp_path_factory) -> dict[str, Path]:
 def test_online_loss_equals_cached_loss(corpus, stores, codec, mask) -> None:
     from umt_distill.cache.pipeline import build_teacher
     from umt_distill.data.pixels import normalize_video
-    from umt_distill.data.targets import CachedViewDataset, OnlineViewDataset
+    from umt_distill.cache.datasets import CachedViewDataset
+    from umt_distill.data.clipviews import OnlineViewDataset
     from umt_distill.data.corpus import read_corpus
     from umt_distill.losses import uta_loss
-    from umt_distill.training.stage_parts import build_student, mask_generator, step_targets
+    from umt_distill.stages.parts import build_student, mask_generator, step_targets
 
     cfg = load_recipe("stage1/tiny", [*_args(corpus, stores[codec], codec), f"mask.type={mask}"])
     rows = read_corpus(corpus)
@@ -205,7 +206,7 @@ def test_train_streams_a_webdataset_store_and_resumes_mid_epoch(corpus, tmp_path
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(corpus, stores, tmp_path) -> None:
     from umt_distill.stages.stage1 import train
-    from umt_distill.training.stage_parts import NonFiniteLossError
+    from umt_distill.training.loop import NonFiniteLossError
 
     run = tmp_path / "nan"
     recipe, *overrides = _train_args(corpus, stores["fp32"], run, "train.max_steps=20", "train.batch_size=2",

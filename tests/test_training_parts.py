@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from umt_distill.data.targets import EpochSampler, epoch_view
-from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from umt_distill.data.samplers import EpochSampler
+from umt_distill.data.views import epoch_view
+from umt_distill.models.checkpoints import latest_checkpoint
+from umt_distill.training.checkpoint import load_checkpoint, save_checkpoint
 from umt_distill.training.optim import cosine_schedule, param_groups, scaled_lrs
 
 
@@ -89,7 +91,7 @@ def test_find_resume_checkpoint_refuses_an_empty_resume_path(tmp_path) -> None:
 
 
 def test_weights_file_passes_files_and_names_empty_run_folders(tmp_path) -> None:
-    from umt_distill.training.checkpoint import weights_file
+    from umt_distill.models.checkpoints import weights_file
 
     assert weights_file(tmp_path / "umt_b16.pth") == tmp_path / "umt_b16.pth"  # an official file as given
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):

@@ -302,9 +302,10 @@ def test_uta_plus_pixel_cached_targets_give_the_online_loss(corpus, tmp_path) ->
     from umt_distill.cache.pipeline import build_teacher, cache_teacher
     from umt_distill.data.corpus import read_corpus
     from umt_distill.data.pixels import normalize_video
-    from umt_distill.data.targets import CachedViewDataset, OnlineViewDataset
+    from umt_distill.cache.datasets import CachedViewDataset
+    from umt_distill.data.clipviews import OnlineViewDataset
     from umt_distill.stages.videomae import _losses
-    from umt_distill.training.videomae_parts import build_model, step_plan, teacher_tokens
+    from umt_distill.stages.videomae_parts import build_model, step_plan, teacher_tokens
 
     store = tmp_path / "store"
     args = ["videomae.target=uta+pixel", "videomae.tubelet_size=1", "mask.type=semantic", "views.policy=umt_train",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from umt_distill.cache.codecs import Codec, CodecError, PcaCodec, get_codec
 from umt_distill.cache.record import StoreDamagedError
+from umt_distill.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from umt_distill.config import Recipe
@@ -96,12 +96,7 @@ def write_basis(root: str | Path, basis: np.ndarray, fit: dict[str, Any]) -> dic
     """Write ``<root>/basis.npy`` atomically (temporary file, fsync, rename); return its spec entry."""
     root = Path(root)
     data = _npy_bytes(np.asarray(basis, dtype=np.float32))
-    tmp = root / f".tmp-{BASIS_FILE}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / BASIS_FILE)
+    atomic_write_bytes(root / BASIS_FILE, data)
     return {"file": BASIS_FILE, "sha256": basis_digest(data), "dtype": "float32", "shape": list(basis.shape), "fit": fit}
 
 
@@ -231,7 +226,8 @@ def ensure_basis(root: Path, cfg: Recipe, rows, teacher, device, env) -> None:
     Rank 0 fits and writes the basis (or, resuming, checks the one already recorded: the finished
     shards were coded in it); the other ranks wait for it.
     """
-    from umt_distill.cache.spec import atomic_write_json, read_spec
+    from umt_distill.cache.spec import read_spec
+    from umt_distill.io import atomic_write_json
     from umt_distill.training import distributed as du
 
     codec = get_codec(cfg.cache.codec)

@@ -25,15 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_basis
-from umt_distill.cache.spec import (
-    SPEC_FORMAT,
-    SpecMismatchError,
-    atomic_write_json,
-    check_spec,
-    now_iso,
-    package_versions,
-    read_spec,
-)
+from umt_distill.cache.spec import SPEC_FORMAT, SpecMismatchError, check_spec, now_iso, package_versions, read_spec
+from umt_distill.io import atomic_write_json
 from umt_distill.config import Recipe
 from umt_distill.data.clipviews import (  # noqa: F401  (re-exported: verify, datasets, benchmarks)
     ClipFailure,

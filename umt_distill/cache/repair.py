@@ -17,7 +17,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from umt_distill.cache.spec import atomic_write_json, now_iso
+from umt_distill.cache.spec import now_iso
+from umt_distill.io import atomic_write_json
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def write_index(root: str | Path, layout: str, shard_infos: Sequence[dict[str, A
     Returns:
         The index written.
     """
-    from umt_distill.cache.spec import atomic_write_json
+    from umt_distill.io import atomic_write_json
 
     STORES.get(layout)
     shards, seen = [], set()

@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import tarfile
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,13 @@ from umt_distill.cache.record import (
     record_jpegs,
     stored_names,
 )
-from umt_distill.cache.zarr_store import fsync_dir
+from umt_distill.cache.wds_stream import (
+    BatchAssembler,
+    check_entry,
+    entry_checksum,
+    parse_meta,
+)
+from umt_distill.io import fsync_dir
 
 FORMAT_VERSION = 2
 SUFFIX = ".tar"
@@ -66,24 +71,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
-
-
-def entry_checksum(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of a member's bytes, as zarr's ``crc32c`` codec computes it (hardware-
-    accelerated in google-crc32c: ~5x zlib's CRC-32, which format 1 used)."""
-    import google_crc32c
-
-    return google_crc32c.value(bytes(data) if not isinstance(data, bytes) else data)
-
-
-def check_entry(meta: dict[str, Any], entry: str, data: bytes) -> bool:
-    """Whether a member's bytes match the checksum ``view.json`` records for it (``crc32c``; format 1:
-    ``crc32``). An entry without a recorded checksum passes."""
-    if "crc32c" in meta:
-        want = meta["crc32c"].get(entry)
-        return want is None or entry_checksum(data) == want
-    want = meta.get("crc32", {}).get(entry)
-    return want is None or zlib.crc32(data) == want
 
 
 def tar_member(name: str, data: bytes) -> bytes:
@@ -328,8 +315,6 @@ def _decode_jpegs(entries: list[tuple[str, bytes]], where: str, key: str) -> np.
 
 def stored_sample_arrays(sample: dict[str, Any], frames: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One raw sample's description and stored arrays (codec parts undecoded; JPEG frames decoded)."""
-    from umt_distill.cache.wds_stream import BatchAssembler, parse_meta
-
     where, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
     entries = {k: v for k, v in sample.items() if not k.startswith("__")}
     meta = parse_meta(where, key, entries)

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from umt_distill.cache.codecs import Codec, check_compressor, get_codec, zarr_compressors
+from umt_distill.cache.codecs import (
+    Codec,
+    check_compressor,
+    get_codec,
+    zarr_compressors,
+)
 from umt_distill.cache.record import (
     RecordError,
     StoreDamagedError,
@@ -27,6 +32,7 @@ from umt_distill.cache.record import (
     record_jpegs,
     stored_names,
 )
+from umt_distill.io import fsync_dir, fsync_tree
 
 FORMAT_VERSION = 1
 SUFFIX = ".zarr"
@@ -55,30 +61,6 @@ def _dimension_names(name: str, ndim: int, mode: str) -> list[str] | None:
 def shard_file_key(ndim: int) -> str:
     """Key of an array's only shard file: chunk grid position 0 on every axis (``c/0/0/0``)."""
     return "c/" + "/".join(["0"] * ndim)
-
-
-def fsync_tree(path: Path) -> int:
-    """fsync every file and directory under ``path`` (deepest first); return the total file bytes."""
-    total = 0
-    for dirpath, _, files in os.walk(path, topdown=False):
-        for f in files:
-            fp = os.path.join(dirpath, f)
-            total += os.path.getsize(fp)
-            fd = os.open(fp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-    return total
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ZarrShardWriter:

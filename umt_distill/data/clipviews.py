@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from umt_distill.config import Recipe
+from umt_distill.data.views import epoch_view
 
 
 class ClipViewsDataset(Dataset):
@@ -119,3 +120,26 @@ def policy_kwargs(cfg: Recipe, frame_range) -> dict:
 def worker_init(_: int) -> None:
     """DataLoader workers decode with one thread each: the cores belong to the teacher."""
     torch.set_num_threads(1)
+
+
+class OnlineViewDataset(Dataset):
+    """The views a store of this recipe holds (epoch ``e`` shows clip ``c`` its view ``epoch_view(seed, c,
+    e, K)``, as ``cache.datasets.CachedViewDataset`` does), decoded from the corpus, without targets."""
+
+    def __init__(self, rows: list, cfg: Recipe) -> None:
+        # Sorted by id like CachedViewDataset, so a sampler index is the same clip in both modes.
+        self.rows, self.cfg = sorted(rows, key=lambda r: r.id), cfg
+        self.clip_ids = [r.id for r in self.rows]
+        self.num_views = cfg.cache.num_views
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        k = epoch_view(self.cfg.seed, row.id, self.epoch, self.num_views)
+        return {"clip_id": row.id, "view_index": k, "pixels": decode_view(row, self.cfg, k)}

@@ -4,7 +4,7 @@ A *source* is a corpus with captions plus its teacher store: ``video`` is the re
 ``cache`` sections; ``image`` is ``stage2.image_corpus`` and ``stage2.image_store`` — images are 1-frame
 videos with their own cached targets (a store made by ``cache-teacher`` with ``views.num_frames=1``).
 :func:`source_recipe` gives each source its own view of the recipe, so the stage-1 parts (spec check,
-datasets, target gathering) apply unchanged.
+datasets, target gathering) apply unchanged; ``stages.parts.build_source`` builds a source's loader.
 
 Every item gets one of its clip's captions per epoch, drawn by a generator seeded by (seed, source,
 clip, epoch), and a globally unique ``sample_id`` that decides contrastive positives.
@@ -17,15 +17,13 @@ source as that source fills; :func:`source_schedule` shuffles that list with a g
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from umt_distill.config import Recipe
 from umt_distill.losses_vl import sample_id
-from umt_distill.training.distributed import DistEnv
 
 SOURCES = ("video", "image")
 
@@ -97,7 +95,7 @@ class CaptionedDataset(Dataset):
 
 
 class CaptionedStream(IterableDataset):
-    """:class:`~umt_distill.data.targets.StreamingViewDataset` (WebDataset) batches with captions."""
+    """:class:`~umt_distill.cache.datasets.StreamingViewDataset` (WebDataset) batches with captions."""
 
     def __init__(self, base, captions: dict[str, tuple[str, ...]], source: str, seed: int) -> None:
         self.base, self.captions, self.source, self.seed = base, captions, source, seed
@@ -113,72 +111,3 @@ class CaptionedStream(IterableDataset):
             batch["caption"] = [it["caption"] for it in items]
             batch["sample_id"] = torch.tensor([it["sample_id"] for it in items])
             yield batch
-
-
-@dataclass
-class SourceData:
-    """One source's data for the loop: its recipe view, dataset, sampler (None = stream) and loader."""
-
-    name: str
-    cfg: Recipe
-    dataset: Dataset
-    sampler: object | None
-    make_loader: Callable[[], DataLoader]
-    clips_per_rank: int
-    captions: dict[str, tuple[str, ...]]
-
-    def batches_per_epoch(self, batch_size: int) -> int:
-        return self.clips_per_rank // batch_size
-
-    def iterator(self, epoch: int, consumed: int, batch_size: int) -> Iterator[dict]:
-        """Batches of ``epoch`` after the first ``consumed`` (resume mid-epoch)."""
-        self.dataset.set_epoch(epoch)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch, start=consumed * batch_size)
-        batches = iter(self.make_loader())
-        if self.sampler is None:  # a stream cannot seek: read past what was consumed before the restart
-            for _ in range(consumed):
-                next(batches)
-        return batches
-
-
-def build_source(cfg: Recipe, source: str, env: DistEnv) -> SourceData:
-    """Dataset, sampler and loader of one source (``video`` or ``image``) for this rank.
-
-    Raises:
-        CaptionError: a clip that will be trained on has no caption in the manifest.
-    """
-    from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.targets import CachedViewDataset, EpochSampler, OnlineViewDataset, StreamingViewDataset
-    from umt_distill.training.stage_parts import jpeg_device
-
-    scfg = source_recipe(cfg, source)
-    rows = read_corpus(scfg.corpus.source, scfg.corpus.root)  # captions always come from the manifest
-    by_id = {r.id: r for r in rows}
-    sampler = None
-    stream = scfg.teacher.mode == "cached" and scfg.cache.layout == "wds"
-    if stream:  # yields whole batches (targets in stored dtypes)
-        base = StreamingViewDataset(scfg.cache.store, scfg, by_id, jpeg_device=jpeg_device(scfg))
-        clip_ids = sorted({c for s in base.shards for c, _ in s["records"]})
-        per_rank = base.clips_per_rank(env.world_size)
-    else:
-        base = OnlineViewDataset(rows, scfg) if scfg.teacher.mode == "online" else CachedViewDataset(scfg.cache.store, scfg, by_id)
-        clip_ids = base.clip_ids
-        sampler = EpochSampler(len(base), scfg.seed, env.rank, env.world_size)
-        per_rank = sampler.per_rank()
-    missing = [c for c in clip_ids if c not in by_id or not by_id[c].captions]
-    if missing:
-        raise CaptionError(f"{scfg.corpus.source}: {len(missing)} {source} clip(s) have no caption "
-                           f"(first: {missing[0]!r}); stage 2 needs at least one caption per clip")
-    captions = {c: by_id[c].captions for c in clip_ids}
-    wrapper = CaptionedStream if sampler is None else CaptionedDataset
-    dataset = wrapper(base, captions, source, scfg.seed)
-    workers = cfg.train.num_workers
-
-    def make_loader() -> DataLoader:
-        return DataLoader(dataset, batch_size=None if stream else cfg.train.batch_size, sampler=sampler,
-                          num_workers=workers, drop_last=not stream, pin_memory=torch.cuda.is_available(),
-                          generator=torch.Generator().manual_seed(cfg.seed),
-                          persistent_workers=False, prefetch_factor=4 if workers else None)
-
-    return SourceData(source, scfg, dataset, sampler, make_loader, per_rank, captions)

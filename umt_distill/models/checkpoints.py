@@ -36,6 +36,43 @@ class CheckpointError(RuntimeError):
         super().__init__(f"{source}: {reason}")
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A run or checkpoint folder holds no (complete) checkpoint."""
+
+
+# Our run folders: <run>/checkpoints/step-XXXXXXXX/{model.safetensors, state.pt, recipe.yaml}, and
+# <run>/checkpoints/latest naming the newest (training/checkpoint.py writes them). The one place that
+# resolves such a folder to a checkpoint.
+LATEST = "latest"
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """Resolve a checkpoint dir, an output dir (its ``checkpoints/latest``) or None if there is none."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").exists() else path
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    target = root / pointer.read_text().strip()
+    if not (target / "state.pt").exists():
+        raise CheckpointNotFoundError(str(pointer), f"points at {target}, which is not a complete checkpoint")
+    return target
+
+
+def weights_file(path: str | Path) -> Path:
+    """A weights file, or the newest ``model.safetensors`` of one of our run/checkpoint folders."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise CheckpointNotFoundError(str(path), "no checkpoint found (expected checkpoints/latest or model.safetensors)")
+        return ckpt / "model.safetensors"
+    return path
+
+
+
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint's keys or shapes differ from the model's."""
 

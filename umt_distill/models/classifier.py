@@ -50,6 +50,7 @@ from umt_distill.models.checkpoints import (
     read_state_dict,
     select_student_keys,
     unwrap_state_dict,
+    weights_file,
 )
 from umt_distill.models.vit import LN_EPS, VisionTransformer, gather_tokens, sincos_1d
 
@@ -306,14 +307,7 @@ def read_weights(path_or_state: str | Path | Mapping[str, object]) -> tuple[dict
     """
     if isinstance(path_or_state, Mapping):
         return unwrap_state_dict(path_or_state), "<state dict>"
-    path = Path(path_or_state)
-    if path.is_dir():
-        from umt_distill.training.checkpoint import latest_checkpoint
-
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise CheckpointError(str(path), "a directory without model.safetensors or checkpoints/latest")
-        path = ckpt / "model.safetensors"
+    path = weights_file(path_or_state)
     return unwrap_state_dict(read_state_dict(path), str(path)), str(path)
 
 

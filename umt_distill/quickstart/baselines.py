@@ -62,7 +62,7 @@ def load_encoder(student, run: Path) -> None:
     """
     from safetensors.torch import load_file
 
-    from umt_distill.training.checkpoint import latest_checkpoint
+    from umt_distill.models.checkpoints import latest_checkpoint
 
     ckpt = latest_checkpoint(run)
     state = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith("encoder.")}

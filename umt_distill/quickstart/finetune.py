@@ -226,7 +226,7 @@ def model_plan(output: Path, cfg: Recipe, runs: dict[str, Path], settings: Finet
                baselines: dict[str, Path] | None = None) -> dict[str, FinetunedModel]:
     """The models of the step, by name: distilled students, control and image teacher on one recipe
     (the students at ``settings.tubelet_size``), then the UMT-exact tubelet-1 rows (``settings.umt_exact``)."""
-    from umt_distill.training.checkpoint import latest_checkpoint
+    from umt_distill.models.checkpoints import latest_checkpoint
 
     t = settings.tubelet_size
     plan = {distilled(mode): FinetunedModel("student", latest_checkpoint(run), t, "distilled") for mode, run in runs.items()}
@@ -297,8 +297,9 @@ def write_initial_student(folder: Path, cfg: Recipe) -> Path:
     from safetensors.torch import load_file
 
     from umt_distill.cache.pipeline import build_teacher
-    from umt_distill.training.checkpoint import latest_checkpoint, save_checkpoint
-    from umt_distill.training.stage_parts import build_student
+    from umt_distill.models.checkpoints import latest_checkpoint
+    from umt_distill.training.checkpoint import save_checkpoint
+    from umt_distill.stages.parts import build_student
 
     teacher_dim = build_teacher(cfg, torch.device("cpu")).embed_dim
     with torch.random.fork_rng(devices=[]):

@@ -31,8 +31,9 @@ def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: Quicksta
     from umt_distill.evaluation.probe import (
         decode_eval_views, knn_probe, linear_probe, order_sensitivity, student_features, teacher_features,
     )
-    from umt_distill.training.checkpoint import latest_checkpoint, load_checkpoint
-    from umt_distill.training.stage_parts import build_student
+    from umt_distill.models.checkpoints import latest_checkpoint
+    from umt_distill.training.checkpoint import load_checkpoint
+    from umt_distill.stages.parts import build_student
 
     labels = read_labels(world["labels"])["clips"]
     splits = {s: read_corpus(world["splits"][s]) for s in ("train", "val", "test")}

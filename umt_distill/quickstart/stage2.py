@@ -128,7 +128,7 @@ def make_stage2_recipe(output: Path, cfg_stage1: Recipe, stage1_run: str | Path,
 
 def run_identity(cfg: Recipe, world: dict, teacher: dict, stage1_run: str | Path) -> dict:
     """What a finished stage-2 run must share to be reused: recipe, stage-1 weights, teacher weights, world."""
-    from umt_distill.training.checkpoint import weights_file
+    from umt_distill.models.checkpoints import weights_file
 
     stage1 = hashlib.sha256(weights_file(stage1_run).read_bytes()).hexdigest()
     world_json = Path(world["labels"]).parent / "world.json"

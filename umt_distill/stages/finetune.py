@@ -29,16 +29,17 @@ from umt_distill.data.classification import (
     sample_seed,
 )
 from umt_distill.data.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize_video
-from umt_distill.data.targets import EpochSampler
+from umt_distill.data.samplers import EpochSampler
 from umt_distill.evaluation.multiview import classification_report, merge_views, write_report
 from umt_distill.models.checkpoints import CheckpointError
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import find_resume_checkpoint, latest_checkpoint, resume_training, rng_state, save_checkpoint
+from umt_distill.models.checkpoints import latest_checkpoint
+from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.layer_decay import layer_decay_lr_scale
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
 from umt_distill.training.progress import StepProgress, track
-from umt_distill.training.stage_parts import NonFiniteLossError
+from umt_distill.training.loop import NonFiniteLossError
 
 
 def train(cfg: Recipe, resume: str | Path | None = None) -> dict:

@@ -32,20 +32,44 @@ from torch.utils.data import DataLoader, Dataset
 from umt_distill.config import Recipe, recipe_to_yaml
 from umt_distill.data.corpus import read_corpus
 from umt_distill.data.pixels import normalize_video
-from umt_distill.data.targets import EpochSampler
-from umt_distill.data.text import TRAIN_ON_CORPUS, load_tokenizer, prepare_tokenizer, tokenize
+from umt_distill.data.samplers import EpochSampler
+from umt_distill.data.text import (
+    TRAIN_ON_CORPUS,
+    load_tokenizer,
+    prepare_tokenizer,
+    tokenize,
+)
 from umt_distill.data.vl import CaptionedDataset, CaptionError
-from umt_distill.evaluation.retrieval import evaluate_multiple_choice_model, evaluate_retrieval_model
-from umt_distill.models.checkpoints import read_state_dict, unwrap_state_dict
+from umt_distill.evaluation.retrieval import (
+    evaluate_multiple_choice_model,
+    evaluate_retrieval_model,
+)
+from umt_distill.losses_vl import (
+    freeze_unused,
+    similarity,
+    vtc_loss,
+    vtm_loss,
+    vtm_pairs,
+)
+from umt_distill.models.checkpoints import (
+    read_state_dict,
+    unwrap_state_dict,
+    weights_file,
+)
 from umt_distill.models.umt_vl import load_umt_vl_checkpoint
-from umt_distill.losses_vl import freeze_unused, similarity, vtc_loss, vtm_loss, vtm_pairs
+from umt_distill.stages.parts import mask_generator
+from umt_distill.stages.stage2 import build_model
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint, weights_file
+from umt_distill.training.checkpoint import (
+    find_resume_checkpoint,
+    resume_training,
+    rng_state,
+    save_checkpoint,
+)
+from umt_distill.training.loop import NonFiniteLossError
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
 from umt_distill.training.progress import StepProgress
-from umt_distill.training.stage_parts import NonFiniteLossError, mask_generator
-from umt_distill.stages.stage2 import build_model
 
 WEIGHTS = {"uta": 0.0, "vtc": 1.0, "vtm": 1.0, "mlm": 0.0}
 

@@ -20,16 +20,19 @@ import torch
 from umt_distill.cache.spec import SpecMismatchError, read_spec
 from umt_distill.config import Recipe, recipe_to_yaml
 from umt_distill.data.pixels import normalize_video
-from umt_distill.data.targets import batch_pixels
+from umt_distill.cache.datasets import batch_pixels
 from umt_distill.data.text import prepare_tokenizer, special_ids, tokenize
-from umt_distill.data.vl import SourceData, build_source, source_schedule
+from umt_distill.data.vl import source_schedule
+from umt_distill.stages.parts import SourceData, build_source
 from umt_distill.losses_vl import LOSS_NAMES, Stage2Objective, freeze_unused
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint, weights_file
+from umt_distill.models.checkpoints import weights_file
+from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
 from umt_distill.training.progress import StepProgress
-from umt_distill.training.stage_parts import NonFiniteLossError, build_student, check_store_matches, mask_generator, step_targets
+from umt_distill.stages.parts import build_student, check_store_matches, mask_generator, step_targets
+from umt_distill.training.loop import NonFiniteLossError
 
 
 def train(cfg: Recipe, resume: str | Path | None = None) -> dict:

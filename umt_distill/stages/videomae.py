@@ -26,14 +26,9 @@ from umt_distill.training.checkpoint import find_resume_checkpoint, resume_train
 from umt_distill.training.metrics import MetricsLogger
 from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
 from umt_distill.training.progress import StepProgress
-from umt_distill.training.stage_parts import NonFiniteLossError, build_data, check_store_matches
-from umt_distill.training.videomae_parts import (
-    build_model,
-    check_videomae_recipe,
-    global_sample_index,
-    step_plan,
-    teacher_tokens,
-)
+from umt_distill.stages.parts import build_data, check_store_matches
+from umt_distill.training.loop import NonFiniteLossError
+from umt_distill.stages.videomae_parts import build_model, check_videomae_recipe, global_sample_index, step_plan, teacher_tokens
 
 
 def train(cfg: Recipe, resume: str | Path | None = None) -> dict:

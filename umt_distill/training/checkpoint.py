@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from umt_distill.cache.spec import atomic_write_text
-
-LATEST = "latest"
+from umt_distill.io import atomic_write_text
+from umt_distill.models.checkpoints import LATEST, latest_checkpoint
 
 
 def rng_state() -> dict:
@@ -64,32 +63,6 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, s
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def latest_checkpoint(path: str | Path) -> Path | None:
-    """Resolve a checkpoint dir, an output dir (its ``checkpoints/latest``) or None if there is none."""
-    path = Path(path)
-    if (path / "model.safetensors").exists():
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").exists() else path
-    pointer = root / LATEST
-    if not pointer.exists():
-        return None
-    target = root / pointer.read_text().strip()
-    if not (target / "state.pt").exists():
-        raise FileNotFoundError(f"{pointer} points at {target}, which is not a complete checkpoint")
-    return target
-
-
-def weights_file(path: str | Path) -> Path:
-    """A weights file, or the newest ``model.safetensors`` of one of our run/checkpoint folders."""
-    path = Path(path)
-    if path.is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: no checkpoint found (expected checkpoints/latest or model.safetensors)")
-        return ckpt / "model.safetensors"
-    return path
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:

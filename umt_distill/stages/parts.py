@@ -1,20 +1,37 @@
-"""Parts the stage loops share: the spec check, student and data construction, per-step targets."""
+"""Parts the stage loops share: the spec check, the student, the data of a stage (one source, or one of
+stage 2's captioned sources), per-step masks and targets."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from umt_distill.cache.datasets import (
+    CachedViewDataset,
+    StreamingViewDataset,
+    device_targets,
+    jpeg_device,
+    target_codec,
+)
 from umt_distill.cache.spec import check_spec
 from umt_distill.config import Recipe
+from umt_distill.data.clipviews import OnlineViewDataset
+from umt_distill.data.corpus import read_corpus
+from umt_distill.data.samplers import EpochSampler
+from umt_distill.data.video import preload_video_backend
+from umt_distill.data.vl import (
+    CaptionedDataset,
+    CaptionedStream,
+    CaptionError,
+    source_recipe,
+)
+from umt_distill.losses import gather_visible
+from umt_distill.registry import MASKS, STUDENTS, load_all_parts
 from umt_distill.training.distributed import DistEnv
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; training stops and the last good checkpoint stays."""
 
 
 def check_store_matches(spec: dict, cfg: Recipe) -> None:
@@ -48,8 +65,6 @@ def check_store_matches(spec: dict, cfg: Recipe) -> None:
 
 def build_student(cfg: Recipe, teacher_dim: int, **overrides) -> torch.nn.Module:
     """The recipe's student; ``overrides`` (e.g. ``tubelet_size``) replace its size's defaults."""
-    from umt_distill.registry import STUDENTS, load_all_parts
-
     load_all_parts()
     s = cfg.student
     return STUDENTS.get(s.name)(
@@ -66,14 +81,9 @@ def build_data(cfg: Recipe, env: DistEnv, targets: bool = True):
     the loop skips already-consumed batches on resume. ``targets=False``: the views' pixels only,
     decoded from the corpus (pixel reconstruction needs no teacher).
     """
-    from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.targets import CachedViewDataset, EpochSampler, OnlineViewDataset, StreamingViewDataset
-
     rows = []
     online = cfg.teacher.mode == "online" or not targets
     if online or cfg.train.pixels_from == "video":
-        from umt_distill.data.video import preload_video_backend
-
         rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
         preload_video_backend(cfg.corpus.video_backend)  # once here, not in every worker of every epoch
     sampler, stream = None, not online and cfg.cache.layout == "wds"
@@ -99,47 +109,6 @@ def build_data(cfg: Recipe, env: DistEnv, targets: bool = True):
     return dataset, sampler, make_loader, per_rank
 
 
-def jpeg_device(cfg: Recipe) -> str | None:
-    """Where JPEG view frames are decoded: on the training GPU (nvJPEG) when there is one, else in the
-    DataLoader workers (a CPU step would otherwise decode in the training process)."""
-    device = cfg.train.device
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return "cuda" if device == "auto" else device
-    return None
-
-
-def target_codec(store: str, name: str):
-    """The codec that dequantises a store's targets in the step, bound to its basis where it has one
-    (``name`` is the recipe's ``cache.codec``, checked against the spec). Built once per version of the
-    store's ``spec.json``: a store rebuilt at the same path (another basis) is not decoded with a stale one."""
-    import os
-
-    spec = os.path.join(str(store), "spec.json")
-    return _target_codec(str(store), name, os.stat(spec).st_mtime_ns if os.path.exists(spec) else 0)
-
-
-@functools.lru_cache(maxsize=8)
-def _target_codec(store: str, name: str, spec_version: int):
-    from umt_distill.cache.basis import codec_for_store
-
-    codec = codec_for_store(store)
-    if codec.name != name:
-        raise ValueError(f"{store}: targets are {codec.name}, the recipe says cache.codec={name}")
-    return codec
-
-
-def device_targets(batch: dict, codec, device: torch.device) -> torch.Tensor:
-    """The batch's cached tokens, moved in their stored dtype and decoded to float32 on ``device``.
-
-    The parts are the record's stored arrays (``tokens`` or ``tokens.<part>``, see ``cache/record.py``);
-    only their bytes cross to the device.
-    """
-    from umt_distill.cache.record import part_name
-
-    parts = {p: batch[part_name("tokens", p)].to(device, non_blocking=True) for p in codec.parts}
-    return codec.decode_torch(parts)
-
-
 def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """Masks of step ``step`` on ``rank``: a pure function of (seed, step, rank), so resume is exact."""
     digest = hashlib.sha256(f"{seed}:mask:{step}:{rank}".encode()).digest()
@@ -152,9 +121,6 @@ def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: t
     Returns:
         targets [K, B, L_vis, D] (float32) and visible_idx [B, L_vis] (sorted flat (t, n) indices).
     """
-    from umt_distill.losses import gather_visible
-    from umt_distill.registry import MASKS
-
     if teacher is not None:  # online: the teacher sees exactly the pixels the student sees
         out = teacher(pixels)
         tokens, attn = out.tokens.float(), out.attn.float()  # [B, K, T, N, D], [B, T, N]
@@ -170,3 +136,68 @@ def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: t
     visible_idx = MASKS.get(cfg.mask.type)(B, T, N, cfg.mask.ratio, gen, attn=attn, device=device)  # [B, L_vis]
     flat = tokens.flatten(2, 3).transpose(0, 1)  # [K, B, T*N, D]
     return gather_visible(flat, visible_idx), visible_idx
+
+
+@dataclass
+class SourceData:
+    """One source's data for the loop: its recipe view, dataset, sampler (None = stream) and loader."""
+
+    name: str
+    cfg: Recipe
+    dataset: Dataset
+    sampler: object | None
+    make_loader: Callable[[], DataLoader]
+    clips_per_rank: int
+    captions: dict[str, tuple[str, ...]]
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return self.clips_per_rank // batch_size
+
+    def iterator(self, epoch: int, consumed: int, batch_size: int) -> Iterator[dict]:
+        """Batches of ``epoch`` after the first ``consumed`` (resume mid-epoch)."""
+        self.dataset.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start=consumed * batch_size)
+        batches = iter(self.make_loader())
+        if self.sampler is None:  # a stream cannot seek: read past what was consumed before the restart
+            for _ in range(consumed):
+                next(batches)
+        return batches
+
+
+def build_source(cfg: Recipe, source: str, env: DistEnv) -> SourceData:
+    """Dataset, sampler and loader of one source (``video`` or ``image``) for this rank.
+
+    Raises:
+        CaptionError: a clip that will be trained on has no caption in the manifest.
+    """
+    scfg = source_recipe(cfg, source)
+    rows = read_corpus(scfg.corpus.source, scfg.corpus.root)  # captions always come from the manifest
+    by_id = {r.id: r for r in rows}
+    sampler = None
+    stream = scfg.teacher.mode == "cached" and scfg.cache.layout == "wds"
+    if stream:  # yields whole batches (targets in stored dtypes)
+        base = StreamingViewDataset(scfg.cache.store, scfg, by_id, jpeg_device=jpeg_device(scfg))
+        clip_ids = sorted({c for s in base.shards for c, _ in s["records"]})
+        per_rank = base.clips_per_rank(env.world_size)
+    else:
+        base = OnlineViewDataset(rows, scfg) if scfg.teacher.mode == "online" else CachedViewDataset(scfg.cache.store, scfg, by_id)
+        clip_ids = base.clip_ids
+        sampler = EpochSampler(len(base), scfg.seed, env.rank, env.world_size)
+        per_rank = sampler.per_rank()
+    missing = [c for c in clip_ids if c not in by_id or not by_id[c].captions]
+    if missing:
+        raise CaptionError(f"{scfg.corpus.source}: {len(missing)} {source} clip(s) have no caption "
+                           f"(first: {missing[0]!r}); stage 2 needs at least one caption per clip")
+    captions = {c: by_id[c].captions for c in clip_ids}
+    wrapper = CaptionedStream if sampler is None else CaptionedDataset
+    dataset = wrapper(base, captions, source, scfg.seed)
+    workers = cfg.train.num_workers
+
+    def make_loader() -> DataLoader:
+        return DataLoader(dataset, batch_size=None if stream else cfg.train.batch_size, sampler=sampler,
+                          num_workers=workers, drop_last=not stream, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(cfg.seed),
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    return SourceData(source, scfg, dataset, sampler, make_loader, per_rank, captions)

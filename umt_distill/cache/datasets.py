@@ -1,30 +1,43 @@
-"""Training datasets: the view's pixels with the cached teacher targets (or without, for online mode).
+"""The store's read side for training: the view's pixels with the cached teacher targets.
 
 Epoch ``e`` shows clip ``c`` its view ``(e + offset(c)) mod K`` (``data.views.epoch_view``), where
 ``offset`` is a stable hash of (seed, clip id); so every epoch sees every clip once, and consecutive
 epochs cycle through the K cached views. The seed of that rotation is the store's (``views.seed`` in
 ``spec.json``, the seed that drew the views), so the WebDataset layout can group each epoch's views
-together. The online dataset yields the same views (from the recipe seed) without targets.
+together. ``data.clipviews.OnlineViewDataset`` yields the same views (from the recipe seed) without targets.
 
 Targets leave the datasets in their *stored* dtypes (``tokens`` fp16 / bf16 bits, or ``tokens.q``
 int8 + ``tokens.scale``; ``attn`` float32; ``visible_idx`` int16): they cross to the device at the
-size they were stored, and ``training.stage_parts.step_targets`` dequantises them there.
+size they were stored, and :func:`device_targets` dequantises them there.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, IterableDataset
+from webdataset.utils import pytorch_worker_info
 
+from umt_distill.cache.basis import codec_for_store
+from umt_distill.cache.record import StoreDamagedError, part_name
+from umt_distill.cache.spec import read_spec
+from umt_distill.cache.stores import CacheReader, read_index, shard_path
+from umt_distill.cache.wds_stream import (
+    BatchAssembler,
+    decode_jpeg_batch,
+    iter_range_samples,
+    parse_meta,
+)
 from umt_distill.config import Recipe
-from umt_distill.data.views import epoch_view, view_offset  # noqa: F401 - re-exported
-
-__all__ = ["CachedViewDataset", "EpochSampler", "OnlineViewDataset", "StreamingViewDataset", "epoch_view",
-           "view_offset", "rotation_seed", "stored_targets"]
+from umt_distill.data.video import open_video
+from umt_distill.data.views import ViewSpec, apply_view, epoch_view
 
 
 def rotation_seed(spec: dict, cfg: Recipe) -> int:
@@ -33,9 +46,6 @@ def rotation_seed(spec: dict, cfg: Recipe) -> int:
 
 
 def _decode_view_pixels(row, view, backend: str) -> torch.Tensor:
-    from umt_distill.data.video import open_video
-    from umt_distill.data.views import apply_view
-
     with open_video(row.path, backend=backend) as video:
         frames = video.get_frames(list(view.frame_indices))
     return apply_view(frames, view)  # [T, 3, H, W] uint8
@@ -68,8 +78,6 @@ class CachedViewDataset(Dataset):
     """
 
     def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, pixels: bool = True) -> None:
-        from umt_distill.cache.stores import CacheReader
-
         self.store, self.cfg, self.rows, self.pixels = Path(store), cfg, rows or {}, pixels
         self.reader = None  # opened lazily in each worker
         reader = CacheReader(self.store)
@@ -94,8 +102,6 @@ class CachedViewDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """The items of a batch (the DataLoader calls this with a batch's indices): one read per batch."""
-        from umt_distill.cache.stores import CacheReader
-
         if self.reader is None:
             self.reader = CacheReader(self.store)
         keys = [(self.clip_ids[i], epoch_view(self.seed, self.clip_ids[i], self.epoch, self.num_views)) for i in indices]
@@ -110,63 +116,9 @@ class CachedViewDataset(Dataset):
                 raise ValueError(f"{self.store}: the store has no view frames (cache.frames=none); use train.pixels_from=video")
             item["pixels"] = torch.from_numpy(np.ascontiguousarray(arrays["frames"]))  # [T, 3, H, W] uint8
         elif self.pixels:
-            from umt_distill.data.views import ViewSpec
-
             view = ViewSpec.from_dict(meta["view"])
             item["pixels"] = _decode_view_pixels(self.rows[clip], view, self.cfg.corpus.video_backend)
         return item
-
-
-class OnlineViewDataset(Dataset):
-    """The same views as :class:`CachedViewDataset`, decoded from the corpus, without targets."""
-
-    def __init__(self, rows: list, cfg: Recipe) -> None:
-        # Sorted by id like CachedViewDataset, so a sampler index is the same clip in both modes.
-        self.rows, self.cfg = sorted(rows, key=lambda r: r.id), cfg
-        self.clip_ids = [r.id for r in self.rows]
-        self.num_views = cfg.cache.num_views
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        from umt_distill.data.clipviews import decode_view
-
-        row = self.rows[i]
-        k = epoch_view(self.cfg.seed, row.id, self.epoch, self.num_views)
-        return {"clip_id": row.id, "view_index": k, "pixels": decode_view(row, self.cfg, k)}
-
-
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, split across ranks, resumable from a position.
-
-    Every rank gets ``len(dataset) // world_size`` indices (the remainder is dropped, like
-    ``drop_last``), so all ranks take the same number of steps.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.seed, self.rank, self.world = size, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """``start``: how many of this rank's indices of the epoch were already consumed."""
-        self.epoch, self.start = epoch, start
-
-    def per_rank(self) -> int:
-        return self.size // self.world
-
-    def __len__(self) -> int:
-        return self.per_rank() - self.start
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g)[: self.per_rank() * self.world]
-        mine = order[self.rank :: self.world]
-        return iter(mine[self.start :].tolist())
 
 
 class StreamingViewDataset(IterableDataset):
@@ -190,15 +142,12 @@ class StreamingViewDataset(IterableDataset):
         shuffle: Shuffle buffer size in samples (0: store order, shards unshuffled; default
             ``train.shuffle_buffer``).
         jpeg_device: Where JPEG frames are decoded: ``None`` in the worker; a device name to ship the
-            bytes and decode in the step (``data.targets.batch_pixels``).
+            bytes and decode in the step (``cache.datasets.batch_pixels``).
         pixels: ``False``: targets only (benchmarks, tools).
     """
 
     def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, shuffle: int | None = None,
                  jpeg_device: str | None = None, pixels: bool = True) -> None:
-        from umt_distill.cache.spec import read_spec
-        from umt_distill.cache.stores import read_index
-
         self.store, self.cfg, self.rows = Path(store), cfg, rows or {}
         self.shuffle = cfg.train.shuffle_buffer if shuffle is None else shuffle
         self.jpeg_device, self.pixels = jpeg_device, pixels
@@ -208,8 +157,6 @@ class StreamingViewDataset(IterableDataset):
         self.shards = read_index(self.store)["shards"]
         self.grouped = all(len(s.get("groups", ())) == self.num_views for s in self.shards)
         if not self.grouped and self.num_views > 1:
-            import warnings
-
             warnings.warn(f"{self.store}: a store without epoch-slot groups (format 1): every epoch reads all "
                           f"{self.num_views} views of every clip and keeps one; re-run cache-teacher into a new "
                           "store to read only the epoch's views (cache/FORMAT.md §8)", stacklevel=2)
@@ -240,8 +187,6 @@ class StreamingViewDataset(IterableDataset):
         return self.batches_per_rank(world_size) * self.batch_size
 
     def _ranges(self, shard: dict) -> tuple[str, int, int | None]:
-        from umt_distill.cache.stores import shard_path
-
         url = shard_path(self.store, "wds", shard["name"])
         if not self.grouped:
             return url, 0, None
@@ -249,9 +194,6 @@ class StreamingViewDataset(IterableDataset):
         return url, g["offset"], g["nbytes"]
 
     def _samples(self, shards: list[dict]) -> Iterator[tuple[str, str, dict, dict]]:
-        from umt_distill.cache.record import StoreDamagedError
-        from umt_distill.cache.wds_stream import iter_range_samples, parse_meta
-
         slot = self.epoch % self.num_views
         for shard in shards:
             url, offset, nbytes = self._ranges(shard)
@@ -270,12 +212,6 @@ class StreamingViewDataset(IterableDataset):
                 raise StoreDamagedError(url, f"{count} samples for epoch slot {slot}, index.json lists {want}")
 
     def __iter__(self) -> Iterator[dict]:
-        import random
-
-        from webdataset.utils import pytorch_worker_info
-
-        from umt_distill.cache.wds_stream import BatchAssembler
-
         rank, world, worker, workers = pytorch_worker_info()  # env / torch.distributed, DataLoader worker
         if max(1, workers) != self.num_workers:  # the split (and the step count) assume the recipe's workers
             running = workers if torch.utils.data.get_worker_info() is not None else 0
@@ -294,8 +230,6 @@ class StreamingViewDataset(IterableDataset):
         for url, key, entries, meta in samples:
             assembler.add(url, key, entries, meta)
             if from_video:
-                from umt_distill.data.views import ViewSpec
-
                 row = self.rows[meta["clip_id"]]
                 pixels.append(_decode_view_pixels(row, ViewSpec.from_dict(meta["view"]), self.cfg.corpus.video_backend))
             if len(assembler) == self.batch_size:
@@ -324,7 +258,40 @@ def batch_pixels(batch: dict, device: torch.device) -> torch.Tensor:
     if "pixels" in batch:
         return batch["pixels"].to(device, non_blocking=True)
     if "frames_jpeg" in batch:
-        from umt_distill.cache.wds_stream import decode_jpeg_batch
-
         return decode_jpeg_batch(batch["frames_jpeg"], batch["frames_jpeg_sizes"], device)
     raise KeyError("the batch has no pixels")
+
+
+def jpeg_device(cfg: Recipe) -> str | None:
+    """Where JPEG view frames are decoded: on the training GPU (nvJPEG) when there is one, else in the
+    DataLoader workers (a CPU step would otherwise decode in the training process)."""
+    device = cfg.train.device
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "cuda" if device == "auto" else device
+    return None
+
+
+def target_codec(store: str, name: str):
+    """The codec that dequantises a store's targets in the step, bound to its basis where it has one
+    (``name`` is the recipe's ``cache.codec``, checked against the spec). Built once per version of the
+    store's ``spec.json``: a store rebuilt at the same path (another basis) is not decoded with a stale one."""
+    spec = os.path.join(str(store), "spec.json")
+    return _target_codec(str(store), name, os.stat(spec).st_mtime_ns if os.path.exists(spec) else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _target_codec(store: str, name: str, spec_version: int):
+    codec = codec_for_store(store)
+    if codec.name != name:
+        raise ValueError(f"{store}: targets are {codec.name}, the recipe says cache.codec={name}")
+    return codec
+
+
+def device_targets(batch: dict, codec, device: torch.device) -> torch.Tensor:
+    """The batch's cached tokens, moved in their stored dtype and decoded to float32 on ``device``.
+
+    The parts are the record's stored arrays (``tokens`` or ``tokens.<part>``, see ``cache/record.py``);
+    only their bytes cross to the device.
+    """
+    parts = {p: batch[part_name("tokens", p)].to(device, non_blocking=True) for p in codec.parts}
+    return codec.decode_torch(parts)

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from umt_distill.cache.datasets import device_targets, target_codec
 from umt_distill.config import Recipe, RecipeError
+from umt_distill.losses import gather_visible
+from umt_distill.losses_pixel import pixel_targets
+from umt_distill.masking import decoder_plan
+from umt_distill.models.videomae import build_videomae
+from umt_distill.models.vit import gather_tokens
+from umt_distill.registry import MASKS
 
 
 @dataclass
@@ -49,8 +56,6 @@ def check_videomae_recipe(cfg: Recipe) -> None:
 
 def build_model(cfg: Recipe, teacher_dim: int | None):
     """The recipe's :class:`~umt_distill.models.videomae.VideoMAE` (with UTA heads for ``uta+pixel``)."""
-    from umt_distill.models.videomae import build_videomae
-
     v, s = cfg.videomae, cfg.student
     uta = v.target == "uta+pixel"
     return build_videomae(
@@ -87,8 +92,6 @@ def teacher_tokens(cfg: Recipe, batch: dict, pixels: Tensor, teacher, device: to
     if teacher is not None:
         out = teacher(pixels)
         return out.tokens.float(), out.attn.float()
-    from umt_distill.training.stage_parts import device_targets, target_codec
-
     tokens = device_targets(batch, target_codec(str(cfg.cache.store), cfg.cache.codec), device)
     return tokens, batch["attn"].to(device, non_blocking=True).float()
 
@@ -103,11 +106,6 @@ def step_plan(cfg: Recipe, pixels: Tensor, tokens: Tensor | None, attn: Tensor |
         first: Global sample index of every sample in the micro-batch (:func:`global_sample_index`).
         patch: The encoder's spatial patch side.
     """
-    from umt_distill.losses import gather_visible
-    from umt_distill.losses_pixel import pixel_targets
-    from umt_distill.masking import decoder_plan
-    from umt_distill.models.vit import gather_tokens
-    from umt_distill.registry import MASKS
 
     v = cfg.videomae
     B, T, _, H, W = pixels.shape

@@ -54,7 +54,9 @@ def cache_write_point(recipe: str, overrides: list[str], device: str, batch_size
     """
     import torch
 
-    from umt_distill.cache.pipeline import build_teacher, cache_teacher, decode_clip_views
+    from umt_distill.cache.pipeline import cache_teacher
+    from umt_distill.data.clipviews import decode_clip_views
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.config import load_recipe
     from umt_distill.data.corpus import read_corpus
 
@@ -152,10 +154,7 @@ def _fixed_batch_preds(ref: list, cfg, student_name: str, device: str, visible_p
     import torch
 
     from umt_distill.cache.spec import read_spec
-    from umt_distill.data.corpus import read_corpus
     from umt_distill.data.pixels import normalize_video
-    from umt_distill.data.video import open_video
-    from umt_distill.data.views import apply_view
     from umt_distill.registry import MASKS
     from umt_distill.stages.parts import build_student
 

@@ -104,7 +104,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
     torch.manual_seed(0)
     teacher = None
     if mode == "uta_online":
-        from umt_distill.cache.pipeline import build_teacher
+        from umt_distill.teachers.build import build_teacher
 
         teacher = build_teacher(cfg, device)
     if mode.startswith("uta_") and mode != "uta_pixel":

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from umt_distill.cache.pipeline import CacheError, cache_teacher, decode_clip_views, store_info
+from umt_distill.cache.pipeline import CacheError, cache_teacher, store_info
+from umt_distill.data.clipviews import decode_clip_views
 from umt_distill.config import load_recipe
 
 NUM_GOOD = 6
@@ -107,7 +108,7 @@ def test_failures_are_recorded_with_reasons(fp32_store: Path) -> None:
 
 def test_records_equal_a_fresh_teacher_run(fp32_store: Path, corpus: Path) -> None:
     """fp32 records are the teacher's output for exactly the stored view's pixels."""
-    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.data.corpus import read_corpus
 
     cfg = _recipe(corpus, fp32_store, "cache.codec=fp32")

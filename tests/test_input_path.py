@@ -206,7 +206,8 @@ def jpeg_store(corpus, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("layout", ["wds", "zarr"])
 def test_with_jpeg_frames_the_teacher_saw_the_decoded_pixels(corpus, jpeg_store, tmp_path, layout) -> None:
-    from umt_distill.cache.pipeline import build_teacher, cache_teacher
+    from umt_distill.cache.pipeline import cache_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.cache.record import frames_digest
 
     store = jpeg_store

@@ -62,7 +62,7 @@ def test_motion_recipe_has_no_flip_and_stage1_geometry(tmp_path) -> None:
 
 
 def test_control_starts_from_the_weights_stage1_started_from(tmp_path) -> None:
-    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.stages.finetune import build_classifier
     from umt_distill.stages.parts import build_student
 

@@ -111,7 +111,7 @@ def test_stage2_recipe_must_keep_stage1_teacher_student_and_frames(stage1) -> No
 
 def test_teacher_image_side_is_the_open_clip_image_embedding(stage1) -> None:
     """The frame embeddings scored against the text tower are open_clip's own encode_image of those pixels."""
-    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.quickstart.retrieval import load_clip_text_tower
 
     cfg = stage1["cfg"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -52,7 +51,7 @@ def stores(corpus, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("codec", list(PARITY))
 @pytest.mark.parametrize("mask", ["semantic", "tube", "random"])
 def test_online_loss_equals_cached_loss(corpus, stores, codec, mask) -> None:
-    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.data.pixels import normalize_video
     from umt_distill.cache.datasets import CachedViewDataset
     from umt_distill.data.clipviews import OnlineViewDataset

@@ -299,7 +299,8 @@ def test_the_finetuning_loop_builds_a_tubelet_2_classifier_from_a_videomae_run(c
 
 def test_uta_plus_pixel_cached_targets_give_the_online_loss(corpus, tmp_path) -> None:
     """UTA + pixel from an fp32 store equals the same step with the teacher run online (same views, masks)."""
-    from umt_distill.cache.pipeline import build_teacher, cache_teacher
+    from umt_distill.cache.pipeline import cache_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.data.corpus import read_corpus
     from umt_distill.data.pixels import normalize_video
     from umt_distill.cache.datasets import CachedViewDataset

@@ -187,7 +187,6 @@ def cache_verify_cmd(
 
     Example: `umt-distill cache verify cache/tiny --sample 16`
     """
-    from umt_distill.cache.pipeline import CacheError
     from umt_distill.cache.verify import repair_store, verify_store
 
     try:

@@ -28,14 +28,11 @@ from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_b
 from umt_distill.cache.spec import SPEC_FORMAT, SpecMismatchError, check_spec, now_iso, package_versions, read_spec
 from umt_distill.io import atomic_write_json
 from umt_distill.config import Recipe
-from umt_distill.data.clipviews import (  # noqa: F401  (re-exported: verify, datasets, benchmarks)
-    ClipFailure,
+from umt_distill.data.clipviews import (
     ClipViewsDataset,
-    clip_frame_range,
-    decode_clip_views,
-    policy_kwargs,
     worker_init,
 )
+from umt_distill.teachers.build import build_teacher
 from umt_distill.training import distributed as du
 
 
@@ -74,28 +71,6 @@ def rank_shards(plans: list[ShardPlan], env: du.DistEnv) -> list[ShardPlan]:
 
 # --------------------------------------------------------------------------------------------------
 # teacher and spec
-
-
-def build_teacher(cfg: Recipe, device: torch.device):
-    """Instantiate the recipe's teacher (registered by ``teacher.type``)."""
-    from umt_distill.registry import TEACHERS, load_all_parts
-    from umt_distill.teachers.configs import register_tiny_configs
-
-    load_all_parts()
-    register_tiny_configs()
-    t = cfg.teacher
-    cls = TEACHERS.get(t.type)
-    return cls(
-        name=t.name,
-        pretrained=t.pretrained,
-        model_config=t.model_config_path,
-        layers=t.layers,
-        layer_interval=t.layer_interval,
-        input_size=t.input_size,
-        normalize=t.normalize,
-        precision=t.precision,
-        device=device,
-    )
 
 
 def layout_options(cfg: Recipe) -> dict:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from umt_distill.cache.pipeline import CacheError, build_teacher
+from umt_distill.cache.pipeline import CacheError
+from umt_distill.teachers.build import build_teacher
 from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
 from umt_distill.cache.spec import read_spec
 

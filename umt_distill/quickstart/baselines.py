@@ -17,7 +17,6 @@ from pathlib import Path
 from rich.console import Console
 
 from umt_distill.config import Recipe, recipe_to_yaml
-from umt_distill.quickstart.names import PIXEL
 from umt_distill.quickstart.runs import ensure_run
 
 # Stage 1's recipe, changed into pixel reconstruction. Tube masking (VideoMAE's) at 0.75: of 16 tokens a

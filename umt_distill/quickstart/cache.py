@@ -21,7 +21,8 @@ def ensure_cache(cfg: Recipe, console: Console) -> tuple[bool, dict]:
     Returns:
         (reused, the store's counts: ``records``, ``failures`` ...).
     """
-    from umt_distill.cache.pipeline import build_spec, build_teacher, cache_teacher
+    from umt_distill.cache.pipeline import build_spec, cache_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.cache.spec import SpecMismatchError, check_spec, read_spec
     from umt_distill.data.corpus import corpus_digest, read_corpus
 

@@ -296,7 +296,7 @@ def write_initial_student(folder: Path, cfg: Recipe) -> Path:
     """
     from safetensors.torch import load_file
 
-    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.models.checkpoints import latest_checkpoint
     from umt_distill.training.checkpoint import save_checkpoint
     from umt_distill.stages.parts import build_student

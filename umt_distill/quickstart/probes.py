@@ -26,7 +26,7 @@ def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: Quicksta
         ``{"models": {name: {"appearance": {...}, "motion": {...}}}, "num_clips": {...}}``; each task
         holds ``linear`` and ``knn`` probe results (test split; ridge chosen on val).
     """
-    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.data.corpus import read_corpus
     from umt_distill.evaluation.probe import (
         decode_eval_views, knn_probe, linear_probe, order_sensitivity, student_features, teacher_features,

@@ -136,7 +136,7 @@ def teacher_scores(cfg: Recipe, pixels: torch.Tensor, texts: list[str]) -> torch
     The image side is :class:`~umt_distill.teachers.clip.ClipTeacher` (the teacher stage 1 learnt from,
     with the recipe's normalisation); the text side is the same open_clip model's text tower.
     """
-    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.losses_vl import similarity
 
     image_model = build_teacher(cfg, torch.device("cpu"))

@@ -321,7 +321,7 @@ def _check_pretrain_recipe(init: str | Path, cfg: Recipe) -> None:
 
 
 def _image_teacher_classifier(cfg: Recipe):
-    from umt_distill.cache.pipeline import build_teacher
+    from umt_distill.teachers.build import build_teacher
     from umt_distill.models.classifier import ImageTeacherClassifier
 
     t = cfg.teacher

@@ -168,7 +168,7 @@ def build_model(cfg: Recipe, teacher_dim: int, vocab_size: int):
 def _teacher_and_dim(cfg: Recipe, sources: dict[str, SourceData], device: torch.device):
     """Online: the frozen teacher. Cached: each source's store checked against its recipe view."""
     if cfg.teacher.mode == "online":
-        from umt_distill.cache.pipeline import build_teacher
+        from umt_distill.teachers.build import build_teacher
 
         teacher = build_teacher(cfg, device)  # frozen; never wrapped, never in the optimizer
         return teacher, teacher.embed_dim

@@ -50,7 +50,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
         check_store_matches(spec, cfg)
         teacher_dim = spec["teacher"]["D"]
     elif uta:
-        from umt_distill.cache.pipeline import build_teacher
+        from umt_distill.teachers.build import build_teacher
 
         teacher = build_teacher(cfg, device)  # frozen; never wrapped, never in the optimizer
         teacher_dim = teacher.embed_dim

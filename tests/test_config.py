@@ -143,3 +143,23 @@ def test_validate_does_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-1000:]
     assert "codec: int8" in done.stdout
+
+
+@pytest.mark.parametrize("text", [
+    # 9 ** 4 strings from 40 lines: refused before anything is expanded
+    'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+    'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n',
+    "train: &t\n  epochs: *t\n",  # an alias inside its own anchor
+], ids=["nested", "recursive"])
+def test_yaml_aliases_are_refused_in_one_line_naming_the_file_and_line(tmp_path, text) -> None:
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "umt_distill", "validate", str(recipe)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"cannot read recipe {recipe}: line 2: YAML aliases" in done.stderr
+    assert "write the value out instead" in done.stderr

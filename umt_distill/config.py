@@ -452,8 +452,22 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return f"invalid recipe ({origin}):\n  " + "\n  ".join(lines)
 
 
+class YamlAliasError(yaml.YAMLError):
+    """A recipe used a YAML alias (``*name``)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+    """YAML with YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 reads it as a string), and
+    without aliases: ``*name`` is refused where it is read, before anything is expanded, so a recipe
+    from someone else cannot blow up to gigabytes (nested aliases) or recurse (an alias inside its own
+    anchor). Recipes are small; writing a value twice costs nothing."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise YamlAliasError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                                 "allowed in recipes; write the value out instead")
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(

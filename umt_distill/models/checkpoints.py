@@ -40,7 +40,8 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A run or checkpoint folder holds no (complete) checkpoint."""
 
 
-# Our run folders: <run>/checkpoints/step-XXXXXXXX/{model.safetensors, state.pt, recipe.yaml}, and
+# Our run folders: <run>/checkpoints/step-XXXXXXXX/{model.safetensors, state.json, state.safetensors,
+# recipe.yaml} (state.pt before), and
 # <run>/checkpoints/latest naming the newest (training/checkpoint.py writes them). The one place that
 # resolves such a folder to a checkpoint.
 LATEST = "latest"
@@ -56,7 +57,7 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     if not pointer.exists():
         return None
     target = root / pointer.read_text().strip()
-    if not (target / "state.pt").exists():
+    if not ((target / "state.json").exists() or (target / "state.pt").exists()):  # this version, or earlier
         raise CheckpointNotFoundError(str(pointer), f"points at {target}, which is not a complete checkpoint")
     return target
 

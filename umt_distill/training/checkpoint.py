@@ -1,8 +1,8 @@
 """Atomic training checkpoints: safetensors weights plus a state file.
 
 A checkpoint is a directory ``<output>/checkpoints/step-XXXXXXXX`` holding ``model.safetensors``
-(the student only — never the teacher), ``state.pt`` (optimizer, step, epoch, position in the epoch,
-RNG states, metrics so far) and ``recipe.yaml``. It is written under a temporary name and renamed, and
+(the student only — never the teacher), ``state.json`` + ``state.safetensors`` (optimizer, step, epoch,
+position in the epoch, RNG states, metrics so far; no pickle, see ``state_file.py``) and ``recipe.yaml``. It is written under a temporary name and renamed, and
 ``latest`` (a small text file) is replaced atomically to point at it. A kill at any instant leaves the
 previous checkpoint intact.
 """
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from umt_distill.io import atomic_write_text
 from umt_distill.models.checkpoints import LATEST, latest_checkpoint
+from umt_distill.training.state_file import load_state, save_state
 
 
 def rng_state() -> dict:
@@ -50,7 +51,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, s
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
+    save_state(tmp, state)
     (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -72,7 +73,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{path}: weights do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    return load_state(path)
 
 
 def find_resume_checkpoint(out_dir: str | Path, resume: str | Path | None = None) -> Path | None:

@@ -326,7 +326,7 @@ def textured_video(num_frames: int, height: int, width: int, seed: int) -> np.nd
     texture brings the bitrate to a few hundred kbit/s (Kinetics clips at 320 px: ~300-800) while
     motion compensation still works, as in real footage.
     """
-    from umt_distill.data.synthetic import moving_shapes_video
+    from umt_distill.testing.media import moving_shapes_video
 
     base = moving_shapes_video(num_frames, height, width, seed=seed).astype(np.float32)  # [T, H, W, 3]
     rng = np.random.default_rng(seed + 10_000)
@@ -349,7 +349,7 @@ def write_corpus(
     Returns:
         ``{"manifest", "videos", "rows", "frames", "height", "width", "fps", "kbit_per_s"}``.
     """
-    from umt_distill.data.synthetic import write_video
+    from umt_distill.testing.media import write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -42,7 +42,7 @@ def world_and_teacher(work: Path, quickstart_dir: Path | None, clip_steps: int |
 
     from rich.console import Console
 
-    from umt_distill.data.toyworld import write_world
+    from umt_distill.quickstart.world import write_world
     from umt_distill.quickstart.settings import QuickstartSettings
     from umt_distill.quickstart.teacher import build_teacher_weights
 
@@ -71,7 +71,7 @@ def downstream(work: Path, world: dict, teacher: dict, stores: dict[tuple[str, s
     import torch
 
     from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.toyworld import read_labels
+    from umt_distill.quickstart.world import read_labels
     from umt_distill.evaluation.probe import decode_eval_views, linear_probe, student_features
     from umt_distill.stages.stage1 import train
     from umt_distill.models.checkpoints import latest_checkpoint

@@ -34,7 +34,7 @@ def write_shapes_corpus(folder, num_clips: int, seed: int):
     ``seed + i``) and their manifest ``m.csv`` (ids ``v<i>``); returns the manifest's path."""
     import csv
 
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
+    from umt_distill.testing.media import moving_shapes_video, write_video
 
     with open(folder / "m.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -13,7 +13,7 @@ from pathlib import Path
 def write_labelled_videos(folder: Path, per_class: int, seed: int = 0, num_frames: int = 12,
                           height: int = 48, width: int = 64, name: str = "manifest.csv") -> Path:
     """``per_class`` H.264 clips of each class and a CSV manifest (id, path, label); returns the manifest."""
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
+    from umt_distill.testing.media import moving_shapes_video, write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -17,7 +17,7 @@ import pytest
 
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.config import load_recipe
-from umt_distill.data.synthetic import moving_shapes_video, write_image, write_video
+from umt_distill.testing.media import moving_shapes_video, write_image, write_video
 
 
 def _vfr_video(path: Path) -> None:

@@ -26,7 +26,7 @@ NUM_GOOD = 6
 
 
 def _write_corpus(folder: Path, good: int, bad: bool = True) -> Path:
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
+    from umt_distill.testing.media import moving_shapes_video, write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -21,7 +21,7 @@ GOOD = 6  # c0..c5; "late" is listed but its file does not exist yet
 
 
 def _write_corpus(folder: Path) -> Path:
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
+    from umt_distill.testing.media import moving_shapes_video, write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -176,7 +176,7 @@ def test_retry_of_a_clip_that_still_fails_keeps_the_shard_and_refreshes_the_reas
 
 
 def test_summary_counts_cached_and_failed_clips_apart(store: Path) -> None:
-    from umt_distill.cache.report import summary_lines
+    from umt_distill.cache.messages import summary_lines
 
     spec = json.loads((store / "spec.json").read_text())
     lines = summary_lines(store, {"store": str(store), **spec["counts"]})

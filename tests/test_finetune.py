@@ -75,7 +75,7 @@ def test_random_resized_crop_is_seeded_and_inside():
 
 
 def test_rand_augment_applies_the_same_ops_to_every_frame():
-    from umt_distill.data.synthetic import moving_shapes_video
+    from umt_distill.testing.media import moving_shapes_video
 
     transform = build_rand_augment("rand-m7-n4-mstd0.5-inc1", 32)
     clip = moving_shapes_video(2, 40, 48, seed=3)  # two different frames

@@ -23,7 +23,7 @@ KILLS = 5
 
 
 def _corpus(folder: Path, n: int) -> Path:
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
+    from umt_distill.testing.media import moving_shapes_video, write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "m.csv", "w", newline="") as f:

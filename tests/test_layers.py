@@ -1,6 +1,10 @@
 """The package's floor plan: a module imports only its own layer and those below, and no import cycle
 exists, counting imports inside functions (DESIGN: ground → models, teachers → data, training → cache →
-evaluation → stages → quickstart → cli). A failure names both modules."""
+evaluation → stages → testing → quickstart → cli). A failure names both modules.
+
+``umt_distill.testing`` (media generators for tests, benchmarks and the quickstart's toy world) has a
+layer of its own above every library layer, so no library module can come to depend on test media,
+and below the quickstart, whose world encodes its clips with it."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("umt_distill.cache",),
     ("umt_distill.evaluation",),
     ("umt_distill.stages",),
+    ("umt_distill.testing",),
     ("umt_distill.quickstart",),
     ("umt_distill.cli", "umt_distill.__main__"),
 )

@@ -93,7 +93,7 @@ def test_bad_features_are_named(bad: str) -> None:
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.toyworld import WorldSettings, write_world
+    from umt_distill.quickstart.world import WorldSettings, write_world
 
     folder = tmp_path_factory.mktemp("probe_world")
     info = write_world(folder, WorldSettings(clips=6, num_frames=8, seed=1))

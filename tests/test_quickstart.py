@@ -12,7 +12,7 @@ from rich.console import Console
 from umt_distill.config import RecipeError
 from umt_distill.quickstart import parse_settings, run_quickstart
 from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, umt_exact
-from umt_distill.quickstart.runs import DONE_FILE
+from umt_distill.quickstart.reuse import DONE_FILE
 
 # A miniature world and budget: every step runs for real (MP4s, open_clip training, a WebDataset
 # store, stage 1, probes, plots), only smaller.

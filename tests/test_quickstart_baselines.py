@@ -12,7 +12,7 @@ from rich.console import Console
 
 from umt_distill.quickstart import run_quickstart
 from umt_distill.quickstart.names import CONTROL, PIXEL
-from umt_distill.quickstart.runs import DONE_FILE
+from umt_distill.quickstart.reuse import DONE_FILE
 sys.path.insert(0, str(Path(__file__).parent))
 from test_quickstart import MINI  # noqa: E402
 

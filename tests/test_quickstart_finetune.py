@@ -15,12 +15,12 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from umt_distill.config import RecipeError, load_recipe
-from umt_distill.data.toyworld import MOTIONS
+from umt_distill.quickstart.world import MOTIONS
 from umt_distill.quickstart.finetune import axis_accuracy, finetune_recipe, write_initial_student
 from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER
-from umt_distill.quickstart.report import finetune_markdown as markdown
-from umt_distill.quickstart.report import finetune_reading as reading
-from umt_distill.quickstart.runs import DONE_FILE, STARTED_FILE, ensure_run
+from umt_distill.quickstart.results_report import finetune_markdown as markdown
+from umt_distill.quickstart.results_report import finetune_reading as reading
+from umt_distill.quickstart.reuse import DONE_FILE, STARTED_FILE, ensure_run
 from umt_distill.quickstart.settings import FinetuneSettings, parse_settings
 
 
@@ -183,7 +183,7 @@ def test_plan_compares_like_with_like_and_adds_the_umt_exact_row(tmp_path) -> No
 
 def test_seeds_are_averaged_and_their_spread_enters_the_noise() -> None:
     from umt_distill.quickstart.finetune import combine_seeds
-    from umt_distill.quickstart.report import model_error, standard_error
+    from umt_distill.quickstart.results_report import model_error, standard_error
 
     runs = [{"top1": t, "top5": 1.0, "mean_class_accuracy": t, "axis_accuracy": 0.9, "predicted_classes": 6,
              "num_videos": 96, "run": f"r{i}"} for i, t in enumerate((0.9, 0.8, 0.7))]

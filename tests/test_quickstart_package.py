@@ -1,5 +1,5 @@
 """The quickstart package's shape: imports between its modules form no cycle, and the steps never import
-the run order or the report (they measure; ``report`` only formats)."""
+the run order or the report (they measure; ``results_report`` only formats)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_quickstart_package_has_no_import_cycle() -> None:
     graph = import_graph()
-    assert {f"{PACKAGE}.{m}" for m in ("run", "report", "finetune", "stage2", "probes")} <= set(graph)
+    assert {f"{PACKAGE}.{m}" for m in ("run", "results_report", "finetune", "stage2", "probes")} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     for module, imports in graph.items():  # only __init__ re-exports; nothing inside imports the package root
         assert module == PACKAGE or PACKAGE not in imports, module
@@ -68,8 +68,8 @@ def test_steps_import_neither_the_run_order_nor_the_report() -> None:
     for module, imports in graph.items():
         if module not in (PACKAGE, f"{PACKAGE}.run"):
             assert f"{PACKAGE}.run" not in imports, module
-        if module not in (PACKAGE, f"{PACKAGE}.run", f"{PACKAGE}.report"):
-            assert f"{PACKAGE}.report" not in imports, module
+        if module not in (PACKAGE, f"{PACKAGE}.run", f"{PACKAGE}.results_report"):
+            assert f"{PACKAGE}.results_report" not in imports, module
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:

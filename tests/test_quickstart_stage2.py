@@ -10,11 +10,11 @@ import torch
 from rich.console import Console
 
 from umt_distill.config import RecipeError
-from umt_distill.quickstart.report import retrieval_checks, retrieval_markdown, retrieval_table
-from umt_distill.quickstart.retrieval import (
+from umt_distill.quickstart.results_report import retrieval_checks, retrieval_markdown, retrieval_table
+from umt_distill.quickstart.zero_shot import (
     CHANCE, STUDENT_ITC, STUDENT_ITM, TEACHER, chance_metrics, class_level_metrics, class_view_metrics,
 )
-from umt_distill.quickstart.runs import DONE_FILE
+from umt_distill.quickstart.reuse import DONE_FILE
 from umt_distill.quickstart.stage2 import make_stage2_recipe, run_stage2_retrieval
 
 # The miniature quickstart of tests/test_quickstart.py, and stage 2 as small.
@@ -37,7 +37,7 @@ def quiet() -> tuple[Console, io.StringIO]:
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory) -> dict:
     """World, tiny CLIP, cache and stage-1 run of the miniature quickstart (its steps, without probes)."""
-    from umt_distill.data.toyworld import write_world
+    from umt_distill.quickstart.world import write_world
     from umt_distill.quickstart.cache import ensure_cache
     from umt_distill.quickstart.settings import parse_settings
     from umt_distill.quickstart.stage1 import ensure_trained, make_recipe
@@ -112,7 +112,7 @@ def test_stage2_recipe_must_keep_stage1_teacher_student_and_frames(stage1) -> No
 def test_teacher_image_side_is_the_open_clip_image_embedding(stage1) -> None:
     """The frame embeddings scored against the text tower are open_clip's own encode_image of those pixels."""
     from umt_distill.teachers.build import build_teacher
-    from umt_distill.quickstart.retrieval import load_clip_text_tower
+    from umt_distill.quickstart.zero_shot import load_clip_text_tower
 
     cfg = stage1["cfg"]
     pixels = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

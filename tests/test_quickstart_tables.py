@@ -7,9 +7,9 @@ import io
 from rich.console import Console
 
 from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, TEACHER, distilled, umt_exact
-from umt_distill.quickstart.report import finetune_table, print_table, retrieval_table, short_row
-from umt_distill.quickstart.retrieval import CHANCE, STUDENT_ITC, STUDENT_ITM
-from umt_distill.quickstart.retrieval import TEACHER as RETRIEVAL_TEACHER
+from umt_distill.quickstart.results_report import finetune_table, print_table, retrieval_table, short_row
+from umt_distill.quickstart.zero_shot import CHANCE, STUDENT_ITC, STUDENT_ITM
+from umt_distill.quickstart.zero_shot import TEACHER as RETRIEVAL_TEACHER
 
 
 def _probe_model(app: float, mot: float) -> dict:

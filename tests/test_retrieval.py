@@ -95,7 +95,7 @@ def _disc_clip(colour: tuple[int, int, int], direction: tuple[int, int], seed: i
                side: int = 48) -> np.ndarray:
     """A disc of one colour crossing the frame in one direction over moving_shapes_video's textured
     background (its own disc hidden under ours): uint8 [T, H, W, 3]."""
-    from umt_distill.data.synthetic import moving_shapes_video
+    from umt_distill.testing.media import moving_shapes_video
 
     video = moving_shapes_video(frames, side, side, seed=seed, radius=1.0)
     ys, xs = np.mgrid[0:side, 0:side]
@@ -109,7 +109,7 @@ def _disc_clip(colour: tuple[int, int, int], direction: tuple[int, int], seed: i
 
 @pytest.fixture(scope="module")
 def captioned_clips(tmp_path_factory) -> Path:
-    from umt_distill.data.synthetic import write_video
+    from umt_distill.testing.media import write_video
 
     root = tmp_path_factory.mktemp("ret")
     rows = []

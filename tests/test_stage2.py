@@ -27,7 +27,7 @@ def corpora(tmp_path_factory) -> dict[str, Path]:
     """A video and an image manifest with captions (JSONL, several captions per item)."""
     from PIL import Image
 
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
+    from umt_distill.testing.media import moving_shapes_video, write_video
 
     root = tmp_path_factory.mktemp("s2data")
     rows = []

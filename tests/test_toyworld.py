@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from umt_distill.data.corpus import read_corpus
-from umt_distill.data.toyworld import (
+from umt_distill.quickstart.world import (
     MOTIONS,
     PATTERNS,
     ToyWorldError,
@@ -121,7 +121,7 @@ def test_still_images_cover_every_appearance_deterministically() -> None:
 
 def test_patterns_survive_a_horizontal_flip() -> None:
     """The training views flip frames; a flipped object must keep its appearance class."""
-    from umt_distill.data.toyworld import _pattern_mask
+    from umt_distill.quickstart.world import _pattern_mask
 
     u = np.linspace(-1.0, 1.0, 64)[None, :]  # symmetric about 0
     v = np.linspace(-1.0, 1.0, 40)[:, None]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from umt_distill.data.synthetic import (
+from umt_distill.testing.media import (
     IndexCodeError,
     decode_index,
     index_frames,

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     import sys
     import torch
     from torch.utils.data import DataLoader, Dataset
-    from umt_distill.data.synthetic import moving_shapes_video, write_video
+    from umt_distill.testing.media import moving_shapes_video, write_video
     from umt_distill.data.video import open_video
 
     path, backend = sys.argv[1], sys.argv[2]

@@ -231,7 +231,7 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
     holding failed clips that decode now. Each redone shard is named with its reason.
     """
     from umt_distill.cache.repair import plan_shard_work
-    from umt_distill.cache.report import print_redone, print_summary
+    from umt_distill.cache.messages import print_redone, print_summary
     from umt_distill.data.corpus import corpus_digest, read_corpus
 
     env = du.init_distributed(backend="gloo", timeout_minutes=24 * 60)

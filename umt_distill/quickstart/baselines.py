@@ -15,9 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from safetensors.torch import load_file
 
 from umt_distill.config import Recipe, recipe_to_yaml
-from umt_distill.quickstart.runs import ensure_run
+from umt_distill.models.checkpoints import latest_checkpoint
+from umt_distill.quickstart.reuse import ensure_run
+from umt_distill.quickstart.stage1 import make_recipe
+from umt_distill.stages.videomae import train
 
 # Stage 1's recipe, changed into pixel reconstruction. Tube masking (VideoMAE's) at 0.75: of 16 tokens a
 # frame 4 stay visible (VideoMAE's 0.9 would leave 1 of 16 here); a decoder half the student's width
@@ -32,16 +36,12 @@ PIXEL_RECIPE: tuple[str, ...] = (
 
 def pixel_recipe(output: Path, world: dict, teacher: dict, recipe_overrides: Sequence[str], mode: str) -> Recipe:
     """Stage 1's quickstart recipe (paths into ``output``) turned into pixel reconstruction."""
-    from umt_distill.quickstart.stage1 import make_recipe
-
     run = (output / "runs" / f"pixel-{mode}").resolve()
     return make_recipe(output, world, teacher, [*recipe_overrides, *PIXEL_RECIPE, f"train.output_dir={run}"])
 
 
 def ensure_pixel_trained(cfg: Recipe, teacher_sha256: str, console: Console) -> tuple[bool, Path, dict]:
     """Train the pixel-reconstruction student, resume it, or reuse a finished run of the same recipe."""
-    from umt_distill.stages.videomae import train
-
     run = Path(cfg.train.output_dir)
     identity = {"recipe": recipe_to_yaml(cfg), "teacher_sha256": teacher_sha256}
 
@@ -59,10 +59,6 @@ def load_encoder(student, run: Path) -> None:
     Raises:
         RuntimeError: the run's encoder does not match the student's (every key, every shape).
     """
-    from safetensors.torch import load_file
-
-    from umt_distill.models.checkpoints import latest_checkpoint
-
     ckpt = latest_checkpoint(run)
     state = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith("encoder.")}
     expected = {k: v for k, v in student.state_dict().items() if k.startswith("encoder.")}

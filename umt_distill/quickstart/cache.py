@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from umt_distill.cache.pipeline import build_spec, cache_teacher
+from umt_distill.cache.spec import SpecMismatchError, check_spec, read_spec
 from umt_distill.config import Recipe
+from umt_distill.data.corpus import corpus_digest, read_corpus
+from umt_distill.teachers.build import build_teacher
 
 
 def ensure_cache(cfg: Recipe, console: Console) -> tuple[bool, dict]:
@@ -21,11 +25,6 @@ def ensure_cache(cfg: Recipe, console: Console) -> tuple[bool, dict]:
     Returns:
         (reused, the store's counts: ``records``, ``failures`` ...).
     """
-    from umt_distill.cache.pipeline import build_spec, cache_teacher
-    from umt_distill.teachers.build import build_teacher
-    from umt_distill.cache.spec import SpecMismatchError, check_spec, read_spec
-    from umt_distill.data.corpus import corpus_digest, read_corpus
-
     store = Path(cfg.cache.store)
     if (store / "spec.json").exists():
         rows = read_corpus(cfg.corpus.source, cfg.corpus.root)

@@ -17,15 +17,16 @@ per clip (``stages/finetune.py``: ``train`` then its multi-view test). Nothing i
 The recipe is ``recipes/finetune/tiny.yaml`` with the quickstart's geometry (frames, size and the
 pretraining grid of stage 1) and :data:`MOTION_RECIPE` (why each setting differs from UMT's is said
 there). A finished run is reused only when its recipe, its initial weights, the teacher weights and
-the world are the same (``quickstart/runs.py``). Settings: ``quickstart.finetune.*``
+the world are the same (``quickstart/reuse.py``). Settings: ``quickstart.finetune.*``
 (:class:`~umt_distill.quickstart.settings.FinetuneSettings`). Its table, ``report.md`` section and
-reading are in ``report.py``, its bars in ``plots.py``.
+reading are in ``results_report.py``, its bars in ``plots.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
@@ -34,13 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from umt_distill.config import Recipe, load_recipe, recipe_to_yaml
-from umt_distill.data.toyworld import MOTIONS
+from umt_distill.data.corpus import read_corpus
+from umt_distill.models.checkpoints import latest_checkpoint
 from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, distilled, umt_exact
 from umt_distill.quickstart.pool import Job, JobPool
-from umt_distill.quickstart.runs import ensure_run, finished_run
+from umt_distill.quickstart.reuse import ensure_run, finished_run
 from umt_distill.quickstart.settings import FinetuneSettings
+from umt_distill.quickstart.world import MOTIONS
+from umt_distill.stages.finetune import train
+from umt_distill.stages.parts import build_student
+from umt_distill.teachers.build import build_teacher
+from umt_distill.training.checkpoint import save_checkpoint
 
 FINETUNE_RECIPE = "finetune/tiny"
 INIT_RUN = "stage1-init"  # the control's initial weights, in stage-1 checkpoint format, under runs/
@@ -217,8 +225,6 @@ def run_jobs(jobs: list[FinetuneJob], pool: JobPool, console: Console) -> dict[P
 
 def train_job(run: Path, identity: dict, recipe: Recipe, label: str, console: Console) -> tuple[bool, dict]:
     """One fine-tuning run as a pool job: train it (or resume / reuse it), then test it (``ensure_run``)."""
-    from umt_distill.stages.finetune import train
-
     return ensure_run(run, identity, lambda: _train_and_score(train, recipe), console, label)
 
 
@@ -226,8 +232,6 @@ def model_plan(output: Path, cfg: Recipe, runs: dict[str, Path], settings: Finet
                baselines: dict[str, Path] | None = None) -> dict[str, FinetunedModel]:
     """The models of the step, by name: distilled students, control and image teacher on one recipe
     (the students at ``settings.tubelet_size``), then the UMT-exact tubelet-1 rows (``settings.umt_exact``)."""
-    from umt_distill.models.checkpoints import latest_checkpoint
-
     t = settings.tubelet_size
     plan = {distilled(mode): FinetunedModel("student", latest_checkpoint(run), t, "distilled") for mode, run in runs.items()}
     plan.update({name: FinetunedModel("student", latest_checkpoint(run), t, "pixel") for name, run in (baselines or {}).items()})
@@ -294,13 +298,6 @@ def write_initial_student(folder: Path, cfg: Recipe) -> Path:
     Returns:
         The checkpoint folder.
     """
-    from safetensors.torch import load_file
-
-    from umt_distill.teachers.build import build_teacher
-    from umt_distill.models.checkpoints import latest_checkpoint
-    from umt_distill.training.checkpoint import save_checkpoint
-    from umt_distill.stages.parts import build_student
-
     teacher_dim = build_teacher(cfg, torch.device("cpu")).embed_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # as stage1.train: exactly the weights it started from
@@ -310,8 +307,6 @@ def write_initial_student(folder: Path, cfg: Recipe) -> Path:
         stored, state = load_file(str(ckpt / "model.safetensors")), student.state_dict()
         if stored.keys() == state.keys() and all(torch.equal(stored[k], state[k]) for k in state):
             return ckpt
-        import shutil
-
         shutil.rmtree(folder)
     return save_checkpoint(folder, 0, student, {"step": 0}, recipe_to_yaml(cfg))
 
@@ -347,8 +342,6 @@ def _slug(name: str) -> str:
 
 
 def _count_rows(manifest: str | Path) -> int:
-    from umt_distill.data.corpus import read_corpus
-
     return len(read_corpus(str(manifest)))
 
 

@@ -9,13 +9,16 @@ import numpy as np
 import torch
 
 from umt_distill.config import Recipe
-from umt_distill.data.toyworld import MOTIONS, appearance_classes
 from umt_distill.quickstart.names import IMAGE_TEACHER, TEACHER
+from umt_distill.quickstart.world import MOTIONS, appearance_classes
+from umt_distill.registry import MASKS, load_all_parts
+from umt_distill.training.metrics import read_metrics
 
 PLOTS = ("loss.png", "accuracy.png", "semantic_mask.png")
 
 
 def _pyplot():
+    # Deferred: the backend must be chosen before pyplot is first imported, and only when a plot is drawn.
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -25,8 +28,6 @@ def _pyplot():
 
 
 def plot_loss(path: Path, runs: dict[str, Path]) -> None:
-    from umt_distill.training.metrics import read_metrics
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for mode, run in runs.items():
@@ -76,9 +77,7 @@ def plot_semantic_mask(path: Path, pixels: torch.Tensor, teacher, cfg: Recipe, c
     Args:
         pixels: uint8 [1, T, 3, H, W], the clip's eval view.
     """
-    from umt_distill.registry import MASKS, load_all_parts
-
-    load_all_parts()
+    load_all_parts()  # the registry imports the mask samplers on first use
     plt = _pyplot()
     attn = teacher(pixels).attn  # [1, T, N]
     _, T, N = attn.shape

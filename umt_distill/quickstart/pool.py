@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.text import Text
 
@@ -82,8 +84,6 @@ class JobPool:
             future.set_result(Done(value, "", round(time.perf_counter() - t, 1)))
             return future
         if self._executor is None:
-            import multiprocessing
-
             # spawn: a fresh interpreter per worker (no forked torch state); a worker runs job after job
             self._executor = ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_start_worker, initargs=(self.threads,))
@@ -133,8 +133,6 @@ class TaggedLines(io.TextIOBase):
 
 
 def _start_worker(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
     sys.stderr = TaggedLines(sys.__stderr__)
 

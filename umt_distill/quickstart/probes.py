@@ -10,9 +10,23 @@ import numpy as np
 import torch
 
 from umt_distill.config import Recipe
-from umt_distill.data.toyworld import read_labels
+from umt_distill.data.corpus import read_corpus
+from umt_distill.evaluation.probe import (
+    decode_eval_views,
+    knn_probe,
+    linear_probe,
+    order_sensitivity,
+    student_features,
+    teacher_features,
+)
+from umt_distill.models.checkpoints import latest_checkpoint
+from umt_distill.quickstart.baselines import load_encoder
 from umt_distill.quickstart.names import CONTROL, TEACHER, distilled
 from umt_distill.quickstart.settings import QuickstartSettings
+from umt_distill.quickstart.world import read_labels
+from umt_distill.stages.parts import build_student
+from umt_distill.teachers.build import build_teacher
+from umt_distill.training.checkpoint import load_checkpoint
 
 
 def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: QuickstartSettings,
@@ -26,15 +40,6 @@ def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: Quicksta
         ``{"models": {name: {"appearance": {...}, "motion": {...}}}, "num_clips": {...}}``; each task
         holds ``linear`` and ``knn`` probe results (test split; ridge chosen on val).
     """
-    from umt_distill.teachers.build import build_teacher
-    from umt_distill.data.corpus import read_corpus
-    from umt_distill.evaluation.probe import (
-        decode_eval_views, knn_probe, linear_probe, order_sensitivity, student_features, teacher_features,
-    )
-    from umt_distill.models.checkpoints import latest_checkpoint
-    from umt_distill.training.checkpoint import load_checkpoint
-    from umt_distill.stages.parts import build_student
-
     labels = read_labels(world["labels"])["clips"]
     splits = {s: read_corpus(world["splits"][s]) for s in ("train", "val", "test")}
     pixels = {s: decode_eval_views(rows, cfg.views.num_frames, cfg.views.size, cfg.corpus.video_backend) for s, rows in splits.items()}
@@ -49,8 +54,6 @@ def evaluate(cfg: Recipe, world: dict, runs: dict[str, Path], settings: Quicksta
         load_checkpoint(latest_checkpoint(run), student)
         features[distilled(mode)] = {s: student_features(student, p) for s, p in pixels.items()}
     for name, run in (baselines or {}).items():
-        from umt_distill.quickstart.baselines import load_encoder
-
         student = build_student(cfg, teacher.embed_dim)
         load_encoder(student, run)
         features[name] = {s: student_features(student, p) for s, p in pixels.items()}

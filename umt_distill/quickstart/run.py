@@ -11,19 +11,19 @@ import torch
 from rich.console import Console
 
 from umt_distill.config import recipe_to_yaml
-from umt_distill.data.toyworld import write_world
 from umt_distill.quickstart.baselines import PIXEL_RECIPE, ensure_pixel_trained, pixel_recipe
 from umt_distill.quickstart.cache import ensure_cache
 from umt_distill.quickstart.finetune import run_finetune
 from umt_distill.quickstart.names import PIXEL
 from umt_distill.quickstart.pool import Job, JobPool
 from umt_distill.quickstart.probes import evaluate
-from umt_distill.quickstart.report import print_table, write_report
-from umt_distill.quickstart.runs import StepLog
+from umt_distill.quickstart.results_report import print_table, write_report
+from umt_distill.quickstart.reuse import StepLog
 from umt_distill.quickstart.settings import QuickstartSettings, parse_settings
 from umt_distill.quickstart.stage1 import ensure_trained, finished_runs, make_recipe
 from umt_distill.quickstart.stage2 import stage2_retrieval_job
 from umt_distill.quickstart.teacher import build_teacher_weights
+from umt_distill.quickstart.world import write_world
 
 NUM_STEPS = 7  # numbered steps printed while running (the report is not one)
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from umt_distill.config import RecipeError, parse_override
-from umt_distill.data.toyworld import WorldSettings
-from umt_distill.teachers.tiny_clip import ClipTrainSettings
+from umt_distill.quickstart.tiny_clip import ClipTrainSettings
+from umt_distill.quickstart.world import WorldSettings
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
 from umt_distill.config import Recipe, load_recipe, recipe_to_yaml
-from umt_distill.quickstart.runs import DONE_FILE, ensure_run
+from umt_distill.quickstart.reuse import DONE_FILE, ensure_run
+from umt_distill.stages.stage1 import train
 
 RECIPE = "quickstart/stage1"
 TEACHER_MODES = ("cached", "online")
@@ -32,8 +34,6 @@ def make_recipe(output: Path, world: dict, teacher: dict, recipe_overrides: Sequ
 
 def ensure_trained(cfg: Recipe, teacher_sha256: str, console: Console) -> tuple[bool, Path]:
     """Run stage 1, resume an interrupted run, or reuse a finished one (same recipe, same teacher weights)."""
-    from umt_distill.stages.stage1 import train
-
     run = Path(cfg.train.output_dir)
     identity = {"recipe": recipe_to_yaml(cfg), "teacher_sha256": teacher_sha256}
     reused, _ = ensure_run(run, identity, lambda: train(cfg), console, "stage 1")
@@ -48,8 +48,6 @@ def finished_runs(output: Path, cfg: Recipe, teacher_sha256: str) -> dict[str, P
 
 def _same_world(run: Path, cfg: Recipe, teacher_sha256: str) -> bool:
     """A finished run of the other teacher mode counts only if it trained on the same clips and teacher."""
-    import yaml
-
     done = json.loads((run / DONE_FILE).read_text())
     other = yaml.safe_load(done["recipe"])
     return other["corpus"]["source"] == cfg.corpus.source and done.get("teacher_sha256") == teacher_sha256

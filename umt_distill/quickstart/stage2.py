@@ -8,7 +8,7 @@ After stage 1 (``quickstart/stage1.py``), :func:`run_stage2_retrieval`
 2. **trains stage 2** (``stages/stage2.py``: UTA + VTC + VTM + MLM) on the training captions, which name
    appearance and motion (``"a red ringed disc moving left"``), from the finished stage-1 weights — or
    reuses a finished run of the same recipe, stage-1 weights, teacher and world;
-3. **evaluates zero-shot retrieval** on the test split (``quickstart/retrieval.py``: how a hit is
+3. **evaluates zero-shot retrieval** on the test split (``quickstart/zero_shot.py``: how a hit is
    counted, and the teacher's own image-text model as the baseline).
 """
 
@@ -24,9 +24,11 @@ import torch
 from rich.console import Console
 
 from umt_distill.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
+from umt_distill.models.checkpoints import weights_file
 from umt_distill.quickstart.cache import ensure_cache
-from umt_distill.quickstart.retrieval import K_TEST, evaluate_zero_shot
-from umt_distill.quickstart.runs import ensure_run
+from umt_distill.quickstart.reuse import ensure_run
+from umt_distill.quickstart.zero_shot import K_TEST, evaluate_zero_shot
+from umt_distill.stages.stage2 import train
 
 RECIPE = "quickstart/stage2"
 
@@ -39,8 +41,8 @@ def run_stage2_retrieval(output: str | Path, cfg_stage1: Recipe, world: dict, te
     Args:
         output: The quickstart's output folder (``cache-stage2`` and ``runs/stage2-<teacher mode>`` go there).
         cfg_stage1: The stage-1 recipe that was run (paths, teacher, student and views are taken from it).
-        world: :func:`~umt_distill.data.toyworld.write_world`'s result (``splits``, ``labels``).
-        teacher: :func:`~umt_distill.teachers.tiny_clip.train_tiny_clip`'s summary (``weights``,
+        world: :func:`~umt_distill.quickstart.world.write_world`'s result (``splits``, ``labels``).
+        teacher: :func:`~umt_distill.quickstart.tiny_clip.train_tiny_clip`'s summary (``weights``,
             ``weights_sha256``).
         stage1_run: The finished stage-1 run folder (the vision encoder starts from its latest checkpoint).
         console: Progress goes here.
@@ -128,8 +130,6 @@ def make_stage2_recipe(output: Path, cfg_stage1: Recipe, stage1_run: str | Path,
 
 def run_identity(cfg: Recipe, world: dict, teacher: dict, stage1_run: str | Path) -> dict:
     """What a finished stage-2 run must share to be reused: recipe, stage-1 weights, teacher weights, world."""
-    from umt_distill.models.checkpoints import weights_file
-
     stage1 = hashlib.sha256(weights_file(stage1_run).read_bytes()).hexdigest()
     world_json = Path(world["labels"]).parent / "world.json"
     return {"recipe": recipe_to_yaml(cfg), "stage1_weights_sha256": stage1, "teacher_sha256": teacher["weights_sha256"],
@@ -138,13 +138,11 @@ def run_identity(cfg: Recipe, world: dict, teacher: dict, stage1_run: str | Path
 
 def ensure_stage2(cfg: Recipe, identity: dict, console: Console) -> tuple[bool, Path, dict]:
     """Train stage 2, resume an interrupted run of the same identity, or reuse a finished one
-    (``quickstart/runs.py``).
+    (``quickstart/reuse.py``).
 
     Returns:
         (reused, run folder, last logged metrics).
     """
-    from umt_distill.stages.stage2 import train
-
     run = Path(cfg.train.output_dir)
     reused, last = ensure_run(run, identity, lambda: train(cfg), console, "stage 2")
     return reused, run, last

@@ -1,6 +1,6 @@
 """Quickstart step 2: the tiny image CLIP teacher, trained on toy stills with appearance-only captions.
 
-Like a web CLIP, it knows what things look like, not how they move (``teachers/tiny_clip.py``).
+Like a web CLIP, it knows what things look like, not how they move (``tiny_clip.py``).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from umt_distill.data.toyworld import appearance_caption, sample_images
 from umt_distill.quickstart.settings import QuickstartSettings
-from umt_distill.teachers.tiny_clip import train_tiny_clip
+from umt_distill.quickstart.tiny_clip import train_tiny_clip
+from umt_distill.quickstart.world import appearance_caption, sample_images
 
 
 def build_teacher_weights(folder: Path, settings: QuickstartSettings, console: Console) -> dict:

@@ -16,12 +16,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from umt_distill.config import Recipe
-from umt_distill.data.toyworld import MOTIONS, appearance_classes
+from umt_distill.quickstart.baselines import baselines_markdown
 from umt_distill.quickstart.finetune import AXES
 from umt_distill.quickstart.names import CONTROL, DISTILLED_PREFIX, IMAGE_TEACHER, TEACHER
 from umt_distill.quickstart.plots import plot_accuracy, plot_loss, plot_semantic_mask
-from umt_distill.quickstart.retrieval import CHANCE, STUDENT_ITC, STUDENT_ITM
-from umt_distill.quickstart.retrieval import TEACHER as RETRIEVAL_TEACHER
+from umt_distill.quickstart.world import MOTIONS, appearance_classes
+from umt_distill.quickstart.zero_shot import CHANCE, STUDENT_ITC, STUDENT_ITM
+from umt_distill.quickstart.zero_shot import TEACHER as RETRIEVAL_TEACHER
+
 # The bar for "the method works at toy scale" (UMT's claim, Table 3, in miniature).
 MOTION_MARGIN = 0.20
 APPEARANCE_FRACTION = 0.9
@@ -161,8 +163,6 @@ def render_markdown(cfg: Recipe, results: dict) -> str:
     if "retrieval" in results:
         lines += ["", retrieval_markdown(results["retrieval"])]
     if "baselines" in results:
-        from umt_distill.quickstart.baselines import baselines_markdown
-
         lines += ["", *baselines_markdown(results)]
     lines += ["", "## Closing note", "", *closing_note(results)]
     lines += ["", "## Steps", "", "| step | status | seconds | note |", "|---|---|---:|---|"]

@@ -26,8 +26,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from umt_distill.config import Recipe
+from umt_distill.data.corpus import read_corpus
+from umt_distill.evaluation.probe import decode_eval_views
+from umt_distill.evaluation.retrieval import (
+    PAIR_BATCH,
+    RECALL_AT,
+    TextFeatures,
+    encode_texts,
+    encode_videos,
+    ground_truth_ranks,
+    rank_summary,
+    score_retrieval,
+)
+from umt_distill.losses_vl import similarity
+from umt_distill.quickstart.tiny_clip import QUICKSTART_CLIP, build_clip
+from umt_distill.quickstart.world import MOTIONS, appearance_classes, read_labels
+from umt_distill.stages.retrieval import load_vl_model
+from umt_distill.teachers.build import build_teacher
 
 K_TEST = 16  # texts (videos) per video (text) re-ranked by the matching head; UMT: 128 of 1000
 STUDENT_ITC = "student (stage 2), contrastive"
@@ -61,10 +79,6 @@ def evaluate_zero_shot(cfg: Recipe, run: Path, world: dict, k_test: int = K_TEST
         ``rows``, ``headline``, ``note``, ``rule``, ``appearance_rule``, ``motion_rule``, ``num_videos``,
         ``num_texts``, ``k_test``.
     """
-    from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.toyworld import MOTIONS, appearance_classes, read_labels
-    from umt_distill.evaluation.probe import decode_eval_views
-
     rows = read_corpus(world["splits"]["test"])
     labels = read_labels(world["labels"])["clips"]
     classes = [caption_of(a, m) for a in appearance_classes() for m in MOTIONS]  # every appearance × motion
@@ -108,10 +122,6 @@ def student_scores(cfg: Recipe, run: Path, pixels: torch.Tensor, classes: list[s
         By row name: (v2t [Nv, Nt] over the ``present`` captions, t2v [Nt, Nv], every clip against every
         class caption [Nv, C]: cosine for the contrastive row, the match logit for the re-ranked one).
     """
-    from umt_distill.evaluation.retrieval import PAIR_BATCH, TextFeatures, encode_texts, encode_videos, score_retrieval
-    from umt_distill.stages.retrieval import load_vl_model
-    from umt_distill.losses_vl import similarity
-
     device = torch.device("cpu")
     model, tokenizer = load_vl_model(cfg, run)
     model.eval()
@@ -136,9 +146,6 @@ def teacher_scores(cfg: Recipe, pixels: torch.Tensor, texts: list[str]) -> torch
     The image side is :class:`~umt_distill.teachers.clip.ClipTeacher` (the teacher stage 1 learnt from,
     with the recipe's normalisation); the text side is the same open_clip model's text tower.
     """
-    from umt_distill.teachers.build import build_teacher
-    from umt_distill.losses_vl import similarity
-
     image_model = build_teacher(cfg, torch.device("cpu"))
     image = torch.cat([image_model(p).pooled for p in pixels.split(32)])  # [Nv, T, D]
     model, tokenizer = load_clip_text_tower(cfg)
@@ -148,10 +155,6 @@ def teacher_scores(cfg: Recipe, pixels: torch.Tensor, texts: list[str]) -> torch
 
 def load_clip_text_tower(cfg: Recipe):
     """The whole tiny open_clip CLIP of ``teacher.pretrained`` (strict) and its tokenizer, in eval mode."""
-    from safetensors.torch import load_file
-
-    from umt_distill.teachers.tiny_clip import QUICKSTART_CLIP, build_clip
-
     if cfg.teacher.name != QUICKSTART_CLIP or not cfg.teacher.pretrained:
         raise ValueError(f"the teacher's text tower is known only for {QUICKSTART_CLIP} with local weights, "
                          f"got teacher.name={cfg.teacher.name!r}, teacher.pretrained={cfg.teacher.pretrained!r}")
@@ -172,8 +175,6 @@ def class_level_metrics(v2t: torch.Tensor, t2v: torch.Tensor, positives: torch.T
         t2v: [Nt, Nv] scores of every clip for every caption query.
         positives: bool [Nt, Nv], caption == the clip's caption.
     """
-    from umt_distill.evaluation.retrieval import RECALL_AT, ground_truth_ranks, rank_summary
-
     out = {**rank_summary(ground_truth_ranks(t2v.float(), positives), "t2v"),
            **rank_summary(ground_truth_ranks(v2t.float(), positives.t()), "v2t")}
     out["r_mean"] = sum(out[f"{d}_r{k}"] for d in ("t2v", "v2t") for k in RECALL_AT) / (2 * len(RECALL_AT))
@@ -193,8 +194,6 @@ def class_view_metrics(scores: torch.Tensor, clip_class: torch.Tensor, motions: 
         :data:`MOTION_RULE`'s ``motion_given_appearance``, overall and per motion. Ties count against the
         clip (a constant scorer scores 0), as in the retrieval ranks.
     """
-    from umt_distill.data.toyworld import MOTIONS
-
     by_appearance = scores.view(len(scores), -1, motions)  # [Nv, A, M]
     own_appearance, own_motion = clip_class // motions, clip_class % motions
     appearance_hit = _first(by_appearance.amax(2), own_appearance)
@@ -214,8 +213,6 @@ def _first(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 def chance_metrics(positives: torch.Tensor, appearances: int, motions: int) -> dict[str, float]:
     """Expected scores (percent) of a random ranking: recalls under :data:`RULE`, 1/A and 1/M for the class view."""
-    from umt_distill.evaluation.retrieval import RECALL_AT
-
     def hit_within(k: int, num_true: int, total: int) -> float:
         """P(at least one of ``num_true`` true items among the first ``k`` of ``total`` in random order)."""
         miss = math.prod((total - num_true - i) / (total - i) for i in range(min(k, total)))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 DONE_FILE = "quickstart_done.json"  # a finished run: its identity (recipe, teacher, ...) and last metrics
 STARTED_FILE = "quickstart_started.json"  # a started one: resumed only with the same identity
@@ -76,8 +77,6 @@ class TrainingProgress:
         self.metrics, self.console, self.label, self.stop = metrics, console, label, threading.Event()
 
     def __enter__(self):
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
         self.progress = Progress(SpinnerColumn(), TextColumn(f"[bold]{self.label}[/] {{task.description}}"), TimeElapsedColumn(),
                                  console=self.console, transient=True)
         self.task = self.progress.add_task("starting")

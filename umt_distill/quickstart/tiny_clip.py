@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from umt_distill.teachers.clip import IMAGENET_MEAN, IMAGENET_STD
+from umt_distill.teachers.configs import register_model_config
 
 QUICKSTART_CLIP = "umt-quickstart-clip"
 QUICKSTART_CLIP_CONFIG: dict[str, Any] = {
@@ -68,11 +71,7 @@ class ClipTrainSettings:
 
 def build_clip(seed: int = 0):
     """A randomly initialised open_clip CLIP of :data:`QUICKSTART_CLIP_CONFIG` and its tokenizer."""
-    import open_clip
-
-    from umt_distill.teachers.configs import register_model_config
-
-    register_model_config(QUICKSTART_CLIP, QUICKSTART_CLIP_CONFIG, source="umt_distill.teachers.tiny_clip")
+    register_model_config(QUICKSTART_CLIP, QUICKSTART_CLIP_CONFIG, source="umt_distill.quickstart.tiny_clip")
     with torch.random.fork_rng(devices=[]):  # initial weights from `seed`; the caller's RNG is untouched
         torch.manual_seed(seed)
         logger = logging.getLogger()
@@ -177,8 +176,6 @@ def train_tiny_clip(
         if {k: summary.get(k) for k in identity} == json.loads(json.dumps(identity)):
             return {**summary, "reused": True}
         log(f"{folder}: the saved tiny CLIP was trained differently; training it again")
-
-    from safetensors.torch import save_file
 
     t0 = time.perf_counter()
     model, tokenizer = build_clip(settings.seed)

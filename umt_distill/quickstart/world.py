@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from umt_distill.testing.media import write_video
+
 # Appearance is colour x pattern, where each pattern is a coarse light/dark layout of the disc. A
 # patch-16 ViT tells these apart in a few hundred steps; fine textures (stripes vs checks) and outlines
 # of objects about one patch wide (circle vs square) took it thousands -- too long for a quickstart.
@@ -281,8 +283,6 @@ def write_world(folder: str | Path, settings: WorldSettings = WorldSettings()) -
     Raises:
         ToyWorldError: ``folder`` holds a world generated with different settings.
     """
-    from umt_distill.data.synthetic import write_video
-
     folder = Path(folder)
     info_path = folder / "world.json"
     result = {

@@ -425,7 +425,8 @@ def transcode_store(
     from umt_distill.cache.pipeline import visible_tokens
     from umt_distill.cache.spec import read_spec
     from umt_distill.io import atomic_write_json
-    from umt_distill.cache.stores import CacheReader, TargetRecord, init_store_root, open_shard_writer, write_index
+    from umt_distill.cache.record import TargetRecord
+    from umt_distill.cache.stores import CacheReader, init_store_root, open_shard_writer, write_index
     from umt_distill.config import load_recipe
 
     reader = CacheReader(src)

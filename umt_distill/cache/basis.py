@@ -21,7 +21,10 @@ import numpy as np
 
 from umt_distill.cache.codecs import Codec, CodecError, PcaCodec, get_codec
 from umt_distill.cache.record import StoreDamagedError
-from umt_distill.io import atomic_write_bytes
+from umt_distill.cache.spec import read_spec
+from umt_distill.data.clipviews import ClipFailure, decode_clip_views
+from umt_distill.io import atomic_write_bytes, atomic_write_json
+from umt_distill.training import distributed as du
 
 if TYPE_CHECKING:
     from umt_distill.config import Recipe
@@ -200,8 +203,6 @@ def sample_tokens(cfg: Recipe, rows, teacher, device) -> tuple[np.ndarray, dict[
 
     A clip that fails to decode is left out of the sample (the shard that owns it records the failure).
     """
-    from umt_distill.data.clipviews import ClipFailure, decode_clip_views
-
     chunks, used = [], 0
     for i in sample_clip_indices(len(rows), cfg.cache.basis_clips):
         try:
@@ -226,10 +227,6 @@ def ensure_basis(root: Path, cfg: Recipe, rows, teacher, device, env) -> None:
     Rank 0 fits and writes the basis (or, resuming, checks the one already recorded: the finished
     shards were coded in it); the other ranks wait for it.
     """
-    from umt_distill.cache.spec import read_spec
-    from umt_distill.io import atomic_write_json
-    from umt_distill.training import distributed as du
-
     codec = get_codec(cfg.cache.codec)
     if not isinstance(codec, PcaCodec):
         return

@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+
 FAILURES_FILE = "failures.jsonl"
 
 
 def print_redone(redone: list, env, enabled: bool) -> None:
     if not (enabled and redone):
         return
-    from rich.console import Console
-    from rich.markup import escape
-
     who = f"rank {env.rank}: " if env.world_size > 1 else ""
     console = Console(stderr=True)
     for r in redone:
@@ -42,9 +42,6 @@ def summary_lines(root: Path, summary: dict, shown: int = 5) -> list[str]:
 
 
 def print_summary(root: Path, summary: dict) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
     console = Console(stderr=True)
     lines = summary_lines(root, summary)
     colour = "green" if not summary.get("failures") else "yellow"

@@ -22,16 +22,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
 from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_basis
+from umt_distill.cache.messages import print_redone, print_summary
+from umt_distill.cache.record import TargetRecord, frames_digest
+from umt_distill.cache.repair import plan_shard_work
 from umt_distill.cache.spec import SPEC_FORMAT, SpecMismatchError, check_spec, now_iso, package_versions, read_spec
-from umt_distill.io import atomic_write_json
+from umt_distill.cache.stores import init_store_root, open_shard_writer, write_index
 from umt_distill.config import Recipe
 from umt_distill.data.clipviews import (
     ClipViewsDataset,
     worker_init,
 )
+from umt_distill.data.corpus import corpus_digest, read_corpus
+from umt_distill.data.views import view_generator
+from umt_distill.io import atomic_write_json
+from umt_distill.registry import MASKS, load_all_parts
 from umt_distill.teachers.build import build_teacher
 from umt_distill.training import distributed as du
 
@@ -131,8 +139,6 @@ class _Writer:
         self.queue.put(op)
 
     def _run(self) -> None:
-        from umt_distill.cache.stores import open_shard_writer
-
         c = self.cfg.cache
         while True:
             op = self.queue.get()
@@ -195,8 +201,6 @@ def _prepare_store(cfg: Recipe, spec: dict, env: du.DistEnv) -> Path:
 
 
 def _create_store(root: Path, cfg: Recipe, spec: dict) -> None:
-    from umt_distill.cache.stores import init_store_root
-
     spec_path = root / "spec.json"
     if spec_path.exists():
         try:
@@ -230,10 +234,6 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
     data missing or resized; with ``deep`` any record unreadable); with ``retry_failed`` also the shards
     holding failed clips that decode now. Each redone shard is named with its reason.
     """
-    from umt_distill.cache.repair import plan_shard_work
-    from umt_distill.cache.messages import print_redone, print_summary
-    from umt_distill.data.corpus import corpus_digest, read_corpus
-
     env = du.init_distributed(backend="gloo", timeout_minutes=24 * 60)
     if not cfg.corpus.source:
         raise CacheError("corpus.source is empty: give a manifest or a folder (corpus.source=PATH)")
@@ -288,8 +288,6 @@ def _iter_items(cfg: Recipe, rows, plans: list[ShardPlan]) -> Iterator[dict]:
 
 
 def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) -> dict:
-    from umt_distill.cache.record import TargetRecord, frames_digest
-
     writer = _Writer(cfg, shards_dir)
     shard_of = {i: p for p in plans for i in range(p.start, p.stop)}
     remaining = {p.name: p.stop - p.start for p in plans}
@@ -375,9 +373,6 @@ def visible_tokens(cfg: Recipe, clip_id: str, view_index: int, tokens: np.ndarra
     Returns tokens [M, K, T, N_vis, D] and sorted per-frame patch indices [M, T, N_vis] (int16).
     The masks come from a generator seeded by (seed, clip, view), so they are reproducible.
     """
-    from umt_distill.data.views import view_generator
-    from umt_distill.registry import MASKS, load_all_parts
-
     load_all_parts()
     c = cfg.cache
     T, N = attn.shape
@@ -396,8 +391,6 @@ def visible_tokens(cfg: Recipe, clip_id: str, view_index: int, tokens: np.ndarra
 
 def finalize_store(root: Path, plans: list[ShardPlan], env: du.DistEnv) -> dict:
     """Rank 0, after the barrier: merge sidecars into index.json and failures.jsonl; update the spec."""
-    from umt_distill.cache.stores import write_index
-
     shards_dir = root / SHARDS_DIR
     sidecars, missing = [], []
     for plan in plans:
@@ -463,8 +456,6 @@ def store_info(root: str | Path) -> dict:
 
 class _Bar:
     def __init__(self, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.progress = Progress(
             TextColumn("[bold]cache-teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(), transient=False,

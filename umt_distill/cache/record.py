@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from umt_distill.cache.codecs import Codec
+from umt_distill.data.jpeg import encode_jpegs
 from umt_distill.data.views import ViewSpec
 
 DIGEST_PREFIX = "sha256:"
@@ -227,8 +228,6 @@ def record_jpegs(record: TargetRecord, quality: int = 95) -> list[bytes]:
     frames (whose decoding then differs slightly from ``frames``)."""
     if record.frames_jpeg is not None:
         return list(record.frames_jpeg)
-    from umt_distill.data.jpeg import encode_jpegs
-
     return encode_jpegs(require_frames(record), quality)
 
 

@@ -17,7 +17,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from umt_distill.cache import wds_store, zarr_store
 from umt_distill.cache.spec import now_iso
+from umt_distill.cache.wds_store import iter_tar_records
+from umt_distill.cache.zarr_store import ZarrShardReader
+from umt_distill.data.clipviews import ClipFailure, decode_clip_views
 from umt_distill.io import atomic_write_json
 
 
@@ -44,8 +48,6 @@ def read_sidecar(shards_dir: Path, name: str) -> dict | None:
 
 
 def _data_path(shards_dir: Path, layout: str, name: str) -> Path:
-    from umt_distill.cache import wds_store, zarr_store
-
     return shards_dir / f"{name}{zarr_store.SUFFIX if layout == 'zarr' else wds_store.SUFFIX}"
 
 
@@ -72,8 +74,6 @@ def shard_damage(shards_dir: Path, layout: str, sidecar: dict, deep: bool = Fals
         return f"{path.name} has {size} bytes, its sidecar records {sidecar['nbytes']} (truncated or modified)"
     if not deep:
         return None
-    from umt_distill.cache.wds_store import iter_tar_records
-    from umt_distill.cache.zarr_store import ZarrShardReader
 
     try:
         if layout == "zarr":
@@ -103,8 +103,6 @@ def discard_shard(shards_dir: Path, name: str) -> None:
 def _retry_decision(shards_dir: Path, sidecar: dict, rows, cfg) -> str | None:
     """``--retry-failed`` for one shard: a reason to redo it if a failed clip decodes now; else None,
     after writing the clips' new failure reasons into the sidecar."""
-    from umt_distill.data.clipviews import ClipFailure, decode_clip_views
-
     by_id = {rows[i].id: rows[i] for i in range(*sidecar["clips"])}
     recovered, refreshed = [], []
     for failure in sidecar["failures"]:

@@ -21,27 +21,24 @@ from typing import Any, Protocol
 import numpy as np
 
 from umt_distill.cache import wds_store, zarr_store
+from umt_distill.cache.basis import codec_for_store
 from umt_distill.cache.codecs import Codec
 from umt_distill.cache.record import StoreDamagedError, TargetRecord
 from umt_distill.cache.wds_store import (
     WdsRecords,
     WdsShardWriter,
-    decode_sample,
     iter_tar_records,
     iter_tar_samples,
     stored_sample_arrays,
 )
 from umt_distill.cache.zarr_store import ZarrShardReader, ZarrShardWriter, read_stored_many
+from umt_distill.io import atomic_write_json
 from umt_distill.registry import STORES
 
 __all__ = [
     "CacheReader",
     "INDEX_FORMAT",
     "ShardWriter",
-    "StoreDamagedError",
-    "TargetRecord",
-    "WdsRecords",
-    "decode_sample",
     "init_store_root",
     "open_shard_writer",
     "read_index",
@@ -132,8 +129,6 @@ def write_index(root: str | Path, layout: str, shard_infos: Sequence[dict[str, A
     Returns:
         The index written.
     """
-    from umt_distill.io import atomic_write_json
-
     STORES.get(layout)
     shards, seen = [], set()
     for info in sorted(shard_infos, key=lambda s: s["name"]):
@@ -229,8 +224,6 @@ class CacheReader:
     def codec(self) -> Codec:
         """The store's codec, bound to its basis for ``pca<r>`` (refuses a missing or replaced basis)."""
         if self._codec is None:
-            from umt_distill.cache.basis import codec_for_store
-
             self._codec = codec_for_store(self.root, self.spec)
         return self._codec
 

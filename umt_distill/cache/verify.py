@@ -7,10 +7,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from umt_distill.cache.pipeline import CacheError
-from umt_distill.teachers.build import build_teacher
-from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
+from umt_distill.cache.pipeline import CacheError, cache_teacher
+from umt_distill.cache.record import StoreDamagedError, frames_digest
 from umt_distill.cache.spec import read_spec
+from umt_distill.cache.stores import CacheReader
+from umt_distill.config import recipe_from_dict
+from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
+from umt_distill.data.corpus import read_corpus
+from umt_distill.data.video import open_video
+from umt_distill.data.video_base import VideoDecodeError
+from umt_distill.data.views import apply_view, sample_view
+from umt_distill.teachers.build import build_teacher
+from umt_distill.training.distributed import resolve_device
 
 # Minimum cosine (over the last dim, worst vector) a decoded field must keep against a fresh teacher
 # run, per codec. fp32 differs only by float reassociation between batch sizes.
@@ -40,8 +48,6 @@ def _compare(name: str, stored: np.ndarray, fresh: np.ndarray, tol: float) -> di
 def check_structure(root: Path, spec: dict, reader, deep: bool = False) -> list[str]:
     """Problems with the store's files: missing or resized shards, counts or codecs that disagree with
     the spec; with ``deep``, every record is read (checksums, shapes)."""
-    from umt_distill.cache.record import StoreDamagedError
-
     problems = []
     index_records = sum(len(s["records"]) for s in reader.shards.values())
     if spec.get("counts", {}).get("records") != index_records:
@@ -70,14 +76,6 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
 
     Returns ``{"ok", "fields": [per-field error rows], "problems": [str], "checked": n}``.
     """
-    from umt_distill.cache.record import StoreDamagedError
-    from umt_distill.cache.stores import CacheReader
-    from umt_distill.config import recipe_from_dict
-    from umt_distill.data.corpus import read_corpus
-    from umt_distill.data.video import VideoDecodeError, open_video
-    from umt_distill.data.views import apply_view, sample_view
-    from umt_distill.training.distributed import resolve_device
-
     root = Path(root)
     try:
         spec = read_spec(root)
@@ -124,8 +122,6 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
         if redrawn != rec.view:
             problems.append(f"{clip_id} view {k}: the view drawn now differs from the stored one")
         pixels = apply_view(frames, rec.view)  # [T, 3, H, W]
-        from umt_distill.cache.record import frames_digest
-
         if frames_digest(pixels.numpy()) != rec.frames_digest:
             problems.append(f"{clip_id} view {k}: frame digest differs (the video changed or decoding is not exact)")
         with torch.no_grad():
@@ -164,9 +160,6 @@ def repair_store(root: str | Path, deep: bool = False, device: str = "auto") -> 
     missing or resized (with ``deep``: unreadable) are discarded and recomputed; the index and counts
     are rewritten. Returns the run's summary.
     """
-    from umt_distill.cache.pipeline import cache_teacher
-    from umt_distill.config import recipe_from_dict
-
     root = Path(root)
     try:
         spec = read_spec(root)

@@ -50,6 +50,8 @@ from umt_distill.cache.wds_stream import (
     entry_checksum,
     parse_meta,
 )
+from umt_distill.data.jpeg import decode_jpegs
+from umt_distill.data.views import epoch_slot
 from umt_distill.io import fsync_dir
 
 FORMAT_VERSION = 2
@@ -127,8 +129,6 @@ class WdsShardWriter:
         return self.shards_dir / f".tmp-{self.name}.g{group:03d}"
 
     def group_of(self, record: TargetRecord) -> int:
-        from umt_distill.data.views import epoch_slot
-
         if self.num_views is None:
             return 0
         if record.view_index >= self.num_views:
@@ -303,8 +303,6 @@ def decode_sample(sample: dict[str, Any], codec: Codec | None = None) -> TargetR
 
 
 def _decode_jpegs(entries: list[tuple[str, bytes]], where: str, key: str) -> np.ndarray:
-    from umt_distill.data.jpeg import decode_jpegs
-
     if not entries:
         raise StoreDamagedError(where, f"sample {key}: frames were stored as jpeg but none are present")
     try:

@@ -31,6 +31,7 @@ import torch
 
 from umt_distill.cache.codecs import compressor_from_suffix, decompress_bytes, get_codec
 from umt_distill.cache.record import StoreDamagedError, stored_names
+from umt_distill.data.jpeg import decode_jpegs
 
 _BLOCK = 512
 
@@ -233,8 +234,6 @@ class BatchAssembler:
 
     def finish(self) -> dict[str, Any]:
         """The batch as tensors (stored dtypes), and a fresh assembler state."""
-        from umt_distill.data.jpeg import decode_jpegs
-
         batch: dict[str, Any] = {k: v[: self.n] for k, v in self.tensors.items()}
         batch["clip_id"], batch["view_index"] = self.clip_ids, torch.from_numpy(self.view_index[: self.n])
         if self.jpegs:
@@ -277,8 +276,6 @@ def parse_meta(url: str, key: str, entries: dict[str, bytes]) -> dict[str, Any]:
 
 def decode_jpeg_batch(data: torch.Tensor, sizes: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     """Decode a batch's shipped JPEGs (see :class:`BatchAssembler`) on ``device`` → uint8 [B, T, 3, H, W]."""
-    from umt_distill.data.jpeg import decode_jpegs
-
     B, T = sizes.shape
     frames = decode_jpegs(list(torch.split(data, sizes.flatten().tolist())), device=device)  # [B*T, 3, H, W]
     return frames.view(B, T, *frames.shape[1:])

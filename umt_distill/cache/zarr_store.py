@@ -32,6 +32,7 @@ from umt_distill.cache.record import (
     record_jpegs,
     stored_names,
 )
+from umt_distill.data.jpeg import decode_jpegs
 from umt_distill.io import fsync_dir, fsync_tree
 
 FORMAT_VERSION = 1
@@ -313,8 +314,6 @@ class ZarrShardReader:
             "codec": self.codec.name,
         }
         if "frames_jpeg" in arrays:  # decoded as training decodes them: the pixels the teacher saw
-            from umt_distill.data.jpeg import decode_jpegs
-
             data, lengths = arrays.pop("frames_jpeg"), arrays.pop("frames_jpeg_len")  # [T, L], [T]
             meta["frames_jpeg"] = tuple(data[f, : int(n)].tobytes() for f, n in enumerate(lengths))
             try:

@@ -23,15 +23,9 @@ from umt_distill.testing.media import (
     write_image,
     write_video,
 )
-from umt_distill.data.video import (
-    BackendUnavailableError,
-    VideoDecodeError,
-    VideoInfo,
-    VideoReader,
-    open_video,
-    preload_video_backend,
-    torchcodec_unavailable_reason,
-)
+from umt_distill.data.video import open_video, preload_video_backend
+from umt_distill.data.video_base import BackendUnavailableError, VideoDecodeError, VideoInfo, VideoReader
+from umt_distill.data.video_torchcodec import torchcodec_unavailable_reason
 from umt_distill.registry import VIDEO_BACKENDS, RegistryError
 
 T, H, W = 60, 48, 64

@@ -94,7 +94,7 @@ def test_pixel_loss_is_the_mean_over_counted_tokens() -> None:
 
 
 def test_videomae_view_takes_consecutive_frames_at_the_stride() -> None:
-    from umt_distill.data.video import VideoInfo
+    from umt_distill.data.video_base import VideoInfo
     from umt_distill.data.views import sample_view
 
     info = VideoInfo(num_frames=100, fps=25.0, width=80, height=64)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from umt_distill.data.video import VideoInfo
+from umt_distill.data.video_base import VideoInfo
 from umt_distill.data.views import (
     UMT_SCALES,
     ViewError,
@@ -126,7 +126,7 @@ def test_views_are_identical_in_another_process() -> None:
     code = (
         "import json, sys\n"
         "from umt_distill.data.views import sample_view\n"
-        "from umt_distill.data.video import VideoInfo\n"
+        "from umt_distill.data.video_base import VideoInfo\n"
         "keys = json.loads(sys.argv[1])\n"
         "vi = VideoInfo(num_frames=301, fps=25.0, width=340, height=256)\n"
         "print(json.dumps([sample_view('umt_train', vi, 8, 224, *k).to_json() for k in keys]))\n"

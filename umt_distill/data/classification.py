@@ -33,8 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from umt_distill.data.clipviews import clip_frame_range
 from umt_distill.data.corpus import ClipRow, read_corpus
 from umt_distill.data.pixels import IMAGENET_MEAN, normalize_video
+from umt_distill.data.video import open_video
+from umt_distill.data.video_base import VideoDecodeError
 from umt_distill.data.views import ViewSpec, apply_view
 
 
@@ -332,9 +335,6 @@ def _read_clip(row: ClipRow, backend: str, choose: Callable[[int], list[int]]) -
         VideoDecodeError: Unreadable video, or an empty start/end window. Training stops on it rather
             than substituting another clip; filter broken videos out of the manifest beforehand.
     """
-    from umt_distill.data.clipviews import clip_frame_range
-    from umt_distill.data.video import VideoDecodeError, open_video
-
     with open_video(row.path, backend=backend) as video:
         lo, hi = clip_frame_range(row, video.info) or (0, video.info.num_frames)
         if hi <= lo:
@@ -348,9 +348,6 @@ def _read_clip(row: ClipRow, backend: str, choose: Callable[[int], list[int]]) -
 
 def _read_window(row: ClipRow, backend: str) -> tuple[np.ndarray, int]:
     """Every frame of a row's window, decoded once: (uint8 [n, H, W, 3], index of its first frame)."""
-    from umt_distill.data.clipviews import clip_frame_range
-    from umt_distill.data.video import VideoDecodeError, open_video
-
     with open_video(row.path, backend=backend) as video:
         lo, hi = clip_frame_range(row, video.info) or (0, video.info.num_frames)
         if hi <= lo:

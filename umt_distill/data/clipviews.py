@@ -13,7 +13,10 @@ import torch
 from torch.utils.data import Dataset
 
 from umt_distill.config import Recipe
-from umt_distill.data.views import epoch_view
+from umt_distill.data.jpeg import jpeg_round_trip
+from umt_distill.data.video import open_video
+from umt_distill.data.video_base import VideoDecodeError
+from umt_distill.data.views import ViewError, apply_view, epoch_view, sample_view
 
 
 class ClipViewsDataset(Dataset):
@@ -38,8 +41,6 @@ class ClipViewsDataset(Dataset):
         if self.cfg.cache.frames == "jpeg":
             # The teacher must see the pixels training will decode from the stored JPEGs, not the raw
             # view: encode, decode with training's decoder, and carry both on.
-            from umt_distill.data.jpeg import jpeg_round_trip
-
             trips = [jpeg_round_trip(view_pixels.numpy()) for view_pixels in pixels]  # K x (T bytes, [T,3,H,W])
             pixels = torch.from_numpy(np.stack([decoded for _, decoded in trips]))  # [K, T, 3, H, W]
             return {"index": idx, "views": views, "pixels": pixels, "jpegs": [data for data, _ in trips]}
@@ -52,9 +53,6 @@ class ClipFailure(Exception):
 
 def decode_clip_views(row, cfg: Recipe, num_views: int | None = None):
     """Sample and apply the K views of one clip → (list[ViewSpec], uint8 [K, T, 3, H, W])."""
-    from umt_distill.data.video import VideoDecodeError, open_video
-    from umt_distill.data.views import ViewError, apply_view, sample_view
-
     v = cfg.views
     k_views = cfg.cache.num_views if num_views is None else num_views
     try:
@@ -87,9 +85,6 @@ def decode_view(row, cfg: Recipe, view_index: int) -> torch.Tensor:
     Returns:
         uint8 [T, 3, H, W].
     """
-    from umt_distill.data.video import open_video
-    from umt_distill.data.views import apply_view, sample_view
-
     v = cfg.views
     with open_video(row.path, backend=cfg.corpus.video_backend) as video:
         view = sample_view(v.policy, video.info, v.num_frames, v.size, cfg.seed, row.id, view_index,

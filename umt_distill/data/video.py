@@ -31,27 +31,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from umt_distill.data.video_base import (
-    BackendUnavailableError,
-    ReaderBase,
-    VideoDecodeError,
-    VideoInfo,
-    VideoReader,
-    normalize_indices,
-)
-
-# Importing the backends registers them in VIDEO_BACKENDS (and keeps their names importable from here).
-from umt_distill.data.video_decord import DecordVideoReader
-from umt_distill.data.video_probe import StreamIndex, probe_video
-from umt_distill.data.video_pyav import PyAVVideoReader
-from umt_distill.data.video_torchcodec import TorchCodecVideoReader, torchcodec_unavailable_reason
+# Importing the backend modules registers them in VIDEO_BACKENDS (the registry loads this module for them).
+# Their classes and the shared types (VideoDecodeError, VideoInfo ...) are imported from their own modules.
+from umt_distill.data import video_decord, video_pyav, video_torchcodec  # noqa: F401  (registers the backends)
+from umt_distill.data.video_base import ReaderBase, VideoDecodeError, VideoInfo, VideoReader, normalize_indices
 from umt_distill.registry import VIDEO_BACKENDS
 
-__all__ = [
-    "IMAGE_SUFFIXES", "BackendUnavailableError", "DecordVideoReader", "ImageReader", "PyAVVideoReader", "StreamIndex",
-    "TorchCodecVideoReader", "VideoDecodeError", "VideoInfo", "VideoReader", "normalize_indices", "open_video",
-    "preload_video_backend", "probe_video", "torchcodec_unavailable_reason",
-]
+__all__ = ["IMAGE_SUFFIXES", "ImageReader", "open_video", "preload_video_backend"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 

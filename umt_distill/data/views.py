@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from umt_distill.registry import VIEW_POLICIES
 
 if TYPE_CHECKING:  # only the attributes num_frames / width / height are used
-    from umt_distill.data.video import VideoInfo
+    from umt_distill.data.video_base import VideoInfo
 
 __all__ = [
     "UMT_SCALES",

@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from umt_distill.data.pixels import normalize_video
+from umt_distill.data.video import open_video
+from umt_distill.data.views import apply_view, sample_view
+
 DEFAULT_LAMBDAS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
 
@@ -185,11 +189,8 @@ def decode_eval_views(rows: Sequence, num_frames: int, size: int, backend: str =
     """The canonical ``eval_center`` view of each clip: uint8 [N, T, 3, size, size].
 
     Raises:
-        umt_distill.data.video.VideoDecodeError: A clip cannot be decoded (named by its path).
+        umt_distill.data.video_base.VideoDecodeError: A clip cannot be decoded (named by its path).
     """
-    from umt_distill.data.video import open_video
-    from umt_distill.data.views import apply_view, sample_view
-
     views = []
     for row in rows:
         with open_video(row.path, backend=backend) as video:
@@ -228,8 +229,6 @@ def student_features(student, pixels: torch.Tensor, batch_size: int = 32, device
     Returns:
         float32 [N, C].
     """
-    from umt_distill.data.pixels import normalize_video
-
     was_training = student.training
     student.eval()
     out = []

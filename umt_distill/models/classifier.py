@@ -53,6 +53,7 @@ from umt_distill.models.checkpoints import (
     weights_file,
 )
 from umt_distill.models.vit import LN_EPS, VisionTransformer, gather_tokens, sincos_1d
+from umt_distill.registry import STUDENTS  # the sizes are registered by models.vit, imported above
 
 # Tolerance when a fine-tuned file's stored ``pos_embed`` is compared with the regenerated table: both
 # are the same float32 interpolation of the same sine-cosine table, up to summation order.
@@ -249,8 +250,6 @@ def backbone_config(student_name: str) -> dict[str, Any]:
     The student is built on the meta device (no memory, no init cost) and its encoder read back, so the
     registered sizes stay the single source of truth for both pretraining and fine-tuning.
     """
-    from umt_distill.registry import STUDENTS  # this module imports models.vit, which registers the sizes
-
     with torch.device("meta"):
         encoder = STUDENTS.get(student_name)().encoder
     block = encoder.blocks[0]

@@ -23,7 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from umt_distill.models.vit import LN_EPS, Block, VisionTransformer, _init_weights, gather_tokens, sincos_1d
+from umt_distill.models.checkpoints import CheckpointMismatchError, read_state_dict, unwrap_state_dict
+from umt_distill.models.vit import (
+    LN_EPS,
+    Block,
+    VisionTransformer,
+    _init_weights,
+    create_student,
+    gather_tokens,
+    sincos_1d,
+)
 
 
 class PixelDecoder(nn.Module):
@@ -130,8 +139,6 @@ def build_videomae(student_name: str, tubelet_size: int, decoder_dim: int, decod
         teacher_dim, num_align_layers: With ``num_align_layers > 0``, keep the student's UTA heads.
         **student_kwargs: Student options (drop_path_rate, use_checkpoint, align_interval, ...).
     """
-    from umt_distill.models.vit import create_student
-
     student = create_student(student_name, tubelet_size=tubelet_size, teacher_dim=teacher_dim or 8,
                              num_align_layers=max(num_align_layers, 1), **student_kwargs)
     heads = student.clip_decoder if num_align_layers > 0 else None
@@ -149,8 +156,6 @@ def load_videomae_checkpoint(model: VideoMAE, path: str | Path) -> int:
     Raises:
         CheckpointMismatchError: missing, unexpected or mis-shaped keys (all listed).
     """
-    from umt_distill.models.checkpoints import CheckpointMismatchError, read_state_dict, unwrap_state_dict
-
     source = str(path)
     state = unwrap_state_dict(read_state_dict(path), source)
     expected = model.state_dict()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import K710_CLIPS, clean_dir, evict_page_cache, log, transcode_store
-from benchmarks.derived import FAITHFUL, smallest_faithful  # noqa: F401  (FAITHFUL: re-exported)
+from benchmarks.derived import smallest_faithful
 
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "pca128", "pca256", "jpca768i4", "jpca1152i4")
 # Mask ratio of the projected visible-mode records (UMT's 80 %: 40 of 196 tokens a frame).

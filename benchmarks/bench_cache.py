@@ -179,7 +179,7 @@ def _targets_at(records_tokens: list[np.ndarray], vis, T: int, N: int):
     """Full-mode tokens [K, T, N, D] per record → targets [K, B, L, D] at flat visible indices [B, L]."""
     import torch
 
-    from umt_distill.losses import gather_visible
+    from umt_distill.masking import gather_visible
 
     flat = torch.from_numpy(np.stack([t.reshape(t.shape[0], T * N, -1) for t in records_tokens], 1))  # [K, B, T*N, D]
     return gather_visible(flat, vis)
@@ -204,7 +204,7 @@ def storage_fidelity(ref_store: Path, work: Path, cfg, student: str, device: str
     import torch
 
     from umt_distill.cache.stores import CacheReader
-    from umt_distill.losses import uta_loss
+    from umt_distill.losses.uta import uta_loss
 
     cfg = cfg.model_copy(update={"mask": cfg.mask.model_copy(update={"ratio": mask_ratio})})
     reader = CacheReader(ref_store)

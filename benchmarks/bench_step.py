@@ -118,7 +118,7 @@ def _student_only(cfg, s: StepSettings) -> tuple[list[float], list[float]]:
     import torch
 
     from umt_distill.data.pixels import normalize_video
-    from umt_distill.losses import uta_loss
+    from umt_distill.losses.uta import uta_loss
     from umt_distill.training.optim import build_adamw
     from umt_distill.stages.parts import build_student, mask_generator, step_targets
 

@@ -82,7 +82,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
     import torch
 
     from umt_distill.data.pixels import normalize_video
-    from umt_distill.losses import uta_loss
+    from umt_distill.losses.uta import uta_loss
     from umt_distill.training.optim import amp_setup, build_adamw
     from umt_distill.stages.parts import build_student, mask_generator, step_targets
 
@@ -161,7 +161,7 @@ def measure_row(mode: str, frames: int, s: Table1Settings) -> dict[str, Any]:
 def _in_memory_targets(cfg, cached: dict, gen, device):
     """Stage 1's cached targets at the visible tokens (``step_targets`` without a store to decode from):
     the float32 tokens as the loader delivers them, a semantic mask from the attention."""
-    from umt_distill.losses import gather_visible
+    from umt_distill.masking import gather_visible
     from umt_distill.registry import MASKS
 
     B, T, N = cached["attn"].shape

@@ -134,7 +134,7 @@ def trained_student_losses(rows: list[dict], stores: dict[tuple[str, str], Path]
     from benchmarks.bench_cache import _targets_at, view_pixels
     from umt_distill.cache.stores import CacheReader
     from umt_distill.data.pixels import normalize_video
-    from umt_distill.losses import uta_loss
+    from umt_distill.losses.uta import uta_loss
     from umt_distill.registry import MASKS
     from umt_distill.training.checkpoint import load_checkpoint
     from umt_distill.stages.parts import build_student

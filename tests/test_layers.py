@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "umt_distill"
 # Bottom to top; a module's layer is that of its longest listed prefix.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("umt_distill", "umt_distill.registry", "umt_distill.config", "umt_distill.io", "umt_distill.masking",
-     "umt_distill.losses", "umt_distill.losses_pixel", "umt_distill.losses_vl"),
+     "umt_distill.losses"),
     ("umt_distill.models", "umt_distill.teachers"),
     ("umt_distill.data", "umt_distill.training"),
     ("umt_distill.cache",),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from umt_distill.losses import gather_visible, uta_loss, uta_loss_reference
-from umt_distill.masking import visible_mask
+from umt_distill.losses.uta import uta_loss, uta_loss_reference
+from umt_distill.masking import gather_visible, visible_mask
 from umt_distill.models.vit import create_student
 from umt_distill.registry import MASKS
 

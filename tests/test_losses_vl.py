@@ -9,24 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from umt_distill.losses_vl import (
-    IGNORE_INDEX,
-    VTMError,
-    apply_mlm_mask,
-    apply_mlm_mask_reference,
-    draw_mlm_noise,
-    mlm_loss,
-    mlm_mask,
-    negative_weights,
-    sample_id,
-    sample_rows,
-    sample_rows_reference,
-    vtc_loss,
-    vtc_loss_reference,
-    vtm_loss,
-    vtm_loss_reference,
-    vtm_pairs,
-)
+from umt_distill.data.vl import sample_id
+from umt_distill.losses.vl import mlm_loss, vtc_loss, vtc_loss_reference, vtm_loss, vtm_loss_reference
+from umt_distill.masking import IGNORE_INDEX, apply_mlm_mask, apply_mlm_mask_reference, draw_mlm_noise, mlm_mask
+from umt_distill.stages.stage2_parts import VTMError, negative_weights, sample_rows, sample_rows_reference, vtm_pairs
+from umt_distill.training.distributed import gather_with_grad
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,7 +27,7 @@ def _unit(*shape: int, seed: int) -> torch.Tensor:
 def test_vtc_equals_reference_with_repeated_ids(frames) -> None:
     vision, text = _unit(6, frames, 8, seed=0), _unit(6, 8, seed=1)
     ids = [11, 12, 13, 11, 14, 15]  # rows 0 and 3 are the same sample: both count as positives
-    got = vtc_loss(vision, text, torch.tensor(ids), torch.tensor(0.07), gather=False)
+    got = vtc_loss(vision, text, torch.tensor(ids), torch.tensor(0.07))  # default: no gather
     want = vtc_loss_reference(vision, text, ids, 0.07)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), (got, want)
 
@@ -76,7 +63,8 @@ def _vtc_problem():
 
 def _vtc_loss_and_grads(rows: slice):
     x_v, x_t, ids, lin_v, lin_t, temp = _vtc_problem()
-    loss = vtc_loss(F.normalize(lin_v(x_v[rows]), dim=-1), F.normalize(lin_t(x_t[rows]), dim=-1), ids[rows], temp)
+    loss = vtc_loss(F.normalize(lin_v(x_v[rows]), dim=-1), F.normalize(lin_t(x_t[rows]), dim=-1), ids[rows], temp,
+                    gather_with_grad)
     loss.backward()
     params = [*lin_v.parameters(), *lin_t.parameters(), temp]
     return loss.detach(), [p.grad.clone() for p in params]

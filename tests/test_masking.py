@@ -7,11 +7,15 @@ import torch
 
 from umt_distill.masking import (
     flatten_frame_indices,
+    gather_visible,
+    gather_visible_reference,
     num_visible,
+    sample_random_mask,
     sample_semantic_mask,
     split_frame_indices,
     visible_mask,
 )
+from umt_distill.models import vit
 from umt_distill.registry import MASKS
 
 MASK_NAMES = ["random", "tube", "semantic"]
@@ -195,3 +199,18 @@ def test_visible_mask_and_frame_index_helpers():
     assert flatten_frame_indices(frames.to(torch.int16), 4).dtype == torch.long
     with pytest.raises(ValueError, match="same number"):
         split_frame_indices(torch.tensor([[0, 1, 2, 5]]), 2, 4)
+
+
+@pytest.mark.parametrize("shape, token_dim", [((3, 2, 12, 5), None), ((2, 12, 5), None), ((2, 12, 3, 4), 1),
+                                              ((4, 2, 12), 2)])
+def test_gather_visible_equals_the_plain_reference(shape, token_dim) -> None:
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randn(shape, generator=g)
+    batch = shape[(token_dim or (2 if len(shape) == 4 else 1)) - 1]
+    visible_idx = sample_random_mask(batch, 3, 4, 0.5, g)  # [B, 6] of 12 tokens
+    assert torch.equal(gather_visible(targets, visible_idx, token_dim),
+                       gather_visible_reference(targets, visible_idx, token_dim))
+
+
+def test_the_models_gather_tokens_with_the_same_function() -> None:
+    assert vit.gather_tokens is gather_visible

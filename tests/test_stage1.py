@@ -56,7 +56,7 @@ def test_online_loss_equals_cached_loss(corpus, stores, codec, mask) -> None:
     from umt_distill.cache.datasets import CachedViewDataset
     from umt_distill.data.clipviews import OnlineViewDataset
     from umt_distill.data.corpus import read_corpus
-    from umt_distill.losses import uta_loss
+    from umt_distill.losses.uta import uta_loss
     from umt_distill.stages.parts import build_student, mask_generator, step_targets
 
     cfg = load_recipe("stage1/tiny", [*_args(corpus, stores[codec], codec), f"mask.type={mask}"])

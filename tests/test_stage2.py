@@ -234,7 +234,7 @@ def test_init_from_stage1_and_stage2_checkpoints(corpora, stores, tmp_path) -> N
 
 
 def test_objective_gives_every_trainable_parameter_a_gradient(corpora, stores, tmp_path) -> None:
-    from umt_distill.losses_vl import Stage2Objective, freeze_unused
+    from umt_distill.stages.stage2_parts import Stage2Objective, freeze_unused
 
     for weights in ({"uta": 1, "vtc": 1, "vtm": 1, "mlm": 1}, {"uta": 0, "vtc": 1, "vtm": 0, "mlm": 0}):
         model = _tiny_model(corpora, stores, tmp_path)

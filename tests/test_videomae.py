@@ -73,7 +73,7 @@ def test_decoder_plan_counts_only_tokens_the_encoder_did_not_see() -> None:
 
 @pytest.mark.parametrize("tubelet, normalize", [(2, True), (2, False), (1, True)])
 def test_pixel_targets_match_the_plain_reference(tubelet, normalize) -> None:
-    from umt_distill.losses_pixel import pixel_targets, pixel_targets_reference
+    from umt_distill.losses.pixel import pixel_targets, pixel_targets_reference
 
     video = torch.rand(2, 3, 4, 8, 12, generator=torch.Generator().manual_seed(0))
     fast = pixel_targets(video, tubelet, 4, normalize)
@@ -86,7 +86,7 @@ def test_pixel_targets_match_the_plain_reference(tubelet, normalize) -> None:
 
 
 def test_pixel_loss_is_the_mean_over_counted_tokens() -> None:
-    from umt_distill.losses_pixel import pixel_loss
+    from umt_distill.losses.pixel import pixel_loss
 
     pred, target = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]])
     assert pixel_loss(pred, target, torch.ones(1, 3)).item() == pytest.approx((1 + 4 + 9) / 3)

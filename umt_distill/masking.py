@@ -1,11 +1,12 @@
-"""Token masks: which of the T·N student tokens stay visible.
+"""Token masks: which of the T·N student tokens stay visible, the one gather of the visible tokens, and
+BERT's masking of caption tokens for masked language modelling.
 
 Every sampler has one signature (registered in ``MASKS``)::
 
     fn(batch, num_frames, num_patches, ratio, generator, attn=None, device=None) -> LongTensor [B, L_vis]
 
 and returns, per sample, the *sorted* indices of the visible tokens in the flattened (t, n) order
-(n = h·W' + w), i.e. exactly what :meth:`UMTStudent.forward_align` and ``losses.gather_visible`` take.
+(n = h·W' + w), i.e. exactly what :meth:`UMTStudent.forward_align` and :func:`gather_visible` take.
 All randomness comes from ``generator``: noise is drawn on the generator's device, so a CPU generator
 gives the same masks whatever device the result lands on.
 
@@ -131,6 +132,49 @@ MASKS.register("tube", sample_tube_mask)
 MASKS.register("semantic", sample_semantic_mask)
 
 
+# --------------------------------------------------------------------------------------------------
+# gathering the visible tokens
+
+
+def gather_visible(targets: Tensor, visible_idx: Tensor, token_dim: int | None = None) -> Tensor:
+    """Select the visible tokens of per-token values: the one gather the models and the losses' callers use.
+
+    Args:
+        targets: [K, B, T·N, D] (layer-major teacher tokens) or [B, T·N, ...] (student tokens, position
+            tables, attention, pixel targets).
+        visible_idx: long [B, L_vis] indices into the flattened (t, n) tokens (a mask sampler's output).
+        token_dim: Which dim of ``targets`` indexes tokens; the batch dim is the one before it.
+            Default: 2 for 4-D targets, else 1. Pass it for other layouts.
+
+    Returns:
+        ``targets`` with the token dim reduced to L_vis, e.g. [K, B, L_vis, D] or [B, L_vis, C].
+    """
+    if token_dim is None:
+        token_dim = 2 if targets.ndim == 4 else 1
+    if not 1 <= token_dim < targets.ndim:
+        raise ValueError(f"token_dim {token_dim} is invalid for targets of shape {tuple(targets.shape)}")
+    B, L = visible_idx.shape
+    if targets.shape[token_dim - 1] != B:
+        raise ValueError(
+            f"targets {tuple(targets.shape)} have batch {targets.shape[token_dim - 1]} at dim "
+            f"{token_dim - 1}, visible_idx has batch {B}"
+        )
+    view = [1] * (token_dim - 1) + [B, L] + [1] * (targets.ndim - token_dim - 1)
+    size = list(targets.shape)
+    size[token_dim] = L
+    index = visible_idx.to(targets.device).reshape(view).expand(size)
+    return targets.gather(token_dim, index)
+
+
+def gather_visible_reference(targets: Tensor, visible_idx: Tensor, token_dim: int | None = None) -> Tensor:
+    """One sample and one visible token at a time: the parity reference of :func:`gather_visible`."""
+    if token_dim is None:
+        token_dim = 2 if targets.ndim == 4 else 1
+    per_sample = targets.movedim((token_dim - 1, token_dim), (0, 1))  # [B, T·N, ...]
+    rows = [torch.stack([per_sample[b, int(i)] for i in visible_idx[b]]) for b in range(visible_idx.shape[0])]
+    return torch.stack(rows).movedim((0, 1), (token_dim - 1, token_dim))
+
+
 def running_cell_pattern(num_frames: int, height: int, width: int, ratio: float, phase: int) -> Tensor:
     """VideoMAE V2's running-cell decoder mask of one phase: which tokens the decoder reconstructs.
 
@@ -248,6 +292,62 @@ def split_frame_indices(visible_idx: Tensor, num_frames: int, num_patches: int) 
     if per_frame <= 0 or not bool((frame == expected).all()):
         raise ValueError("visible_idx does not keep the same number of tokens in every frame")
     return (visible_idx % num_patches).view(B, num_frames, per_frame)
+
+
+# --------------------------------------------------------------------------------------------------
+# masked language modelling: which caption tokens the text encoder must restore
+
+IGNORE_INDEX = -100  # label of the tokens MLM does not predict (PyTorch's cross-entropy default)
+
+
+def draw_mlm_noise(shape: tuple[int, int], vocab_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The randomness of one MLM masking: uniforms [B, L, 3] and random token ids [B, L] (CPU)."""
+    u = torch.rand((*shape, 3), generator=generator, device=generator.device).cpu()
+    random_ids = torch.randint(vocab_size, shape, generator=generator, device=generator.device).cpu()
+    return u, random_ids
+
+
+def apply_mlm_mask(input_ids: Tensor, noise: tuple[Tensor, Tensor], prob: float, pad_id: int, cls_id: int,
+                   mask_id: int) -> tuple[Tensor, Tensor]:
+    """BERT masking with UMT's rate: each token but PAD/CLS is chosen with ``prob``; of those 80 % become
+    [MASK], 10 % a random id, 10 % stay (SEP can be chosen, as in UMT).
+
+    Returns:
+        (masked input ids [B, L], labels [B, L]: the original id where chosen, -100 elsewhere).
+    """
+    u, random_ids = (t.to(input_ids.device) for t in noise)
+    eligible = (input_ids != pad_id) & (input_ids != cls_id)
+    chosen = eligible & (u[..., 0] < prob)
+    to_mask = chosen & (u[..., 1] < 0.8)
+    to_random = chosen & ~to_mask & (u[..., 2] < 0.5)
+    out = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    out = torch.where(to_random, random_ids, out)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return out, labels
+
+
+def apply_mlm_mask_reference(input_ids: Tensor, noise: tuple[Tensor, Tensor], prob: float, pad_id: int,
+                             cls_id: int, mask_id: int) -> tuple[Tensor, Tensor]:
+    u, random_ids = noise
+    out, labels = input_ids.clone(), torch.full_like(input_ids, IGNORE_INDEX)
+    for b in range(input_ids.shape[0]):
+        for i in range(input_ids.shape[1]):
+            tok = int(input_ids[b, i])
+            if tok in (pad_id, cls_id) or not float(u[b, i, 0]) < prob:
+                continue
+            labels[b, i] = tok
+            if float(u[b, i, 1]) < 0.8:
+                out[b, i] = mask_id
+            elif float(u[b, i, 2]) < 0.5:
+                out[b, i] = int(random_ids[b, i])
+    return out, labels
+
+
+def mlm_mask(input_ids: Tensor, prob: float, pad_id: int, cls_id: int, mask_id: int, vocab_size: int,
+             generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """:func:`apply_mlm_mask` with fresh noise from ``generator``."""
+    return apply_mlm_mask(input_ids, draw_mlm_noise(tuple(input_ids.shape), vocab_size, generator), prob, pad_id,
+                          cls_id, mask_id)
 
 
 def _check(batch: int, num_frames: int, num_patches: int, ratio: float, pool: int) -> int:

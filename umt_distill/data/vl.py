@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from umt_distill.config import Recipe
-from umt_distill.losses_vl import sample_id
 
 SOURCES = ("video", "image")
 
@@ -47,6 +46,13 @@ def source_recipe(cfg: Recipe, source: str) -> Recipe:
         "views": cfg.views.model_copy(update={"num_frames": 1}),
         "mask": cfg.mask.model_copy(update={"ratio": s.image_mask_ratio}),
     })
+
+
+def sample_id(source: str, clip_id: str) -> int:
+    """A 63-bit id unique to (source, clip): equal ids are the same sample, on every rank and in every
+    source (a per-dataset row index would repeat across the video and image sources)."""
+    digest = hashlib.sha256(f"{source}\x00{clip_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def caption_index(seed: int, source: str, clip_id: str, epoch: int, num_captions: int) -> int:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from umt_distill.config import Recipe
+from umt_distill.training.distributed import rank_world, sum_over_ranks
 from umt_distill.training.progress import track
 
 DEFAULT_K_TEST = 128
@@ -111,7 +112,7 @@ def rerank_top_k(coarse: Tensor, k: int, score_pairs: Callable[[Tensor, Tensor],
         k: Candidates per row (capped at C).
         score_pairs: (rows long [P], cols long [P]) → float [P], the second-stage score of those pairs.
         rank, world_size: This process scores rows ``rank, rank + world_size, …``; the others stay 0
-            until the caller sums the matrices over ranks (see :func:`_sum_over_ranks`).
+            until the caller sums the matrices over ranks (see :func:`~umt_distill.training.distributed.sum_over_ranks`).
 
     Returns:
         (scores float32 [R, C]: this rank's rows re-scored at their top-k, 0 elsewhere;
@@ -210,15 +211,6 @@ def _pair_scorer(model, video: VideoFeatures, text: TextFeatures, device: torch.
     return score
 
 
-def _sum_over_ranks(x: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)  # sync point
-    return x
-
-
 def score_retrieval(model, video: VideoFeatures, text: TextFeatures, k_test: int, device: torch.device,
                     rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
     """ITC scores and the ITM re-ranked scores of every (video, text) pair.
@@ -226,14 +218,14 @@ def score_retrieval(model, video: VideoFeatures, text: TextFeatures, k_test: int
     Returns:
         ``itc`` [Nv, Nt]; ``itm_v2t`` [Nv, Nt] (rows = video queries); ``itm_t2v`` [Nt, Nv].
     """
-    from umt_distill.losses_vl import similarity
+    from umt_distill.losses.vl import similarity
 
     itc = similarity(video.embedding, text.embedding)  # [Nv, Nt], no temperature
     score = _pair_scorer(model, video, text, device)
     v2t, v2t_top = rerank_top_k(itc, k_test, score, rank, world_size)
     t2v, t2v_top = rerank_top_k(itc.t(), k_test, lambda t, v: score(v, t), rank, world_size)
-    return {"itc": itc, "itm_v2t": finish_rerank(_sum_over_ranks(v2t), v2t_top),
-            "itm_t2v": finish_rerank(_sum_over_ranks(t2v), t2v_top)}
+    return {"itc": itc, "itm_v2t": finish_rerank(sum_over_ranks(v2t), v2t_top),
+            "itm_t2v": finish_rerank(sum_over_ranks(t2v), t2v_top)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,19 +260,11 @@ def _video_batches(rows, cfg: Recipe, batch_size: int):
     return DataLoader(_EvalViews(rows, cfg), batch_size=batch_size, shuffle=False, num_workers=cfg.train.num_workers)
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _tracked_video_batches(rows, cfg: Recipe):
     """The test videos in batches, with live progress on rank 0 (encoding them is the long part)."""
     size = cfg.finetune.eval_batch_size
     return track(_video_batches(rows, cfg, size), "eval videos", math.ceil(len(rows) / size),
-                 enabled=_rank_world()[0] == 0)
+                 enabled=rank_world()[0] == 0)
 
 
 def k_test_of(cfg: Recipe) -> int:
@@ -312,7 +296,7 @@ def evaluate_retrieval_model(model, tokenizer, cfg: Recipe, source: str | Path, 
     try:
         text = encode_texts(model, tokenizer, texts, cfg.text.max_length, device)
         video = encode_videos(model, _tracked_video_batches(rows, cfg), device)
-        scores = score_retrieval(model, video, text, k, device, *_rank_world())
+        scores = score_retrieval(model, video, text, k, device, *rank_world())
     finally:
         model.train(was_training)
     out = retrieval_metrics(scores["itm_v2t"], scores["itm_t2v"], text_to_video)

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+# Token gathering has one implementation, beside the masks that produce the indices; the models here
+# and in models.videomae / models.classifier call it by this name: [B, L, C] × [B, L_vis] → [B, L_vis, C].
+from umt_distill.masking import gather_visible as gather_tokens
 from umt_distill.registry import STUDENTS
 
 LN_EPS = 1e-6
@@ -48,11 +51,6 @@ def sincos_1d(n_positions: int, dim: int) -> Tensor:
     table[:, 0::2] = torch.sin(angle)
     table[:, 1::2] = torch.cos(angle)
     return table.float()
-
-
-def gather_tokens(x: Tensor, visible_idx: Tensor) -> Tensor:
-    """Select tokens ``x[b, visible_idx[b]]``: [B, L, C] × [B, L_vis] → [B, L_vis, C]."""
-    return x.gather(1, visible_idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class DropPath(nn.Module):

@@ -41,7 +41,7 @@ from umt_distill.evaluation.retrieval import (
     rank_summary,
     score_retrieval,
 )
-from umt_distill.losses_vl import similarity
+from umt_distill.losses.vl import similarity
 from umt_distill.quickstart.tiny_clip import QUICKSTART_CLIP, build_clip
 from umt_distill.quickstart.world import MOTIONS, appearance_classes, read_labels
 from umt_distill.stages.retrieval import load_vl_model

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+import yaml
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.data import Subset
 
-from umt_distill.config import Recipe, recipe_to_yaml
+from umt_distill.config import Recipe, load_recipe
 from umt_distill.data.classification import (
     VideoClassificationTestSet,
     VideoClassificationTrainSet,
@@ -31,15 +34,30 @@ from umt_distill.data.classification import (
 from umt_distill.data.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize_video
 from umt_distill.data.samplers import EpochSampler
 from umt_distill.evaluation.multiview import classification_report, merge_views, write_report
-from umt_distill.models.checkpoints import CheckpointError
+from umt_distill.models.checkpoints import CheckpointError, latest_checkpoint
+from umt_distill.models.classifier import (
+    ClassifierLoadReport,
+    ImageTeacherClassifier,
+    backbone_config,
+    checkpoint_tubelet,
+    create_classifier,
+    load_classifier_weights,
+    read_weights,
+)
+from umt_distill.teachers.build import build_teacher
 from umt_distill.training import distributed as du
-from umt_distill.models.checkpoints import latest_checkpoint
-from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
+from umt_distill.training.checkpoint import find_resume_checkpoint
 from umt_distill.training.layer_decay import layer_decay_lr_scale
-from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
-from umt_distill.training.progress import StepProgress, track
-from umt_distill.training.loop import NonFiniteLossError
+from umt_distill.training.loop import (
+    build_loader,
+    epoch_batches,
+    micro_step,
+    open_run,
+    optimizer_step,
+    step_budget,
+)
+from umt_distill.training.optim import amp_setup, build_adamw, set_lr
+from umt_distill.training.progress import track
 
 
 def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
@@ -61,90 +79,64 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     rows, labels = read_labelled_corpus(ft.train_source, cfg.corpus.root, ft.num_classes, ft.label_map)
     dataset = VideoClassificationTrainSet(rows, labels, ft, cfg.seed, cfg.corpus.video_backend, preload=ft.preload)
     sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
-    steps_per_epoch = sampler.per_rank() // (cfg.train.batch_size * cfg.train.accum_steps)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{sampler.per_rank()} videos per rank are fewer than one step of "
-                         f"{cfg.train.batch_size} x {cfg.train.accum_steps}")
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    B, A = cfg.train.batch_size, cfg.train.accum_steps
     # UMT scales LRs by every clip in the step, repeated samples included.
-    total_batch = cfg.train.batch_size * cfg.train.accum_steps * env.world_size * ft.num_sample
+    budget = step_budget(cfg, sampler.per_rank(), env.world_size, what="videos", clips_per_item=ft.num_sample)
     o = cfg.optim
-    lr, lrs = lr_schedule(o, total_batch, total_steps, steps_per_epoch)
-    optimizer = build_adamw(model, lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay(),
+    optimizer = build_adamw(model, budget.lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay(),
                             lr_scale=layer_decay_lr_scale(ft.layer_decay, model.depth))
     mixup = build_mixup(cfg)
     criterion = build_criterion(cfg, mixup is not None)
     ddp_model = du.wrap_ddp(model, env, device)
-
-    step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
-    if ckpt is not None:
-        step = resume_training(ckpt, model, optimizer, metrics, env.is_main)
-    progress = StepProgress("finetune", total_steps, start=step, enabled=env.is_main)
+    run, step = open_run(cfg, "finetune", env, model, optimizer, ckpt, budget.total_steps)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
-    recipe_yaml = recipe_to_yaml(cfg)
+    make_loader = partial(build_loader, dataset, B, cfg.train.num_workers, cfg.seed, sampler, collate_train, drop_last=True)
     last: dict = {}
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start=done_in_epoch * cfg.train.accum_steps * cfg.train.batch_size)
-        batches = iter(_loader(dataset, cfg.train.batch_size, cfg.train.num_workers, collate_train, sampler, cfg.seed))
+    while step < budget.total_steps:
+        epoch, done_in_epoch = budget.position(step)
+        batches = epoch_batches(dataset, sampler, make_loader, epoch, done_in_epoch * A, B)
         t_data = time.perf_counter()
-        for _ in range(steps_per_epoch - done_in_epoch):
-            if step >= total_steps:
-                break
-            set_lr(optimizer, float(lrs[step]))
+        for _ in range(budget.steps_left_in_epoch(step)):
+            set_lr(optimizer, float(budget.lrs[step]))
             ddp_model.train()
             loss_sum, correct, seen, data_time, t_step = 0.0, 0, 0, 0.0, time.perf_counter()
-            for micro in range(cfg.train.accum_steps):
+            for micro in range(A):
                 batch = next(batches)
                 data_time += time.perf_counter() - t_data
                 x = batch["pixels"].to(device, non_blocking=True)  # [B·S, 3, T, H, W] normalised
                 y = batch["label"].to(device)  # [B·S]
                 # One lambda and one CutMix box per batch, shared by all frames; a function of (seed, step, rank, micro).
                 targets = mixup(x, y, sample_seed(cfg.seed, "mixup", step, env.rank, micro))[1] if mixup else y
-                sync = micro == cfg.train.accum_steps - 1
-                with ddp_model.no_sync() if (env.distributed and not sync) else _null(), \
-                        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with micro_step(ddp_model, micro, A, amp_dtype, device):
                     logits = ddp_model(x)  # [B·S, num_classes]
                     loss = criterion(logits.float(), targets)
-                    scaler.scale(loss / cfg.train.accum_steps).backward()
-                loss_sum += loss.item() / cfg.train.accum_steps  # sync point: one .item() per micro-batch
+                    scaler.scale(loss / A).backward()
+                loss_sum += loss.item() / A  # sync point: one .item() per micro-batch
                 correct += int((logits.argmax(1) == y).sum())
                 seen += y.numel()
                 t_data = time.perf_counter()
-            if not math.isfinite(loss_sum):
-                raise NonFiniteLossError(f"loss is {loss_sum} at step {step + 1}; the last good checkpoint is kept in {out_dir}")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            # train_top1 compares with the unmixed labels (a rough signal while Mixup is on)
+            means = du.mean_over_ranks({"loss": loss_sum, "train_top1": correct / seen}, device)
+            grad_norm = optimizer_step(means["loss"], step, model, optimizer, scaler, o.grad_clip, out_dir)
             step += 1
             step_time = time.perf_counter() - t_step
-            # train_top1 compares with the unmixed labels (a rough signal while Mixup is on)
-            last = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": float(lrs[step - 1]), "grad_norm": float(grad_norm),
-                    "train_top1": correct / seen, "step_time": step_time, "data_time": data_time,
-                    "clips_per_s": seen * env.world_size / step_time}
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                metrics.log(last)
-            progress.update(step, loss=loss_sum)
-            epoch_done = step % steps_per_epoch == 0
-            if ft.val_source and ft.eval_every and epoch_done and (epoch + 1) % ft.eval_every == 0 and step < total_steps:
+            last = {"step": step, "epoch": epoch, "loss": means["loss"], "lr": float(budget.lrs[step - 1]),
+                    "grad_norm": grad_norm, "train_top1": means["train_top1"], "step_time": step_time,
+                    "data_time": data_time, "clips_per_s": seen * env.world_size / step_time}
+            run.log_step(last)
+            epoch_done = step % budget.steps_per_epoch == 0
+            if ft.val_source and ft.eval_every and epoch_done and (epoch + 1) % ft.eval_every == 0 and step < budget.total_steps:
                 val = evaluate_model(model, cfg, ft.val_source, env, device, num_clips=1, num_crops=1)[0]
-                metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.summary().items()}})
-            if step % cfg.train.ckpt_every == 0 or step == total_steps:
-                state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
-                if env.is_main:
-                    save_checkpoint(out_dir, step, model, state, recipe_yaml)
-                du.barrier()
+                run.metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.summary().items()}})
+            run.checkpoint_if_due(step, epoch, model, optimizer)
     source = ft.test_source or ft.val_source
     if source:  # the final model on the full multi-view protocol (UMT tests the best checkpoint instead)
         report_, files = evaluate_model(model, cfg, source, env, device, ft.test_num_clips, ft.test_num_crops,
                                         out_dir=out_dir / "eval" / "final")
         test = {"step": step, **{f"test_{k}": v for k, v in report_.summary().items()}}
-        metrics.log(test)
+        run.metrics.log(test)
         last = {**last, **test}
-    metrics.close()
+    run.close()
     return last
 
 
@@ -198,8 +190,6 @@ def finetune_toy(train_source: str | Path, test_source: str | Path, output_dir: 
     Returns:
         ``{"top1", "top5", "mean_class_accuracy", "output_dir"}`` of the multi-view test.
     """
-    from umt_distill.config import load_recipe
-
     args = [f"finetune.train_source={train_source}", f"finetune.test_source={test_source}",
             f"train.output_dir={output_dir}", f"finetune.backbone={backbone}"]
     if init is not None:
@@ -225,8 +215,6 @@ def build_classifier(cfg: Recipe, init: str | Path | None = None, load_init: boo
     Returns:
         (model, :class:`~umt_distill.models.classifier.ClassifierLoadReport` or None).
     """
-    from umt_distill.models.classifier import create_classifier, load_classifier_weights, read_weights
-
     ft, s = cfg.finetune, cfg.student
     init = (ft.init if init is None else init) if load_init else None
     if ft.backbone == "image_teacher":
@@ -236,8 +224,6 @@ def build_classifier(cfg: Recipe, init: str | Path | None = None, load_init: boo
         model = _image_teacher_classifier(cfg)
         if init is None:
             return model, None
-        from umt_distill.models.classifier import ClassifierLoadReport
-
         state, source = read_weights(init)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -268,8 +254,6 @@ def classifier_tubelet(cfg: Recipe, init_state: dict | None) -> int:
         ValueError: The tubelet does not divide ``finetune.num_frames``, or the init has a tubelet other
             than 1 that differs from it (only tubelet 1 is inflated).
     """
-    from umt_distill.models.classifier import backbone_config, checkpoint_tubelet
-
     ft = cfg.finetune
     found = checkpoint_tubelet(init_state) if init_state is not None else None
     tubelet = ft.tubelet_size or found or backbone_config(cfg.student.name)["tubelet_size"]
@@ -287,8 +271,6 @@ def pretrain_grid(cfg: Recipe, pretrain_tubelet: int | None = None) -> tuple[int
 
     ``pretrain_tubelet``: frames per token of the init checkpoint (a VideoMAE file: 2); default the student's.
     """
-    from umt_distill.models.classifier import backbone_config
-
     bb = backbone_config(cfg.student.name)
     ft = cfg.finetune
     side = ft.pretrain_size // bb["patch_size"]
@@ -296,15 +278,11 @@ def pretrain_grid(cfg: Recipe, pretrain_tubelet: int | None = None) -> tuple[int
 
 
 def _init_tubelet(state: dict | None) -> int | None:
-    from umt_distill.models.classifier import checkpoint_tubelet
-
     return checkpoint_tubelet(state) if state is not None else None
 
 
 def _check_pretrain_recipe(init: str | Path, cfg: Recipe) -> None:
     """Our checkpoints carry their recipe: refuse a pretraining grid that contradicts it."""
-    import yaml
-
     path = Path(init)
     ckpt = latest_checkpoint(path) if path.is_dir() else None
     recipe = ckpt / "recipe.yaml" if ckpt is not None else None
@@ -321,9 +299,6 @@ def _check_pretrain_recipe(init: str | Path, cfg: Recipe) -> None:
 
 
 def _image_teacher_classifier(cfg: Recipe):
-    from umt_distill.teachers.build import build_teacher
-    from umt_distill.models.classifier import ImageTeacherClassifier
-
     t = cfg.teacher
     if t.input_size is not None and t.input_size != cfg.finetune.size:
         raise ValueError(f"teacher.input_size={t.input_size} differs from finetune.size={cfg.finetune.size}")
@@ -347,8 +322,6 @@ def build_mixup(cfg: Recipe) -> VideoMixup | None:
 
 def build_criterion(cfg: Recipe, soft_targets: bool) -> torch.nn.Module:
     """timm's SoftTargetCrossEntropy with Mixup (smoothing is in the targets), else label-smoothing CE."""
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if soft_targets:
         return SoftTargetCrossEntropy()
     if cfg.finetune.label_smoothing > 0:
@@ -372,7 +345,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Recipe, source: str, env: du.Dis
     model.eval()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
     ids, keys, logits_list, label_of = [], [], [], {}
-    batches = _loader(mine, ft.eval_batch_size, cfg.train.num_workers, collate_test)
+    batches = build_loader(mine, ft.eval_batch_size, cfg.train.num_workers, cfg.seed, collate_fn=collate_test)
     for batch in track(batches, "eval", math.ceil(len(mine) / ft.eval_batch_size), enabled=env.is_main):
         B, V = batch["pixels"].shape[:2]
         pixels = batch["pixels"].to(device).flatten(0, 1)  # [B·V, T, 3, S, S] uint8
@@ -385,7 +358,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Recipe, source: str, env: du.Dis
     # All views of a video sit on one rank: merge them here, so ranks exchange [videos, C], not [views, C].
     logits = torch.cat(logits_list) if logits_list else torch.zeros(0, ft.num_classes)
     videos, probs = merge_views(ids, keys, logits) if ids else ([], torch.zeros(0, ft.num_classes, dtype=torch.float64))
-    parts = _gather((videos, probs, [label_of[v] for v in videos]), env)
+    parts = du.gather_objects((videos, probs, [label_of[v] for v in videos]))
     videos = [v for p in parts for v in p[0]]
     probs = torch.cat([p[1] for p in parts])  # [N, C]
     y = torch.tensor([label for p in parts for label in p[2]], dtype=torch.long)
@@ -397,37 +370,6 @@ def evaluate_model(model: torch.nn.Module, cfg: Recipe, source: str, env: du.Dis
             names = [n for n, _ in sorted(read_label_map(ft.label_map).items(), key=lambda kv: kv[1])]
         files = write_report(result, videos, probs, y, out_dir, names)
     return result, files
-
-
-def _gather(obj, env: du.DistEnv) -> list:
-    """Every rank's ``obj``, in rank order (just ``[obj]`` without torchrun)."""
-    if not env.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _loader(dataset, batch_size: int, workers: int, collate, sampler=None, seed: int = 0) -> DataLoader:
-    # Its own generator: creating an iterator must not consume the global RNG (resume exactness).
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      drop_last=sampler is not None, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init if workers else None,
-                      persistent_workers=False, prefetch_factor=2 if workers else None)
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not oversubscribe the cores the model uses
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["train", "evaluate", "finetune_toy", "evaluate_model", "build_classifier", "classifier_tubelet", "build_mixup",

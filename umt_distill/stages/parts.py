@@ -4,6 +4,7 @@ stage 2's captioned sources), per-step masks and targets."""
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,9 +30,10 @@ from umt_distill.data.vl import (
     CaptionError,
     source_recipe,
 )
-from umt_distill.losses import gather_visible
+from umt_distill.masking import gather_visible
 from umt_distill.registry import MASKS, STUDENTS, load_all_parts
 from umt_distill.training.distributed import DistEnv
+from umt_distill.training.loop import build_loader, epoch_batches
 
 
 def check_store_matches(spec: dict, cfg: Recipe) -> None:
@@ -97,16 +99,7 @@ def build_data(cfg: Recipe, env: DistEnv, targets: bool = True):
             dataset = CachedViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
         sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
         per_rank = sampler.per_rank()
-    workers = cfg.train.num_workers
-
-    def make_loader() -> DataLoader:
-        # Its own generator: creating an iterator must not consume the global RNG (resume exactness).
-        return DataLoader(dataset, batch_size=None if stream else cfg.train.batch_size, sampler=sampler,
-                          num_workers=workers, drop_last=not stream, pin_memory=torch.cuda.is_available(),
-                          generator=torch.Generator().manual_seed(cfg.seed),
-                          persistent_workers=False, prefetch_factor=4 if workers else None)
-
-    return dataset, sampler, make_loader, per_rank
+    return dataset, sampler, _loader_factory(cfg, dataset, sampler, stream), per_rank
 
 
 def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -155,14 +148,7 @@ class SourceData:
 
     def iterator(self, epoch: int, consumed: int, batch_size: int) -> Iterator[dict]:
         """Batches of ``epoch`` after the first ``consumed`` (resume mid-epoch)."""
-        self.dataset.set_epoch(epoch)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch, start=consumed * batch_size)
-        batches = iter(self.make_loader())
-        if self.sampler is None:  # a stream cannot seek: read past what was consumed before the restart
-            for _ in range(consumed):
-                next(batches)
-        return batches
+        return epoch_batches(self.dataset, self.sampler, self.make_loader, epoch, consumed, batch_size)
 
 
 def build_source(cfg: Recipe, source: str, env: DistEnv) -> SourceData:
@@ -192,12 +178,11 @@ def build_source(cfg: Recipe, source: str, env: DistEnv) -> SourceData:
     captions = {c: by_id[c].captions for c in clip_ids}
     wrapper = CaptionedStream if sampler is None else CaptionedDataset
     dataset = wrapper(base, captions, source, scfg.seed)
-    workers = cfg.train.num_workers
+    return SourceData(source, scfg, dataset, sampler, _loader_factory(cfg, dataset, sampler, stream), per_rank, captions)
 
-    def make_loader() -> DataLoader:
-        return DataLoader(dataset, batch_size=None if stream else cfg.train.batch_size, sampler=sampler,
-                          num_workers=workers, drop_last=not stream, pin_memory=torch.cuda.is_available(),
-                          generator=torch.Generator().manual_seed(cfg.seed),
-                          persistent_workers=False, prefetch_factor=4 if workers else None)
 
-    return SourceData(source, scfg, dataset, sampler, make_loader, per_rank, captions)
+def _loader_factory(cfg: Recipe, dataset: Dataset, sampler, stream: bool) -> Callable[[], DataLoader]:
+    """A fresh loader per epoch; a stream yields whole batches (assembled in the workers)."""
+    t = cfg.train
+    return partial(build_loader, dataset, None if stream else t.batch_size, t.num_workers, cfg.seed, sampler,
+                   drop_last=not stream)

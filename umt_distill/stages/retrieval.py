@@ -19,57 +19,41 @@ views use the ``umt_train`` multi-scale crop rather than RandomResizedCrop(0.5, 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from umt_distill.config import Recipe, recipe_to_yaml
+from umt_distill.config import Recipe
+from umt_distill.data.clipviews import decode_view
 from umt_distill.data.corpus import read_corpus
 from umt_distill.data.pixels import normalize_video
 from umt_distill.data.samplers import EpochSampler
-from umt_distill.data.text import (
-    TRAIN_ON_CORPUS,
-    load_tokenizer,
-    prepare_tokenizer,
-    tokenize,
-)
+from umt_distill.data.text import TRAIN_ON_CORPUS, load_tokenizer, prepare_tokenizer, tokenize
 from umt_distill.data.vl import CaptionedDataset, CaptionError
-from umt_distill.evaluation.retrieval import (
-    evaluate_multiple_choice_model,
-    evaluate_retrieval_model,
-)
-from umt_distill.losses_vl import (
-    freeze_unused,
-    similarity,
-    vtc_loss,
-    vtm_loss,
-    vtm_pairs,
-)
-from umt_distill.models.checkpoints import (
-    read_state_dict,
-    unwrap_state_dict,
-    weights_file,
-)
+from umt_distill.evaluation.retrieval import evaluate_multiple_choice_model, evaluate_retrieval_model
+from umt_distill.losses.vl import no_gather, similarity, vtc_loss, vtm_loss
+from umt_distill.models.checkpoints import read_state_dict, unwrap_state_dict, weights_file
 from umt_distill.models.umt_vl import load_umt_vl_checkpoint
 from umt_distill.stages.parts import mask_generator
 from umt_distill.stages.stage2 import build_model
+from umt_distill.stages.stage2_parts import freeze_unused, vtm_pairs
 from umt_distill.training import distributed as du
-from umt_distill.training.checkpoint import (
-    find_resume_checkpoint,
-    resume_training,
-    rng_state,
-    save_checkpoint,
+from umt_distill.training.checkpoint import find_resume_checkpoint
+from umt_distill.training.loop import (
+    build_loader,
+    epoch_batches,
+    micro_step,
+    open_run,
+    optimizer_step,
+    step_budget,
 )
-from umt_distill.training.loop import NonFiniteLossError
-from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
-from umt_distill.training.progress import StepProgress
+from umt_distill.training.optim import amp_setup, build_adamw, set_lr
 
 WEIGHTS = {"uta": 0.0, "vtc": 1.0, "vtm": 1.0, "mlm": 0.0}
 
@@ -82,7 +66,6 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     and ``stage2.embed_dim``/``temp_init``/``vtm_hard_negatives`` as in stage 2. Resumes from
     ``train.output_dir`` (or ``resume``) mid-epoch.
     """
-
     env = du.init_distributed()
     device = du.resolve_device(cfg.train.device, env)
     out_dir = Path(cfg.train.output_dir)
@@ -97,39 +80,26 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)  # the same fresh heads on every rank
     model = build_retrieval_model(cfg, len(tokenizer)).to(device)
     freeze_unused(model, WEIGHTS)  # alignment heads and the MLM head: no loss uses them
-    objective = RetrievalObjective(model, cfg.stage2.vtm_hard_negatives)
+    objective = RetrievalObjective(model, cfg.stage2.vtm_hard_negatives, gather=du.gather_with_grad)
 
     dataset = CaptionedDataset(FreshViewDataset(rows, cfg), captions, "video", cfg.seed)
     sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
     micro, accum = cfg.train.batch_size, cfg.train.accum_steps
-    steps_per_epoch = sampler.per_rank() // (micro * accum)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{sampler.per_rank()} clips per rank are fewer than one step of {micro} x {accum}")
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    budget = step_budget(cfg, sampler.per_rank(), env.world_size)
     o = cfg.optim
-    lr, lrs = lr_schedule(o, micro * accum * env.world_size, total_steps, steps_per_epoch)
-    optimizer = build_adamw(model, lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())
+    optimizer = build_adamw(model, budget.lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())
     ddp_objective = du.wrap_ddp(objective, env, device)
-
-    step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
-    ckpt = find_resume_checkpoint(out_dir, resume)
-    if ckpt is not None:
-        step = resume_training(ckpt, model, optimizer, metrics, env.is_main)
-    progress = StepProgress("retrieval", total_steps, start=step, enabled=env.is_main)
+    run, step = open_run(cfg, "retrieval", env, model, optimizer, find_resume_checkpoint(out_dir, resume),
+                         budget.total_steps)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
-    recipe_yaml, last = recipe_to_yaml(cfg), {}
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start=done_in_epoch * micro * accum)
-        batches = iter(DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=cfg.train.num_workers,
-                                  drop_last=True, pin_memory=torch.cuda.is_available(),
-                                  generator=torch.Generator().manual_seed(cfg.seed)))
+    make_loader = partial(build_loader, dataset, micro, cfg.train.num_workers, cfg.seed, sampler, drop_last=True)
+    last: dict = {}
+    while step < budget.total_steps:
+        epoch, done_in_epoch = budget.position(step)
+        batches = epoch_batches(dataset, sampler, make_loader, epoch, done_in_epoch * accum, micro)
         t_data = time.perf_counter()
-        for _ in range(steps_per_epoch - done_in_epoch):
-            if step >= total_steps:
-                break
-            set_lr(optimizer, float(lrs[step]))
+        for _ in range(budget.steps_left_in_epoch(step)):
+            set_lr(optimizer, float(budget.lrs[step]))
             model.train()
             gen = mask_generator(cfg.seed, step, env.rank)  # the step's hard negatives
             sums, data_time, t_step = {"loss": 0.0, "vtc": 0.0, "vtm": 0.0}, 0.0, time.perf_counter()
@@ -138,40 +108,27 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                 data_time += time.perf_counter() - t_data
                 pixels = batch["pixels"].to(device, non_blocking=True)  # [B, T, 3, H, W] uint8
                 text = {k: v.to(device) for k, v in tokenize(tokenizer, batch["caption"], cfg.text.max_length).items()}
-                with ddp_objective.no_sync() if (env.distributed and m < accum - 1) else nullcontext(), \
-                        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with micro_step(ddp_objective, m, accum, amp_dtype, device):
                     out = ddp_objective(normalize_video(pixels), text["input_ids"], text["attention_mask"],
                                         batch["sample_id"].to(device), gen)
                     scaler.scale(out["loss"] / accum).backward()
                 for k, v in out.items():  # sync point: .item() per loss and micro-batch
                     sums[k] += v.item() / accum
                 t_data = time.perf_counter()
-            if not math.isfinite(sums["loss"]):
-                raise NonFiniteLossError(f"loss is {sums['loss']} at step {step + 1}; the last good checkpoint is kept in {out_dir}")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       o.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            losses = du.mean_over_ranks({"loss": sums["loss"], "loss_vtc": sums["vtc"], "loss_vtm": sums["vtm"]}, device)
+            grad_norm = optimizer_step(losses["loss"], step, model, optimizer, scaler, o.grad_clip, out_dir)
             step += 1
             step_time = time.perf_counter() - t_step
-            last = {"step": step, "epoch": epoch, "loss": sums["loss"], "loss_vtc": sums["vtc"], "loss_vtm": sums["vtm"],
-                    "temp": model.temp.item(), "lr": float(lrs[step - 1]), "grad_norm": float(grad_norm),
-                    "step_time": step_time, "data_time": data_time, "samples_per_s": micro * accum * env.world_size / step_time}
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                metrics.log(last)
-            progress.update(step, loss=sums["loss"])
-            if step % cfg.train.ckpt_every == 0 or step == total_steps:
-                state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
-                if env.is_main:
-                    save_checkpoint(out_dir, step, model, state, recipe_yaml)
-                du.barrier()
+            last = {"step": step, "epoch": epoch, **losses, "temp": model.temp.item(), "lr": float(budget.lrs[step - 1]),
+                    "grad_norm": grad_norm, "step_time": step_time, "data_time": data_time,
+                    "samples_per_s": micro * accum * env.world_size / step_time}
+            run.log_step(last)
+            run.checkpoint_if_due(step, epoch, model, optimizer)
     test = evaluate_after_training(model, tokenizer, cfg, device, step)
     if test:
-        metrics.log(test)
+        run.metrics.log(test)
         last = {**last, **test}
-    metrics.close()
+    run.close()
     return last
 
 
@@ -206,8 +163,6 @@ class FreshViewDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        from umt_distill.data.clipviews import decode_view
-
         row = self.rows[i]
         return {"clip_id": row.id, "pixels": decode_view(row, self.cfg, self.epoch)}
 
@@ -218,11 +173,14 @@ class RetrievalObjective(nn.Module):
     Args:
         model: A :class:`~umt_distill.models.umt_vl.UMTVisionLanguage`.
         hard_negatives: VTM negatives ∝ similarity (UMT) or uniform.
+        gather: VTC's gather over ranks; the loop passes
+            :func:`~umt_distill.training.distributed.gather_with_grad` (default: this rank's batch only).
     """
 
-    def __init__(self, model: nn.Module, hard_negatives: bool = True) -> None:
+    def __init__(self, model: nn.Module, hard_negatives: bool = True,
+                 gather: Callable[[Tensor], Tensor] = no_gather) -> None:
         super().__init__()
-        self.model, self.hard_negatives = model, hard_negatives
+        self.model, self.hard_negatives, self.gather = model, hard_negatives, gather
 
     def forward(self, pixels: Tensor, input_ids: Tensor, text_mask: Tensor, ids: Tensor,
                 generator: torch.Generator) -> dict[str, Tensor]:
@@ -232,7 +190,7 @@ class RetrievalObjective(nn.Module):
         vision = m.vision_encoder(pixels, None, align=False, keep_temporal=True)  # pooled [B, T, C]
         text_hidden = m.text_encoder.forward_text(input_ids, text_mask)  # [B, L, H]
         v_emb, t_emb = m.vision_embedding(vision.pooled), m.text_embedding(text_hidden)  # [B, T, E], [B, E]
-        vtc = vtc_loss(v_emb, t_emb, ids, m.temp)
+        vtc = vtc_loss(v_emb, t_emb, ids, m.temp, self.gather)
         with torch.no_grad():
             sim = similarity(v_emb.float(), t_emb.float()) / m.temp  # [B, B], local batch as in UMT
         vi, ti, labels = vtm_pairs(sim, ids, generator, self.hard_negatives)

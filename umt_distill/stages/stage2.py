@@ -10,29 +10,28 @@ multi_modality/tasks/pretrain.py).
 
 from __future__ import annotations
 
-import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from umt_distill.cache.spec import SpecMismatchError, read_spec
-from umt_distill.config import Recipe, recipe_to_yaml
-from umt_distill.data.pixels import normalize_video
 from umt_distill.cache.datasets import batch_pixels
+from umt_distill.cache.spec import SpecMismatchError, read_spec
+from umt_distill.config import Recipe
+from umt_distill.data.pixels import normalize_video
 from umt_distill.data.text import prepare_tokenizer, special_ids, tokenize
 from umt_distill.data.vl import source_schedule
-from umt_distill.stages.parts import SourceData, build_source
-from umt_distill.losses_vl import LOSS_NAMES, Stage2Objective, freeze_unused
+from umt_distill.models.checkpoints import load_umt_checkpoint, read_state_dict, select_student_keys, weights_file
+from umt_distill.models.classifier import inflate_patch_kernel
+from umt_distill.models.text import build_text_encoder
+from umt_distill.models.umt_vl import UMTVisionLanguage, load_umt_vl_checkpoint
+from umt_distill.stages.parts import SourceData, build_source, build_student, check_store_matches, mask_generator, step_targets
+from umt_distill.stages.stage2_parts import LOSS_NAMES, Stage2Objective, freeze_unused
+from umt_distill.teachers.build import build_teacher
 from umt_distill.training import distributed as du
-from umt_distill.models.checkpoints import weights_file
-from umt_distill.training.checkpoint import find_resume_checkpoint, resume_training, rng_state, save_checkpoint
-from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import amp_setup, build_adamw, lr_schedule, set_lr
-from umt_distill.training.progress import StepProgress
-from umt_distill.stages.parts import build_student, check_store_matches, mask_generator, step_targets
-from umt_distill.training.loop import NonFiniteLossError
+from umt_distill.training.checkpoint import find_resume_checkpoint
+from umt_distill.training.loop import NonFiniteLossError, micro_step, open_run, optimizer_step, step_budget
+from umt_distill.training.optim import amp_setup, build_adamw, set_lr
 
 
 def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
@@ -52,38 +51,28 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, teacher_dim, len(tokenizer)).to(device)
     freeze_unused(model, weights)
-    objective = Stage2Objective(model, weights, cfg.stage2.mlm_prob, special_ids(tokenizer), cfg.stage2.vtm_hard_negatives)
+    objective = Stage2Objective(model, weights, cfg.stage2.mlm_prob, special_ids(tokenizer), cfg.stage2.vtm_hard_negatives,
+                                gather=du.gather_with_grad)  # VTC over the global batch
 
     micro, accum = cfg.train.batch_size, cfg.train.accum_steps
-    steps = {name: src.batches_per_epoch(micro) // accum for name, src in sources.items()}
-    steps_per_epoch = sum(steps.values())
-    if steps_per_epoch == 0:
-        raise ValueError(f"the sources fill no step of {micro} x {accum} per rank: {steps}")
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    budget = step_budget(cfg, {name: src.clips_per_rank for name, src in sources.items()}, env.world_size)
     o = cfg.optim
-    lr, lrs = lr_schedule(o, micro * accum * env.world_size, total_steps, steps_per_epoch)
-    optimizer = build_adamw(model, lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())  # temp: no decay
+    optimizer = build_adamw(model, budget.lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())  # temp: no decay
     ddp_objective = du.wrap_ddp(objective, env, device)
-
-    step, metrics = 0, MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
-    ckpt = find_resume_checkpoint(out_dir, resume)
-    if ckpt is not None:
-        step = resume_training(ckpt, model, optimizer, metrics, env.is_main)
-    progress = StepProgress("stage2", total_steps, start=step, enabled=env.is_main)
+    run, step = open_run(cfg, "stage2", env, model, optimizer, find_resume_checkpoint(out_dir, resume), budget.total_steps)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
-    recipe_yaml, last = recipe_to_yaml(cfg), {}
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        order = source_schedule(steps, cfg.seed, epoch)  # the same on every rank: all ranks train one source per step
+    last: dict = {}
+    while step < budget.total_steps:
+        epoch, done_in_epoch = budget.position(step)
+        # The same on every rank: all ranks train one source per step.
+        order = source_schedule(budget.source_steps, cfg.seed, epoch)
         batches: dict = {}
         t_data = time.perf_counter()
-        for source in order[done_in_epoch:]:
-            if step >= total_steps:
-                break
-            if source not in batches:  # resume mid-epoch: skip what this source already gave
-                batches[source] = sources[source].iterator(epoch, order[:done_in_epoch].count(source) * accum, micro)
+        for source in order[done_in_epoch:done_in_epoch + budget.steps_left_in_epoch(step)]:
             src = sources[source]
-            set_lr(optimizer, float(lrs[step]))
+            if source not in batches:  # resume mid-epoch: skip what this source already gave
+                batches[source] = src.iterator(epoch, order[:done_in_epoch].count(source) * accum, micro)
+            set_lr(optimizer, float(budget.lrs[step]))
             model.train()
             gen = mask_generator(cfg.seed, step, env.rank)  # masks, hard negatives and MLM masks of this step
             sums, data_time, t_step = dict.fromkeys(("loss", *LOSS_NAMES), 0.0), 0.0, time.perf_counter()
@@ -95,39 +84,24 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                 if weights["uta"] > 0:  # UMT: without UTA the student sees every token
                     targets, visible_idx = step_targets(src.cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
                 text = {k: v.to(device) for k, v in tokenize(tokenizer, batch["caption"], cfg.text.max_length).items()}
-                sync = m == accum - 1
-                with ddp_objective.no_sync() if (env.distributed and not sync) else nullcontext(), \
-                        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with micro_step(ddp_objective, m, accum, amp_dtype, device):
                     out = ddp_objective(normalize_video(pixels), visible_idx, targets, text["input_ids"],
                                         text["attention_mask"], batch["sample_id"].to(device), gen)
                     scaler.scale(out["loss"] / accum).backward()
                 for k, v in out.items():  # sync point: .item() per loss and micro-batch
                     sums[k] += v.item() / accum
                 t_data = time.perf_counter()
-            if not math.isfinite(sums["loss"]):
-                raise NonFiniteLossError(f"loss is {sums['loss']} at step {step + 1}; the last good checkpoint is kept in {out_dir}")
-            scaler.unscale_(optimizer)
-            params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            losses = du.mean_over_ranks({"loss": sums["loss"], **{f"loss_{k}": sums[k] for k in LOSS_NAMES if weights[k] > 0}},
+                                        device)
+            grad_norm = optimizer_step(losses["loss"], step, model, optimizer, scaler, o.grad_clip, out_dir)
             step += 1
             step_time = time.perf_counter() - t_step
-            last = {"step": step, "epoch": epoch, "source": source, "loss": sums["loss"],
-                    **{f"loss_{k}": sums[k] for k in LOSS_NAMES if weights[k] > 0},
-                    "temp": model.temp.item(), "lr": float(lrs[step - 1]), "grad_norm": float(grad_norm),
-                    "step_time": step_time, "data_time": data_time,
-                    "samples_per_s": micro * accum * env.world_size / step_time}
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                metrics.log(last)
-            progress.update(step, loss=sums["loss"])
-            if step % cfg.train.ckpt_every == 0 or step == total_steps:
-                state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
-                if env.is_main:
-                    save_checkpoint(out_dir, step, model, state, recipe_yaml)
-                du.barrier()
-    metrics.close()
+            last = {"step": step, "epoch": epoch, "source": source, **losses, "temp": model.temp.item(),
+                    "lr": float(budget.lrs[step - 1]), "grad_norm": grad_norm, "step_time": step_time,
+                    "data_time": data_time, "samples_per_s": micro * accum * env.world_size / step_time}
+            run.log_step(last)
+            run.checkpoint_if_due(step, epoch, model, optimizer)
+    run.close()
     return last
 
 
@@ -142,18 +116,11 @@ def build_model(cfg: Recipe, teacher_dim: int, vocab_size: int):
         teacher_dim: Width of the teacher's tokens (the alignment heads' output).
         vocab_size: The tokenizer's size (a ``tiny`` text encoder's vocabulary; checked for a checkpoint).
     """
-    from umt_distill.models.checkpoints import load_umt_checkpoint
-    from umt_distill.models.text import build_text_encoder
-    from umt_distill.models.umt_vl import UMTVisionLanguage, load_umt_vl_checkpoint
-
     s, t = cfg.stage2, cfg.text
     student = build_student(cfg, teacher_dim, **({"tubelet_size": s.tubelet_size} if s.tubelet_size else {}))
     if s.init_vision:
         init = weights_file(s.init_vision)
         if s.tubelet_size:  # a tubelet-1 file into a tubelet-T' encoder: the kernel spread over T' frames
-            from umt_distill.models.checkpoints import read_state_dict, select_student_keys
-            from umt_distill.models.classifier import inflate_patch_kernel
-
             state, _ = select_student_keys(read_state_dict(init), str(init))
             init = inflate_patch_kernel(state, "encoder.patch_embed.proj.weight", s.tubelet_size, str(init))
         load_umt_checkpoint(student, init)  # strict: stage-1 (ours or UMT's) or stage-2 file
@@ -168,8 +135,6 @@ def build_model(cfg: Recipe, teacher_dim: int, vocab_size: int):
 def _teacher_and_dim(cfg: Recipe, sources: dict[str, SourceData], device: torch.device):
     """Online: the frozen teacher. Cached: each source's store checked against its recipe view."""
     if cfg.teacher.mode == "online":
-        from umt_distill.teachers.build import build_teacher
-
         teacher = build_teacher(cfg, device)  # frozen; never wrapped, never in the optimizer
         return teacher, teacher.embed_dim
     dims = {}

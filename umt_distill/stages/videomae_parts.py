@@ -10,11 +10,9 @@ from torch import Tensor
 
 from umt_distill.cache.datasets import device_targets, target_codec
 from umt_distill.config import Recipe, RecipeError
-from umt_distill.losses import gather_visible
-from umt_distill.losses_pixel import pixel_targets
-from umt_distill.masking import decoder_plan
+from umt_distill.losses.pixel import pixel_targets
+from umt_distill.masking import decoder_plan, gather_visible
 from umt_distill.models.videomae import build_videomae
-from umt_distill.models.vit import gather_tokens
 from umt_distill.registry import MASKS
 
 
@@ -121,7 +119,7 @@ def step_plan(cfg: Recipe, pixels: Tensor, tokens: Tensor | None, attn: Tensor |
         vis.append(vj), dec.append(dj), wts.append(wj)
     visible_idx, decode_idx, weight = torch.cat(vis), torch.cat(dec), torch.cat(wts)
     video01 = pixels.permute(0, 2, 1, 3, 4).float().div(255)  # [B, 3, T, H, W] in [0, 1]
-    targets = gather_tokens(pixel_targets(video01, v.tubelet_size, p, v.norm_target), decode_idx)  # [B, L_dec, P]
+    targets = gather_visible(pixel_targets(video01, v.tubelet_size, p, v.norm_target), decode_idx)  # [B, L_dec, P]
     uta_targets = None
     if tokens is not None:
         uta_targets = gather_visible(tokens.flatten(2, 3).transpose(0, 1), visible_idx)  # [K, B, L_vis, D]

@@ -1,9 +1,10 @@
-"""Unmasked-token alignment (UTA) loss and the gather of teacher targets at visible tokens.
+"""Unmasked-token alignment (UTA) loss.
 
 UMT stage 1 (UMT code @4fb4049: single_modality/engines/engine_for_pretraining_umt.py): for each aligned layer
 pair, ``2 − 2·cos(s, t)`` between the student's head output and the teacher's token at the same visible
 position, averaged over layers, batch and tokens (layers are averaged, not summed). Equals the squared
-distance of unit vectors.
+distance of unit vectors. The teacher's targets at the visible tokens come from
+:func:`umt_distill.masking.gather_visible`.
 """
 
 from __future__ import annotations
@@ -55,32 +56,3 @@ def uta_loss_reference(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor
         per_layer.append(total / (B * L))
     per_layer_t = torch.stack(per_layer).float()
     return per_layer_t.mean(), per_layer_t
-
-
-def gather_visible(targets: Tensor, visible_idx: Tensor, token_dim: int | None = None) -> Tensor:
-    """Select the visible tokens of per-token targets.
-
-    Args:
-        targets: [K, B, T·N, D] (layer-major teacher tokens) or [B, T·N, ...] (e.g. attention, pixels).
-        visible_idx: long [B, L_vis] indices into the flattened (t, n) tokens (a mask sampler's output).
-        token_dim: Which dim of ``targets`` indexes tokens; the batch dim is the one before it.
-            Default: 2 for 4-D targets, else 1. Pass it for other layouts.
-
-    Returns:
-        ``targets`` with the token dim reduced to L_vis, e.g. [K, B, L_vis, D].
-    """
-    if token_dim is None:
-        token_dim = 2 if targets.ndim == 4 else 1
-    if not 1 <= token_dim < targets.ndim:
-        raise ValueError(f"token_dim {token_dim} is invalid for targets of shape {tuple(targets.shape)}")
-    B, L = visible_idx.shape
-    if targets.shape[token_dim - 1] != B:
-        raise ValueError(
-            f"targets {tuple(targets.shape)} have batch {targets.shape[token_dim - 1]} at dim "
-            f"{token_dim - 1}, visible_idx has batch {B}"
-        )
-    view = [1] * (token_dim - 1) + [B, L] + [1] * (targets.ndim - token_dim - 1)
-    size = list(targets.shape)
-    size[token_dim] = L
-    index = visible_idx.to(targets.device).view(view).expand(size)
-    return targets.gather(token_dim, index)

@@ -4,9 +4,9 @@ stage 2's captioned sources), per-step masks and targets."""
 from __future__ import annotations
 
 import hashlib
-from functools import partial
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset

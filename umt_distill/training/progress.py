@@ -20,6 +20,9 @@ import sys
 import time
 from typing import IO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 
 def format_duration(seconds: float) -> str:
     """``h:mm:ss`` (or ``m:ss`` under an hour); ``?`` when unknown."""
@@ -68,9 +71,6 @@ class StepProgress:
             atexit.register(self.close)  # a loop that raises still restores the terminal
 
     def _start_bar(self):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         progress = Progress(
             TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(), console=Console(file=self.stream), transient=False,

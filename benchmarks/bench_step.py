@@ -160,8 +160,10 @@ def _teacher_shape(cfg) -> dict[str, int]:
     return {"N": int(spec["teacher"]["N"]), "D": int(spec["teacher"]["D"])}
 
 
-def _pace_loop(stage1_module) -> None:
+def _pace_loop(loop_module) -> None:
     """Make the stage-1 loop wait at a gate before its first step and after each logged step.
+
+    ``loop_module`` is ``umt_distill.training.loop``, whose ``open_run`` builds the loop's metrics logger.
 
     The loop logs every step (``train.log_every=1``) after its step time is taken and before the next
     step's clock starts, so the waits fall outside the timed region. The caller restores the original.
@@ -181,7 +183,7 @@ def _pace_loop(stage1_module) -> None:
             _GATE_WAITS.append(time.perf_counter() - t)
 
     _GATE_WAITS.clear()
-    stage1_module.MetricsLogger = PacedMetricsLogger
+    loop_module.MetricsLogger = PacedMetricsLogger
 
 
 _GATE_WAITS: list[float] = []  # seconds paused after each logged step of a paced loop
@@ -206,14 +208,15 @@ def measure_mode(mode: str, recipe: str, overrides: list[str], s: StepSettings) 
         times, data_times = _student_only(cfg, s)
     else:
         from umt_distill.stages import stage1
+        from umt_distill.training import loop
         from umt_distill.training.metrics import read_metrics
 
-        original = stage1.MetricsLogger
-        _pace_loop(stage1)
+        original = loop.MetricsLogger
+        _pace_loop(loop)
         try:
             stage1.train(cfg)
         finally:
-            stage1.MetricsLogger = original  # in-process runs (smoke preset) leave the loop as they found it
+            loop.MetricsLogger = original  # in-process runs (smoke preset) leave the loop as they found it
         metrics = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")
         data_all = _without_waits([m["data_time"] for m in metrics], _GATE_WAITS)
         times, data_times = [m["step_time"] for m in metrics][s.warmup:], data_all[s.warmup:]

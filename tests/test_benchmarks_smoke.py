@@ -64,10 +64,10 @@ def test_suite_smoke_writes_json_markdown_and_charts(tmp_path: Path) -> None:
     assert res["loader"]["profiles"] and all(lines for lines in res["loader"]["profiles"].values())
     assert res["meta"]["load_start"] and res["meta"]["load_end"] and res["meta"]["machine"]["cores"]
 
-    from umt_distill.stages import stage1
+    from umt_distill.training import loop  # open_run builds the stage-1 loop's metrics logger
     from umt_distill.training.metrics import MetricsLogger
 
-    assert stage1.MetricsLogger is MetricsLogger  # the pacing patch is undone after in-process runs
+    assert loop.MetricsLogger is MetricsLogger  # the pacing patch is undone after in-process runs
 
     md = paths["markdown"].read_text()
     for heading in ("## Headline", "## 1. Step cost", "## 2. Storage vs fidelity", "## 3. Input pipeline", "## 4. Cache write",

@@ -17,15 +17,16 @@ $(STAMP): pyproject.toml
 # FFmpeg's shared libraries, which the torchcodec video backend loads (its tests need them): installed
 # with apt-get where this is root on Debian/Ubuntu; anywhere else `make test` stops here, naming the fix.
 ffmpeg: $(STAMP)
-	@$(PY) -c "import sys; from umt_distill.data.video import torchcodec_unavailable_reason as r; sys.exit(1 if r() else 0)" \
-	|| { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	       echo "make: installing FFmpeg's shared libraries for torchcodec (apt-get install ffmpeg)"; \
-	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
-	     else \
-	       echo "make: the torchcodec backend cannot load FFmpeg's shared libraries, and its tests need them." \
-	            "Install FFmpeg 4-9 (Debian/Ubuntu: sudo apt-get install ffmpeg; macOS: brew install ffmpeg;" \
-	            "conda: conda install ffmpeg), then run make test again." >&2; exit 2; \
-	     fi; }
+	@$(PY) -c "import sys; from umt_distill.data.video_torchcodec import torchcodec_unavailable_reason as r; sys.exit(3 if r() else 0)"; \
+	rc=$$?; [ $$rc = 0 ] && exit 0; [ $$rc = 3 ] || exit $$rc; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: installing FFmpeg's shared libraries for torchcodec (apt-get install ffmpeg)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	else \
+	  echo "make: the torchcodec backend cannot load FFmpeg's shared libraries, and its tests need them." \
+	       "Install FFmpeg 4-9 (Debian/Ubuntu: sudo apt-get install ffmpeg; macOS: brew install ffmpeg;" \
+	       "conda: conda install ffmpeg), then run make test again." >&2; exit 2; \
+	fi
 
 quickstart: $(STAMP)
 	$(VENV)/bin/umt-distill quickstart --output outputs/quickstart

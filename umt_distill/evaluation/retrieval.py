@@ -33,6 +33,13 @@ import torch
 from torch import Tensor
 
 from umt_distill.config import Recipe
+from umt_distill.data.clipviews import clip_frame_range
+from umt_distill.data.corpus import read_corpus
+from umt_distill.data.pixels import normalize_video
+from umt_distill.data.text import tokenize
+from umt_distill.data.video import open_video
+from umt_distill.data.views import apply_view, sample_view
+from umt_distill.losses.vl import similarity
 from umt_distill.training.distributed import rank_world, sum_over_ranks
 from umt_distill.training.progress import track
 
@@ -169,8 +176,6 @@ class VideoFeatures:
 def encode_texts(model, tokenizer, texts: Sequence[str], max_length: int, device: torch.device,
                  batch_size: int = 256) -> TextFeatures:
     """Text-mode features of ``texts`` (cleaned and tokenised as in training)."""
-    from umt_distill.data.text import tokenize
-
     hidden, mask, emb = [], [], []
     for i in range(0, len(texts), batch_size):
         tok = {k: v.to(device) for k, v in tokenize(tokenizer, texts[i : i + batch_size], max_length).items()}
@@ -184,8 +189,6 @@ def encode_texts(model, tokenizer, texts: Sequence[str], max_length: int, device
 @torch.no_grad()
 def encode_videos(model, batches, device: torch.device) -> VideoFeatures:
     """Per-frame embeddings and all tokens of videos given as uint8 [B, T, 3, H, W] batches, in order."""
-    from umt_distill.data.pixels import normalize_video
-
     emb, tokens = [], []
     for pixels in batches:
         out = model.vision_encoder(normalize_video(pixels.to(device)), None, align=False, keep_temporal=True)
@@ -218,8 +221,6 @@ def score_retrieval(model, video: VideoFeatures, text: TextFeatures, k_test: int
     Returns:
         ``itc`` [Nv, Nt]; ``itm_v2t`` [Nv, Nt] (rows = video queries); ``itm_t2v`` [Nt, Nv].
     """
-    from umt_distill.losses.vl import similarity
-
     itc = similarity(video.embedding, text.embedding)  # [Nv, Nt], no temperature
     score = _pair_scorer(model, video, text, device)
     v2t, v2t_top = rerank_top_k(itc, k_test, score, rank, world_size)
@@ -242,10 +243,6 @@ class _EvalViews(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> Tensor:
-        from umt_distill.data.clipviews import clip_frame_range
-        from umt_distill.data.video import open_video
-        from umt_distill.data.views import apply_view, sample_view
-
         row, v = self.rows[i], self.cfg.views
         with open_video(row.path, backend=self.cfg.corpus.video_backend) as video:
             view = sample_view("eval_center", video.info, v.num_frames, v.size, self.cfg.seed, row.id, 0,
@@ -281,8 +278,6 @@ def evaluate_retrieval_model(model, tokenizer, cfg: Recipe, source: str | Path, 
         ITM re-ranked metrics (``v2t_r1`` …, ``r_mean``) and the ITC-only ones prefixed ``emb_``, plus
         ``num_videos``, ``num_texts`` and ``k_test``.
     """
-    from umt_distill.data.corpus import read_corpus
-
     rows = read_corpus(source, cfg.corpus.root)
     missing = [r.id for r in rows if not r.captions]
     if missing:
@@ -315,8 +310,6 @@ def evaluate_multiple_choice_model(model, tokenizer, cfg: Recipe, source: str | 
     Returns:
         ``mc_accuracy`` (matching head, UMT's choice), ``mc_emb_accuracy`` (ITC) and ``num_questions``.
     """
-    from umt_distill.data.corpus import read_corpus
-
     rows = read_corpus(source, cfg.corpus.root)
     for r in rows:
         if len(r.captions) < 2 or not isinstance(r.label, int) or not 0 <= r.label < len(r.captions):

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from umt_distill.masking import gather_visible as gather_tokens
 from umt_distill.models.checkpoints import (
     CheckpointError,
     CheckpointMismatchError,
@@ -52,7 +53,7 @@ from umt_distill.models.checkpoints import (
     unwrap_state_dict,
     weights_file,
 )
-from umt_distill.models.vit import LN_EPS, VisionTransformer, gather_tokens, sincos_1d
+from umt_distill.models.vit import LN_EPS, VisionTransformer, sincos_1d
 from umt_distill.registry import STUDENTS  # the sizes are registered by models.vit, imported above
 
 # Tolerance when a fine-tuned file's stored ``pos_embed`` is compared with the regenerated table: both

@@ -23,16 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from umt_distill.masking import gather_visible as gather_tokens
 from umt_distill.models.checkpoints import CheckpointMismatchError, read_state_dict, unwrap_state_dict
-from umt_distill.models.vit import (
-    LN_EPS,
-    Block,
-    VisionTransformer,
-    _init_weights,
-    create_student,
-    gather_tokens,
-    sincos_1d,
-)
+from umt_distill.models.vit import LN_EPS, Block, VisionTransformer, _init_weights, create_student, sincos_1d
 
 
 class PixelDecoder(nn.Module):

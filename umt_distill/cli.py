@@ -6,6 +6,7 @@ directly. Heavy imports (torch, open_clip, zarr) happen inside the commands so `
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from umt_distill.config import RecipeError, check_parts, load_recipe, recipe_to_yaml
+from umt_distill.config import RecipeError, check_parts, load_recipe, parse_override, recipe_to_yaml
 
 # Exit statuses shared by every command (documented in --help).
 EXIT_OK = 0
@@ -50,6 +51,11 @@ OverridesArg = Annotated[
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # "[i4]" is text, not markup
     raise typer.Exit(code)
+
+
+def _override_keys(overrides: list[str] | None) -> set[str]:
+    """The dotted keys the command line sets (``cache.codec`` of ``cache.codec=int8``)."""
+    return {".".join(parse_override(text)[0]) for text in overrides or []}
 
 
 def _load(recipe: str | None, overrides: list[str] | None):
@@ -235,6 +241,18 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None,
 
     cfg = _load(recipe, overrides)
     stage = get_stage(cfg.train.stage)  # the recipe's stage was checked against the same names
+    if stage.reads_store and cfg.teacher.mode == "cached":
+        from umt_distill.stages.store_recipe import adopt_store_spec
+
+        try:
+            cfg, notes = adopt_store_spec(cfg, _override_keys(overrides))
+        except RecipeError as e:
+            _fail(str(e))
+        except _user_errors() as e:
+            _fail(str(e), EXIT_ERROR)
+        if os.environ.get("RANK", "0") == "0":
+            for note in notes:
+                console.print(f"note: {note}", highlight=False, markup=False)
     try:
         stage.train(cfg, resume=resume)
     except _user_errors() as e:

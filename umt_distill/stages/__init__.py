@@ -38,6 +38,9 @@ class Stage:
     """Import path of the module that defines ``train`` (and ``evaluate``, if any)."""
     has_evaluate: bool = False
     """Whether ``umt-distill eval`` can evaluate this stage's models (the module defines ``evaluate``)."""
+    reads_store: bool = False
+    """Whether the stage trains on a teacher store (``cache.store``) in cached mode; ``umt-distill train``
+    then takes the store's settings from its spec (``stages.store_recipe``)."""
 
     def function(self, name: str) -> Callable[..., Any]:
         """Import the stage's module now and return its function ``name``."""
@@ -57,15 +60,15 @@ class Stage:
 
 STAGES: list[Stage] = [
     Stage("stage1", "UMT stage 1: video-only unmasked token alignment to the CLIP teacher (cached or online)",
-          "umt_distill.stages.stage1"),
+          "umt_distill.stages.stage1", reads_store=True),
     Stage("stage2", "UMT stage 2: video-text pretraining, UTA + VTC + VTM + MLM with image-text co-training",
-          "umt_distill.stages.stage2"),
+          "umt_distill.stages.stage2", reads_store=True),
     Stage("finetune", "action-recognition fine-tuning; eval: multi-view top-1/5 and per-class accuracy",
           "umt_distill.stages.finetune", has_evaluate=True),
     Stage("retrieval", "video-text retrieval fine-tuning; eval: R@1/5/10 both ways (UMT's protocol)",
           "umt_distill.stages.retrieval", has_evaluate=True),
     Stage("videomae", "pixel reconstruction: VideoMAE, VideoMAE V2 dual masking, UTA + pixel (UMT Table 1)",
-          "umt_distill.stages.videomae"),
+          "umt_distill.stages.videomae", reads_store=True),
 ]
 
 

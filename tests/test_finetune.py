@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -219,6 +220,27 @@ def test_evaluate_reproduces_the_final_test(trained):
     assert summary["top1"] == trained["result"]["test_top1"] and summary["num_views"] == 6
     assert summary["top5"] == trained["result"]["test_top5"]
     assert (Path(summary["output"]) / "confusion.png").exists()
+
+
+def test_eval_of_a_run_folder_uses_its_own_recipe_and_writes_into_it(trained, tmp_path):
+    import json
+
+    run = tmp_path / "moved_run"  # another folder than the recipe's train.output_dir
+    shutil.copytree(trained["out"] / "checkpoints", run / "checkpoints")
+    done = subprocess.run([sys.executable, "-m", "umt_distill", "eval", str(run)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["top1"] == trained["result"]["test_top1"] and summary["num_views"] == 6
+    assert Path(summary["output"]) == run / "eval" / "moved_run"
+    assert (run / "eval" / "moved_run" / "metrics.json").exists()
+
+
+def test_eval_of_a_folder_without_a_run_says_what_it_needs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "umt_distill", "eval", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{tmp_path}: not a run folder with a checkpoint; give a run folder, or a recipe and a checkpoint" in done.stderr
 
 
 def test_every_augmentation_runs_and_resume_is_exact(toy, tmp_path):

@@ -261,11 +261,16 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None,
 
 @app.command("eval")
 def eval_cmd(
-    recipe: RecipeArg,
-    checkpoint: Annotated[Path, typer.Argument(help="Fine-tuned run/checkpoint dir or an official .pth file.")],
-    overrides: OverridesArg = None,
+    target: Annotated[str, typer.Argument(help="A finished run folder (evaluated with the recipe it was trained "
+                                                "with), or a recipe followed by CHECKPOINT.")],
+    rest: Annotated[Optional[list[str]], typer.Argument(help="After a recipe: CHECKPOINT (run/checkpoint dir or an "
+                                                              "official .pth file); then overrides key=value.")] = None,
 ) -> None:
-    """Evaluate a fine-tuned model: action recognition or, for `train.stage=retrieval` recipes, retrieval.
+    """Evaluate a fine-tuned model: action recognition or, for retrieval runs, retrieval.
+
+    Given a run folder, its own recipe (saved with its checkpoints) is used and the results go into the
+    run folder (`RUN/eval/<name>/`); overrides may follow, e.g. another `finetune.test_source`. Given a
+    recipe and a checkpoint, results go to `<train.output_dir>/eval/<checkpoint name>/`.
 
     Action recognition: multi-view test (clips x crops, softmax averaged per video), top-1/5, per-class
     accuracy, confusion PNG. Retrieval: UMT's protocol (contrastive scores, top-k re-ranked by the
@@ -273,14 +278,31 @@ def eval_cmd(
 
     Examples:
 
-        umt-distill eval finetune/b16_k400 runs/ft_b16_k400 finetune.test_source=data/k400_val.csv
+        umt-distill eval runs/ft_b16_k400
 
-        umt-distill eval finetune/b16_msrvtt_ret runs/ret_msrvtt
+        umt-distill eval runs/ft_b16_k400 finetune.test_source=data/k400_val.csv
+
+        umt-distill eval finetune/b16_k400 official/b16_ptk710_ftk400_f8_res224.pth finetune.test_source=data/k400_val.csv
     """
     import json
 
+    from umt_distill.models.checkpoints import CheckpointError, run_recipe_file
     from umt_distill.stages import StageError, get_stage
 
+    args = [target, *(rest or [])]
+    try:
+        run_recipe = run_recipe_file(target) if Path(target).is_dir() else None
+    except CheckpointError as e:
+        _fail(str(e), EXIT_ERROR)
+    if run_recipe is not None:
+        # Our own fine-tuned head is evaluated: the init's drop_head (a training-time choice) does not apply.
+        recipe, checkpoint = str(run_recipe), Path(target)
+        overrides = [f"train.output_dir={target}", "finetune.drop_head=false", *args[1:]]
+    elif len(args) >= 2 and "=" not in args[1]:
+        recipe, checkpoint, overrides = target, Path(args[1]), args[2:]
+    else:
+        _fail(f"{target}: not a run folder with a checkpoint; give a run folder, or a recipe and a checkpoint "
+              "(umt-distill eval RECIPE CHECKPOINT [key=value ...])")
     cfg = _load(recipe, overrides)
     try:
         summary = get_stage(cfg.train.stage).evaluate(cfg, checkpoint)

@@ -62,6 +62,15 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     return target
 
 
+def run_recipe_file(path: str | Path) -> Path | None:
+    """The recipe a run (or checkpoint) folder was trained with: its newest checkpoint's ``recipe.yaml``;
+    None if ``path`` holds no checkpoint of ours."""
+    ckpt = latest_checkpoint(path)
+    if ckpt is None or not (ckpt / "recipe.yaml").is_file():
+        return None
+    return ckpt / "recipe.yaml"
+
+
 def weights_file(path: str | Path) -> Path:
     """A weights file, or the newest ``model.safetensors`` of one of our run/checkpoint folders."""
     path = Path(path)

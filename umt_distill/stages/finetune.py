@@ -11,6 +11,7 @@ on one centre view every ``finetune.eval_every`` epochs; after training, the mul
 from __future__ import annotations
 
 import math
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -20,7 +21,7 @@ import yaml
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import Subset
 
-from umt_distill.config import Recipe, load_recipe
+from umt_distill.config import Recipe, RecipeError, load_recipe
 from umt_distill.data.classification import (
     VideoClassificationTestSet,
     VideoClassificationTrainSet,
@@ -157,9 +158,9 @@ def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
     ft = cfg.finetune
     source = ft.test_source or ft.val_source
     if not source:
-        raise ValueError("evaluate needs finetune.test_source (or finetune.val_source)")
+        raise RecipeError("evaluate needs finetune.test_source (or finetune.val_source)")
     if ft.drop_head:
-        raise ValueError("finetune.drop_head=true would evaluate an untrained head; unset it for evaluation")
+        raise RecipeError("finetune.drop_head=true would evaluate an untrained head; unset it for evaluation")
     model, report = build_classifier(cfg, init=checkpoint)
     if report is not None and report.layout != "finetuned":
         raise CheckpointError(str(checkpoint), f"a {report.layout} pretraining checkpoint has no trained head; "
@@ -171,7 +172,7 @@ def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
     summary = {**result.summary(), "output": str(out)}
     if env.is_main:
         print(f"{source}: top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
-              f"mean class acc {result.mean_class_accuracy:.4f}  ({result.num_videos} videos × {result.num_views} views)", flush=True)
+              f"mean class acc {result.mean_class_accuracy:.4f}  ({result.num_videos} videos × {result.num_views} views)", file=sys.stderr, flush=True)  # stdout: the JSON summary
     return summary
 
 
@@ -219,7 +220,7 @@ def build_classifier(cfg: Recipe, init: str | Path | None = None, load_init: boo
     init = (ft.init if init is None else init) if load_init else None
     if ft.backbone == "image_teacher":
         if ft.tubelet_size is not None:
-            raise ValueError(f"finetune.tubelet_size={ft.tubelet_size} applies to the student; the image teacher "
+            raise RecipeError(f"finetune.tubelet_size={ft.tubelet_size} applies to the student; the image teacher "
                              "(finetune.backbone=image_teacher) embeds every frame on its own")
         model = _image_teacher_classifier(cfg)
         if init is None:
@@ -251,17 +252,17 @@ def classifier_tubelet(cfg: Recipe, init_state: dict | None) -> int:
     """Frames per token of the fine-tuned student: ``finetune.tubelet_size``, else the init's, else the student's.
 
     Raises:
-        ValueError: The tubelet does not divide ``finetune.num_frames``, or the init has a tubelet other
+        RecipeError: The tubelet does not divide ``finetune.num_frames``, or the init has a tubelet other
             than 1 that differs from it (only tubelet 1 is inflated).
     """
     ft = cfg.finetune
     found = checkpoint_tubelet(init_state) if init_state is not None else None
     tubelet = ft.tubelet_size or found or backbone_config(cfg.student.name)["tubelet_size"]
     if ft.num_frames % tubelet:
-        raise ValueError(f"finetune.tubelet_size={tubelet} does not divide finetune.num_frames={ft.num_frames}: "
+        raise RecipeError(f"finetune.tubelet_size={tubelet} does not divide finetune.num_frames={ft.num_frames}: "
                          "every token must span whole frames")
     if found is not None and found not in (1, tubelet):
-        raise ValueError(f"finetune.init {ft.init} has tubelet {found}; finetune.tubelet_size={tubelet} can only "
+        raise RecipeError(f"finetune.init {ft.init} has tubelet {found}; finetune.tubelet_size={tubelet} can only "
                          "inflate a tubelet-1 checkpoint (leave it null to keep the file's)")
     return tubelet
 
@@ -293,7 +294,7 @@ def _check_pretrain_recipe(init: str | Path, cfg: Recipe) -> None:
         return  # a fine-tuned init: its grid is the fine-tuning one, the pretraining fields carry over
     views, ft = data.get("views", {}), cfg.finetune
     if (views.get("num_frames"), views.get("size")) != (ft.pretrain_num_frames, ft.pretrain_size):
-        raise ValueError(f"{recipe}: pretrained with views.num_frames={views.get('num_frames')} and views.size="
+        raise RecipeError(f"{recipe}: pretrained with views.num_frames={views.get('num_frames')} and views.size="
                          f"{views.get('size')}, but finetune.pretrain_num_frames={ft.pretrain_num_frames} and "
                          f"finetune.pretrain_size={ft.pretrain_size}; set them to the pretraining values")
 
@@ -301,7 +302,7 @@ def _check_pretrain_recipe(init: str | Path, cfg: Recipe) -> None:
 def _image_teacher_classifier(cfg: Recipe):
     t = cfg.teacher
     if t.input_size is not None and t.input_size != cfg.finetune.size:
-        raise ValueError(f"teacher.input_size={t.input_size} differs from finetune.size={cfg.finetune.size}")
+        raise RecipeError(f"teacher.input_size={t.input_size} differs from finetune.size={cfg.finetune.size}")
     teacher = build_teacher(cfg.model_copy(update={"teacher": t.model_copy(update={"input_size": cfg.finetune.size,
                                                                                     "layers": 1})}),
                             torch.device("cpu"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -324,5 +325,5 @@ def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "retrieval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"{source}: t2v R@1 {result['t2v_r1']:.1f}  v2t R@1 {result['v2t_r1']:.1f}  r_mean "
-              f"{result['r_mean']:.1f}  (ITC only: {result['emb_r_mean']:.1f}; k={result['k_test']})", flush=True)
+              f"{result['r_mean']:.1f}  (ITC only: {result['emb_r_mean']:.1f}; k={result['k_test']})", file=sys.stderr, flush=True)  # stdout: the JSON summary
     return {**result, "output": str(out)}

@@ -286,14 +286,17 @@ def eval_cmd(
     """
     import json
 
-    from umt_distill.models.checkpoints import CheckpointError, run_recipe_file
     from umt_distill.stages import StageError, get_stage
 
     args = [target, *(rest or [])]
-    try:
-        run_recipe = run_recipe_file(target) if Path(target).is_dir() else None
-    except CheckpointError as e:
-        _fail(str(e), EXIT_ERROR)
+    run_recipe = None
+    if Path(target).is_dir():  # (a recipe name reads no checkpoint code: a refused eval stays fast)
+        from umt_distill.models.checkpoints import CheckpointError, run_recipe_file
+
+        try:
+            run_recipe = run_recipe_file(target)
+        except CheckpointError as e:
+            _fail(str(e), EXIT_ERROR)
     if run_recipe is not None:
         # Our own fine-tuned head is evaluated: the init's drop_head (a training-time choice) does not apply.
         recipe, checkpoint = str(run_recipe), Path(target)

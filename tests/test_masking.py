@@ -213,4 +213,6 @@ def test_gather_visible_equals_the_plain_reference(shape, token_dim) -> None:
 
 
 def test_the_models_gather_tokens_with_the_same_function() -> None:
-    assert vit.gather_tokens is gather_visible
+    from umt_distill.models import classifier, videomae
+
+    assert vit.gather_visible is classifier.gather_visible is videomae.gather_visible is gather_visible

@@ -324,7 +324,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from umt_distill.data.classification import LabelError
     from umt_distill.data.corpus import CorpusError
     from umt_distill.data.text import TokenizerError
-    from umt_distill.data.video import VideoDecodeError
+    from umt_distill.data.video_base import VideoDecodeError
     from umt_distill.data.vl import CaptionError
     from umt_distill.models.checkpoints import CheckpointError
     from umt_distill.training.loop import NonFiniteLossError

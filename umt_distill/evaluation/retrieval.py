@@ -41,6 +41,7 @@ from umt_distill.data.video import open_video
 from umt_distill.data.views import apply_view, sample_view
 from umt_distill.losses.vl import similarity
 from umt_distill.training.distributed import rank_world, sum_over_ranks
+from umt_distill.training.loop import build_loader
 from umt_distill.training.progress import track
 
 DEFAULT_K_TEST = 128
@@ -252,9 +253,7 @@ class _EvalViews(torch.utils.data.Dataset):
 
 
 def _video_batches(rows, cfg: Recipe, batch_size: int):
-    from torch.utils.data import DataLoader
-
-    return DataLoader(_EvalViews(rows, cfg), batch_size=batch_size, shuffle=False, num_workers=cfg.train.num_workers)
+    return build_loader(_EvalViews(rows, cfg), batch_size, cfg.train.num_workers, cfg.seed)  # in row order
 
 
 def _tracked_video_batches(rows, cfg: Recipe):

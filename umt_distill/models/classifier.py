@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from umt_distill.masking import gather_visible as gather_tokens
+from umt_distill.masking import gather_visible
 from umt_distill.models.checkpoints import (
     CheckpointError,
     CheckpointMismatchError,
@@ -54,7 +54,9 @@ from umt_distill.models.checkpoints import (
     weights_file,
 )
 from umt_distill.models.vit import LN_EPS, VisionTransformer, sincos_1d
-from umt_distill.registry import STUDENTS  # the sizes are registered by models.vit, imported above
+from umt_distill.registry import (
+    STUDENTS,  # the sizes are registered by models.vit, imported above
+)
 
 # Tolerance when a fine-tuned file's stored ``pos_embed`` is compared with the regenerated table: both
 # are the same float32 interpolation of the same sine-cosine table, up to summation order.
@@ -166,8 +168,8 @@ class VideoClassifier(VisionTransformer):
         pos = self.pos_table(grid, tokens.device)[None]  # [1, T'·H'·W', C]
         tokens = tokens + pos.to(tokens.dtype)
         if visible_idx is not None:
-            tokens = gather_tokens(tokens, visible_idx)  # [B, L_vis, C]
-            pos = gather_tokens(pos.expand(B, -1, -1), visible_idx)
+            tokens = gather_visible(tokens, visible_idx)  # [B, L_vis, C]
+            pos = gather_visible(pos.expand(B, -1, -1), visible_idx)
         return tokens, pos
 
     def forward_pooled(self, x: Tensor) -> Tensor:

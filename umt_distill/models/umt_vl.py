@@ -6,8 +6,8 @@ multi_modality/models/umt.py):
 ``text_proj``, ``itm_head`` and ``temp``. The frozen teacher is never part of this module: an official
 file's ``clip_teacher.*`` is set aside by :func:`load_umt_vl_checkpoint`.
 
-This module must not import ``torch.distributed``; the losses (with the cross-rank gather) live in
-``umt_distill.losses_vl``.
+This module must not import ``torch.distributed``: the losses live in ``umt_distill.losses.vl`` and the
+cross-rank gather they are given in ``umt_distill.training.distributed``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from umt_distill.models.checkpoints import CheckpointMismatchError, read_state_dict, unwrap_state_dict
+from umt_distill.models.checkpoints import (
+    CheckpointMismatchError,
+    read_state_dict,
+    unwrap_state_dict,
+)
 from umt_distill.models.text import BertTextEncoder, drop_tied_and_buffers
 from umt_distill.models.vit import LN_EPS, UMTStudent
 

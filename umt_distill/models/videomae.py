@@ -23,9 +23,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from umt_distill.masking import gather_visible as gather_tokens
-from umt_distill.models.checkpoints import CheckpointMismatchError, read_state_dict, unwrap_state_dict
-from umt_distill.models.vit import LN_EPS, Block, VisionTransformer, _init_weights, create_student, sincos_1d
+from umt_distill.masking import gather_visible
+from umt_distill.models.checkpoints import (
+    CheckpointMismatchError,
+    read_state_dict,
+    unwrap_state_dict,
+)
+from umt_distill.models.vit import (
+    LN_EPS,
+    Block,
+    VisionTransformer,
+    _init_weights,
+    create_student,
+    sincos_1d,
+)
 
 
 class PixelDecoder(nn.Module):
@@ -115,8 +126,8 @@ class VideoMAE(nn.Module):
             align = torch.stack([head(f + p) for head, f in zip(self.clip_decoder, feats)])
         z = self.encoder_to_decoder(feats[-1])  # [B, L_vis, C_d]
         dpos = self.decoder_pos(num_tokens, z.device)[None].expand(B, -1, -1)  # [B, N, C_d]
-        vis = z + gather_tokens(dpos, visible_idx).to(z.dtype)
-        masked = self.mask_token.to(z.dtype) + gather_tokens(dpos, decode_idx).to(z.dtype)  # [B, L_dec, C_d]
+        vis = z + gather_visible(dpos, visible_idx).to(z.dtype)
+        masked = self.mask_token.to(z.dtype) + gather_visible(dpos, decode_idx).to(z.dtype)  # [B, L_dec, C_d]
         return self.decoder(torch.cat([vis, masked], dim=1), decode_idx.shape[1]), align
 
     def no_weight_decay(self) -> set[str]:

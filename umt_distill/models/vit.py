@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 # Token gathering has one implementation, beside the masks that produce the indices; the models here
 # and in models.videomae / models.classifier call it by this name: [B, L, C] × [B, L_vis] → [B, L_vis, C].
-from umt_distill.masking import gather_visible as gather_tokens
+from umt_distill.masking import gather_visible
 from umt_distill.registry import STUDENTS
 
 LN_EPS = 1e-6
@@ -217,8 +217,8 @@ class VisionTransformer(nn.Module):
         tokens = tokens + pos.to(tokens.dtype)
         if visible_idx is not None:
             _check_visible_idx(visible_idx, B, t * h * w)
-            tokens = gather_tokens(tokens, visible_idx)  # [B, L_vis, C]
-            pos = gather_tokens(pos.expand(B, -1, -1), visible_idx)  # [B, L_vis, C]
+            tokens = gather_visible(tokens, visible_idx)  # [B, L_vis, C]
+            pos = gather_visible(pos.expand(B, -1, -1), visible_idx)  # [B, L_vis, C]
         return tokens, pos
 
     def _run_block(self, i: int, x: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from umt_distill.io import atomic_write_text
 from umt_distill.testing.media import write_video
 
 # Appearance is colour x pattern, where each pattern is a coarse light/dark layout of the disc. A
@@ -324,8 +325,8 @@ def write_world(folder: str | Path, settings: WorldSettings = WorldSettings()) -
             for p in plans
         },
     }
-    _atomic_write(result["labels"], json.dumps(labels))
-    _atomic_write(info_path, json.dumps(settings.to_json(), indent=1))
+    atomic_write_text(result["labels"], json.dumps(labels))
+    atomic_write_text(info_path, json.dumps(settings.to_json(), indent=1))
     return {**result, "reused": False}
 
 
@@ -344,12 +345,6 @@ def _write_manifest(path: Path, plans: list[ClipPlan]) -> None:
         writer.writerow(["id", "path", "label", "captions"])
         for p in plans:
             writer.writerow([p.id, f"videos/{p.id}.mp4", MOTIONS.index(p.motion), p.caption])
-    tmp.replace(path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 

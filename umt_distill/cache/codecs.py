@@ -480,13 +480,68 @@ def compress_bytes(name: str, data: bytes, itemsize: int = 1) -> bytes:
     return bytes(numcodecs.Blosc(shuffle=numcodecs.Blosc.SHUFFLE, **BLOSC).encode(words))
 
 
-def decompress_bytes(name: str, data: bytes) -> bytes:
-    """Inverse of :func:`compress_bytes`."""
+#: Decoded bytes a reader accepts from one compressed entry when it does not know the entry's layout. A
+#: reader that knows the store's spec bounds every entry by its exact size instead
+#: (``record.record_layout``); either way the size a header declares is checked before any allocation.
+MAX_DECODED_BYTES = 1 << 30
+_ZSTD_MAGIC = 0xFD2FB528
+_BLOSC_HEADER = 16
+
+
+def declared_size(name: str, data: bytes) -> int:
+    """The decompressed size a compressed entry declares in its own header, read without decompressing.
+
+    zstd: the frame's content size (our writers always record it); blosc: the header's ``nbytes``;
+    ``none``: the entry's length.
+
+    Raises:
+        ValueError: the header is not one of the compressor's, or declares no size (a zstd frame
+            written without its content size: its output could not be bounded before decoding).
+    """
+    check_compressor(name)
+    data = memoryview(data)
+    if name == "none":
+        return len(data)
+    if name == "blosc":
+        if len(data) < _BLOSC_HEADER:
+            raise ValueError(f"blosc frame of {len(data)} bytes is shorter than its 16-byte header")
+        nbytes, cbytes = int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
+        if cbytes != len(data):
+            raise ValueError(f"blosc header says {cbytes} compressed bytes, the entry has {len(data)}")
+        return nbytes
+    if len(data) < 6 or int.from_bytes(data[:4], "little") != _ZSTD_MAGIC:
+        raise ValueError("not a zstd frame (bad magic number)")
+    fhd = data[4]
+    fcs_flag, single_segment, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    at = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if size == 0:
+        raise ValueError("zstd frame without a content size (its output cannot be bounded before decoding)")
+    if len(data) < at + size:
+        raise ValueError("zstd frame header cut short")
+    value = int.from_bytes(data[at : at + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def decompress_bytes(name: str, data: bytes, limit: int | None = None) -> bytes:
+    """Inverse of :func:`compress_bytes`, bounded: the size the entry's header declares is checked
+    against ``limit`` (default :data:`MAX_DECODED_BYTES`) before anything is allocated.
+
+    Raises:
+        ValueError: the declared size exceeds ``limit``, the header is malformed, or decoding fails.
+    """
     import numcodecs
 
-    check_compressor(name)
+    limit = MAX_DECODED_BYTES if limit is None else int(limit)
+    size = declared_size(name, data)
+    if size > limit:
+        raise ValueError(f"declares {size} decoded bytes, more than the {limit} this entry can hold")
     if name == "none":
         return bytes(data)
     if name == "zstd":
-        return bytes(numcodecs.Zstd().decode(data))
-    return bytes(numcodecs.Blosc().decode(data))
+        out = bytes(numcodecs.Zstd().decode(data))
+    else:
+        out = bytes(numcodecs.Blosc().decode(data))
+    if len(out) != size:
+        raise ValueError(f"decoded {len(out)} bytes, its header declares {size}")
+    return out

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from umt_distill.cache.codecs import Codec
+from umt_distill.cache.codecs import Codec, get_codec
 from umt_distill.data.jpeg import encode_jpegs
 from umt_distill.data.views import ViewSpec
+from umt_distill.masking import num_visible
 
 DIGEST_PREFIX = "sha256:"
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -229,6 +230,78 @@ def record_jpegs(record: TargetRecord, quality: int = 95) -> list[bytes]:
     if record.frames_jpeg is not None:
         return list(record.frames_jpeg)
     return encode_jpegs(require_frames(record), quality)
+
+
+#: A dimension the spec does not fix (``frames_jpeg``'s byte axis; any axis of a spec without the field).
+ANY = -1
+
+
+def _size_hw(size: Any) -> tuple[int, int]:
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    return ANY, ANY
+
+
+def record_layout(spec: Mapping[str, Any], layout: str | None = None) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Every stored array of one record as the store's spec fixes it: name -> (dtype, shape without the
+    record axis), :data:`ANY` for a dimension the spec does not fix (a partial spec, or JPEG lengths).
+
+    Readers check each array's metadata (zarr ``zarr.json``, a wds entry's ``.npy`` header) against this
+    *before* reading it, so an edited dtype or shape is damage instead of garbage, and the size a file
+    declares is bounded by what the spec allows (:func:`layout_nbytes`).
+
+    Args:
+        spec: The store's ``spec.json`` (``codec``, ``mode``, ``frames``, ``teacher``, ``views``).
+        layout: ``zarr`` (JPEG frames as ``frames_jpeg`` + ``frames_jpeg_len``) or ``wds`` (one
+            ``frameNNN.jpg`` entry per frame, not an array); default ``spec["layout"]``.
+    """
+    codec = get_codec(spec["codec"]["name"])
+    mode = (spec.get("mode") or {}).get("mode", "full")
+    frames = spec.get("frames", "none")
+    layout = layout or spec.get("layout", "zarr")
+    teacher, views, masks = spec.get("teacher") or {}, spec.get("views") or {}, spec.get("mode") or {}
+
+    def dim(value: Any) -> int:
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else ANY
+
+    K, N, D, T = dim(teacher.get("layers")), dim(teacher.get("N")), dim(teacher.get("D")), dim(views.get("num_frames"))
+    H, W = _size_hw(views.get("size"))
+    out: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    if mode == "visible":
+        M = dim(masks.get("masks_per_view"))
+        ratio = masks.get("mask_ratio")
+        n_vis = num_visible(N, float(ratio)) if N != ANY and isinstance(ratio, (int, float)) else ANY
+        values: tuple[int, ...] = (M, K, T, n_vis, D)
+        out_idx = {"visible_idx": (np.dtype(np.int16), (M, T, n_vis))}
+    else:
+        values, out_idx = (K, T, N, D), {}
+    for field in CODED_FIELDS:
+        # part_layout keeps an unknown (-1) axis unknown: int4 halves it (-1 // 2 == -1), pca keeps it.
+        for part, (dtype, shape) in codec.part_layout(values).items():
+            out[part_name(field, part)] = (np.dtype(dtype), tuple(int(x) for x in shape))
+    out["attn"] = (np.dtype(np.float32), (T, N))
+    out["pooled"] = (np.dtype(np.float32), (T, D))
+    out.update(out_idx)
+    if frames == "raw":
+        out["frames"] = (np.dtype(np.uint8), (T, 3, H, W))
+    elif frames == "jpeg" and layout == "zarr":
+        out["frames_jpeg"] = (np.dtype(np.uint8), (T, ANY))
+        out["frames_jpeg_len"] = (np.dtype(np.int32), (T,))
+    return out
+
+
+def shape_matches(want: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    """Whether a stored shape is the one :func:`record_layout` expects (:data:`ANY` matches anything)."""
+    return len(want) == len(got) and all(w == ANY or w == int(g) for w, g in zip(want, got))
+
+
+def layout_nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int | None:
+    """Bytes of an array of ``shape`` (None when a dimension is :data:`ANY`)."""
+    if ANY in shape:
+        return None
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def record_from_arrays(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], codec: Codec) -> TargetRecord:

@@ -15,7 +15,6 @@ extension, so keys never contain dots; the clip id, which may contain anything, 
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import shutil
@@ -47,8 +46,14 @@ from umt_distill.cache.record import (
 from umt_distill.cache.wds_stream import (
     BatchAssembler,
     check_entry,
+    check_jpegs,
+    check_npy,
     entry_checksum,
+    entry_limit,
+    iter_range_samples,
+    npy_array,
     parse_meta,
+    seal_meta,
 )
 from umt_distill.data.jpeg import decode_jpegs
 from umt_distill.data.views import epoch_slot
@@ -155,7 +160,7 @@ class WdsShardWriter:
             "group": group,
             "crc32c": {entry: entry_checksum(data) for entry, data in entries.items()},
         }
-        entries["view.json"] = json.dumps(meta, sort_keys=True).encode()
+        entries["view.json"] = seal_meta(meta)  # its own CRC-32C inside: every byte a reader uses is checked
         key = sample_key(self.name, group, len(self._records[group]))
         part = self._parts.get(group)
         if part is None:
@@ -247,42 +252,60 @@ def iter_tar_samples(url: str, expected_records: list | None = None) -> Iterator
             stream.close()
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         detail = e.args[0] if e.args else e  # webdataset appends stream objects to args; keep the message
-        raise StoreDamagedError(url, f"unreadable tar after {count} samples: {type(e).__name__}: {detail}") from e
+        where = _locate_tar_damage(url)  # the byte offset, which tarfile does not say
+        raise StoreDamagedError(url, f"unreadable tar after {count} samples: {type(e).__name__}: {detail}"
+                                     + (f" ({where})" if where else "")) from e
     if expected_records is not None and count != len(expected_records):
         raise StoreDamagedError(url, f"{count} samples, index.json lists {len(expected_records)} (truncated tar?)")
 
 
-def decode_sample(sample: dict[str, Any], codec: Codec | None = None) -> TargetRecord:
+def _locate_tar_damage(url: str) -> str | None:
+    """Where a tar that ``tarfile`` refused is damaged (``byte N: ...``), found by walking its headers."""
+    if url.startswith("pipe:"):
+        return None
+    try:
+        for _ in iter_range_samples(url):
+            pass
+    except StoreDamagedError as e:
+        return e.reason
+    except Exception:
+        return None
+    return None
+
+
+def decode_sample(sample: dict[str, Any], codec: Codec | None = None,
+                  layout: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None) -> TargetRecord:
     """Decode one raw WebDataset sample of this layout into a float32 :class:`TargetRecord`.
 
     Args:
         codec: The store's codec object when it carries store-level state (``pca<r>``, bound to the
             basis: ``CacheReader.codec``); by default the one ``view.json`` names.
+        layout: The store's ``record.record_layout(spec, "wds")``: entries are checked against it and
+            their decoded sizes bounded by it (``None``: only the general cap).
     """
     where = f"{sample.get('__url__', '?')}"
     key = sample.get("__key__", "?")
-    if "view.json" not in sample:
-        raise StoreDamagedError(where, f"sample {key}: no view.json (incomplete sample: truncated tar?)")
+    entries = {k: v for k, v in sample.items() if not k.startswith("__")}
+    meta = parse_meta(where, key, entries)  # checks view.json's own checksum and its fields
     try:
-        meta = json.loads(sample["view.json"])
         if codec is None or codec.name != meta["codec"]:
             codec = get_codec(meta["codec"])
         frames_mode = meta.get("frames", "none")
-        if "crc32c" not in meta and "crc32" not in meta:
-            raise KeyError("crc32c")
     except Exception as e:
         raise StoreDamagedError(where, f"sample {key}: bad view.json: {type(e).__name__}: {e}") from e
     arrays: dict[str, np.ndarray] = {}
     jpegs = []
-    for entry, data in sample.items():
-        if entry.startswith("__") or entry == "view.json":
+    for entry, data in entries.items():
+        if entry == "view.json":
             continue
         if not check_entry(meta, entry, data):
             raise StoreDamagedError(where, f"sample {key}: entry {entry}: checksum mismatch (CRC32C; corrupted data)")
         try:
             if ".npy" in entry:
-                raw = decompress_bytes(compressor_from_suffix(entry), data)
-                arrays[entry.split(".npy")[0]] = np.load(io.BytesIO(raw), allow_pickle=False)
+                name = entry.split(".npy")[0]
+                raw = decompress_bytes(compressor_from_suffix(entry), data, entry_limit(layout, name))
+                arrays[name] = npy_array(raw).copy()  # a writable array, as np.load gives
+                check_npy(arrays[name], layout, name)
             elif entry.endswith(".jpg"):
                 jpegs.append((entry, data))
         except Exception as e:
@@ -292,7 +315,7 @@ def decode_sample(sample: dict[str, Any], codec: Codec | None = None) -> TargetR
         raise StoreDamagedError(where, f"sample {key}: missing entries {sorted(missing)}")
     if frames_mode == "jpeg":
         jpegs.sort()
-        arrays["frames"] = _decode_jpegs(jpegs, where, key)
+        arrays["frames"] = _decode_jpegs(jpegs, where, key, (meta.get("view") or {}).get("size"))
     try:
         record = record_from_arrays(meta, arrays, codec)
         if frames_mode == "jpeg":
@@ -302,10 +325,11 @@ def decode_sample(sample: dict[str, Any], codec: Codec | None = None) -> TargetR
         raise StoreDamagedError(where, f"sample {key}: cannot rebuild the record: {type(e).__name__}: {e}") from e
 
 
-def _decode_jpegs(entries: list[tuple[str, bytes]], where: str, key: str) -> np.ndarray:
+def _decode_jpegs(entries: list[tuple[str, bytes]], where: str, key: str, size=None) -> np.ndarray:
     if not entries:
         raise StoreDamagedError(where, f"sample {key}: frames were stored as jpeg but none are present")
     try:
+        check_jpegs([data for _, data in entries], size)  # the dimensions a decoder would allocate
         return np.ascontiguousarray(decode_jpegs([data for _, data in entries]).numpy())  # [T, 3, H, W]
     except ValueError as e:
         raise StoreDamagedError(where, f"sample {key}: jpeg frames: {e}") from e

@@ -13,6 +13,10 @@ read, check the CRC, decompress — and leaves every numeric step to the trainin
   (int8 + scales, fp16, bf16 bits); the step dequantises them on the device (``Codec.decode_torch``).
 
 Damage raises :class:`~umt_distill.cache.record.StoreDamagedError` naming the tar and the sample.
+Nothing a file says is allocated before it is checked: a member's size against its byte range and the
+file, an entry's decoded size against what the spec allows (``record.record_layout``), a ``.npy``
+header against the bytes that follow it, a JPEG's dimensions against the view. ``view.json`` carries
+its own CRC-32C (:func:`seal_meta`), so every byte a sample's reader uses is covered by a checksum.
 The plain reader (``wds_store.iter_tar_records``, float32 records through ``webdataset``) is the
 reference this path is tested against.
 """
@@ -21,8 +25,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
+import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import google_crc32c
@@ -30,10 +37,21 @@ import numpy as np
 import torch
 
 from umt_distill.cache.codecs import compressor_from_suffix, decompress_bytes, get_codec
-from umt_distill.cache.record import StoreDamagedError, stored_names
+from umt_distill.cache.record import StoreDamagedError, layout_nbytes, shape_matches, stored_names
 from umt_distill.data.jpeg import decode_jpegs
 
 _BLOCK = 512
+#: ``view.json``'s own checksum: CRC-32C of the file's bytes with this field's value written as
+#: ``"00000000"`` (8 lowercase hex digits otherwise). Samples written before it existed have none.
+META_CHECKSUM = "json_crc32c"
+_PLACEHOLDER = "00000000"
+_HEX8 = re.compile(r"^[0-9a-f]{8}$")
+#: Every field a ``view.json`` may hold (formats 1 and 2). An unknown one is damage: a flipped bit in a
+#: field's *name* would otherwise drop the field silently (for the checksum field: the check itself).
+META_FIELDS = frozenset({"clip_id", "view_index", "view", "frames_digest", "codec", "compressor", "mode", "frames",
+                         "group", "crc32c", "crc32", META_CHECKSUM})
+#: Room for an ``.npy`` header beside an entry's array data (format 1.0 headers are at most 65545 bytes).
+NPY_HEADER_MAX = 65_546
 
 
 def entry_checksum(data: bytes) -> int:
@@ -52,6 +70,31 @@ def check_entry(meta: dict[str, Any], entry: str, data: bytes) -> bool:
     return want is None or zlib.crc32(data) == want
 
 
+def seal_meta(meta: Mapping[str, Any]) -> bytes:
+    """A sample's ``view.json`` bytes with their own CRC-32C (:data:`META_CHECKSUM`) inside.
+
+    The JSON is written with sorted keys and the field's value as ``"00000000"``; the CRC-32C of those
+    bytes then replaces the placeholder (same length). A reader undoes the replacement and recomputes.
+    """
+    text = json.dumps({**meta, META_CHECKSUM: _PLACEHOLDER}, sort_keys=True).encode()
+    field = f'"{META_CHECKSUM}": "{_PLACEHOLDER}"'.encode()
+    return text.replace(field, f'"{META_CHECKSUM}": "{entry_checksum(text):08x}"'.encode(), 1)
+
+
+def check_meta_checksum(data: bytes, meta: Mapping[str, Any]) -> None:
+    """Raise ValueError unless ``view.json``'s bytes match the checksum inside them (none: an older sample)."""
+    value = meta.get(META_CHECKSUM)
+    if value is None:
+        return
+    if not isinstance(value, str) or not _HEX8.match(value):
+        raise ValueError(f"{META_CHECKSUM} is {value!r}, not 8 hex digits")
+    field = f'"{META_CHECKSUM}": "{value}"'.encode()
+    if bytes(data).count(field) != 1:
+        raise ValueError(f"{META_CHECKSUM} is not written as the writer writes it")
+    if entry_checksum(bytes(data).replace(field, f'"{META_CHECKSUM}": "{_PLACEHOLDER}"'.encode())) != int(value, 16):
+        raise ValueError("checksum mismatch (CRC32C of view.json; corrupted metadata)")
+
+
 def _open(url: str) -> BinaryIO:
     if "://" in url:
         import fsspec
@@ -60,12 +103,29 @@ def _open(url: str) -> BinaryIO:
     return open(url, "rb", buffering=0)  # unbuffered: every read lands once, in its own buffer
 
 
+def _file_size(f: Any) -> int | None:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        size = getattr(f, "size", None)
+        return int(size) if isinstance(size, int) else None
+
+
+def _tar_number(field: bytes) -> int:
+    """A numeric tar header field: octal text, or GNU base-256 (first byte 0x80: big-endian binary)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    if field[:1] == b"\xff":
+        raise ValueError("negative base-256 number")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
 def _header(block: bytes, url: str, pos: int) -> tuple[str, int]:
     """(member name, data size) of a ustar header block; damage raises StoreDamagedError."""
     stored = block[148:156].split(b"\0", 1)[0].strip()
     try:
         checksum = int(stored or b"0", 8)
-        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = _tar_number(block[124:136])
     except ValueError:
         raise StoreDamagedError(url, f"byte {pos}: not a tar header (truncated or corrupt tar?)") from None
     if checksum != sum(block) - sum(block[148:156]) + 8 * 32:
@@ -82,11 +142,17 @@ def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None) -> 
     """Samples ``(key, {entry: bytes})`` of the tar members in ``[offset, offset + nbytes)``.
 
     The range must start at a member header (a group's offset from ``index.json``); ``nbytes=None``
-    reads to the end-of-archive marker (a whole format-1 tar).
+    reads to the end-of-archive marker (a whole format-1 tar). A member whose header claims more bytes
+    than its range (or the file) holds is damage, raised before anything of that size is allocated.
     """
     end = None if nbytes is None else offset + nbytes
     key, entries, pos = None, {}, offset
     with _open(url) as f:
+        size_of_file = _file_size(f)
+        if size_of_file is not None and end is not None and end > size_of_file:
+            raise StoreDamagedError(url, f"byte {size_of_file}: the file ends inside the range [{offset}, {end}) "
+                                         "that index.json records (truncated tar, or a wrong index.json)")
+        stop = end if end is not None else size_of_file
         f.seek(offset)
         while end is None or pos < end:
             block = f.read(_BLOCK)
@@ -100,6 +166,10 @@ def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None) -> 
                 break
             name, size = _header(block, url, pos)
             padded = size + (-size % _BLOCK)
+            if stop is not None and pos + _BLOCK + padded > stop:
+                what = "its group's byte range (index.json)" if end is not None else "the file"
+                raise StoreDamagedError(url, f"byte {pos}: member {name!r} claims {size} bytes, past the end of "
+                                             f"{what} at byte {stop} (corrupt tar header)")
             data = f.read(padded)
             if len(data) < padded:
                 raise StoreDamagedError(url, f"member {name}: {len(data)} of {padded} bytes (truncated tar)")
@@ -116,20 +186,30 @@ def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None) -> 
 
 
 class _NpyHeaders:
-    """``.npy`` headers parsed once: every record of a store repeats the same few headers."""
+    """``.npy`` headers parsed once: every record of a store repeats the same few headers.
+
+    A header is bounded by the bytes that hold it, and the array it declares must be exactly the bytes
+    that follow it: nothing a header claims is allocated (arrays are views of the entry's bytes).
+    """
+
+    MAX_KNOWN = 64  # distinct headers remembered (a store has a handful)
 
     def __init__(self) -> None:
         self._known: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
     def parse(self, raw: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], int]:
-        """(dtype, shape, data offset) of one ``.npy`` file's bytes."""
-        if raw[:6] != b"\x93NUMPY":
+        """(dtype, shape, data offset) of one ``.npy`` file's bytes; ValueError if they disagree."""
+        if len(raw) < 10 or raw[:6] != b"\x93NUMPY":
             raise ValueError("not a .npy file")
         major = raw[6]
         if major == 1:
             end = 10 + int.from_bytes(raw[8:10], "little")
-        else:
+        elif major in (2, 3) and len(raw) >= 12:
             end = 12 + int.from_bytes(raw[8:12], "little")
+        else:
+            raise ValueError(f".npy format version {major} is not one this reader knows")
+        if end > len(raw):
+            raise ValueError(f".npy header claims {end} bytes, the entry has {len(raw)}")
         head = bytes(raw[:end])
         known = self._known.get(head)
         if known is None:
@@ -139,8 +219,79 @@ class _NpyHeaders:
             shape, fortran, dtype = read(buf)
             if fortran or dtype.hasobject:
                 raise ValueError(f"unsupported .npy layout (fortran_order={fortran}, dtype={dtype})")
-            known = self._known[head] = (dtype, tuple(shape), end)
+            known = (dtype, tuple(int(x) for x in shape), end)
+            if len(self._known) < self.MAX_KNOWN:
+                self._known[head] = known
+        dtype, shape, end = known
+        want = math.prod(shape) * dtype.itemsize  # exact Python ints: a huge claim cannot wrap around
+        if want != len(raw) - end:
+            raise ValueError(f".npy header declares {dtype} {list(shape)} ({want} bytes), the entry holds "
+                             f"{len(raw) - end} bytes of data")
         return known
+
+    def array(self, raw: bytes | memoryview) -> np.ndarray:
+        """The array of one ``.npy`` file's bytes: a read-only view of them, no copy, no allocation."""
+        dtype, shape, start = self.parse(raw)
+        return np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
+
+
+_HEADERS = _NpyHeaders()
+
+
+def npy_array(raw: bytes | memoryview) -> np.ndarray:
+    """A ``.npy`` file's array, bounded by its bytes (what ``np.load`` does, minus trusting the header)."""
+    return _HEADERS.array(raw)
+
+
+def entry_limit(layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]] | None, name: str) -> int | None:
+    """The most bytes an entry named ``name`` may decode to: its exact ``.npy`` size when the spec fixes
+    it, else None (the codecs' general cap)."""
+    want = (layout or {}).get(name)
+    nbytes = None if want is None else layout_nbytes(*want)
+    return None if nbytes is None else nbytes + NPY_HEADER_MAX
+
+
+def check_npy(arr: np.ndarray, layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]] | None, name: str) -> None:
+    """Raise ValueError when a stored array's dtype or shape is not what the spec fixes."""
+    want = (layout or {}).get(name)
+    if want is not None and (arr.dtype != want[0] or not shape_matches(want[1], arr.shape)):
+        shape = [("*" if d < 0 else d) for d in want[1]]
+        raise ValueError(f"{arr.dtype} {list(arr.shape)}, the store's spec says {want[0]} {shape}")
+
+
+def jpeg_dimensions(data: bytes | memoryview) -> tuple[int, int]:
+    """``(height, width)`` from a JPEG's start-of-frame marker, read without decoding; ValueError if none."""
+    data = memoryview(data)
+    if bytes(data[:2]) != b"\xff\xd8":
+        raise ValueError("not a JPEG (no start-of-image marker)")
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise ValueError(f"byte {i}: not a JPEG marker")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before the data
+            break
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                break
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    raise ValueError("no JPEG frame header before the image data")
+
+
+def check_jpegs(jpegs: Sequence[bytes], size: Sequence[int] | None) -> None:
+    """Raise ValueError unless every JPEG declares the view's ``size`` ([H, W]): a decoder allocates what
+    the header says, so the header is checked against the (checksummed) view first."""
+    for t, data in enumerate(jpegs):
+        hw = jpeg_dimensions(data)
+        if size is not None and list(hw) != [int(x) for x in size]:
+            raise ValueError(f"frame {t}: the JPEG is {hw[0]}x{hw[1]}, the view is {size[0]}x{size[1]}")
 
 
 class BatchAssembler:
@@ -155,10 +306,14 @@ class BatchAssembler:
         jpeg_device: ``None``: decode the JPEGs here, into ``pixels`` (a CPU worker); else ship
             ``frames_jpeg`` (uint8, all frames concatenated) + ``frames_jpeg_sizes`` ([B, T]) for the
             step to decode on that device.
+        layout: The store's ``record.record_layout(spec, "wds")``: every entry's dtype and shape are
+            checked against it and its decoded size bounded by it (``None``: only the general cap).
     """
 
-    def __init__(self, batch_size: int, epoch: int | None, frames: str | None, jpeg_device: str | None = None) -> None:
+    def __init__(self, batch_size: int, epoch: int | None, frames: str | None, jpeg_device: str | None = None,
+                 layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]] | None = None) -> None:
         self.batch_size, self.epoch, self.frames, self.jpeg_device = batch_size, epoch, frames, jpeg_device
+        self.layout = layout
         self.headers = _NpyHeaders()
         self._codecs: dict[str, Any] = {}  # by name: only their part names are used here
         self._reset()
@@ -201,6 +356,10 @@ class BatchAssembler:
                 data = entries[entry]
                 if not check_entry(meta, entry, data):
                     raise StoreDamagedError(url, f"sample {key}: entry {entry}: checksum mismatch (CRC32C; corrupted data)")
+            try:
+                check_jpegs([entries[e] for e in frames], (meta.get("view") or {}).get("size"))
+            except ValueError as e:
+                raise StoreDamagedError(url, f"sample {key}: jpeg frames: {e}") from None
             if self.n and len(frames) != len(self.jpegs) // self.n:
                 raise StoreDamagedError(url, f"sample {key}: {len(frames)} jpeg frames, the batch's first sample has "
                                              f"{len(self.jpegs) // self.n}")
@@ -212,11 +371,14 @@ class BatchAssembler:
     def _entry_array(self, url: str, key: str, entry: str, data: bytes, meta: dict) -> np.ndarray:
         if not check_entry(meta, entry, data):
             raise StoreDamagedError(url, f"sample {key}: entry {entry}: checksum mismatch (CRC32C; corrupted data)")
+        name = entry.split(".npy")[0]
         try:
-            raw = decompress_bytes(compressor_from_suffix(entry), data) if not entry.endswith(".npy") else data
-            dtype, shape, start = self.headers.parse(raw)
-            count = int(np.prod(shape, dtype=np.int64))
-            return np.frombuffer(raw, dtype=dtype, count=count, offset=start).reshape(shape)
+            raw = data
+            if not entry.endswith(".npy"):
+                raw = decompress_bytes(compressor_from_suffix(entry), data, entry_limit(self.layout, name))
+            arr = self.headers.array(raw)
+            check_npy(arr, self.layout, name)
+            return arr
         except Exception as e:
             raise StoreDamagedError(url, f"sample {key}: entry {entry}: {type(e).__name__}: {e}") from e
 
@@ -266,12 +428,24 @@ def parse_meta(url: str, key: str, entries: dict[str, bytes]) -> dict[str, Any]:
         raise StoreDamagedError(url, f"sample {key}: no view.json (incomplete sample: truncated tar?)")
     try:
         meta = json.loads(data)
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON {type(meta).__name__}, not an object")
+        unknown = sorted(set(meta) - META_FIELDS)
+        if unknown:
+            raise KeyError(f"unknown field {unknown[0]!r}")
         meta["codec"], meta["clip_id"], meta["view_index"]  # noqa: B018 - presence check
         if "crc32c" not in meta and "crc32" not in meta:
             raise KeyError("crc32c")
-        return meta
     except Exception as e:
         raise StoreDamagedError(url, f"sample {key}: bad view.json: {type(e).__name__}: {e}") from e
+    try:
+        check_meta_checksum(data, meta)
+    except ValueError as e:
+        raise StoreDamagedError(url, f"sample {key}: view.json: {e}") from None
+    if not isinstance(meta["clip_id"], str) or isinstance(meta["view_index"], bool) or not isinstance(meta["view_index"], int):
+        raise StoreDamagedError(url, f"sample {key}: bad view.json: clip_id {meta['clip_id']!r}, view_index "
+                                     f"{meta['view_index']!r}")
+    return meta
 
 
 def decode_jpeg_batch(data: torch.Tensor, sizes: torch.Tensor, device: str | torch.device) -> torch.Tensor:

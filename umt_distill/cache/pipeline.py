@@ -1,18 +1,25 @@
 """``cache-teacher``: corpus → K views per clip → decode → teacher → codec → atomic shards.
 
+One writer per store, whatever the world size: rank 0 takes the store's lock (``cache/lock.py``)
+before any rank touches a file, and every rank learns whether it got it; a refused run stops on every
+rank, naming the holder. Rank 0 then creates the store or checks it against the recipe and the corpus
+(rows by content: rows appended to the manifest become new work, other changes are refused naming the
+row), and tells every rank the plan.
+
 Work is split into shards of ``cache.clips_per_shard`` consecutive clips; shard ``s`` belongs to rank
-``s % world_size``. A shard is finished when its sidecar ``shards/<name>.json`` exists; that file is
-written (atomically) only after the shard's data has been renamed into place. So a re-run keeps
-finished shards, deletes leftovers of unfinished ones, and redoes them; a killed run loses at most the
-shards in flight. Decoding runs in DataLoader workers, encoding and writing in a background thread, so
-the teacher forward is the only work on the main thread.
+``s % world_size``. Rows added to a grown corpus go into new shards after the existing ones (a shard
+never spans two growths: ``spec.corpus.extents``), so existing shards are never rewritten. A shard is
+finished when its sidecar ``shards/<name>.json`` exists; that file is written (atomically) only after
+the shard's data has been renamed into place. So a re-run keeps finished shards, deletes leftovers of
+unfinished ones, and redoes them; a killed run loses at most the shards in flight. Decoding runs in
+DataLoader workers, encoding and writing in a background thread, so the teacher forward is the only
+work on the main thread.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import math
+import os
 import queue
 import threading
 import time
@@ -22,21 +29,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from torch.utils.data import DataLoader
 
 from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_basis
+from umt_distill.cache.lock import LOCK_FILE, StoreLock, StoreLockedError
 from umt_distill.cache.messages import print_redone, print_summary
-from umt_distill.cache.record import TargetRecord, frames_digest
+from umt_distill.cache.record import StoreDamagedError, TargetRecord, frames_digest
 from umt_distill.cache.repair import plan_shard_work
-from umt_distill.cache.spec import SPEC_FORMAT, SpecMismatchError, check_spec, now_iso, package_versions, read_spec
+from umt_distill.cache.spec import (
+    CORPUS_FILE,
+    SPEC_FILE,
+    SPEC_FORMAT,
+    SpecMismatchError,
+    check_spec,
+    corpus_change,
+    corpus_location,
+    find_corpus,
+    now_iso,
+    package_versions,
+    read_corpus_rows,
+    read_spec,
+    write_corpus_rows,
+)
 from umt_distill.cache.stores import init_store_root, open_shard_writer, write_index
 from umt_distill.config import Recipe
 from umt_distill.data.clipviews import (
     ClipViewsDataset,
     worker_init,
 )
-from umt_distill.data.corpus import corpus_digest, read_corpus
+from umt_distill.data.corpus import ClipRow, corpus_digest, read_corpus
 from umt_distill.data.views import view_generator
 from umt_distill.io import atomic_write_json
 from umt_distill.registry import MASKS, load_all_parts
@@ -52,6 +82,7 @@ SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"
 FAILURES_FILE = "failures.jsonl"
 SUMMARY_FILE = "summary.jsonl"
+NEW_STORE = "cache into a new store (another cache.store)"
 
 
 @dataclass(frozen=True)
@@ -67,9 +98,20 @@ class ShardPlan:
         return f"shard-{self.index:06d}"
 
 
-def plan_shards(num_clips: int, clips_per_shard: int) -> list[ShardPlan]:
-    count = math.ceil(num_clips / clips_per_shard)
-    return [ShardPlan(i, i * clips_per_shard, min(num_clips, (i + 1) * clips_per_shard)) for i in range(count)]
+def plan_shards(num_clips: int, clips_per_shard: int, extents: list[int] | None = None) -> list[ShardPlan]:
+    """Shards of ``clips_per_shard`` consecutive rows, numbered in corpus order.
+
+    ``extents`` (``spec.corpus.extents``): the corpus size after each growth, ascending, the last one
+    ``num_clips``; no shard spans two extents, so the shards of rows already cached keep their rows
+    when rows are appended. Default: one extent, ``[num_clips]``.
+    """
+    plans: list[ShardPlan] = []
+    start = 0
+    for stop in extents or [num_clips]:
+        for first in range(start, stop, clips_per_shard):
+            plans.append(ShardPlan(len(plans), first, min(stop, first + clips_per_shard)))
+        start = stop
+    return plans
 
 
 def rank_shards(plans: list[ShardPlan], env: du.DistEnv) -> list[ShardPlan]:
@@ -88,8 +130,17 @@ def layout_options(cfg: Recipe) -> dict:
 
 
 def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
-    """The spec a run of ``cfg`` writes (identity fields + volatile ones filled later)."""
+    """The spec a run of ``cfg`` writes (identity fields + volatile ones filled later).
+
+    Paths are recorded absolute (the corpus also relative to the store, ``spec.corpus_location``), in
+    the ``corpus`` section and in the recipe, so ``cache verify`` and ``--repair`` work from any folder.
+    The pipeline adds ``corpus.rows`` (the checksum of ``corpus.jsonl``) and ``corpus.extents``.
+    """
     v, c = cfg.views, cfg.cache
+    recipe = cfg.model_dump(mode="json")
+    location = corpus_location(cfg.corpus.source, cfg.corpus.root, c.store)
+    recipe["corpus"].update(source=location["source"], root=location["root"])
+    recipe["cache"]["store"] = os.path.abspath(Path(c.store).expanduser())
     return {
         "format": SPEC_FORMAT,
         "teacher": teacher.describe(),  # records the precision actually used (CPU: fp32)
@@ -107,12 +158,12 @@ def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
         "codec": {"name": c.codec, "compressor": c.compressor, **codec_spec_fields(cfg)},
         "layout": c.layout,
         "frames": c.frames,
-        "corpus": {"source": str(cfg.corpus.source), "root": cfg.corpus.root, "digest": corpus_digest, "num_clips": len(rows)},
+        "corpus": {**location, "digest": corpus_digest, "num_clips": len(rows)},
         "clips_per_shard": c.clips_per_shard,
         "status": "in_progress",
         "created": now_iso(),
         "versions": package_versions(),
-        "recipe": cfg.model_dump(mode="json"),
+        "recipe": recipe,
     }
 
 
@@ -188,85 +239,197 @@ class _Writer:
 # the run
 
 
-def _prepare_store(cfg: Recipe, spec: dict, env: du.DistEnv) -> Path:
-    """Create the store (rank 0) or check that an existing one was written by the same recipe."""
-    root = Path(cfg.cache.store)
+def _refuse_foreign_folder(root: Path) -> None:
+    """Refuse to write into a folder that holds something other than a store (checked before the lock
+    file is created in it, and again once the lock is held)."""
+    if (root / SPEC_FILE).exists() or not root.is_dir():
+        return
+    # What a store holds before its spec.json: the lock, its corpus rows, temporaries of an interrupted
+    # creation. A folder with only these is a fresh store.
+    foreign = sorted(p.name for p in root.iterdir()
+                     if p.name not in (LOCK_FILE, CORPUS_FILE) and not p.name.startswith(".tmp-"))
+    if foreign:
+        raise CacheError(f"{root} exists, is not empty ({foreign[0]} ...) and has no spec.json: it is not a "
+                         f"cache store; refusing to write into it — use another cache.store")
+
+
+def _take_store_lock(root: Path, env: du.DistEnv, purpose: str) -> StoreLock | None:
+    """Rank 0 takes the store's lock before any rank touches a file; every rank learns the outcome and
+    a refused run stops on every rank (rank 0's message names the holder). Rank 0 returns the lock."""
+    lock, refusal = None, None
     if env.is_main:
         try:
-            _create_store(root, cfg, spec)
+            _refuse_foreign_folder(root)
+            lock = StoreLock(root, purpose).acquire()
+        except (StoreLockedError, CacheError) as e:
+            refusal = str(e)
         except OSError as e:  # read-only or full disk, no permission: say so before any work
-            raise CacheError(f"cannot write the store {root}: {e.strerror or e}") from None
-    du.barrier()
-    return root
+            refusal = f"cannot write the store {root}: {e.strerror or e}"
+    refusal = du.broadcast_object(refusal)
+    if refusal is not None:
+        raise CacheError(refusal if env.is_main else
+                         f"rank {env.rank} stops: rank 0 did not get the store {root} (its message says why)")
+    return lock
 
 
-def _create_store(root: Path, cfg: Recipe, spec: dict) -> None:
-    spec_path = root / "spec.json"
+def _decided_by_rank0(env: du.DistEnv, decide):
+    """Run ``decide()`` on rank 0 and give its result to every rank; if it fails, every rank raises
+    :class:`CacheError` (rank 0 with its message), instead of the others waiting for a rank that left."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = decide()
+        except CacheError as e:
+            error = str(e)
+        except Exception as e:  # a bug: the other ranks stop, rank 0 keeps the traceback
+            du.broadcast_object((None, f"rank 0 failed: {type(e).__name__}: {e}"))
+            raise
+    result, error = du.broadcast_object((result, error))
+    if error is not None:
+        raise CacheError(error if env.is_main else f"rank {env.rank} stops: {error}")
+    return result
+
+
+def _prepare_store(root: Path, cfg: Recipe, spec: dict, rows: list[ClipRow], console: Console | None) -> dict:
+    """Rank 0, holding the lock: create the store, or check an existing one against the recipe and the
+    corpus and record a grown corpus. Returns the spec in effect (its ``corpus.extents`` plan the shards)."""
+    for leftover in root.glob(".tmp-*"):  # temporaries of a killed run; no other run is writing
+        if leftover.is_file():
+            leftover.unlink()
+    spec_path = root / SPEC_FILE
     if spec_path.exists():
         try:
-            check_spec(read_spec(root), spec, f"cannot resume into {root}")
+            stored = read_spec(root)
+            check_spec(stored, spec, f"cannot resume into {root}", skip=("corpus",))
         except (SpecMismatchError, ValueError) as e:
-            raise CacheError(f"{e}\n  (use another cache.store, or delete {root} to start over)") from None
-    elif root.exists() and any(root.iterdir()):
-        raise CacheError(f"{root} exists, is not empty and has no spec.json: refusing to write into it")
-    (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    if not spec_path.exists():
-        init_store_root(root, cfg.cache.layout, {"umt_distill_spec": "spec.json"})
-        atomic_write_json(spec_path, spec)
+            raise CacheError(f"{e}\n  (the store keeps the settings it was cached with: {NEW_STORE})") from None
+        extents, added = _check_corpus(root, stored, rows, cfg.corpus.source)
+        rows_info = write_corpus_rows(root, rows) if added or (stored["corpus"].get("rows") is None) \
+            else stored["corpus"]["rows"]
+        current = {**stored, "corpus": {**spec["corpus"], "rows": rows_info, "extents": extents},
+                   "recipe": spec["recipe"], "updated": now_iso()}
+        if added:
+            current["status"] = "in_progress"  # complete again when the new shards are in the index
+            if console is not None:
+                console.print(f"{escape(str(cfg.corpus.source))}: {added} row(s) added since the store was "
+                              f"cached; caching them into new shards", highlight=False)
+    else:
+        _refuse_foreign_folder(root)
+        rows_info = write_corpus_rows(root, rows)  # before spec.json: a folder without one is still fresh
+        current = {**spec, "corpus": {**spec["corpus"], "rows": rows_info, "extents": [len(rows)] if rows else []}}
+    atomic_write_json(spec_path, current)
+    init_store_root(root, cfg.cache.layout, {"umt_distill_spec": SPEC_FILE})  # also on resume: idempotent
+    return current
 
 
-def _lock(root: Path, env: du.DistEnv):
-    """One writer per (store, rank): a second run on the same store refuses instead of corrupting it."""
-    path = root / f".lock-rank{env.rank}"
-    handle = open(path, "w")
+def _check_corpus(root: Path, stored: dict, rows: list[ClipRow], source) -> tuple[list[int], int]:
+    """Compare the manifest's rows with the store's by content. Returns the extents after this run and
+    how many rows were appended; any other change raises :class:`CacheError` naming the first row."""
+    corpus = stored.get("corpus") or {}
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise CacheError(f"{root} is being written by another cache-teacher run (lock {path} is held)") from None
-    return handle
+        old = read_corpus_rows(root, stored)
+    except StoreDamagedError as e:
+        raise CacheError(f"{e} — {NEW_STORE}") from None
+    if old is None:  # a store from before corpus.jsonl: only its digest (ids, absolute paths, times) is known
+        n = corpus.get("num_clips")
+        legacy = [ClipRow(r.id, r.path, start=r.start, end=r.end) for r in rows[: n or 0]]
+        if not isinstance(n, int) or n > len(rows) or corpus.get("digest") not in (
+                corpus_digest(legacy), corpus_digest(rows[:n])):
+            raise CacheError(f"{source}: its rows differ from those the store {root} was cached from (the store "
+                             f"predates per-row records, so the row cannot be named) — {NEW_STORE}")
+        done = n
+    else:
+        change = corpus_change(old, rows)
+        if change is not None:
+            raise CacheError(f"{source}: {change} — a store's rows cannot change (only rows appended at the end "
+                             f"of the manifest are added); {NEW_STORE}")
+        done = len(old)
+    extents = corpus.get("extents") or ([done] if done else [])
+    if not (all(isinstance(e, int) for e in extents) and extents == sorted(set(extents))
+            and (extents[-1] if extents else 0) == done):
+        raise CacheError(f"{root / SPEC_FILE}: corpus.extents {extents!r} do not end at its {done} rows "
+                         f"(modified) — {NEW_STORE}")
+    added = len(rows) - done
+    return (extents + [len(rows)] if added else extents), added
 
 
-def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_failed: bool = False) -> dict:
+def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_failed: bool = False,
+                  purpose: str = "cache-teacher") -> dict:
     """Run the teacher over the corpus and write the store; returns the summary (also in summary.jsonl).
 
     A re-run redoes unfinished shards and finished ones that are damaged (``repair.plan_shard_work``:
     data missing or resized; with ``deep`` any record unreadable); with ``retry_failed`` also the shards
-    holding failed clips that decode now. Each redone shard is named with its reason.
+    holding failed clips that decode now. Each redone shard is named with its reason. Rows appended to
+    the manifest since the last run are cached into new shards.
+
+    Args:
+        purpose: What the store's lock file says its holder is doing (a refused run names it).
     """
     env = du.init_distributed(backend="gloo", timeout_minutes=24 * 60)
     if not cfg.corpus.source:
         raise CacheError("corpus.source is empty: give a manifest or a folder (corpus.source=PATH)")
-    rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
+    root = Path(cfg.cache.store)
+    lock = _take_store_lock(root, env, purpose)
+    try:
+        return _cache_locked(cfg, root, env, progress, deep, retry_failed)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _corpus_source(cfg: Recipe, root: Path) -> tuple[str, str | None]:
+    """The recipe's corpus; if its manifest is gone and it is the one the store records (``cache verify
+    --repair`` passes the store's own recipe), the store's corpus where it lies now (``find_corpus``)."""
+    source, corpus_root = cfg.corpus.source, cfg.corpus.root
+    if Path(source).expanduser().exists() or not (root / SPEC_FILE).exists():
+        return source, corpus_root
+    try:
+        spec = read_spec(root)
+    except (FileNotFoundError, ValueError):
+        return source, corpus_root
+    if (spec.get("corpus") or {}).get("source") == os.path.abspath(Path(source).expanduser()):
+        return find_corpus(root, spec)
+    return source, corpus_root
+
+
+def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep: bool, retry_failed: bool) -> dict:
+    source, corpus_root = _corpus_source(cfg, root)
+    if (source, corpus_root) != (cfg.corpus.source, cfg.corpus.root):
+        cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"source": source, "root": corpus_root})})
+    rows = read_corpus(source, corpus_root)
     if cfg.cache.limit is not None:
         rows = rows[: cfg.cache.limit]
     device = du.resolve_device(cfg.cache.device, env)
     teacher = build_teacher(cfg, device)
-    spec = build_spec(cfg, teacher, rows, corpus_digest(rows))
-    root = _prepare_store(cfg, spec, env)
+    wanted = build_spec(cfg, teacher, rows, corpus_digest(rows))
+    console = Console(stderr=True) if progress else None
+
+    def prepare() -> dict:
+        try:
+            return _prepare_store(root, cfg, wanted, rows, console)
+        except OSError as e:  # read-only or full disk, no permission: say so before any work
+            raise CacheError(f"cannot write the store {root}: {e.strerror or e}") from None
+
+    spec = _decided_by_rank0(env, prepare)
     shards_dir = root / SHARDS_DIR
-    lock = _lock(root, env)
-    try:
-        ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
-        plans = plan_shards(len(rows), cfg.cache.clips_per_shard)
-        mine = rank_shards(plans, env)
-        todo, redone = plan_shard_work(shards_dir, cfg.cache.layout, mine, deep=deep, retry_failed=retry_failed,
-                                       rows=rows, cfg=cfg)
-        print_redone(redone, env, progress)
-        stats = _run_shards(cfg, rows, teacher, todo, shards_dir, device, env, progress)
-        stats["skipped_shards"] = len(mine) - len(todo)
-        stats["redone_shards"] = [{"shard": r.shard, "reason": r.reason} for r in redone]
-        du.barrier()
-        summary = finalize_store(root, plans, env) if env.is_main else {}
-    finally:
-        lock.close()
+    ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
+    plans = plan_shards(len(rows), cfg.cache.clips_per_shard, spec["corpus"]["extents"])
+    mine = rank_shards(plans, env)
+    todo, redone = plan_shard_work(shards_dir, cfg.cache.layout, mine, deep=deep, retry_failed=retry_failed,
+                                   rows=rows, cfg=cfg)
+    print_redone(redone, env, progress)
+    stats = _run_shards(cfg, rows, teacher, todo, shards_dir, device, env, progress)
+    stats["skipped_shards"] = len(mine) - len(todo)
+    stats["redone_shards"] = [{"shard": r.shard, "reason": r.reason} for r in redone]
     du.barrier()
+    summary = _decided_by_rank0(env, lambda: finalize_store(root, plans, env))
     summary = {**summary, **{f"rank{env.rank}_{k}": v for k, v in stats.items()}}
     if env.is_main:
         with open(root / SUMMARY_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(summary) + "\n")
         if progress:
             print_summary(root, summary)
+    du.barrier()
     return summary
 
 

@@ -10,8 +10,10 @@
 - a folder: every video/image below it (hidden files skipped), id = path relative to the folder without
   suffix, rows sorted by id.
 
-Relative paths resolve against ``root`` or else the manifest's folder; paths with a URL scheme
-(``s3://...``) are kept as written. Other columns/keys are ignored, unless they look like a misspelt
+Relative paths resolve against ``root`` or else the manifest's folder (never the current folder); paths
+with a URL scheme (``s3://...``) are kept as written. Each row also keeps its path relative to that
+folder (``ClipRow.rel_path``): what a cache store records, so that a manifest rewritten with absolute
+paths, or moved together with its videos, still describes the same rows (``row_record``). Other columns/keys are ignored, unless they look like a misspelt
 known one (``caption``), which is an error. The reader validates the manifest only: a row whose video is
 missing or broken is a per-clip failure later, when the clip is decoded.
 
@@ -29,7 +31,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ VIDEO_SUFFIXES = frozenset(
 MEDIA_SUFFIXES = VIDEO_SUFFIXES | IMAGE_SUFFIXES
 REQUIRED_FIELDS = ("id", "path")
 OPTIONAL_FIELDS = ("label", "captions", "start", "end")
+ROW_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS  # a row's content, in this order (``row_record``)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _INT_LABEL = re.compile(r"^[+-]?\d+$")
 
@@ -64,7 +67,12 @@ _ErrorAt = Callable[[str], CorpusError]  # builds the error for the manifest lin
 
 @dataclass(frozen=True)
 class ClipRow:
-    """One clip of the corpus. ``start``/``end`` (seconds) limit it to a segment of the file."""
+    """One clip of the corpus. ``start``/``end`` (seconds) limit it to a segment of the file.
+
+    ``path`` is absolute (or a URL). ``rel_path`` is the same file relative to the folder the corpus's
+    relative paths resolve against (``root``, the manifest's folder, or the source folder), POSIX
+    separators (``videos/a.mp4``, ``../b.mp4``); a URL as written; None for rows built by hand.
+    """
 
     id: str
     path: str
@@ -72,6 +80,7 @@ class ClipRow:
     captions: tuple[str, ...] = ()
     start: float | None = None
     end: float | None = None
+    rel_path: str | None = field(default=None, compare=False, repr=False)
 
 
 def read_corpus(source: str | Path, root: str | Path | None = None) -> list[ClipRow]:
@@ -93,7 +102,7 @@ def read_corpus(source: str | Path, root: str | Path | None = None) -> list[Clip
         return _read_folder(source)
     if not source.is_file():
         raise CorpusError(source, None, "corpus source not found")
-    base = Path(root).expanduser() if root is not None else source.parent
+    base = corpus_base(source, root)
     suffix = source.suffix.lower()
     if suffix == ".csv":
         records = _csv_records(source)
@@ -115,13 +124,43 @@ def read_corpus(source: str | Path, root: str | Path | None = None) -> list[Clip
 
 
 def corpus_digest(rows: Sequence[ClipRow]) -> str:
-    """SHA-256 (hex) over the rows' ids, paths, starts and ends, in order: the corpus's identity."""
+    """SHA-256 (hex) over the rows' ids, paths, starts and ends, in order: the corpus's identity.
+
+    Paths count relative to the corpus's folder (``ClipRow.rel_path`` where known), so the digest does
+    not change when the manifest and its videos move together, or from where the manifest was read.
+    """
     digest = hashlib.sha256()
     for row in rows:
         # One canonical JSON line per row; json writes floats with repr, which round-trips exactly.
-        digest.update(json.dumps([row.id, row.path, row.start, row.end], separators=(",", ":")).encode())
+        path = row.rel_path if row.rel_path is not None else row.path
+        digest.update(json.dumps([row.id, path, row.start, row.end], separators=(",", ":")).encode())
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+def row_record(row: ClipRow) -> dict[str, Any]:
+    """A row's content as read, independent of where the manifest lies: ``id``, ``path`` (relative to the
+    corpus's folder, see ``ClipRow.rel_path``), ``label``, ``captions`` (a list), ``start``, ``end``.
+
+    Two manifests that differ only in column order, line endings, a byte-order mark, extra columns or
+    absolute vs relative spelling of the same files give equal records.
+    """
+    return {
+        "id": row.id,
+        "path": row.rel_path if row.rel_path is not None else row.path,
+        "label": row.label,
+        "captions": list(row.captions),
+        "start": row.start,
+        "end": row.end,
+    }
+
+
+def corpus_base(source: str | Path, root: str | Path | None = None) -> Path:
+    """The absolute folder that the corpus's relative paths resolve against (see :func:`read_corpus`)."""
+    source = Path(source).expanduser()
+    if source.is_dir():
+        return Path(os.path.abspath(source))
+    return Path(os.path.abspath(Path(root).expanduser() if root is not None else source.parent))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,7 +248,9 @@ def _read_folder(folder: Path) -> list[ClipRow]:
             found[clip_id] = os.path.abspath(full)
     if not found:
         raise CorpusError(folder, None, f"no videos or images found (suffixes: {' '.join(sorted(MEDIA_SUFFIXES))})")
-    return [ClipRow(id=clip_id, path=found[clip_id]) for clip_id in sorted(found)]
+    base = os.path.abspath(folder)
+    return [ClipRow(id=clip_id, path=found[clip_id], rel_path=Path(os.path.relpath(found[clip_id], base)).as_posix())
+            for clip_id in sorted(found)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,8 +267,10 @@ def _make_row(record: dict[str, Any], from_csv: bool, base: Path, error: _ErrorA
     path = record["path"]
     if not isinstance(path, str) or not path.strip():
         raise error(f"empty or non-string path {path!r}")
+    rel_path = path
     if not _URL.match(path):
         path = os.path.abspath(base / Path(path).expanduser())
+        rel_path = Path(os.path.relpath(path, base)).as_posix()
     start = _seconds(record.get("start"), "start", from_csv, error)
     end = _seconds(record.get("end"), "end", from_csv, error)
     if start is not None and end is not None and start >= end:
@@ -239,6 +282,7 @@ def _make_row(record: dict[str, Any], from_csv: bool, base: Path, error: _ErrorA
         captions=_captions(record.get("captions"), from_csv, error),
         start=start,
         end=end,
+        rel_path=rel_path,
     )
 
 

@@ -141,6 +141,20 @@ def gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj=None, src: int = 0):
+    """Rank ``src``'s ``obj`` (picklable), on every rank; ``obj`` itself in one process.
+
+    Used where one rank decides for all (rank 0 takes a store's lock, checks its spec) and every rank
+    must act on the decision, e.g. stop together with the same message instead of waiting in the next
+    collective for a rank that has gone.
+    """
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)  # sync point
+    return box[0]
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums every rank's gradient for the local slice."""
 

@@ -8,12 +8,14 @@ records is a handful of files, not thousands. See ``cache/FORMAT.md``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from umt_distill.cache.codecs import (
@@ -27,17 +29,40 @@ from umt_distill.cache.record import (
     StoreDamagedError,
     TargetRecord,
     check_new_key,
+    layout_nbytes,
     record_arrays,
     record_from_arrays,
     record_jpegs,
+    record_layout,
+    shape_matches,
     stored_names,
 )
+from umt_distill.cache.wds_stream import check_jpegs
 from umt_distill.data.jpeg import decode_jpegs
 from umt_distill.io import fsync_dir, fsync_tree
 
-FORMAT_VERSION = 1
+#: 2: the shard group's attributes carry their own CRC-32C (``attrs_crc32c``). 1 is still read.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 SUFFIX = ".zarr"
 FRAME_MODES = ("none", "raw", "jpeg")
+#: CRC-32C of the shard group's other attributes, as :func:`attrs_checksum` serialises them.
+ATTRS_CHECKSUM = "attrs_crc32c"
+#: Every attribute a shard group may hold; an unknown one is damage (a flipped bit in a *name* would
+#: otherwise drop an attribute silently, the checksum's own included).
+ATTRS_FIELDS = frozenset({"umt_distill_format", "layout", "codec", "compressor", "mode", "frames", "records", "views",
+                          "frames_digests", ATTRS_CHECKSUM})
+_ABSENT = 2**64 - 1  # a shard index entry of a chunk that was never written: (offset, nbytes) both all ones
+_INDEX_ENTRY = 16  # uint64 offset + uint64 nbytes
+_CRC = 4
+
+
+def attrs_checksum(attrs: dict[str, Any]) -> int:
+    """CRC-32C of a shard group's attributes (all but :data:`ATTRS_CHECKSUM`) in canonical JSON: sorted
+    keys, no spaces (``separators=(",", ":")``), ASCII only; zarr may re-indent ``zarr.json`` freely."""
+    rest = {k: v for k, v in attrs.items() if k != ATTRS_CHECKSUM}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return google_crc32c.value(text.encode())
 
 # Axis names written into each array's metadata, so a plain zarr user sees what the axes mean.
 _AXES = {
@@ -152,7 +177,7 @@ class ZarrShardWriter:
         }
 
     def _attributes(self, records: list) -> dict[str, Any]:
-        return {
+        attrs = {
             "umt_distill_format": FORMAT_VERSION,
             "layout": "zarr",
             "codec": self.codec_name,
@@ -163,6 +188,8 @@ class ZarrShardWriter:
             "views": [m["view"] for m in self._meta],
             "frames_digests": [m["frames_digest"] for m in self._meta],
         }
+        # zarr.json has no checksum of its own: the records, views and digests it holds get one here.
+        return {**attrs, ATTRS_CHECKSUM: attrs_checksum(json.loads(json.dumps(attrs)))}
 
     def _write_array(self, group: Any, name: str, n: int) -> None:
         first = self._rows[0][name]
@@ -222,6 +249,8 @@ def read_stored_many(requests: list[tuple[ZarrShardReader, int]], names_of) -> l
         return await asyncio.gather(*(requests[i][0].read_stored_async(requests[i][1], name) for i, name in jobs),
                                     return_exceptions=True)
 
+    for i, name in jobs:  # the shard index of each array first (once per array): absent chunks, bounds
+        requests[i][0].check_index(name, requests[i][1])
     arrays: list[dict[str, np.ndarray]] = [{} for _ in requests]
     for (i, name), got in zip(jobs, sync(gather())):
         shard, row = requests[i]
@@ -231,10 +260,53 @@ def read_stored_many(requests: list[tuple[ZarrShardReader, int]], names_of) -> l
     return [shard.describe(row, arrays[i]) for i, (shard, row) in enumerate(requests)]
 
 
-class ZarrShardReader:
-    """Random access to the records of one zarr shard group (opened once, read row by row)."""
+def _store_spec(path: str) -> dict[str, Any] | None:
+    """The spec.json of the store a shard group lies in (``<root>/shards/<name>.zarr``), if readable."""
+    root = str(path).rstrip("/").rsplit("/", 2)[0]
+    try:
+        if "://" in root:
+            import fsspec
 
-    def __init__(self, path: str, expected_records: list | None = None) -> None:
+            with fsspec.open(f"{root}/spec.json", "rt", encoding="utf-8") as f:
+                spec = json.load(f)
+        else:
+            with open(f"{root}/spec.json", encoding="utf-8") as f:
+                spec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) and isinstance(spec.get("codec"), dict) else None
+
+
+def _read_tail(path: str, nbytes: int) -> tuple[int, bytes]:
+    """``(file size, its last nbytes bytes)``; FileNotFoundError if the file is missing."""
+    if "://" in path:
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(path)
+        size = int(fs.size(inner))
+        return size, bytes(fs.cat_file(inner, start=max(0, size - nbytes), end=size)) if size else b""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - nbytes))
+        return size, f.read(nbytes)
+
+
+class ZarrShardReader:
+    """Random access to the records of one zarr shard group (opened once, read row by row).
+
+    Opening checks what decides how bytes are read before any record is: the group's attributes (their
+    own CRC-32C, known fields, codec/mode/frames equal to the spec's) and every array's metadata (dtype,
+    shape, chunk and shard shape, codec chain) against the store's spec (``record.record_layout``).
+    Each array's shard index is checked on first use (:meth:`check_index`): every chunk present (plain
+    zarr reads an absent one as zeros) and inside the file.
+
+    Args:
+        path: The shard group (``<root>/shards/<name>.zarr``, or an fsspec URL).
+        expected_records: ``[[clip_id, view_index], ...]`` from ``index.json``.
+        spec: The store's spec (default: the ``spec.json`` of the store the shard lies in, if any).
+    """
+
+    def __init__(self, path: str, expected_records: list | None = None, spec: dict[str, Any] | None = None) -> None:
         import zarr
 
         self.path = path
@@ -243,6 +315,7 @@ class ZarrShardReader:
             attrs = dict(group.attrs)
         except Exception as e:  # missing dir, unreadable or invalid zarr.json
             raise StoreDamagedError(path, f"cannot open the shard's zarr group: {type(e).__name__}: {e}") from e
+        self._check_attrs(attrs)
         try:
             self.codec: Codec = get_codec(attrs["codec"])
             self.mode = attrs["mode"]
@@ -250,12 +323,17 @@ class ZarrShardReader:
             self.views = attrs["views"]
             self.digests = attrs["frames_digests"]
             self.frames_mode = attrs["frames"]
+            if not len(self.views) == len(self.digests) == len(self.records):
+                raise ValueError(f"{len(self.records)} records, {len(self.views)} views, {len(self.digests)} digests")
         except Exception as e:
             raise StoreDamagedError(f"{path}/zarr.json", f"bad shard attributes: {type(e).__name__}: {e}") from e
         if expected_records is not None and [tuple(r) for r in expected_records] != self.records:
             raise StoreDamagedError(path, "the shard's records differ from index.json")
+        spec = _store_spec(path) if spec is None else spec
+        self.layout = self._layout(attrs, spec)
         n = len(self.records)
         self.arrays = {}
+        self._index_ok: set[str] = set()
         names = stored_names(self.codec, self.mode, self.frames_mode == "raw")
         if self.frames_mode == "jpeg":
             names += ["frames_jpeg", "frames_jpeg_len"]
@@ -273,7 +351,105 @@ class ZarrShardReader:
                     f"{path}/{name}/{shard_file_key(arr.ndim)}",
                     f"{arr.nchunks - initialized} of {arr.nchunks} chunks missing (shard file deleted?)",
                 )
+            self._check_metadata(name, arr)
             self.arrays[name] = arr
+
+    def _check_attrs(self, attrs: dict[str, Any]) -> None:
+        where = f"{self.path}/zarr.json"
+        unknown = sorted(set(attrs) - ATTRS_FIELDS)
+        if unknown:
+            raise StoreDamagedError(where, f"bad shard attributes: unknown attribute {unknown[0]!r}")
+        version = attrs.get("umt_distill_format")
+        if version not in READABLE_FORMATS:
+            raise StoreDamagedError(where, f"bad shard attributes: umt_distill_format {version!r}, this reader knows "
+                                           f"{', '.join(map(str, READABLE_FORMATS))}")
+        if ATTRS_CHECKSUM in attrs or version >= 2:
+            if attrs.get(ATTRS_CHECKSUM) != attrs_checksum(attrs):
+                raise StoreDamagedError(where, "the shard's attributes (records, views, frame digests) fail their "
+                                               f"checksum {ATTRS_CHECKSUM} (corrupted metadata)")
+
+    def _layout(self, attrs: dict[str, Any], spec: dict[str, Any] | None) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """The arrays this shard must hold, from the spec (its attributes must agree with it)."""
+        if spec is not None:
+            want = {"codec": (spec.get("codec") or {}).get("name"), "compressor": (spec.get("codec") or {}).get("compressor"),
+                    "mode": (spec.get("mode") or {}).get("mode"), "frames": spec.get("frames")}
+            for key, value in want.items():
+                if value is not None and attrs.get(key) != value:
+                    raise StoreDamagedError(f"{self.path}/zarr.json",
+                                            f"the shard's {key} is {attrs.get(key)!r}, spec.json says {value!r}")
+        spec = spec or {}
+        merged = {**spec, "codec": {"name": attrs["codec"]}, "frames": attrs["frames"],  # equal where the spec says
+                  "mode": {**(spec.get("mode") or {}), "mode": attrs["mode"]}}
+        return record_layout(merged, "zarr")
+
+    def _check_metadata(self, name: str, arr: Any) -> None:
+        """An array's zarr.json against the spec, before any chunk is read: dtype, shape, one chunk per
+        record in one shard, and the codec chain (little-endian bytes, CRC32C per chunk and index)."""
+        where = f"{self.path}/{name}/zarr.json"
+        dtype, shape = self.layout[name]
+        if arr.dtype != dtype or not shape_matches(shape, arr.shape[1:]):
+            want = [len(self.records), *("*" if d < 0 else d for d in shape)]
+            raise StoreDamagedError(where, f"array {name} is {arr.dtype} {list(arr.shape)}, the store's spec says "
+                                           f"{dtype} {want} (edited metadata)")
+        problem = None
+        codecs = arr.metadata.codecs
+        sharding = codecs[0] if len(codecs) == 1 else None
+        if sharding is None or type(sharding).__name__ != "ShardingCodec":
+            problem = "not one sharding_indexed codec"
+        elif tuple(arr.shards or ()) != tuple(arr.shape) or tuple(sharding.chunk_shape) != (1, *arr.shape[1:]):
+            problem = f"shards {arr.shards} and chunks {tuple(sharding.chunk_shape)}, not one shard of one-record chunks"
+        elif str(getattr(sharding.index_location, "value", sharding.index_location)) != "end" or [
+                type(c).__name__ for c in sharding.index_codecs] != ["BytesCodec", "Crc32cCodec"]:
+            problem = "a shard index that is not bytes + crc32c at the end"
+        else:
+            inner = [type(c).__name__ for c in sharding.codecs]
+            endian = getattr(getattr(sharding.codecs[0], "endian", None), "value", None)
+            if inner[:1] != ["BytesCodec"] or inner[-1:] != ["Crc32cCodec"] or (dtype.itemsize > 1 and endian != "little"):
+                problem = f"inner codecs {inner} (endian {endian}), not little-endian bytes ... crc32c"
+        if problem:
+            raise StoreDamagedError(where, f"array {name}: {problem} (edited metadata)")
+
+    def check_index(self, name: str, row: int | None = None) -> None:
+        """Check array ``name``'s shard index once: its CRC-32C, every chunk present (zarr reads an absent
+        one as zeros) and inside the file (an uncompressed chunk of exactly its size). The index size is
+        fixed by the array's (checked) metadata, never read from the file. ``row``: the row being read,
+        named in the error."""
+        if name in self._index_ok:
+            return
+        arr = self.arrays[name]
+        path = self.shard_file(name)
+        prefix = f"row {row}: cannot read its chunk: " if row is not None else ""
+        n = len(self.records)
+        index_bytes = n * _INDEX_ENTRY + _CRC
+        try:
+            size, tail = _read_tail(path, index_bytes)
+        except FileNotFoundError:
+            raise StoreDamagedError(path, f"{prefix}{n} of {n} chunks missing (shard file deleted?)") from None
+        except OSError as e:
+            raise StoreDamagedError(path, f"{prefix}unreadable: {e}") from e
+        if size < index_bytes or google_crc32c.value(tail[:-_CRC]) != int.from_bytes(tail[-_CRC:], "little"):
+            raise StoreDamagedError(path, f"{prefix}the shard index (the file's last {index_bytes} bytes) fails its "
+                                          "CRC32C (truncated or corrupt shard file)")
+        entries = np.frombuffer(tail[:-_CRC], dtype="<u8").reshape(n, 2)
+        data_end = size - index_bytes
+        compressed = len(arr.metadata.codecs[0].codecs) > 2
+        exact = None if compressed else layout_nbytes(arr.dtype, tuple(arr.shape[1:]))
+        for r, (offset, nbytes) in enumerate(entries.tolist()):
+            if offset == _ABSENT and nbytes == _ABSENT:
+                raise StoreDamagedError(path, f"{prefix}the shard index marks the chunk of row {r} absent "
+                                              "(plain zarr would read zeros)")
+            if offset + nbytes > data_end or nbytes <= _CRC:
+                raise StoreDamagedError(path, f"{prefix}the shard index places row {r}'s chunk at bytes "
+                                              f"[{offset}, {offset + nbytes}), outside the data's [0, {data_end})")
+            if exact is not None and nbytes != exact + _CRC:
+                raise StoreDamagedError(path, f"{prefix}the shard index gives row {r}'s chunk {nbytes} bytes, its "
+                                              f"metadata {exact + _CRC}")
+        self._index_ok.add(name)
+
+    def check_indexes(self) -> None:
+        """:meth:`check_index` of every array."""
+        for name in self.arrays:
+            self.check_index(name)
 
     def shard_file(self, name: str) -> str:
         """The file holding all chunks of array ``name`` (one zarr shard spans the whole array)."""
@@ -290,6 +466,7 @@ class ZarrShardReader:
         """
         arrays = {}
         for name in self.arrays if names is None else names:
+            self.check_index(name, row)
             try:
                 arrays[name] = self.arrays[name][row]
             except Exception as e:  # checksum mismatch, truncated shard file, decompression error
@@ -315,8 +492,9 @@ class ZarrShardReader:
         }
         if "frames_jpeg" in arrays:  # decoded as training decodes them: the pixels the teacher saw
             data, lengths = arrays.pop("frames_jpeg"), arrays.pop("frames_jpeg_len")  # [T, L], [T]
-            meta["frames_jpeg"] = tuple(data[f, : int(n)].tobytes() for f, n in enumerate(lengths))
+            meta["frames_jpeg"] = tuple(data[f, : max(0, int(n))].tobytes() for f, n in enumerate(lengths))
             try:
+                check_jpegs(meta["frames_jpeg"], (self.views[row] or {}).get("size"))  # what a decoder would allocate
                 arrays["frames"] = np.ascontiguousarray(decode_jpegs(meta["frames_jpeg"]).numpy())  # [T, 3, H, W]
             except ValueError as e:
                 raise StoreDamagedError(self.shard_file("frames_jpeg"), f"row {row}: {e}") from e

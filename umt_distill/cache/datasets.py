@@ -26,9 +26,10 @@ from torch.utils.data import Dataset, IterableDataset
 from webdataset.utils import pytorch_worker_info
 
 from umt_distill.cache.basis import codec_for_store
-from umt_distill.cache.record import StoreDamagedError, part_name
+from umt_distill.cache.record import StoreDamagedError, part_name, record_layout
 from umt_distill.cache.spec import read_spec
 from umt_distill.cache.stores import CacheReader, read_index, shard_path
+from umt_distill.cache.wds_store import sample_key
 from umt_distill.cache.wds_stream import (
     BatchAssembler,
     decode_jpeg_batch,
@@ -155,6 +156,8 @@ class StreamingViewDataset(IterableDataset):
         self.num_views = int(spec["views"]["num_views"])
         self.seed = rotation_seed(spec, cfg)
         self.shards = read_index(self.store)["shards"]
+        # Every entry's dtype and shape as the spec fixes them (and so the most bytes it may decode to).
+        self.layout = record_layout(spec, "wds")
         self.grouped = all(len(s.get("groups", ())) == self.num_views for s in self.shards)
         if not self.grouped and self.num_views > 1:
             warnings.warn(f"{self.store}: a store without epoch-slot groups (format 1): every epoch reads all "
@@ -193,13 +196,28 @@ class StreamingViewDataset(IterableDataset):
         g = shard["groups"][self.epoch % self.num_views]
         return url, g["offset"], g["nbytes"]
 
+    def _expected(self, shard: dict, slot: int) -> tuple[list, int]:
+        """The index's records of the range an epoch reads from ``shard``, and the first one's row."""
+        if not self.grouped:
+            return shard["records"], 0
+        start = sum(g["num_records"] for g in shard["groups"][:slot])
+        return shard["records"][start : start + shard["groups"][slot]["num_records"]], start
+
     def _samples(self, shards: list[dict]) -> Iterator[tuple[str, str, dict, dict]]:
         slot = self.epoch % self.num_views
         for shard in shards:
             url, offset, nbytes = self._ranges(shard)
+            expected, _ = self._expected(shard, slot)
             count = 0
-            for key, entries in iter_range_samples(url, offset, nbytes):
-                meta = parse_meta(url, key, entries)
+            for row, (key, entries) in enumerate(iter_range_samples(url, offset, nbytes)):
+                meta = parse_meta(url, key, entries)  # checks view.json's own checksum
+                # The sample is the record index.json lists at its place: nothing trains twice or never.
+                want_key = sample_key(shard["name"], slot if self.grouped else 0, row)
+                keys = (want_key,) if self.grouped else (want_key, f"{shard['name']}_{row:06d}")  # format 1 keys
+                want = expected[row] if row < len(expected) else None
+                if key not in keys or want is None or [meta["clip_id"], meta["view_index"]] != list(want):
+                    raise StoreDamagedError(url, f"sample {key}: holds {meta['clip_id']!r} view {meta['view_index']}, "
+                                                 f"index.json lists {want} as sample {want_key}")
                 if self.grouped:
                     if meta.get("group") != slot:
                         raise StoreDamagedError(url, f"sample {key}: group {meta.get('group')}, index.json says {slot}")
@@ -225,7 +243,8 @@ class StreamingViewDataset(IterableDataset):
             samples = _shuffled(samples, self.shuffle, random.Random(f"samples:{self.seed}:{self.epoch}:{rank}:{worker}"))
         from_store = self.pixels and self.cfg.train.pixels_from == "store"
         from_video = self.pixels and not from_store
-        assembler = BatchAssembler(self.batch_size, self.epoch, "array" if from_store else None, self.jpeg_device)
+        assembler = BatchAssembler(self.batch_size, self.epoch, "array" if from_store else None, self.jpeg_device,
+                                   layout=self.layout)
         pixels: list[torch.Tensor] = []
         for url, key, entries, meta in samples:
             assembler.add(url, key, entries, meta)

@@ -69,9 +69,9 @@ def test_step_budget_of_several_sources_sums_their_steps() -> None:
 
 
 def test_step_budget_refuses_data_that_fills_no_step() -> None:
-    with pytest.raises(ValueError, match="5 videos per rank are fewer than one step of 2 x 3"):
+    with pytest.raises(ValueError, match="5 videos per rank are fewer than one step of train.batch_size=2 x train.accum_steps=3; lower"):
         step_budget(_cfg(), 5, 1, what="videos")
-    with pytest.raises(ValueError, match=r"the sources fill no step of 2 x 3 per rank: clips per rank \{'video': 5"):
+    with pytest.raises(ValueError, match=r"the sources fill no step of train.batch_size=2 x train.accum_steps=3 per rank \(clips per rank: \{'video': 5"):
         step_budget(_cfg(), {"video": 5, "image": 1}, 1)
 
 

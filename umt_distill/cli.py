@@ -48,7 +48,20 @@ OverridesArg = Annotated[
 ]
 
 
+# --debug (or UMT_DISTILL_DEBUG=1): errors come with their traceback. Without it a user error is one line.
+_DEBUG = {"on": os.environ.get("UMT_DISTILL_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Print the full traceback with an error.")] = False,
+) -> None:
+    _DEBUG["on"] = _DEBUG["on"] or debug
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    if _DEBUG["on"] and sys.exc_info()[0] is not None:
+        console.print_exception()
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # "[i4]" is text, not markup
     raise typer.Exit(code)
 
@@ -327,10 +340,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from umt_distill.data.video_base import VideoDecodeError
     from umt_distill.data.vl import CaptionError
     from umt_distill.models.checkpoints import CheckpointError
+    from umt_distill.teachers.clip import TeacherError
     from umt_distill.training.loop import NonFiniteLossError
 
-    return (CacheError, RecipeError, SpecMismatchError, FileNotFoundError, NonFiniteLossError, CorpusError,
-            StoreDamagedError, CheckpointError, LabelError, VideoDecodeError, CaptionError, TokenizerError)
+    # OSError: a file or folder that cannot be read or written (missing, permissions, disk full); its
+    # message names the path.
+    return (CacheError, RecipeError, SpecMismatchError, OSError, NonFiniteLossError, CorpusError,
+            StoreDamagedError, CheckpointError, LabelError, VideoDecodeError, CaptionError, TokenizerError,
+            TeacherError)
 
 
 @app.command()
@@ -386,3 +403,9 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except Exception as e:  # an error no check foresaw: one line unless --debug, never a silent exit
+        if _DEBUG["on"]:
+            raise
+        console.print(f"[bold red]error:[/] {escape(f'{type(e).__name__}: {e}'.splitlines()[0][:500])}\n"
+                      "  (unexpected: run again with --debug for the traceback, and please report it)", highlight=False)
+        sys.exit(EXIT_ERROR)

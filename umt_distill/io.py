@@ -56,3 +56,20 @@ def fsync_tree(path: str | Path) -> int:
                 os.close(fd)
         fsync_dir(dirpath)
     return total
+
+
+class NotWritableError(PermissionError):
+    """A folder the command must write cannot be created or written."""
+
+
+def check_writable(folder: str | Path, key: str) -> None:
+    """Fail now, naming ``key`` (the recipe key or option that chose ``folder``) and the reason, if
+    ``folder`` cannot be created or written: at the start of a run, not when its first checkpoint is due."""
+    folder = Path(folder)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise NotWritableError(f"{key}={folder} is not writable ({e.strerror or e}); choose another {key}") from None

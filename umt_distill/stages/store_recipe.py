@@ -60,6 +60,10 @@ def adopt_store_spec(cfg: Recipe, explicit: set[str] | frozenset[str] = frozense
     if not (store / SPEC_FILE).exists():
         return cfg, []
     spec = read_spec(store)
+    if cfg.train.pixels_from == "store" and spec.get("frames", "none") == "none":
+        raise RecipeError(f"{store}: the store holds no view frames (cached with cache.frames=none), so "
+                          "train.pixels_from=store has nothing to read; train with train.pixels_from=video, or "
+                          "cache a store with cache.frames=jpeg")
     keys = dict(STORE_KEYS)
     if _lookup(spec, ("mode", "mode")) == "visible":
         keys.update(VISIBLE_KEYS)

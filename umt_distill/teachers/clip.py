@@ -22,6 +22,8 @@ import difflib
 import hashlib
 import math
 import os
+import socket
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +131,14 @@ def _read_visual_state_dict(path: Path) -> tuple[dict[str, Tensor], bool]:
         ``(state, openai_visual)``: the tower's state dict, and whether the file is such a visual-only
         OpenAI extraction (which was trained with QuickGELU).
     """
-    state = open_clip.factory.load_state_dict(str(path))
+    try:
+        state = open_clip.factory.load_state_dict(str(path))  # safetensors, or torch.load(weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip readers raise many types
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise TeacherError(f"{path}: cannot read the teacher weights ({type(e).__name__}: {first}); is the file "
+                           "complete (an interrupted download?) and a weights file? Give another teacher.pretrained") from None
+    if not isinstance(state, dict) or not state:
+        raise TeacherError(f"{path}: holds no state dict of weights")
     openai_visual = not any(key.startswith("visual.") for key in state)
     if not openai_visual:
         state = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
@@ -139,6 +148,33 @@ def _read_visual_state_dict(path: Path) -> tuple[dict[str, Tensor], bool]:
         # UMT's teacher patch embed is a Conv3d with temporal kernel 1: [C, 3, 1, p, p] -> [C, 3, p, p]
         state["conv1.weight"] = conv.squeeze(2)
     return state, openai_visual
+
+
+# Hub weight files open_clip looks for in a tag's repository (newest first).
+_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _check_tag_reachable(name: str, tag: str, tag_cfg: dict[str, Any], timeout: float = 3.0) -> None:
+    """Fail within seconds, naming the offline alternative, when a tag's weights are neither in the local
+    Hugging Face cache nor downloadable (offline machine, HF_HUB_OFFLINE=1): open_clip would otherwise
+    retry for about a minute and end in a traceback."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo = str(tag_cfg.get("hf_hub") or "").rstrip("/")
+    if repo and any(isinstance(try_to_load_from_cache(repo, f), str) for f in _HUB_FILES):
+        return  # downloaded before: open_clip loads it from the cache
+    where = f"hf-hub:{repo}" if repo else str(tag_cfg.get("url") or "its download address")
+    fix = (f"download the weights where there is network (e.g. {_HUB_FILES[1]} of {where}) and pass the file: "
+           f"teacher.pretrained=/path/to/{_HUB_FILES[1]}")
+    if constants.HF_HUB_OFFLINE:
+        raise TeacherError(f"pretrained={tag!r} of {name!r} must be downloaded ({where}), but HF_HUB_OFFLINE is set "
+                           f"and it is not in the local cache; {fix}")
+    host = urllib.parse.urlparse(constants.ENDPOINT if repo else str(tag_cfg.get("url", ""))).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+    except OSError as e:
+        raise TeacherError(f"pretrained={tag!r} of {name!r} must be downloaded ({where}), but {host} cannot be "
+                           f"reached ({e}); {fix}") from None
 
 
 def _set_grid(visual: VisionTransformer, grid: tuple[int, int]) -> None:
@@ -292,6 +328,8 @@ class ClipTeacher(nn.Module):
             # vision tower only. open_clip 3.x merely *warns* when a tag trained with QuickGELU (OpenAI's)
             # meets a GELU config such as "ViT-B-16", so force the activation the weights were trained with.
             tag_cfg = {} if schema else open_clip.get_pretrained_cfg(model_name, pretrained)
+            if not schema:
+                _check_tag_reachable(name, pretrained, tag_cfg)
             with torch.random.fork_rng(devices=[]):
                 model = open_clip.create_model(
                     model_name,

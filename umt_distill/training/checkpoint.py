@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from umt_distill.io import atomic_write_text
+from umt_distill.io import atomic_write_text, check_writable
 from umt_distill.models.checkpoints import LATEST, latest_checkpoint
 from umt_distill.training.state_file import load_state, save_state
 
@@ -82,6 +82,7 @@ def find_resume_checkpoint(out_dir: str | Path, resume: str | Path | None = None
     Raises:
         FileNotFoundError: ``resume`` was given but holds no checkpoint.
     """
+    check_writable(out_dir, "train.output_dir")  # every rank: a run that cannot save stops before it starts
     if resume is not None:
         ckpt = latest_checkpoint(resume) if Path(resume).exists() else None
         if ckpt is None:

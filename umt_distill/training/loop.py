@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from umt_distill.config import Recipe, recipe_to_yaml
+from umt_distill.config import Recipe, RecipeError, recipe_to_yaml
 from umt_distill.training.checkpoint import resume_training, rng_state, save_checkpoint
 from umt_distill.training.distributed import DistEnv, barrier
 from umt_distill.training.metrics import MetricsLogger
@@ -107,12 +107,15 @@ def step_budget(cfg: Recipe, items_per_rank: int | Mapping[str, int], world_size
         source_steps = {name: n // per_step for name, n in items_per_rank.items()}
         steps_per_epoch = sum(source_steps.values())
         if steps_per_epoch == 0:
-            raise ValueError(f"the sources fill no step of {t.batch_size} x {t.accum_steps} per rank: "
-                             f"{what} per rank {dict(items_per_rank)}")
+            raise RecipeError(f"the sources fill no step of train.batch_size={t.batch_size} x train.accum_steps="
+                              f"{t.accum_steps} per rank ({what} per rank: {dict(items_per_rank)}); lower "
+                              "train.batch_size, or train on more clips or fewer ranks")
     else:
         source_steps, steps_per_epoch = {}, items_per_rank // per_step
         if steps_per_epoch == 0:
-            raise ValueError(f"{items_per_rank} {what} per rank are fewer than one step of {t.batch_size} x {t.accum_steps}")
+            raise RecipeError(f"{items_per_rank} {what} per rank are fewer than one step of train.batch_size="
+                              f"{t.batch_size} x train.accum_steps={t.accum_steps}; lower train.batch_size, or train "
+                              "on more clips or fewer ranks")
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     lr, lrs = lr_schedule(cfg.optim, per_step * world_size * clips_per_item, total_steps, steps_per_epoch)
     return StepBudget(steps_per_epoch, total_steps, lr, lrs, source_steps)

@@ -391,6 +391,19 @@ def test_unreadable_file(tmp_path: Path, media, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_anamorphic_video_is_refused_by_name(tmp_path, frames, backend: str) -> None:
+    from fractions import Fraction
+
+    path = write_video(tmp_path / "anamorphic.mp4", frames[:6], sample_aspect_ratio=Fraction(4, 3))
+    with pytest.raises(VideoDecodeError, match=r"anamorphic\.mp4: non-square pixels \(sample aspect ratio 4:3\) "
+                                                r"are not supported; re-encode with square pixels"):
+        open_video(path, backend=backend)
+    square = write_video(tmp_path / "square.mp4", frames[:6], sample_aspect_ratio=Fraction(1, 1))
+    with open_video(square, backend=backend) as video:
+        assert video.info.num_frames == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_closed_reader_refuses(media, backend: str) -> None:
     reader = open_video(media["bframes_mp4"], backend=backend)
     reader.close()

@@ -76,6 +76,7 @@ def probe_video(container: Any, path: str) -> StreamIndex:
     width, height = stream.codec_context.width, stream.codec_context.height
     if width <= 0 or height <= 0:
         raise VideoDecodeError(path, f"video stream reports an invalid size {width}x{height}")
+    _check_square_pixels(stream, path)
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
 
@@ -100,6 +101,20 @@ def probe_video(container: Any, path: str) -> StreamIndex:
             fps = float((num_frames - 1) / ((pts[-1] - pts[0]) * time_base))
     info = VideoInfo(num_frames=num_frames, fps=fps, width=width, height=height)
     return StreamIndex(info, pts, keyframes, time_base, leading, container.format.name)
+
+
+def _check_square_pixels(stream: Any, path: str) -> None:
+    """Refuse anamorphic video (non-square pixels), whose frames are meant to be shown stretched.
+
+    Views crop and resize decoded frames in stored pixels; honouring a sample aspect ratio would mean
+    resampling every frame before the view, for the teacher and the student alike. Such files are rare
+    in training corpora and easy to fix once, so they are refused by name instead of silently squeezed.
+    """
+    for sar in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if sar is not None and sar.numerator > 0 and sar != 1:  # 0/1 or None: unknown, taken as square
+            raise VideoDecodeError(path, f"non-square pixels (sample aspect ratio {sar.numerator}:{sar.denominator}) "
+                                   "are not supported; re-encode with square pixels, e.g. ffmpeg -i IN -vf "
+                                   "scale=iw*sar:ih,setsar=1 OUT")
 
 
 def _declared_duration(container: Any, stream: Any, time_base: Fraction) -> float | None:

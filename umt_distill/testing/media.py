@@ -175,6 +175,7 @@ def write_video(
     options: dict[str, str] | None = None,
     pix_fmt: str | None = None,
     container_options: dict[str, str] | None = None,
+    sample_aspect_ratio: Fraction | None = None,
 ) -> Path:
     """Encode frames into a video file with PyAV; the container follows the suffix (.mp4, .mkv, .avi ...).
 
@@ -190,6 +191,8 @@ def write_video(
         pix_fmt: Encoder pixel format; by default ``yuv420p`` for libx264, ``rgb24`` for libx264rgb and
             ``bgr0`` for ffv1 (the RGB formats make lossless codecs bit-exact in RGB).
         container_options: Muxer options, e.g. ``{"movflags": "faststart"}`` to put the MP4 index first.
+        sample_aspect_ratio: Pixel aspect ratio to declare (anamorphic video, e.g. ``Fraction(4, 3)``);
+            None leaves it unset (square pixels).
 
     Returns:
         The path written.
@@ -209,6 +212,8 @@ def write_video(
         stream.codec_context.time_base = Fraction(1, fps)
         if options:
             stream.options = dict(options)
+        if sample_aspect_ratio is not None:
+            stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
         for t in range(num_frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[t]), format="rgb24")
             # Converted here on one thread (the encoder's own conversion is multithreaded on PyAV >= 17,

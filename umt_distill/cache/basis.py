@@ -22,6 +22,7 @@ import numpy as np
 from umt_distill.cache.codecs import Codec, CodecError, PcaCodec, get_codec
 from umt_distill.cache.record import StoreDamagedError
 from umt_distill.cache.spec import read_spec
+from umt_distill.cache.wds_stream import npy_array
 from umt_distill.data.clipviews import ClipFailure, decode_clip_views
 from umt_distill.io import atomic_write_bytes, atomic_write_json
 from umt_distill.training import distributed as du
@@ -136,7 +137,10 @@ def read_basis(root: str | Path, spec: dict[str, Any]) -> np.ndarray:
     if digest != entry["sha256"]:
         raise StoreDamagedError(path, f"{digest} differs from spec.json's basis {entry['sha256']}: the basis was "
                                 "replaced or damaged, and records coded in another basis decode to wrong numbers")
-    basis = np.load(io.BytesIO(data), allow_pickle=False)
+    try:
+        basis = npy_array(data).copy()  # bounded by the file's bytes: a header's claim is never allocated
+    except ValueError as e:
+        raise StoreDamagedError(path, f"not a valid .npy file: {e}") from None
     if list(basis.shape) != list(entry["shape"]):
         raise StoreDamagedError(path, f"shape {list(basis.shape)}, spec.json says {entry['shape']}")
     try:

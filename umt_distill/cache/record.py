@@ -209,6 +209,36 @@ def record_arrays(record: TargetRecord, codec: Codec, frames: bool) -> dict[str,
     return out
 
 
+def vector_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each vector (the last axis) of ``a`` against ``b``, in float64; two zero vectors count as 1."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, np.shape(a)[-1])
+    b = np.asarray(b, dtype=np.float64).reshape(-1, np.shape(b)[-1])
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0)
+
+
+class CodecErrorTally:
+    """The codec's reconstruction error over the records a shard writer encodes, measured at write time
+    on the exact float32 tokens the teacher produced: the worst per-token cosine (over D) between a
+    token and its decoding, and the largest absolute error. Shard writers return it in their close
+    info (``codec_error``), which the pipeline keeps in the shard's sidecar; ``cache verify`` holds the
+    store's records to it."""
+
+    def __init__(self) -> None:
+        self.min_cos, self.max_abs, self.records = 1.0, 0.0, 0
+
+    def add(self, codec: Codec, tokens: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
+        self.records += 1
+        if codec.lossless:
+            return
+        decoded = codec.decode({p: arrays[part_name("tokens", p)] for p in codec.parts})
+        self.min_cos = min(self.min_cos, float(vector_cosines(tokens, decoded).min()))
+        self.max_abs = max(self.max_abs, float(np.abs(decoded.astype(np.float64) - tokens).max(initial=0.0)))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"min_cos": self.min_cos, "max_abs": self.max_abs, "records": self.records}
+
+
 def check_new_key(record: TargetRecord, seen: set[tuple[str, int]]) -> None:
     """Validate a record about to be added to a shard holding ``seen`` keys; a repeated key is an error."""
     record.validate()

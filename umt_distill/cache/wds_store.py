@@ -35,6 +35,7 @@ from umt_distill.cache.codecs import (
     get_codec,
 )
 from umt_distill.cache.record import (
+    CodecErrorTally,
     StoreDamagedError,
     TargetRecord,
     check_new_key,
@@ -128,6 +129,7 @@ class WdsShardWriter:
         self._parts: dict[int, Any] = {}
         self._records: list[list[list]] = [[] for _ in range(self.num_groups)]  # per group, in write order
         self._keys: set[tuple[str, int]] = set()
+        self._error = CodecErrorTally()
         self._closed = False
 
     def _part_path(self, group: int) -> Path:
@@ -148,7 +150,9 @@ class WdsShardWriter:
         group = self.group_of(record)
         entries: dict[str, bytes] = {}
         sfx = entry_suffix(self.compressor)
-        for name, arr in record_arrays(record, self.codec, frames=self.frames == "raw").items():
+        arrays = record_arrays(record, self.codec, frames=self.frames == "raw")
+        self._error.add(self.codec, record.tokens, arrays)
+        for name, arr in arrays.items():
             entries[f"{name}.npy{sfx}"] = compress_bytes(self.compressor, _npy_bytes(arr), arr.dtype.itemsize)
         if self.frames == "jpeg":
             for t, data in enumerate(record_jpegs(record, self.jpeg_quality)):
@@ -173,9 +177,10 @@ class WdsShardWriter:
         """Concatenate the groups into the tar, fsync, rename to the final name; return the shard info.
 
         Returns:
-            ``{"name", "path", "num_records", "nbytes", "records", "groups"}``; ``records`` in tar order
-            (group 0's samples first), ``groups[g] = {"offset", "nbytes", "num_records"}`` the byte range
-            of group ``g``'s samples in the tar.
+            ``{"name", "path", "num_records", "nbytes", "records", "groups", "codec_error"}``; ``records``
+            in tar order (group 0's samples first), ``groups[g] = {"offset", "nbytes", "num_records"}`` the
+            byte range of group ``g``'s samples in the tar, ``codec_error`` the codec's worst
+            reconstruction error over the shard's records (``record.CodecErrorTally``).
         """
         if self._closed:
             raise RuntimeError(f"shard writer {self.name} is closed")
@@ -210,6 +215,7 @@ class WdsShardWriter:
             "nbytes": nbytes,
             "records": records,
             "groups": groups,
+            "codec_error": self._error.as_dict(),
         }
 
     def abort(self) -> None:

@@ -25,6 +25,7 @@ from umt_distill.cache.codecs import (
     zarr_compressors,
 )
 from umt_distill.cache.record import (
+    CodecErrorTally,
     RecordError,
     StoreDamagedError,
     TargetRecord,
@@ -111,6 +112,7 @@ class ZarrShardWriter:
         self._meta: list[dict[str, Any]] = []
         self._mode: str | None = None
         self._keys: set[tuple[str, int]] = set()
+        self._error = CodecErrorTally()
         self._closed = False
 
     def add(self, record: TargetRecord) -> None:
@@ -119,6 +121,7 @@ class ZarrShardWriter:
             raise RuntimeError(f"shard writer {self.name} is closed")
         check_new_key(record, self._keys)
         arrays = record_arrays(record, self.codec, self.frames)
+        self._error.add(self.codec, record.tokens, arrays)
         if self._rows:
             first = self._rows[0]
             if record.mode != self._mode or arrays.keys() != first.keys() or any(
@@ -142,7 +145,8 @@ class ZarrShardWriter:
         """Write the shard under its temporary name, fsync, rename to the final name.
 
         Returns:
-            ``{"name", "path", "num_records", "nbytes", "records"}``.
+            ``{"name", "path", "num_records", "nbytes", "records", "codec_error"}`` (``codec_error``: the
+            codec's worst reconstruction error over the shard's records, ``record.CodecErrorTally``).
         """
         import zarr
 
@@ -174,6 +178,7 @@ class ZarrShardWriter:
             "num_records": len(records),
             "nbytes": nbytes,
             "records": records,
+            "codec_error": self._error.as_dict(),
         }
 
     def _attributes(self, records: list) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -241,6 +242,47 @@ def test_eval_of_a_folder_without_a_run_says_what_it_needs(tmp_path):
                           timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{tmp_path}: not a run folder with a checkpoint; give a run folder, or a recipe and a checkpoint" in done.stderr
+
+
+def _with_unusable_clips(toy, folder: Path) -> Path:
+    """The training manifest plus a clip too short for finetune.num_frames=4 and a file that is no video."""
+    from umt_distill.testing.media import moving_shapes_video, write_video
+
+    write_video(folder / "short.mp4", moving_shapes_video(3, 48, 64, seed=9), fps=10)
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    lines = toy["train"].read_text().splitlines()
+    root = toy["train"].parent
+    rows = [lines[0]] + [f"{i},{root / p},{label}" for i, p, label in (line.split(",") for line in lines[1:])]
+    rows += [f"short,{folder / 'short.mp4'},0", f"broken,{folder / 'broken.mp4'},1"]
+    manifest = folder / "with_unusable.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def test_fine_tuning_skips_and_records_unusable_clips_like_caching(toy, tmp_path):
+    from umt_distill.stages.finetune import train
+
+    manifest = _with_unusable_clips(toy, tmp_path)
+    out = tmp_path / "run"
+    train(_cfg(toy, out, *PLAIN, f"finetune.train_source={manifest}", "train.max_steps=2",
+               "corpus.max_failed_fraction=0.2"))  # 2 of 18
+    failed = {f["id"]: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert set(failed) == {"short", "broken"}
+    assert failed["short"]["reason"] == "3 frame(s) in its window, fewer than the 4 a clip needs"
+    assert failed["broken"]["stage"] == "finetune" and failed["broken"]["path"].endswith("broken.mp4")
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m] == [1, 2]
+
+
+def test_fine_tuning_stops_before_training_past_the_failed_fraction(toy, tmp_path):
+    manifest = _with_unusable_clips(toy, tmp_path)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "umt_distill", "train", "finetune/tiny", f"finetune.train_source={manifest}",
+                           f"train.output_dir={out}", "corpus.max_failed_fraction=0.1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert (f"error: {manifest}: 2 of 18 clips cannot be used (11.1%, more than corpus.max_failed_fraction=0.1); "
+            "see the reasons in failures.jsonl") in done.stderr
+    assert (out / "failures.jsonl").exists() and not (out / "metrics.jsonl").exists()
 
 
 def test_every_augmentation_runs_and_resume_is_exact(toy, tmp_path):

@@ -334,6 +334,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from umt_distill.cache.pipeline import CacheError
     from umt_distill.cache.record import StoreDamagedError
     from umt_distill.cache.spec import SpecMismatchError
+    from umt_distill.data.admission import TooManyFailuresError
     from umt_distill.data.classification import LabelError
     from umt_distill.data.corpus import CorpusError
     from umt_distill.data.text import TokenizerError
@@ -347,7 +348,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # message names the path.
     return (CacheError, RecipeError, SpecMismatchError, OSError, NonFiniteLossError, CorpusError,
             StoreDamagedError, CheckpointError, LabelError, VideoDecodeError, CaptionError, TokenizerError,
-            TeacherError)
+            TeacherError, TooManyFailuresError)
 
 
 @app.command()

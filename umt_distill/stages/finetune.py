@@ -22,6 +22,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import Subset
 
 from umt_distill.config import Recipe, RecipeError, load_recipe
+from umt_distill.data.admission import (
+    check_failed_fraction,
+    screen_clips,
+    write_failures,
+)
 from umt_distill.data.classification import (
     VideoClassificationTestSet,
     VideoClassificationTrainSet,
@@ -34,7 +39,11 @@ from umt_distill.data.classification import (
 )
 from umt_distill.data.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize_video
 from umt_distill.data.samplers import EpochSampler
-from umt_distill.evaluation.multiview import classification_report, merge_views, write_report
+from umt_distill.evaluation.multiview import (
+    classification_report,
+    merge_views,
+    write_report,
+)
 from umt_distill.models.checkpoints import CheckpointError, latest_checkpoint
 from umt_distill.models.classifier import (
     ClassifierLoadReport,
@@ -78,6 +87,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
               + (f"; inflated: {report.inflated}" if report.inflated else "") + ")", flush=True)
 
     rows, labels = read_labelled_corpus(ft.train_source, cfg.corpus.root, ft.num_classes, ft.label_map)
+    rows, labels = usable_clips(rows, labels, cfg, ft.train_source, out_dir, "finetune", env)
     dataset = VideoClassificationTrainSet(rows, labels, ft, cfg.seed, cfg.corpus.video_backend, preload=ft.preload)
     sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
     B, A = cfg.train.batch_size, cfg.train.accum_steps
@@ -330,6 +340,21 @@ def build_criterion(cfg: Recipe, soft_targets: bool) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
+def usable_clips(rows: list, labels: list, cfg: Recipe, source: str, record_dir: str | Path | None, stage: str,
+                 env: du.DistEnv) -> tuple[list, list]:
+    """The rows (and labels) that give ``finetune.num_frames`` frames; the others are skipped, recorded in
+    ``record_dir/failures.jsonl`` and counted against ``corpus.max_failed_fraction`` (data/admission.py:
+    the policy caching follows too)."""
+    keep, failed = screen_clips(rows, cfg.finetune.num_frames, cfg.corpus.video_backend)
+    if env.is_main and record_dir is not None:
+        write_failures(record_dir, failed, stage)
+    check_failed_fraction(len(failed), len(rows), cfg.corpus.max_failed_fraction, source)
+    if failed and env.is_main:
+        print(f"{source}: skipping {len(failed)} of {len(rows)} clips that cannot be used (first: {failed[0]['id']}: "
+              f"{failed[0]['reason']}); all are listed in failures.jsonl", file=sys.stderr, flush=True)
+    return [rows[i] for i in keep], [labels[i] for i in keep]
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, cfg: Recipe, source: str, env: du.DistEnv, device: torch.device,
                    num_clips: int, num_crops: int, out_dir: str | Path | None = None):
@@ -340,6 +365,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Recipe, source: str, env: du.Dis
     """
     ft = cfg.finetune
     rows, labels = read_labelled_corpus(source, cfg.corpus.root, ft.num_classes, ft.label_map)
+    rows, labels = usable_clips(rows, labels, cfg, source, out_dir, "evaluate", env)
     dataset = VideoClassificationTestSet(rows, labels, ft, num_clips, num_crops, cfg.corpus.video_backend)
     mine = Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
     was_training = model.training

@@ -302,7 +302,7 @@ def _prepare_store(root: Path, cfg: Recipe, spec: dict, rows: list[ClipRow], con
             stored = read_spec(root)
             check_spec(stored, spec, f"cannot resume into {root}", skip=("corpus",))
         except (SpecMismatchError, ValueError) as e:
-            raise CacheError(f"{e}\n  (the store keeps the settings it was cached with: {NEW_STORE})") from None
+            raise CacheError(f"{e}\n  the store keeps the settings it was cached with: {NEW_STORE}") from None
         extents, added = _check_corpus(root, stored, rows, cfg.corpus.source)
         rows_info = write_corpus_rows(root, rows) if added or (stored["corpus"].get("rows") is None) \
             else stored["corpus"]["rows"]

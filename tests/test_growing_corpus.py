@@ -136,3 +136,22 @@ def test_other_settings_are_refused_with_the_fix_not_a_deletion(videos: Path, tm
     with pytest.raises(CacheError, match="codec.name") as refused:
         cache_teacher(cfg, progress=False)
     assert "cache into a new store" in str(refused.value) and "delete" not in str(refused.value)
+
+
+def test_rows_by_content_and_shards_by_extent(tmp_path: Path) -> None:
+    from umt_distill.cache.pipeline import plan_shards
+    from umt_distill.data.corpus import read_corpus, row_record
+
+    (tmp_path / "m").mkdir()
+    a = _write_csv(tmp_path / "m" / "a.csv", [{"id": "x", "path": "v/x.mp4", "label": "3", "captions": "hi"}])
+    b = tmp_path / "m" / "b.jsonl"  # the same row: absolute path, JSON types, a byte-order mark
+    b.write_bytes(b"\xef\xbb\xbf" + json.dumps({"path": str(tmp_path / "m" / "v" / "x.mp4"), "id": "x", "label": 3,
+                                                   "captions": ["hi"]}).encode() + b"\n")
+    ra, rb = read_corpus(a)[0], read_corpus(b)[0]
+    assert ra.rel_path == rb.rel_path == "v/x.mp4" and ra.path == rb.path
+    assert row_record(ra) == row_record(rb) == {"id": "x", "path": "v/x.mp4", "label": 3, "captions": ["hi"],
+                                                "start": None, "end": None}
+    assert read_corpus(a, root=tmp_path)[0].rel_path == "v/x.mp4"  # relative to the root when one is given
+    assert [(p.name, p.start, p.stop) for p in plan_shards(7, 3, [4, 7])] == [
+        ("shard-000000", 0, 3), ("shard-000001", 3, 4), ("shard-000002", 4, 7)]
+    assert plan_shards(7, 3) == plan_shards(7, 3, [7])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_shapes_corpus
 from typer.testing import CliRunner
 
-from conftest import write_shapes_corpus
 from umt_distill.cache.lock import LOCK_FILE, StoreLock
 from umt_distill.cache.pipeline import CacheError, cache_teacher
 from umt_distill.cache.stores import CacheReader
@@ -69,11 +69,11 @@ def test_a_world_1_and_a_world_2_run_on_one_store_one_is_refused(tmp_path: Path)
         os.kill(holder, signal.SIGSTOP)
         try:
             loser = double if holder == single.pid else single
-            loser_out, loser_err = loser.communicate(timeout=240)
+            _, loser_err = loser.communicate(timeout=240)
         finally:
             os.kill(holder, signal.SIGCONT)
         winner = single if loser is double else double
-        winner_out, winner_err = winner.communicate(timeout=240)
+        _, winner_err = winner.communicate(timeout=240)
     finally:
         for proc in (single, double):
             if proc.poll() is None:

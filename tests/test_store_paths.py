@@ -4,7 +4,6 @@ other folder (the real CLI), and after it moved together with its manifest and v
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import shutil
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import umt_distill.cache.verify
 from umt_distill.cache.spec import find_corpus, read_spec, store_corpus
 from umt_distill.testing.media import moving_shapes_video, write_video
 
@@ -23,7 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "umt_distill", *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
 
 
 def _cached_tree(top: Path) -> Path:
@@ -66,7 +64,7 @@ def test_a_store_cached_with_a_relative_manifest_verifies_and_repairs_from_anoth
 
 
 def _moved_tree(tmp_path: Path) -> Path:
-    store = _cached_tree(tmp_path / "A")
+    _cached_tree(tmp_path / "A")
     shutil.move(tmp_path / "A", tmp_path / "C")  # store, manifest and videos together; A is gone
     return tmp_path / "C" / "stores" / "s"
 
@@ -87,12 +85,6 @@ def test_a_moved_store_repairs_and_verifies_where_it_lies_now(tmp_path: Path) ->
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def _verify_resolves_the_store_corpus() -> bool:
-    return "store_corpus" in inspect.getsource(umt_distill.cache.verify)
-
-
-@pytest.mark.xfail(not _verify_resolves_the_store_corpus(), strict=True,
-                   reason="cache/verify.py reads the recipe's manifest path, not cache.spec.store_corpus")
 def test_a_moved_store_verifies_where_it_lies_now(tmp_path: Path) -> None:
     store = _moved_tree(tmp_path)
     elsewhere = tmp_path / "B"

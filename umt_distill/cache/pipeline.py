@@ -303,9 +303,11 @@ def _prepare_store(root: Path, cfg: Recipe, spec: dict, rows: list[ClipRow], con
             check_spec(stored, spec, f"cannot resume into {root}", skip=("corpus",))
         except (SpecMismatchError, ValueError) as e:
             raise CacheError(f"{e}\n  the store keeps the settings it was cached with: {NEW_STORE}") from None
-        extents, added = _check_corpus(root, stored, rows, cfg.corpus.source)
-        rows_info = write_corpus_rows(root, rows) if added or (stored["corpus"].get("rows") is None) \
-            else stored["corpus"]["rows"]
+        source = cfg.corpus.source if cfg.cache.limit is None else \
+            f"{cfg.corpus.source} (its first {cfg.cache.limit} rows: cache.limit)"
+        extents, added = _check_corpus(root, stored, rows, source)
+        recorded = (stored.get("corpus") or {}).get("rows")
+        rows_info = write_corpus_rows(root, rows) if added or recorded is None else recorded
         current = {**stored, "corpus": {**spec["corpus"], "rows": rows_info, "extents": extents},
                    "recipe": spec["recipe"], "updated": now_iso()}
         if added:

@@ -79,7 +79,7 @@ def recorded_error(root: Path, spec: dict, shard_names) -> dict | None:
     sidecars' ``codec_error`` (written by the shard writers); None for a store that has neither."""
     recorded = spec.get("tolerance")
     if isinstance(recorded, dict) and isinstance(recorded.get("min_cos"), (int, float)):
-        return {"min_cos": float(recorded["min_cos"]), "source": "spec.json tolerance"}
+        return {"min_cos": float(recorded["min_cos"]), "source": "the codec's error measured at write time, spec.json"}
     worst = 1.0
     for name in shard_names:
         try:
@@ -89,7 +89,7 @@ def recorded_error(root: Path, spec: dict, shard_names) -> dict | None:
         if not isinstance(error, dict) or not isinstance(error.get("min_cos"), (int, float)):
             return None
         worst = min(worst, float(error["min_cos"]))
-    return {"min_cos": worst, "source": "the codec's error measured at write time (shard sidecars)"}
+    return {"min_cos": worst, "source": "the codec's error measured at write time, shard sidecars"}
 
 
 def token_tolerance(root: Path, spec: dict, codec, shard_names) -> tuple[float, str, bool]:
@@ -229,8 +229,8 @@ def _deep_wds(url: str, shard: dict, spec: dict, codec, seen: dict) -> list[str]
                 decode_sample({"__url__": url, "__key__": key, **entries}, codec, layout)
                 count += 1
             if count != group["num_records"]:
-                return [f"{url}: group {g} (bytes {group['offset']}+{group['nbytes']}) holds {count} samples, "
-                        f"index.json lists {group['num_records']}"]
+                return [f"{url}: group {g} (bytes {group['offset']}+{group['nbytes']}) holds {count} of the "
+                        f"{group['num_records']} samples index.json lists for it"]
             start += group["num_records"]
     except StoreDamagedError as e:
         return [str(e)]
@@ -255,9 +255,8 @@ def check_structure(root: Path, spec: dict, reader: CacheReader, deep: bool = Fa
             problems.append(f"{path}: shard data is missing")
             continue
         size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        if size != shard["nbytes"]:
+        if size != shard["nbytes"]:  # and read on: a more specific line may say why
             problems.append(f"{path}: {size} bytes on disk, index.json says {shard['nbytes']} (truncated or modified)")
-            continue
         if reader.layout == "wds":
             found = _check_groups(path, shard, spec)
             if not found and deep:
@@ -312,12 +311,13 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
     tol, source, round_trip = token_tolerance(root, spec, codec, list(reader.shards))
     jpeg = spec.get("frames") == "jpeg"
     collected: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"tokens": [], "attn": [], "pooled": []}
-    damaged: dict[str, int] = {}  # one line per damaged file, however many sampled records it holds
+    sampled: list[tuple[str, int]] = []  # the records compared, in the order of collected's pairs
+    damaged: dict[str, list] = {}  # damaged file -> [its first message, sampled records it made unreadable]
     for clip_id, k in chosen:
         try:
             rec = reader.get(clip_id, k)
         except StoreDamagedError as e:
-            damaged[str(e)] = damaged.get(str(e), 0) + 1
+            damaged.setdefault(e.path, [str(e), 0])[1] += 1
             continue
         row = rows.get(clip_id)
         if row is None:
@@ -350,13 +350,14 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
             tokens = np.stack([tokens[:, np.arange(T)[:, None], idx.astype(np.int64)] for idx in rec.visible_idx])
         if round_trip:
             tokens = codec.decode(codec.encode(tokens))
+        sampled.append((clip_id, k))
         collected["tokens"].append((rec.tokens, tokens))
         collected["attn"].append((rec.attn, out.attn[0].float().cpu().numpy()))
         collected["pooled"].append((rec.pooled, out.pooled[0].float().cpu().numpy()))
-    for message, n in damaged.items():
-        known = any(message.startswith(p.split(":")[0]) for p in problems)
-        if not known or n > 1:
+    for path, (message, n) in damaged.items():  # one line per damaged file, unless the files' check named it
+        if not any(p.startswith(f"{path}:") for p in problems):
             problems.append(f"{message} ({n} sampled record{'s' if n > 1 else ''} unreadable)")
+    shard_of = {tuple(key): name for name, shard in reader.shards.items() for key in shard["records"]}
     fields = []
     for name, pairs in collected.items():
         if pairs:
@@ -366,9 +367,11 @@ def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str =
             row = _compare(name, stored, fresh, row_tol, row_source)
             fields.append(row)
             if not row["ok"]:
-                problems.append(f"{name}: worst cosine {row['min_cos']:.6f} below the tolerance {row_tol:.6g} "
-                                f"({row_source})")
-    checked = len(chosen) - sum(damaged.values())
+                worst = min(range(len(pairs)), key=lambda i: float(vector_cosines(*pairs[i]).min()))
+                clip, k = sampled[worst]
+                problems.append(f"{reader.shard_path(shard_of[(clip, k)])}: record {clip!r} view {k}: {name}: worst "
+                                f"cosine {row['min_cos']:.6f} below the tolerance {row_tol:.6g} ({row_source})")
+    checked = len(chosen) - sum(n for _, n in damaged.values())
     return {"ok": not problems, "fields": fields, "problems": problems, "checked": checked, "records": len(keys)}
 
 

@@ -453,3 +453,23 @@ def test_the_cli_names_each_damage_in_one_line_with_exit_status_1(stores: Stores
             hits = [line for line in lines if expected in line]
             assert hits, (store, expected, err)
             assert all(str(store) in line for line in hits), hits  # each names a file of the store
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_deep_rerun_keeps_every_shard_of_a_fresh_store_and_redoes_a_damaged_one(stores: Stores, corpus: Path,
+                                                                                  tmp_path: Path, layout: str) -> None:
+    """cache-teacher --deep reads shards as training does (basis codecs decoded with the store's basis)."""
+    store = copy(stores.get(layout, "pca4"), tmp_path)
+    extra = [f"cache.layout={layout}", "cache.codec=pca4", f"cache.num_views={VIEWS}", "cache.clips_per_shard=2",
+             "cache.basis_clips=2"]
+    summary = cache_teacher(recipe(corpus, store, *extra), progress=False, deep=True)
+    assert summary["rank0_redone_shards"] == [] and summary["rank0_skipped_shards"] == 2
+    if layout == "wds":
+        damage_view_json_bit(store)
+        redone = "shard-000000"
+    else:
+        damage_absent_chunk(store)
+        redone = "shard-000001"
+    summary = cache_teacher(recipe(corpus, store, *extra), progress=False, deep=True)
+    assert [r["shard"] for r in summary["rank0_redone_shards"]] == [redone], summary["rank0_redone_shards"]
+    assert verify_store(store, sample=RECORDS, device="cpu", deep=True)["ok"]

@@ -2,9 +2,10 @@
 
 A shard counts as finished when its sidecar ``shards/<name>.json`` exists. A re-run does not trust that
 blindly: every finished shard is checked against its own sidecar, cheaply (the data is present and
-has the recorded size) or, with ``deep``, by reading every record (codec checksums, CRC-32 of every tar
-member, record order). A damaged shard loses its sidecar and data and is redone like an unfinished
-one. With ``retry_failed`` a shard whose sidecar lists failed clips is redone too, but only if one of
+has the recorded size) or, with ``deep``, by reading every record as training reads it (zarr: the
+shard attributes, array metadata and shard indices, every chunk; wds: each epoch slot's byte range,
+every sample's key, record, slot and checksums; basis codecs decoded with the store's basis). A
+damaged shard loses its sidecar and data and is redone like an unfinished one. With ``retry_failed`` a shard whose sidecar lists failed clips is redone too, but only if one of
 those clips decodes now; otherwise only the reasons in the sidecar are refreshed.
 
 ``cache-teacher`` (through :func:`plan_shard_work`) and ``cache verify --repair`` share this code.
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from umt_distill.cache import wds_store, zarr_store
-from umt_distill.cache.spec import now_iso
-from umt_distill.cache.wds_store import iter_tar_records
+from umt_distill.cache.basis import codec_for_store
+from umt_distill.cache.record import record_layout
+from umt_distill.cache.spec import now_iso, read_spec
+from umt_distill.cache.wds_store import group_problem, read_groups
 from umt_distill.cache.zarr_store import ZarrShardReader
 from umt_distill.data.clipviews import ClipFailure, decode_clip_views
 from umt_distill.io import atomic_write_json
@@ -75,15 +78,26 @@ def shard_damage(shards_dir: Path, layout: str, sidecar: dict, deep: bool = Fals
     if not deep:
         return None
 
+    root = shards_dir.parent
     try:
+        spec = read_spec(root)
+        codec = codec_for_store(root, spec)  # a basis codec bound to the store's basis
         if layout == "zarr":
-            reader = ZarrShardReader(str(path), sidecar["records"])
+            reader = ZarrShardReader(str(path), sidecar["records"], spec)
+            if reader.codec.needs_basis:
+                reader.codec = codec
+            reader.check_indexes()
             count = 0
             for row in range(len(reader)):
                 reader.read(row)
                 count += 1
-        else:
-            count = sum(1 for _ in iter_tar_records(str(path), sidecar["records"]))
+        else:  # as training reads it: each epoch slot's byte range on its own (wds_store.read_groups)
+            views = spec.get("views", {})
+            problem = group_problem(str(path), sidecar, int(views.get("num_views", 1)), int(views.get("seed", 0)))
+            problem = problem or read_groups(str(path), sidecar, codec, record_layout(spec, "wds"))
+            if problem is not None:
+                return f"{path.name}: {problem.removeprefix(f'{path}: ')}"
+            count = sidecar["num_records"]
     except Exception as e:  # StoreDamagedError, or whatever a corrupt file makes the decoder raise
         return f"{path.name}: {getattr(e, 'reason', None) or e}"
     if count != sidecar["num_records"]:

@@ -29,15 +29,14 @@ from umt_distill.cache.pipeline import CacheError, cache_teacher
 from umt_distill.cache.record import StoreDamagedError, frames_digest, record_layout, vector_cosines
 from umt_distill.cache.spec import read_spec, store_corpus
 from umt_distill.cache.stores import CacheReader
-from umt_distill.cache.wds_store import decode_sample, sample_key
-from umt_distill.cache.wds_stream import iter_range_samples, parse_meta
+from umt_distill.cache.wds_store import group_problem, read_groups
 from umt_distill.cache.zarr_store import ZarrShardReader
 from umt_distill.config import recipe_from_dict
 from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
 from umt_distill.data.jpeg import jpeg_round_trip
 from umt_distill.data.video import open_video
 from umt_distill.data.video_base import VideoDecodeError
-from umt_distill.data.views import apply_view, epoch_slot, sample_view
+from umt_distill.data.views import apply_view, sample_view
 from umt_distill.teachers.build import build_teacher
 from umt_distill.training.distributed import resolve_device
 
@@ -55,7 +54,6 @@ TOLERANCE_SLACK = 1e-5
 TOLERANCE_MARGIN = 0.01
 FAILURES_FILE = "failures.jsonl"
 SHARDS_DIR = "shards"
-_TAR_END = 1024  # two zero blocks end a tar
 
 
 def _compare(name: str, stored: np.ndarray, fresh: np.ndarray, tol: float, source: str) -> dict:
@@ -172,78 +170,6 @@ def check_records(root: Path, spec: dict, reader: CacheReader, rows=None) -> lis
     return problems
 
 
-def _check_groups(path: Path, shard: dict, spec: dict) -> list[str]:
-    """A wds shard's epoch-slot byte ranges, from index.json alone: contiguous from byte 0, inside the
-    file before the end-of-archive blocks, each holding its slot's records."""
-    groups = shard.get("groups")
-    if groups is None:
-        return []  # format 1: read whole
-    K = int(spec.get("views", {}).get("num_views", len(groups)))
-    seed = int(spec.get("views", {}).get("seed", 0))
-    where = f"{path} (index.json groups)"
-    if len(groups) != K:
-        return [f"{where}: {len(groups)} epoch-slot groups, the store has {K} views"]
-    at, start = 0, 0
-    for g, group in enumerate(groups):
-        if group["offset"] != at or group["nbytes"] < 0 or group["num_records"] < 0:
-            return [f"{where}: group {g} starts at byte {group['offset']}, the previous group ends at byte {at}"]
-        at += group["nbytes"]
-        for clip, k in shard["records"][start : start + group["num_records"]]:
-            if epoch_slot(seed, clip, int(k), K) != g:
-                return [f"{where}: group {g} lists {clip!r} view {k}, whose epoch slot is "
-                        f"{epoch_slot(seed, clip, int(k), K)}"]
-        start += group["num_records"]
-    if start != shard["num_records"]:
-        return [f"{where}: the groups hold {start} records, the shard {shard['num_records']}"]
-    if at + _TAR_END > shard["nbytes"]:
-        return [f"{where}: the groups end at byte {at}, past the tar's data (it has {shard['nbytes']} bytes)"]
-    return []
-
-
-def _deep_wds(url: str, shard: dict, spec: dict, codec, seen: dict) -> list[str]:
-    """Read a wds shard as training does: each epoch slot's byte range on its own, every sample checked
-    against the record index.json lists at its place, every entry decoded; then the bytes after the
-    last group must be the end of the archive."""
-    layout = record_layout(spec, "wds")
-    groups = shard.get("groups") or [{"offset": 0, "nbytes": None, "num_records": shard["num_records"]}]
-    start = 0
-    try:
-        for g, group in enumerate(groups):
-            expected = shard["records"][start : start + group["num_records"]]
-            count = 0
-            for row, (key, entries) in enumerate(iter_range_samples(url, group["offset"], group["nbytes"])):
-                meta = parse_meta(url, key, entries)  # view.json's own checksum
-                record = (meta["clip_id"], int(meta["view_index"]))
-                if record in seen:
-                    return [f"{url}: sample {key} repeats {record[0]!r} view {record[1]} of sample {seen[record]}: "
-                            f"a duplicated record (training would show it twice)"]
-                seen[record] = key
-                want_key = sample_key(shard["name"], g, row) if "groups" in shard else None
-                want = expected[row] if row < len(expected) else None
-                if (want_key is not None and key != want_key) or want is None or list(record) != list(want):
-                    return [f"{url}: sample {key} holds {record[0]!r} view {record[1]}, index.json lists {want} "
-                            f"as sample {want_key or row}"]
-                if "groups" in shard and meta.get("group") != g:
-                    return [f"{url}: sample {key} is in epoch slot {meta.get('group')}, its byte range in index.json "
-                            f"is group {g}'s"]
-                decode_sample({"__url__": url, "__key__": key, **entries}, codec, layout)
-                count += 1
-            if count != group["num_records"]:
-                return [f"{url}: group {g} (bytes {group['offset']}+{group['nbytes']}) holds {count} of the "
-                        f"{group['num_records']} samples index.json lists for it"]
-            start += group["num_records"]
-    except StoreDamagedError as e:
-        return [str(e)]
-    if shard.get("groups"):
-        end = sum(g["nbytes"] for g in shard["groups"])
-        with open(url, "rb") as f:
-            f.seek(end)
-            tail = f.read()
-        if len(tail) < _TAR_END or tail.count(0) != len(tail):
-            return [f"{url}: byte {end}: after the last group the tar must end (zero blocks), it holds other bytes"]
-    return []
-
-
 def check_structure(root: Path, spec: dict, reader: CacheReader, deep: bool = False, rows=None) -> list[str]:
     """Problems with the store's files that training would hit (see the module docstring)."""
     root = Path(root)
@@ -258,10 +184,11 @@ def check_structure(root: Path, spec: dict, reader: CacheReader, deep: bool = Fa
         if size != shard["nbytes"]:  # and read on: a more specific line may say why
             problems.append(f"{path}: {size} bytes on disk, index.json says {shard['nbytes']} (truncated or modified)")
         if reader.layout == "wds":
-            found = _check_groups(path, shard, spec)
-            if not found and deep:
-                found = _deep_wds(str(path), shard, spec, reader.codec, seen)
-            problems += found
+            views = spec.get("views", {})
+            found = group_problem(str(path), shard, int(views.get("num_views", 1)), int(views.get("seed", 0)))
+            if found is None and deep:
+                found = read_groups(str(path), shard, reader.codec, record_layout(spec, "wds"), seen)
+            problems += [found] if found else []
             continue
         try:
             zarr_shard = ZarrShardReader(str(path), shard["records"], spec)

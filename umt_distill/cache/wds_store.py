@@ -366,6 +366,80 @@ def iter_tar_records(url: str, expected_records: list | None = None, codec: Code
         yield record
 
 
+def group_problem(url: str, shard: dict[str, Any], num_views: int, seed: int) -> str | None:
+    """What is wrong with a shard's epoch-slot byte ranges (``index.json`` or sidecar ``groups``), from
+    the numbers alone: they must be contiguous from byte 0, end before the end-of-archive blocks, and
+    each list the records of its slot. None if nothing (or a format-1 shard, read whole)."""
+    groups = shard.get("groups")
+    if groups is None:
+        return None
+    where = f"{url} (index.json groups)"
+    if len(groups) != num_views:
+        return f"{where}: {len(groups)} epoch-slot groups, the store has {num_views} views"
+    at, start = 0, 0
+    for g, group in enumerate(groups):
+        if group["offset"] != at or group["nbytes"] < 0 or group["num_records"] < 0:
+            return f"{where}: group {g} starts at byte {group['offset']}, the previous group ends at byte {at}"
+        at += group["nbytes"]
+        for clip, k in shard["records"][start : start + group["num_records"]]:
+            slot = epoch_slot(seed, clip, int(k), num_views)
+            if slot != g:
+                return f"{where}: group {g} lists {clip!r} view {k}, whose epoch slot is {slot}"
+        start += group["num_records"]
+    if start != shard["num_records"]:
+        return f"{where}: the groups hold {start} records, the shard {shard['num_records']}"
+    if at + len(_END_OF_ARCHIVE) > shard["nbytes"]:
+        return f"{where}: the groups end at byte {at}, past the tar's data (it has {shard['nbytes']} bytes)"
+    return None
+
+
+def read_groups(url: str, shard: dict[str, Any], codec: Codec | None = None,
+                layout: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None,
+                seen: dict[tuple[str, int], str] | None = None) -> str | None:
+    """Read a shard as training reads it and say what is wrong, or None: each epoch slot's byte range on
+    its own (a format-1 tar whole), every sample the record the shard lists at its place (key, clip,
+    view, slot) and held once (``seen``: records already read, from other shards too), its view.json
+    checksum and every entry checked and decoded; after the last group only the end of the archive."""
+    seen = {} if seen is None else seen
+    grouped = "groups" in shard
+    groups = shard["groups"] if grouped else [{"offset": 0, "nbytes": None, "num_records": shard["num_records"]}]
+    start = 0
+    try:
+        for g, group in enumerate(groups):
+            expected = shard["records"][start : start + group["num_records"]]
+            count = 0
+            for row, (key, entries) in enumerate(iter_range_samples(url, group["offset"], group["nbytes"])):
+                meta = parse_meta(url, key, entries)  # view.json's own checksum
+                record = (meta["clip_id"], int(meta["view_index"]))
+                if record in seen:
+                    return (f"{url}: sample {key} repeats {record[0]!r} view {record[1]} of sample {seen[record]}: "
+                            "a duplicated record (training would show it twice)")
+                seen[record] = key
+                want_key = sample_key(shard["name"], g, row) if grouped else None
+                want = expected[row] if row < len(expected) else None
+                if (want_key is not None and key != want_key) or want is None or list(record) != list(want):
+                    return (f"{url}: sample {key} holds {record[0]!r} view {record[1]}, index.json lists {want} "
+                            f"as sample {want_key or row}")
+                if grouped and meta.get("group") != g:
+                    return f"{url}: sample {key} is in epoch slot {meta.get('group')}, its byte range is group {g}'s"
+                decode_sample({"__url__": url, "__key__": key, **entries}, codec, layout)
+                count += 1
+            if count != group["num_records"]:
+                return (f"{url}: group {g} (bytes {group['offset']}+{group['nbytes']}) holds {count} of the "
+                        f"{group['num_records']} samples index.json lists for it")
+            start += group["num_records"]
+    except StoreDamagedError as e:
+        return str(e)
+    if grouped:
+        end = sum(g["nbytes"] for g in groups)
+        with open(url, "rb") as f:
+            f.seek(end)
+            tail = f.read(tarfile.RECORDSIZE + len(_END_OF_ARCHIVE))
+        if len(tail) < len(_END_OF_ARCHIVE) or tail.count(0) != len(tail):
+            return f"{url}: byte {end}: after the last group the tar must end (zero blocks), it holds other bytes"
+    return None
+
+
 def _worker_info() -> tuple[int, int, int, int]:
     from webdataset.utils import pytorch_worker_info
 

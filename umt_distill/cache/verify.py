@@ -11,10 +11,10 @@ Two parts, each problem one line naming the file, shard, sample key or clip:
    (``view.json``'s own included), no record twice.
 2. :func:`verify_store` — re-decode ``sample`` records from the videos, rebuild the exact pixels the
    teacher saw (with JPEG frames: encoded and decoded as ``cache-teacher`` does), compare the frame
-   digests, re-run the teacher and compare the decoded targets with it. Lossy codecs are held to a
-   tolerance: the codec's own (fp16, bf16, int8, int4), or, for basis codecs (pca/jpca), the one
-   ``cache-teacher`` recorded in ``spec.json["basis"]["tolerance"]`` from the error it measured on the
-   fit sample.
+   digests, re-run the teacher and compare the decoded targets with it. A lossy codec reports its real
+   error and is held to the error measured when the records were written (the shard writers'
+   ``codec_error`` in each sidecar, or ``spec.json["tolerance"]``), less a slack for the teacher's float
+   reassociation; stores without one fall back to a fixed tolerance per codec.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from umt_distill.training.distributed import resolve_device
 # run, per codec. fp32 differs only by float reassociation between batch sizes. attn and pooled are
 # stored float32 whatever the codec, so they are held to fp32's tolerance.
 COSINE_TOLERANCE = {"fp32": 1 - 1e-5, "fp16": 0.9995, "bf16": 0.995, "int8": 0.99, "int4": 0.95}
-# Basis codecs (pca/jpca) of stores written before cache-teacher recorded their tolerance: their
+# Basis codecs (pca/jpca) of stores written before the writers recorded the codec's error: their
 # records are compared with the codec's own round trip of the fresh tokens instead.
 BASIS_TOLERANCE = 0.999
 # A recorded error (the worst cosine ``c`` the writers measured) becomes the tolerance

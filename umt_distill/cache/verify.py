@@ -26,7 +26,12 @@ import numpy as np
 import torch
 
 from umt_distill.cache.pipeline import CacheError, cache_teacher
-from umt_distill.cache.record import StoreDamagedError, frames_digest, record_layout, vector_cosines
+from umt_distill.cache.record import (
+    StoreDamagedError,
+    frames_digest,
+    record_layout,
+    vector_cosines,
+)
 from umt_distill.cache.spec import read_spec, store_corpus
 from umt_distill.cache.stores import CacheReader
 from umt_distill.cache.wds_store import group_problem, read_groups

@@ -37,7 +37,12 @@ import numpy as np
 import torch
 
 from umt_distill.cache.codecs import compressor_from_suffix, decompress_bytes, get_codec
-from umt_distill.cache.record import StoreDamagedError, layout_nbytes, shape_matches, stored_names
+from umt_distill.cache.record import (
+    StoreDamagedError,
+    layout_nbytes,
+    shape_matches,
+    stored_names,
+)
 from umt_distill.data.jpeg import decode_jpegs
 
 _BLOCK = 512

@@ -82,8 +82,9 @@ def zoo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_every_bad_clip_is_a_named_failure_and_the_rest_is_cached(zoo, tmp_path: Path, backend: str) -> None:
     manifest, expected = zoo
     store = tmp_path / "store"
+    # The zoo is mostly broken on purpose: it allows every clip to fail (corpus.max_failed_fraction=1).
     cfg = load_recipe("stage1/tiny", [f"corpus.source={manifest}", f"cache.store={store}", "cache.clips_per_shard=3",
-                                      f"corpus.video_backend={backend}"])
+                                      f"corpus.video_backend={backend}", "corpus.max_failed_fraction=1"])
     summary = cache_teacher(cfg, progress=False)
     failures = {json.loads(x)["id"]: json.loads(x) for x in (store / "failures.jsonl").read_text().splitlines()}
     assert set(failures) == {k for k, v in expected.items() if v == "fail"}
@@ -106,9 +107,21 @@ def _cli(*args: str):
 
 def test_exit_status_3_when_clips_fail(zoo, tmp_path: Path) -> None:
     manifest, _ = zoo
-    result = _cli("cache-teacher", "stage1/tiny", f"corpus.source={manifest}", f"cache.store={tmp_path / 's'}", "cache.limit=3")
+    result = _cli("cache-teacher", "stage1/tiny", f"corpus.source={manifest}", f"cache.store={tmp_path / 's'}", "cache.limit=3",
+                  "corpus.max_failed_fraction=1")
     assert result.exit_code == 3, result.output
     assert "failures.jsonl" in result.stderr
+
+
+def test_past_the_failed_fraction_the_cache_run_fails_in_one_line_after_recording_every_clip(zoo, tmp_path: Path) -> None:
+    manifest, expected = zoo
+    store = tmp_path / "s"
+    result = _cli("cache-teacher", "stage1/tiny", f"corpus.source={manifest}", f"cache.store={store}")
+    failed = sum(v == "fail" for v in expected.values())
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.output
+    assert (f"{manifest}: {failed} of {len(expected)} clips cannot be used ({failed / len(expected):.1%}, more than "
+            f"corpus.max_failed_fraction=0.5); see the reasons in {store / 'failures.jsonl'}") in result.stderr
+    assert len((store / "failures.jsonl").read_text().splitlines()) == failed  # nothing done is lost
 
 
 @pytest.mark.parametrize(

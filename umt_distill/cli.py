@@ -16,7 +16,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from umt_distill.config import RecipeError, check_parts, load_recipe, parse_override, recipe_to_yaml
+from umt_distill.config import (
+    RecipeError,
+    check_parts,
+    load_recipe,
+    parse_override,
+    recipe_to_yaml,
+)
 
 # Exit statuses shared by every command (documented in --help).
 EXIT_OK = 0
@@ -222,7 +228,7 @@ def cache_verify_cmd(
                       f"{row['mean_cos']:.6f}", f"{row['tol']:.6g}", str(row["ok"]))
     out.print(table)
     for problem in report["problems"]:
-        console.print(f"[red]mismatch:[/] {problem}", highlight=False)
+        console.print(f"[red]mismatch:[/] {escape(str(problem))}", highlight=False)
     raise typer.Exit(EXIT_OK if report["ok"] else EXIT_ERROR)
 
 

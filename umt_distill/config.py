@@ -38,7 +38,7 @@ class CorpusConfig(_Section):
     """Folder that relative paths in the manifest are resolved against (default: the manifest's folder)."""
     video_backend: Literal["decord", "pyav", "torchcodec"] = "decord"
     """decord is fast; pyav is the frame-exact reference; torchcodec needs FFmpeg's shared libraries."""
-    max_failed_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    max_failed_fraction: float = Field(0.5, ge=0.0, le=1.0)
     """Clips that cannot be used (unreadable, or fewer frames than a view or clip needs) are skipped and
     recorded (the store's or the run's ``failures.jsonl``); past this fraction of the corpus, fine-tuning
     and evaluation stop before they start, and ``cache-teacher`` stops when it finishes (exit status 1)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-FAILURES_FILE = "failures.jsonl"
+from umt_distill.data.admission import FAILURES_FILE
 
 
 def print_redone(redone: list, env, enabled: bool) -> None:

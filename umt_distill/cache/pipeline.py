@@ -62,6 +62,7 @@ from umt_distill.cache.spec import (
 )
 from umt_distill.cache.stores import init_store_root, open_shard_writer, write_index
 from umt_distill.config import Recipe
+from umt_distill.data.admission import FAILURES_FILE, check_failed_fraction
 from umt_distill.data.clipviews import (
     ClipViewsDataset,
     worker_init,
@@ -80,7 +81,6 @@ class CacheError(RuntimeError):
 
 SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"
-FAILURES_FILE = "failures.jsonl"
 SUMMARY_FILE = "summary.jsonl"
 NEW_STORE = "cache into a new store (another cache.store)"
 
@@ -371,6 +371,8 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
     if not cfg.corpus.source:
         raise CacheError("corpus.source is empty: give a manifest or a folder (corpus.source=PATH)")
     root = Path(cfg.cache.store)
+    if Path(cfg.corpus.source).expanduser().exists():
+        read_corpus(cfg.corpus.source, cfg.corpus.root)  # a bad manifest stops before anything is written
     lock = _take_store_lock(root, env, purpose)
     try:
         return _cache_locked(cfg, root, env, progress, deep, retry_failed)
@@ -432,6 +434,10 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
         if progress:
             print_summary(root, summary)
     du.barrier()
+    # The store is complete for every usable clip; past the limit the run still fails, so a wrong
+    # corpus.root or a half-copied dataset is not mistaken for a finished store.
+    check_failed_fraction(summary.get("failures", 0), summary.get("clips", 0), cfg.corpus.max_failed_fraction,
+                          str(cfg.corpus.source), str(root / FAILURES_FILE), " (then re-run with --retry-failed)")
     return summary
 
 
@@ -580,6 +586,9 @@ def finalize_store(root: Path, plans: list[ShardPlan], env: du.DistEnv) -> dict:
         "shards": len(plans),
         "bytes": sum(s["nbytes"] for s in sidecars),
     }
+    errors = [s.get("codec_error") for s in sidecars if s["num_records"] > 0]
+    if errors and all(errors):  # the worst reconstruction error the writers measured: verify's tolerance
+        spec["tolerance"] = {"min_cos": min(e["min_cos"] for e in errors), "max_abs": max(e["max_abs"] for e in errors)}
     spec.update(status="complete", counts=counts, updated=now_iso())
     atomic_write_json(root / "spec.json", spec)
     return {"store": str(root), "finished": now_iso(), **counts}

@@ -34,7 +34,7 @@ SPEC_FILE = "spec.json"
 CORPUS_FILE = "corpus.jsonl"  # the store's corpus rows, one JSON object per line (see the module docstring)
 
 # Fields of the spec that do not identify the data: they change as the run progresses.
-_VOLATILE = ("created", "updated", "status", "counts", "versions", "recipe", "shards")
+_VOLATILE = ("created", "updated", "status", "counts", "versions", "recipe", "shards", "tolerance")
 # Fields derived from the identity fields by the run itself: a recipe cannot give them, so they are not
 # compared with one. ``basis`` (pca codecs: the fitted basis file's digest) is checked against the file
 # instead (``cache/basis.py``).

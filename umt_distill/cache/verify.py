@@ -37,6 +37,7 @@ from umt_distill.cache.stores import CacheReader
 from umt_distill.cache.wds_store import group_problem, read_groups
 from umt_distill.cache.zarr_store import ZarrShardReader
 from umt_distill.config import recipe_from_dict
+from umt_distill.data.admission import FAILURES_FILE
 from umt_distill.data.clipviews import clip_frame_range, policy_kwargs
 from umt_distill.data.jpeg import jpeg_round_trip
 from umt_distill.data.video import open_video
@@ -57,7 +58,6 @@ BASIS_TOLERANCE = 0.999
 # was encoded only by float reassociation, far below any codec's own error.
 TOLERANCE_SLACK = 1e-5
 TOLERANCE_MARGIN = 0.01
-FAILURES_FILE = "failures.jsonl"
 SHARDS_DIR = "shards"
 
 
@@ -322,7 +322,7 @@ def repair_store(root: str | Path, deep: bool = False, device: str = "auto") -> 
     recipe = spec["recipe"]
     cache = {**recipe["cache"], "store": str(root), **({"device": device} if device != "auto" else {})}
     cfg = recipe_from_dict({**recipe, "cache": cache}, origin=f"{root}/spec.json")
-    return cache_teacher(cfg, deep=deep)
+    return cache_teacher(cfg, deep=deep, purpose="cache verify --repair")
 
 
 def teacher_device(teacher) -> torch.device:

@@ -48,12 +48,18 @@ def screen_clips(rows: Sequence[ClipRow], num_frames: int, backend: str, threads
     return usable, failed
 
 
-def check_failed_fraction(failed: int, total: int, limit: float, source: str) -> None:
-    """Raise :class:`TooManyFailuresError` when ``failed`` of ``total`` clips exceed ``limit``."""
+def check_failed_fraction(failed: int, total: int, limit: float, source: str, where: str = FAILURES_FILE,
+                          then: str = "") -> None:
+    """Raise :class:`TooManyFailuresError` when ``failed`` of ``total`` clips exceed ``limit``.
+
+    Args:
+        where: The failures file to read the reasons in.
+        then: What the user can do besides fixing the files (e.g. caching's ``--retry-failed``).
+    """
     if total and failed / total > limit:
         raise TooManyFailuresError(f"{source}: {failed} of {total} clips cannot be used ({failed / total:.1%}, more "
-                                   f"than corpus.max_failed_fraction={limit}); see the reasons in {FAILURES_FILE}, "
-                                   "check corpus.root and the files, or raise corpus.max_failed_fraction")
+                                   f"than corpus.max_failed_fraction={limit}); see the reasons in {where}, "
+                                   f"check corpus.root and the files{then}, or raise corpus.max_failed_fraction")
 
 
 def write_failures(folder: str | Path, failed: Sequence[dict], stage: str) -> Path | None:

@@ -29,17 +29,10 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def write_shapes_corpus(folder, num_clips: int, seed: int):
-    """``num_clips`` PyAV-encoded moving-shape MP4s (12 frames, 80x64, 10 fps; clip i seeded
-    ``seed + i``) and their manifest ``m.csv`` (ids ``v<i>``); returns the manifest's path."""
-    import csv
+@pytest.fixture(scope="session")
+def shapes_corpus(tmp_path_factory: pytest.TempPathFactory):
+    """The 8-clip moving-shapes corpus (seed 200) that the input-path, VideoMAE and basis tests train and
+    cache on, written once per session; returns its manifest."""
+    from umt_distill.testing.corpora import write_shapes_corpus
 
-    from umt_distill.testing.media import moving_shapes_video, write_video
-
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path"])
-        for i in range(num_clips):
-            write_video(folder / f"v{i}.mp4", moving_shapes_video(12, 64, 80, seed=seed + i), fps=10)
-            w.writerow([f"v{i}", f"v{i}.mp4"])
-    return folder / "m.csv"
+    return write_shapes_corpus(tmp_path_factory.mktemp("shapes8"), 8, seed=200)

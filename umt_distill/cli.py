@@ -339,7 +339,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's data, files or recipe: reported in one line, exit status 1."""
     from umt_distill.cache.pipeline import CacheError
     from umt_distill.cache.record import StoreDamagedError
-    from umt_distill.cache.spec import SpecMismatchError
+    from umt_distill.cache.datasets import CorpusMismatchError
+    from umt_distill.cache.spec import SpecMismatchError, SpecReadError
     from umt_distill.data.admission import TooManyFailuresError
     from umt_distill.data.classification import LabelError
     from umt_distill.data.corpus import CorpusError
@@ -354,7 +355,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # message names the path.
     return (CacheError, RecipeError, SpecMismatchError, OSError, NonFiniteLossError, CorpusError,
             StoreDamagedError, CheckpointError, LabelError, VideoDecodeError, CaptionError, TokenizerError,
-            TeacherError, TooManyFailuresError)
+            TeacherError, TooManyFailuresError, SpecReadError, CorpusMismatchError)
 
 
 @app.command()

@@ -141,7 +141,7 @@ class OptimConfig(_Section):
 
 # The names of umt_distill.stages.STAGES, the stage registry (`umt-distill ls` lists it with descriptions).
 # Recipes are checked here, a layer below the stages, so the names are repeated rather than imported;
-# tests/test_stage_registry.py keeps the two equal.
+# tests/unit/stages/test_stage_registry.py keeps the two equal.
 STAGE_NAMES: tuple[str, ...] = ("stage1", "stage2", "finetune", "retrieval", "videomae")
 
 

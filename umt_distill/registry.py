@@ -115,7 +115,7 @@ ALL_REGISTRIES: dict[str, Registry] = {
 
 # What the registries hold once their modules are imported: names, and the patterns of parametrised
 # families. Checking a recipe's part names against it needs no torch (`umt-distill validate` stays fast);
-# tests/test_registry.py keeps it equal to the registries themselves.
+# tests/unit/test_config.py keeps it equal to the registries themselves.
 CATALOG: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
     "teachers": (("open_clip",), ()),
     "students": (("umt_base_patch16", "umt_large_patch16", "umt_small_patch16", "umt_test_tiny"), ()),

@@ -41,6 +41,10 @@ from umt_distill.data.video import open_video
 from umt_distill.data.views import ViewSpec, apply_view, epoch_view
 
 
+class CorpusMismatchError(ValueError):
+    """Training was given a corpus that lacks clips the store holds (pixels decoded from the videos)."""
+
+
 def rotation_seed(spec: dict, cfg: Recipe) -> int:
     """The seed of a store's view rotation: the seed that drew its views (older specs: the recipe's)."""
     return int(spec.get("views", {}).get("seed", cfg.seed))
@@ -89,8 +93,9 @@ class CachedViewDataset(Dataset):
         if pixels and cfg.train.pixels_from == "video":
             missing = [c for c in self.clip_ids if c not in self.rows]
             if missing:
-                raise KeyError(f"{len(missing)} cached clip(s) are not in the corpus (first: {missing[0]!r}); "
-                               "train with the corpus the store was built from, or train.pixels_from=store")
+                raise CorpusMismatchError(f"{self.store}: {len(missing)} cached clip(s) are not in the corpus "
+                                          f"{cfg.corpus.source} (first: {missing[0]!r}); train with the manifest the "
+                                          "store was cached from, or with train.pixels_from=store")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -59,14 +59,22 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+class SpecReadError(ValueError):
+    """A store's spec.json cannot be read as a spec (not JSON, not an object)."""
+
+
 def read_spec(root: str | Path) -> dict:
     path = Path(root) / SPEC_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no spec.json — not a umt-distill cache store (or not finished)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: spec.json is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecReadError(f"{path}: spec.json is not valid JSON ({e}); the store's description is damaged: "
+                            "restore it from a copy, or cache into a new store") from None
+    if not isinstance(spec, dict):
+        raise SpecReadError(f"{path}: spec.json holds a {type(spec).__name__}, not an object")
+    return spec
 
 
 def identity(spec: dict, skip: Sequence[str] = ()) -> dict:

@@ -28,7 +28,7 @@ def _import_decord() -> Any:
         ) from err
     return decord
 
-# Containers with a real seek index, where decord's random access was verified exact (tests/test_video.py).
+# Containers with a real seek index, where decord's random access was verified exact (tests/unit/data/test_video.py).
 # Elsewhere it was seen to return wrong frames silently: MPEG-TS (even from frame 0), H.264 in AVI.
 _DECORD_CONTAINERS = frozenset({"mp4", "matroska"})
 

@@ -5,7 +5,7 @@ not a bundled copy: without them it imports but cannot decode, and this backend 
 (:class:`~umt_distill.data.video_base.BackendUnavailableError`) instead of falling back quietly.
 
 Exactness: in ``seek_mode="exact"`` torchcodec scans the file once and finds frames by their pts, so
-open GOPs and B-frames come out right (tests/test_video.py checks it on the same files as decord). Every
+open GOPs and B-frames come out right (tests/unit/data/test_video.py checks it on the same files as decord). Every
 returned frame's pts is also compared with the shared probe's pts table, so a frame is returned only if
 it provably is the requested one. torchcodec 0.17 cannot read MPEG-TS by index (it runs out of frames)
 nor seek streams without pts; as with decord, files outside MP4/MOV and Matroska/WebM, streams without
@@ -32,7 +32,7 @@ _log = logging.getLogger(__name__)
 FFMPEG_HINT = ("install FFmpeg 4-9 shared libraries (Debian/Ubuntu: `apt-get install ffmpeg`; conda: "
                "`conda install ffmpeg`), or set the video backend to 'pyav'")
 
-# Containers with a seek index where torchcodec's exact mode was verified frame-exact (tests/test_video.py).
+# Containers with a seek index where torchcodec's exact mode was verified frame-exact (tests/unit/data/test_video.py).
 _TORCHCODEC_CONTAINERS = frozenset({"mp4", "matroska"})
 
 

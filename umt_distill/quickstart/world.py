@@ -307,7 +307,7 @@ def write_world(folder: str | Path, settings: WorldSettings = WorldSettings()) -
     # different byte streams out of 6, and even on one thread its macroblock-tree rate control encoded 1-3
     # of 120 clips differently when the same process encoded them again (decoded pixels up to 33 levels
     # apart), so every number downstream of a fresh world moved. One thread and mbtree=0 gave identical
-    # bytes in every repeat tried (tests/test_toyworld.py), and the world is written faster (4.6 s, not 7.1).
+    # bytes in every repeat tried (tests/unit/quickstart/test_toyworld.py), and the world is written faster (4.6 s, not 7.1).
     options = {"crf": str(settings.crf), "preset": "veryfast", "g": str(settings.num_frames), "threads": "1",
                "x264-params": "mbtree=0"}
     for plan in plans:

@@ -10,7 +10,7 @@ nothing (no torch), and a stage's module is imported only when its ``train`` or 
     stage.train(cfg, resume=None)
 
 A new stage is one more line here plus its module; ``umt_distill.config.STAGE_NAMES`` (recipes are
-validated below this layer) repeats the names, and tests/test_stage_registry.py keeps the two equal
+validated below this layer) repeats the names, and tests/unit/stages/test_stage_registry.py keeps the two equal
 and checks each module against its line.
 """
 

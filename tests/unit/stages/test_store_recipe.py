@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_shapes_corpus
+from umt_distill.testing.corpora import write_shapes_corpus
 
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.config import RecipeError, load_recipe

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_shapes_corpus
+from umt_distill.testing.corpora import write_shapes_corpus
 
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.config import load_recipe

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers_finetune import write_labelled_videos  # noqa: E402
+from umt_distill.testing.corpora import write_labelled_videos
 
 from umt_distill.config import load_recipe  # noqa: E402
 from umt_distill.data.classification import VideoClassificationTrainSet, read_labelled_corpus  # noqa: E402

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # The forbidden names are assembled here so that this file does not match itself.
 PRIVATE = [".".join(["umt", "md"]), "-".join(["prior", "art"]), "/".join(["..", "shared"]),
            "/".join(["", "work", "shared"])]

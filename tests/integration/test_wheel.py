@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(cmd: list, cwd: Path, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:

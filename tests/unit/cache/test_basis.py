@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_shapes_corpus
 
 from umt_distill.cache.basis import BASIS_FILE, codec_for_store, sample_clip_indices
 from umt_distill.cache.pipeline import CacheError, cache_teacher
 from umt_distill.cache.record import StoreDamagedError
+from umt_distill.testing.corpora import write_shapes_corpus
 from umt_distill.cache.spec import SpecMismatchError
 from umt_distill.cache.stores import CacheReader
 from umt_distill.config import load_recipe

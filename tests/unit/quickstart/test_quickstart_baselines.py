@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -13,8 +11,7 @@ from rich.console import Console
 from umt_distill.quickstart import run_quickstart
 from umt_distill.quickstart.names import CONTROL, PIXEL
 from umt_distill.quickstart.reuse import DONE_FILE
-sys.path.insert(0, str(Path(__file__).parent))
-from test_quickstart import MINI  # noqa: E402
+from umt_distill.testing.quickstart import MINI
 
 DISTILLED = "student, distilled (cached)"
 

@@ -17,7 +17,7 @@ from umt_distill.quickstart.zero_shot import (
 from umt_distill.quickstart.reuse import DONE_FILE
 from umt_distill.quickstart.stage2 import make_stage2_recipe, run_stage2_retrieval
 
-# The miniature quickstart of tests/test_quickstart.py, and stage 2 as small.
+# The miniature quickstart of tests/integration/test_quickstart.py, and stage 2 as small.
 MINI = [
     "quickstart.world.clips=30", "quickstart.world.num_frames=8",
     "quickstart.clip.steps=3", "quickstart.clip.batch_size=16", "quickstart.clip_images=48", "quickstart.clip_eval_images=16",

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_shapes_corpus
-from test_stores import make_record
+from umt_distill.testing.stores import make_record
 
 from umt_distill.cache.record import StoreDamagedError
 from umt_distill.cache.stores import CacheReader, init_store_root, open_shard_writer, write_index
@@ -143,7 +142,7 @@ def test_jpeg_frames_shipped_as_bytes_decode_on_the_device_to_the_worker_pixels(
 
 
 def test_zarr_items_keep_stored_dtypes(tmp_path: Path) -> None:
-    from test_stores import build_store
+    from umt_distill.testing.stores import build_store
 
     from umt_distill.cache.datasets import CachedViewDataset
 
@@ -190,8 +189,8 @@ def test_a_wrong_group_range_or_a_truncated_tar_names_the_tar(tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_shapes_corpus(tmp_path_factory.mktemp("ipvideos"), 8, seed=200)
+def corpus(shapes_corpus) -> Path:
+    return shapes_corpus  # 8 clips, seed 200: written once per session (conftest)
 
 
 @pytest.fixture(scope="module")

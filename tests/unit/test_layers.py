@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "umt_distill"
+PACKAGE = Path(__file__).resolve().parents[2] / "umt_distill"
 
 # Bottom to top; a module's layer is that of its longest listed prefix.
 LAYERS: tuple[tuple[str, ...], ...] = (
@@ -37,7 +37,7 @@ def layer_of(module: str) -> int:
             if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
                 best, found = len(prefix), rank
     if found < 0:
-        raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layers.py")
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/unit/test_layers.py")
     return found
 
 

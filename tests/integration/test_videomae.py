@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_shapes_corpus
 
 from umt_distill.config import RecipeError, load_recipe
 from umt_distill.training.metrics import read_metrics
@@ -189,8 +188,8 @@ def test_official_pretraining_file_loads_into_the_model_and_the_finetuning_class
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_shapes_corpus(tmp_path_factory.mktemp("maevideos"), NUM_CLIPS, seed=200)
+def corpus(shapes_corpus) -> Path:
+    return shapes_corpus  # 8 clips, seed 200: written once per session (conftest)
 
 
 def _cfg(corpus: Path, out: Path, *extra: str):

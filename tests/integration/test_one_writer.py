@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_shapes_corpus
+from umt_distill.testing.corpora import write_shapes_corpus
 from typer.testing import CliRunner
 
 from umt_distill.cache.lock import LOCK_FILE, StoreLock

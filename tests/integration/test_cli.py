@@ -82,7 +82,7 @@ def test_install_metadata_raises_no_setuptools_warnings() -> None:
     from setuptools.config.pyprojecttoml import apply_configuration
     from setuptools.dist import Distribution
 
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         apply_configuration(Distribution(), str(pyproject))

@@ -13,16 +13,10 @@ from umt_distill.config import RecipeError
 from umt_distill.quickstart import parse_settings, run_quickstart
 from umt_distill.quickstart.names import CONTROL, IMAGE_TEACHER, umt_exact
 from umt_distill.quickstart.reuse import DONE_FILE
+from umt_distill.testing.quickstart import MINI
 
 # A miniature world and budget: every step runs for real (MP4s, open_clip training, a WebDataset
 # store, stage 1, probes, plots), only smaller.
-MINI = [
-    "quickstart.world.clips=30", "quickstart.world.num_frames=8",
-    "quickstart.clip.steps=3", "quickstart.clip.batch_size=16", "quickstart.clip_images=48", "quickstart.clip_eval_images=16",
-    "views.num_frames=4", "cache.num_views=1", "train.epochs=1", "train.batch_size=4", "train.log_every=1",
-    "quickstart.finetune.steps=2", "quickstart.finetune.test_clips=1", "quickstart.finetune.workers=0",
-    "quickstart.stage2_epochs=1", "quickstart.finetune.parallel=1",  # one run with parallel=2 below
-]
 DISTILLED = "student, distilled (cached)"
 UMT_EXACT = umt_exact("cached")  # the distilled student at tubelet 1; the others' tubelet is 2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_shapes_corpus
+from umt_distill.testing.corpora import write_shapes_corpus
 
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.config import load_recipe
@@ -104,3 +104,25 @@ def test_an_unforeseen_error_is_one_line_unless_debug(world, tmp_path) -> None:
     assert "run again with --debug for the traceback" in done.stderr
     debug = subprocess.run(base[:3] + ["--debug"] + base[3:], capture_output=True, text=True, timeout=300, env=env)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "RuntimeError: boom" in debug.stderr
+
+
+def test_a_manifest_that_does_not_match_the_store(world, tmp_path) -> None:
+    lines = world["corpus"].read_text().splitlines()
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join(lines[:3]).replace("v0.mp4", str(world["corpus"].parent / "v0.mp4"))
+                     .replace("v1.mp4", str(world["corpus"].parent / "v1.mp4")) + "\n")
+    done = _cli("train", "stage1/tiny", f"corpus.source={other}", f"cache.store={world['store']}",
+                f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1")
+    _one_line(done, 1, f"{world['store']}: 2 cached clip(s) are not in the corpus {other} (first: 'v2'); train with "
+                       "the manifest the store was cached from, or with train.pixels_from=store")
+
+
+def test_a_damaged_spec_json(world, tmp_path) -> None:
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    (store / "spec.json").write_text("{not json")
+    done = _cli(*_train({**world, "store": store}))
+    _one_line(done, 1, f"{store / 'spec.json'}: spec.json is not valid JSON")
+    assert "restore it from a copy, or cache into a new store" in done.stderr

@@ -17,7 +17,7 @@ from umt_distill.config import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FORMAT_MD = Path(__file__).resolve().parents[1] / "cache" / "FORMAT.md"
+FORMAT_MD = Path(__file__).resolve().parents[3] / "cache" / "FORMAT.md"
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "pca4", "pca4i4", "jpca4", "jpca4i4")
 STORES = [(layout, codec) for layout in ("zarr", "wds") for codec in CODECS]
 

@@ -1,5 +1,5 @@
 """The quickstart's fine-tuning step: its recipe, the control's initial weights, reuse, and the reading of
-its numbers. The step itself runs end to end in tests/test_quickstart.py (miniature quickstart)."""
+its numbers. The step itself runs end to end in tests/integration/test_quickstart.py (miniature quickstart)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers_finetune import write_labelled_videos  # noqa: E402
+from umt_distill.testing.corpora import write_labelled_videos
 
 from umt_distill.config import load_recipe, recipe_to_yaml  # noqa: E402
 from umt_distill.data.classification import (  # noqa: E402

@@ -119,11 +119,16 @@ def worker_init(_: int) -> None:
 
 class OnlineViewDataset(Dataset):
     """The views a store of this recipe holds (epoch ``e`` shows clip ``c`` its view ``epoch_view(seed, c,
-    e, K)``, as ``cache.datasets.CachedViewDataset`` does), decoded from the corpus, without targets."""
+    e, K)``, as ``cache.datasets.CachedViewDataset`` does), decoded from the corpus, without targets.
 
-    def __init__(self, rows: list, cfg: Recipe) -> None:
+    With ``fresh_views`` every epoch shows a new view instead (view index ``e``: drawn from (seed, clip,
+    epoch), never repeated), as fine-tuning without a store does (the retrieval stage).
+    Items: ``{"clip_id", "view_index", "pixels": uint8 [T, 3, H, W]}``.
+    """
+
+    def __init__(self, rows: list, cfg: Recipe, fresh_views: bool = False) -> None:
         # Sorted by id like CachedViewDataset, so a sampler index is the same clip in both modes.
-        self.rows, self.cfg = sorted(rows, key=lambda r: r.id), cfg
+        self.rows, self.cfg, self.fresh_views = sorted(rows, key=lambda r: r.id), cfg, fresh_views
         self.clip_ids = [r.id for r in self.rows]
         self.num_views = cfg.cache.num_views
         self.epoch = 0
@@ -136,5 +141,5 @@ class OnlineViewDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        k = epoch_view(self.cfg.seed, row.id, self.epoch, self.num_views)
+        k = self.epoch if self.fresh_views else epoch_view(self.cfg.seed, row.id, self.epoch, self.num_views)
         return {"clip_id": row.id, "view_index": k, "pixels": decode_view(row, self.cfg, k)}

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from umt_distill.config import Recipe
-from umt_distill.data.clipviews import decode_view
+from umt_distill.data.clipviews import OnlineViewDataset
 from umt_distill.data.corpus import read_corpus
 from umt_distill.data.pixels import normalize_video
 from umt_distill.data.samplers import EpochSampler
@@ -83,7 +82,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     freeze_unused(model, WEIGHTS)  # alignment heads and the MLM head: no loss uses them
     objective = RetrievalObjective(model, cfg.stage2.vtm_hard_negatives, gather=du.gather_with_grad)
 
-    dataset = CaptionedDataset(FreshViewDataset(rows, cfg), captions, "video", cfg.seed)
+    dataset = CaptionedDataset(OnlineViewDataset(rows, cfg, fresh_views=True), captions, "video", cfg.seed)
     sampler = EpochSampler(len(dataset), cfg.seed, env.rank, env.world_size)
     micro, accum = cfg.train.batch_size, cfg.train.accum_steps
     budget = step_budget(cfg, sampler.per_rank(), env.world_size)
@@ -147,25 +146,6 @@ def evaluate_after_training(model, tokenizer, cfg: Recipe, device: torch.device,
 
 # --------------------------------------------------------------------------------------------------
 # parts
-
-
-class FreshViewDataset(Dataset):
-    """Captioned clips decoded directly: clip ``i`` shows view ``epoch`` of ``views.policy`` (a new view
-    every epoch, drawn from (seed, clip id, epoch)); items ``{"clip_id", "pixels" uint8 [T, 3, H, W]}``."""
-
-    def __init__(self, rows, cfg: Recipe) -> None:
-        self.rows, self.cfg, self.epoch = rows, cfg, 0
-        self.clip_ids = [r.id for r in rows]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        return {"clip_id": row.id, "pixels": decode_view(row, self.cfg, self.epoch)}
 
 
 class RetrievalObjective(nn.Module):
@@ -245,7 +225,7 @@ def _tokenizer(cfg: Recipe, captions: list[str], out_dir: Path, env: du.DistEnv)
     return tok
 
 
-__all__ = ["train", "evaluate_after_training", "FreshViewDataset", "RetrievalObjective", "build_retrieval_model", "WEIGHTS"]
+__all__ = ["train", "evaluate_after_training", "RetrievalObjective", "build_retrieval_model", "WEIGHTS"]
 
 
 # --------------------------------------------------------------------------------------------------

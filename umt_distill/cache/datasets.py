@@ -14,6 +14,7 @@ size they were stored, and :func:`device_targets` dequantises them there.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import random
 import warnings
@@ -234,6 +235,24 @@ class StreamingViewDataset(IterableDataset):
             if count != want:
                 raise StoreDamagedError(url, f"{count} samples for epoch slot {slot}, index.json lists {want}")
 
+    def _rotation(self, shards: list[dict], rank: int, world: int) -> tuple[list[dict], int]:
+        """Store order without a shuffle buffer, turned by the epoch where an epoch drops samples.
+
+        An epoch drops a worker's last partial batch and a rank's batches beyond the smallest rank's
+        (ranks take equal steps); in plain store order those would be the same clips every epoch, and
+        never trained. Where this rank drops anything, epoch ``e`` starts at shard ``e mod S`` and,
+        within the stream, ``(e x tail) mod B`` samples later (the skipped ones come last; at most
+        B - 1 samples are held). Where nothing is dropped, the order is the store's.
+        """
+        n = sum(self._shard_clips(s) for s in shards)
+        tail = n % self.batch_size
+        own = sum(sum(self._shard_clips(s) for s in self._worker_shards(rank, world, w)) // self.batch_size
+                  for w in range(self.num_workers))
+        if not shards or not (tail or own > self.batches_per_rank(world)):
+            return shards, 0
+        turn = self.epoch % len(shards)
+        return shards[turn:] + shards[:turn], (self.epoch * tail) % self.batch_size
+
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = pytorch_worker_info()  # env / torch.distributed, DataLoader worker
         if max(1, workers) != self.num_workers:  # the split (and the step count) assume the recipe's workers
@@ -241,11 +260,16 @@ class StreamingViewDataset(IterableDataset):
             raise ValueError(f"{self.store}: the dataset splits shards for train.num_workers={self.num_workers}, "
                              f"the DataLoader runs {running} workers")
         shards = self._worker_shards(rank, world, worker)
+        offset = 0
         if self.shuffle:
             random.Random(f"shards:{self.seed}:{self.epoch}:{rank}:{worker}").shuffle(shards)
+        else:
+            shards, offset = self._rotation(shards, rank, world)
         samples: Iterator = self._samples(shards)
         if self.shuffle:
             samples = _shuffled(samples, self.shuffle, random.Random(f"samples:{self.seed}:{self.epoch}:{rank}:{worker}"))
+        elif offset:
+            samples = _rotated(samples, offset)
         from_store = self.pixels and self.cfg.train.pixels_from == "store"
         from_video = self.pixels and not from_store
         assembler = BatchAssembler(self.batch_size, self.epoch, "array" if from_store else None, self.jpeg_device,
@@ -262,6 +286,13 @@ class StreamingViewDataset(IterableDataset):
                     batch["pixels"] = torch.stack(pixels)  # [B, T, 3, H, W] uint8
                     pixels = []
                 yield batch
+
+
+def _rotated(items: Iterator, offset: int) -> Iterator:
+    """``items`` from the ``offset``-th on, then the first ``offset`` (held meanwhile)."""
+    head = list(itertools.islice(items, offset))
+    yield from items
+    yield from head
 
 
 def _shuffled(items: Iterator, size: int, rng) -> Iterator:

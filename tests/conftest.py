@@ -36,3 +36,27 @@ def shapes_corpus(tmp_path_factory: pytest.TempPathFactory):
     from umt_distill.testing.corpora import write_shapes_corpus
 
     return write_shapes_corpus(tmp_path_factory.mktemp("shapes8"), 8, seed=200)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, shapes_corpus):
+    """A factory of stores cached from :func:`shapes_corpus` with the tiny teacher (``stage1/tiny``, or
+    ``stage1/tiny_wds`` for the wds layout): ``tiny_store(layout, codec, mode)`` builds each combination
+    once per session and returns its folder. Tests that damage a store copy it first."""
+    from umt_distill.cache.pipeline import cache_teacher
+    from umt_distill.config import load_recipe
+
+    built: dict[tuple[str, str, str], object] = {}
+    root = tmp_path_factory.mktemp("tiny_stores")
+
+    def make(layout: str = "zarr", codec: str = "fp16", mode: str = "full"):
+        key = (layout, codec, mode)
+        if key not in built:
+            store = root / "-".join(key)
+            recipe = "stage1/tiny_wds" if layout == "wds" else "stage1/tiny"
+            cache_teacher(load_recipe(recipe, [f"corpus.source={shapes_corpus}", f"cache.store={store}",
+                                               f"cache.codec={codec}", f"cache.mode={mode}"]), progress=False)
+            built[key] = store
+        return built[key]
+
+    return make

@@ -10,19 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from umt_distill.testing.corpora import write_shapes_corpus
 
-from umt_distill.cache.pipeline import cache_teacher
-from umt_distill.config import load_recipe
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("user_errors")
-    corpus = write_shapes_corpus(root, 4, seed=11)
-    store = root / "store"  # cache.frames=none
-    cache_teacher(load_recipe("stage1/tiny", [f"corpus.source={corpus}", f"cache.store={store}"]), progress=False)
-    return {"root": root, "corpus": corpus, "store": store}
+def world(tiny_store, shapes_corpus, tmp_path_factory) -> dict[str, Path]:
+    # the session's 8-clip corpus and its zarr fp16 store (cache.frames=none)
+    return {"root": tmp_path_factory.mktemp("user_errors"), "corpus": shapes_corpus, "store": tiny_store()}
 
 
 def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -44,7 +38,7 @@ def _train(world, *extra: str) -> list[str]:
 
 def test_a_corpus_smaller_than_one_batch(world) -> None:
     _one_line(_cli(*_train(world, "train.batch_size=16")), 1,
-              "4 clips per rank are fewer than one step of train.batch_size=16 x train.accum_steps=1; lower "
+              "8 clips per rank are fewer than one step of train.batch_size=16 x train.accum_steps=1; lower "
               "train.batch_size")
 
 
@@ -113,7 +107,7 @@ def test_a_manifest_that_does_not_match_the_store(world, tmp_path) -> None:
                      .replace("v1.mp4", str(world["corpus"].parent / "v1.mp4")) + "\n")
     done = _cli("train", "stage1/tiny", f"corpus.source={other}", f"cache.store={world['store']}",
                 f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1")
-    _one_line(done, 1, f"{world['store']}: 2 cached clip(s) are not in the corpus {other} (first: 'v2'); train with "
+    _one_line(done, 1, f"{world['store']}: 6 cached clip(s) are not in the corpus {other} (first: 'v2'); train with "
                        "the manifest the store was cached from, or with train.pixels_from=store")
 
 

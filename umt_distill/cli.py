@@ -242,7 +242,9 @@ def _train_help() -> str:
 {stages}
 
 Stage 1 streams cached teacher targets (`teacher.mode=cached`) or runs the teacher online
-(`teacher.mode=online`). A re-run with the same `train.output_dir` resumes mid-epoch.
+(`teacher.mode=online`). From a store (`cache.store=PATH`), the store's layout, codec, mode, views and
+teacher come from its spec.json (a `note:` per value changed; a key=value that contradicts the store is
+refused). A re-run with the same `train.output_dir` resumes mid-epoch.
 
 Examples:
 

@@ -117,3 +117,34 @@ def test_benchmark_commands_use_the_module_form():
     hits = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in files
             for n, line in enumerate(p.read_text().splitlines(), 1) if script.search(line)]
     assert not hits, "write python -m benchmarks.<module> instead:\n" + "\n".join(hits)
+
+
+def _doc_commands() -> list[tuple[str, str, list[str]]]:
+    """Every concrete `umt-distill cache-teacher|train|validate RECIPE k=v ...` line of the README, docs/
+    and the recipe headers (torchrun launches included): (where, recipe, overrides)."""
+    pattern = re.compile(r"(?:umt-distill|-m umt_distill) (?:cache-teacher|train|validate) (\S+)((?: [\w.]+=\S+)*)")
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "recipes").rglob("*.yaml"))]
+    found = []
+    for path in files:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for m in pattern.finditer(line):
+                recipe = m.group(1)
+                if recipe.isupper() or recipe.startswith(("RECIPE", "<")):
+                    continue  # a placeholder in a usage line
+                found.append((f"{path.relative_to(REPO)}:{n}", recipe.rstrip("`"), m.group(2).split()))
+    return found
+
+
+def test_every_documented_command_names_a_recipe_and_keys_that_exist():
+    """What a user copies from the docs resolves: the recipe exists and every key=value is a valid key."""
+    from umt_distill.config import RecipeError, check_parts, load_recipe
+
+    commands = _doc_commands()
+    assert len(commands) >= 10, commands
+    bad = []
+    for where, recipe, overrides in commands:
+        try:
+            check_parts(load_recipe(recipe, [o.rstrip("`") for o in overrides]))
+        except RecipeError as e:
+            bad.append(f"{where}: {recipe} {' '.join(overrides)}: {str(e).splitlines()[0]}")
+    assert not bad, "\n".join(bad)

@@ -176,7 +176,8 @@ def cache_info_cmd(
 
     Example: `umt-distill cache info cache/tiny`
     """
-    from umt_distill.cache.pipeline import CacheError, store_info
+    from umt_distill.cache.pipeline import store_info
+    from umt_distill.cache.store_folder import CacheError
 
     try:
         info = store_info(store)
@@ -339,7 +340,7 @@ def eval_cmd(
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's data, files or recipe: reported in one line, exit status 1."""
-    from umt_distill.cache.pipeline import CacheError
+    from umt_distill.cache.store_folder import CacheError
     from umt_distill.cache.record import StoreDamagedError
     from umt_distill.cache.datasets import CorpusMismatchError
     from umt_distill.cache.spec import SpecMismatchError, SpecReadError

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from umt_distill.cache.pipeline import CacheError, cache_teacher, store_info
+from umt_distill.cache.pipeline import cache_teacher, store_info
+from umt_distill.cache.store_folder import CacheError
 from umt_distill.data.clipviews import decode_clip_views
 from umt_distill.config import load_recipe
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from umt_distill.cache.pipeline import CacheError, cache_teacher
+from umt_distill.cache.pipeline import cache_teacher
+from umt_distill.cache.store_folder import CacheError
 from umt_distill.cache.spec import CORPUS_FILE, read_spec
 from umt_distill.cache.stores import CacheReader
 from umt_distill.cache.verify import verify_store

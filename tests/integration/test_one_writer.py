@@ -19,7 +19,8 @@ from umt_distill.testing.corpora import write_shapes_corpus
 from typer.testing import CliRunner
 
 from umt_distill.cache.lock import LOCK_FILE, StoreLock
-from umt_distill.cache.pipeline import CacheError, cache_teacher
+from umt_distill.cache.pipeline import cache_teacher
+from umt_distill.cache.store_folder import CacheError
 from umt_distill.cache.stores import CacheReader
 from umt_distill.cache.verify import verify_store
 from umt_distill.cli import app

@@ -1,10 +1,10 @@
 """``cache-teacher``: corpus → K views per clip → decode → teacher → codec → atomic shards.
 
-One writer per store, whatever the world size: rank 0 takes the store's lock (``cache/lock.py``)
-before any rank touches a file, and every rank learns whether it got it; a refused run stops on every
-rank, naming the holder. Rank 0 then creates the store or checks it against the recipe and the corpus
-(rows by content: rows appended to the manifest become new work, other changes are refused naming the
-row), and tells every rank the plan.
+One writer per store, whatever the world size: rank 0 takes the store's lock (``cache/lock.py``,
+through ``cache/store_folder.py``) before any rank touches a file, and every rank learns whether it got
+it; a refused run stops on every rank, naming the holder. Rank 0 then creates the store or checks it
+against the recipe and the corpus (rows by content: rows appended to the manifest become new work, other
+changes are refused naming the row), and tells every rank the plan.
 
 Work is split into shards of ``cache.clips_per_shard`` consecutive clips; shard ``s`` belongs to rank
 ``s % world_size``. Rows added to a grown corpus go into new shards after the existing ones (a shard
@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -41,33 +40,31 @@ from rich.progress import (
 from torch.utils.data import DataLoader
 
 from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_basis
-from umt_distill.cache.lock import LOCK_FILE, StoreLock, StoreLockedError
 from umt_distill.cache.messages import print_redone, print_summary
-from umt_distill.cache.record import StoreDamagedError, TargetRecord, frames_digest
+from umt_distill.cache.record import TargetRecord, frames_digest
 from umt_distill.cache.repair import plan_shard_work
 from umt_distill.cache.spec import (
-    CORPUS_FILE,
-    SPEC_FILE,
     SPEC_FORMAT,
-    SpecMismatchError,
-    check_spec,
-    corpus_change,
     corpus_location,
-    find_corpus,
     now_iso,
     package_versions,
-    read_corpus_rows,
     read_spec,
-    write_corpus_rows,
 )
-from umt_distill.cache.stores import init_store_root, open_shard_writer, write_index
+from umt_distill.cache.store_folder import (
+    CacheError,
+    corpus_source,
+    decided_by_rank0,
+    prepare_store,
+    take_store_lock,
+)
+from umt_distill.cache.stores import open_shard_writer, write_index
 from umt_distill.config import Recipe
 from umt_distill.data.admission import FAILURES_FILE, check_failed_fraction
 from umt_distill.data.clipviews import (
     ClipViewsDataset,
     worker_init,
 )
-from umt_distill.data.corpus import ClipRow, corpus_digest, read_corpus
+from umt_distill.data.corpus import corpus_digest, read_corpus
 from umt_distill.data.views import view_generator
 from umt_distill.io import atomic_write_json
 from umt_distill.registry import MASKS, load_all_parts
@@ -75,14 +72,9 @@ from umt_distill.teachers.build import build_teacher
 from umt_distill.training import distributed as du
 
 
-class CacheError(RuntimeError):
-    """The cache run cannot proceed (bad store, mismatching spec, another run holding the lock ...)."""
-
-
 SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"
 SUMMARY_FILE = "summary.jsonl"
-NEW_STORE = "cache into a new store (another cache.store)"
 
 
 @dataclass(frozen=True)
@@ -239,122 +231,6 @@ class _Writer:
 # the run
 
 
-def _refuse_foreign_folder(root: Path) -> None:
-    """Refuse to write into a folder that holds something other than a store (checked before the lock
-    file is created in it, and again once the lock is held)."""
-    if (root / SPEC_FILE).exists() or not root.is_dir():
-        return
-    # What a store holds before its spec.json: the lock, its corpus rows, temporaries of an interrupted
-    # creation. A folder with only these is a fresh store.
-    foreign = sorted(p.name for p in root.iterdir()
-                     if p.name not in (LOCK_FILE, CORPUS_FILE) and not p.name.startswith(".tmp-"))
-    if foreign:
-        raise CacheError(f"{root} exists, is not empty ({foreign[0]} ...) and has no spec.json: it is not a "
-                         f"cache store; refusing to write into it — use another cache.store")
-
-
-def _take_store_lock(root: Path, env: du.DistEnv, purpose: str) -> StoreLock | None:
-    """Rank 0 takes the store's lock before any rank touches a file; every rank learns the outcome and
-    a refused run stops on every rank (rank 0's message names the holder). Rank 0 returns the lock."""
-    lock, refusal = None, None
-    if env.is_main:
-        try:
-            _refuse_foreign_folder(root)
-            lock = StoreLock(root, purpose).acquire()
-        except (StoreLockedError, CacheError) as e:
-            refusal = str(e)
-        except OSError as e:  # read-only or full disk, no permission: say so before any work
-            refusal = f"cannot write the store {root}: {e.strerror or e}"
-    refusal = du.broadcast_object(refusal)
-    if refusal is not None:
-        raise CacheError(refusal if env.is_main else
-                         f"rank {env.rank} stops: rank 0 did not get the store {root} (its message says why)")
-    return lock
-
-
-def _decided_by_rank0(env: du.DistEnv, decide):
-    """Run ``decide()`` on rank 0 and give its result to every rank; if it fails, every rank raises
-    :class:`CacheError` (rank 0 with its message), instead of the others waiting for a rank that left."""
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = decide()
-        except CacheError as e:
-            error = str(e)
-        except Exception as e:  # a bug: the other ranks stop, rank 0 keeps the traceback
-            du.broadcast_object((None, f"rank 0 failed: {type(e).__name__}: {e}"))
-            raise
-    result, error = du.broadcast_object((result, error))
-    if error is not None:
-        raise CacheError(error if env.is_main else f"rank {env.rank} stops: {error}")
-    return result
-
-
-def _prepare_store(root: Path, cfg: Recipe, spec: dict, rows: list[ClipRow], console: Console | None) -> dict:
-    """Rank 0, holding the lock: create the store, or check an existing one against the recipe and the
-    corpus and record a grown corpus. Returns the spec in effect (its ``corpus.extents`` plan the shards)."""
-    for leftover in root.glob(".tmp-*"):  # temporaries of a killed run; no other run is writing
-        if leftover.is_file():
-            leftover.unlink()
-    spec_path = root / SPEC_FILE
-    if spec_path.exists():
-        try:
-            stored = read_spec(root)
-            check_spec(stored, spec, f"cannot resume into {root}", skip=("corpus",))
-        except (SpecMismatchError, ValueError) as e:
-            raise CacheError(f"{e}\n  the store keeps the settings it was cached with: {NEW_STORE}") from None
-        source = cfg.corpus.source if cfg.cache.limit is None else \
-            f"{cfg.corpus.source} (its first {cfg.cache.limit} rows: cache.limit)"
-        extents, added = _check_corpus(root, stored, rows, source)
-        recorded = (stored.get("corpus") or {}).get("rows")
-        rows_info = write_corpus_rows(root, rows) if added or recorded is None else recorded
-        current = {**stored, "corpus": {**spec["corpus"], "rows": rows_info, "extents": extents},
-                   "recipe": spec["recipe"], "updated": now_iso()}
-        if added:
-            current["status"] = "in_progress"  # complete again when the new shards are in the index
-            if console is not None:
-                console.print(f"{escape(str(cfg.corpus.source))}: {added} row(s) added since the store was "
-                              f"cached; caching them into new shards", highlight=False)
-    else:
-        _refuse_foreign_folder(root)
-        rows_info = write_corpus_rows(root, rows)  # before spec.json: a folder without one is still fresh
-        current = {**spec, "corpus": {**spec["corpus"], "rows": rows_info, "extents": [len(rows)] if rows else []}}
-    atomic_write_json(spec_path, current)
-    init_store_root(root, cfg.cache.layout, {"umt_distill_spec": SPEC_FILE})  # also on resume: idempotent
-    return current
-
-
-def _check_corpus(root: Path, stored: dict, rows: list[ClipRow], source) -> tuple[list[int], int]:
-    """Compare the manifest's rows with the store's by content. Returns the extents after this run and
-    how many rows were appended; any other change raises :class:`CacheError` naming the first row."""
-    corpus = stored.get("corpus") or {}
-    try:
-        old = read_corpus_rows(root, stored)
-    except StoreDamagedError as e:
-        raise CacheError(f"{e} — {NEW_STORE}") from None
-    if old is None:  # a store from before corpus.jsonl: only its digest (ids, absolute paths, times) is known
-        n = corpus.get("num_clips")
-        legacy = [ClipRow(r.id, r.path, start=r.start, end=r.end) for r in rows[: n or 0]]
-        if not isinstance(n, int) or n > len(rows) or corpus.get("digest") not in (
-                corpus_digest(legacy), corpus_digest(rows[:n])):
-            raise CacheError(f"{source}: its rows differ from those the store {root} was cached from (the store "
-                             f"predates per-row records, so the row cannot be named) — {NEW_STORE}")
-        done = n
-    else:
-        change = corpus_change(old, rows)
-        if change is not None:
-            raise CacheError(f"{source}: {change} — a store's rows cannot change (only rows appended at the end "
-                             f"of the manifest are added); {NEW_STORE}")
-        done = len(old)
-    extents = corpus.get("extents") or ([done] if done else [])
-    if not (all(isinstance(e, int) for e in extents) and extents == sorted(set(extents))
-            and (extents[-1] if extents else 0) == done):
-        raise CacheError(f"{root / SPEC_FILE}: corpus.extents {extents!r} do not end at its {done} rows "
-                         f"(modified) — {NEW_STORE}")
-    added = len(rows) - done
-    return (extents + [len(rows)] if added else extents), added
-
-
 def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_failed: bool = False,
                   purpose: str = "cache-teacher") -> dict:
     """Run the teacher over the corpus and write the store; returns the summary (also in summary.jsonl).
@@ -373,7 +249,7 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
     root = Path(cfg.cache.store)
     if Path(cfg.corpus.source).expanduser().exists():
         read_corpus(cfg.corpus.source, cfg.corpus.root)  # a bad manifest stops before anything is written
-    lock = _take_store_lock(root, env, purpose)
+    lock = take_store_lock(root, env, purpose)
     try:
         return _cache_locked(cfg, root, env, progress, deep, retry_failed)
     finally:
@@ -381,23 +257,8 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
             lock.release()
 
 
-def _corpus_source(cfg: Recipe, root: Path) -> tuple[str, str | None]:
-    """The recipe's corpus; if its manifest is gone and it is the one the store records (``cache verify
-    --repair`` passes the store's own recipe), the store's corpus where it lies now (``find_corpus``)."""
-    source, corpus_root = cfg.corpus.source, cfg.corpus.root
-    if Path(source).expanduser().exists() or not (root / SPEC_FILE).exists():
-        return source, corpus_root
-    try:
-        spec = read_spec(root)
-    except (FileNotFoundError, ValueError):
-        return source, corpus_root
-    if (spec.get("corpus") or {}).get("source") == os.path.abspath(Path(source).expanduser()):
-        return find_corpus(root, spec)
-    return source, corpus_root
-
-
 def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep: bool, retry_failed: bool) -> dict:
-    source, corpus_root = _corpus_source(cfg, root)
+    source, corpus_root = corpus_source(cfg, root)
     if (source, corpus_root) != (cfg.corpus.source, cfg.corpus.root):
         cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"source": source, "root": corpus_root})})
     rows = read_corpus(source, corpus_root)
@@ -410,11 +271,11 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
 
     def prepare() -> dict:
         try:
-            return _prepare_store(root, cfg, wanted, rows, console)
+            return prepare_store(root, cfg, wanted, rows, console)
         except OSError as e:  # read-only or full disk, no permission: say so before any work
             raise CacheError(f"cannot write the store {root}: {e.strerror or e}") from None
 
-    spec = _decided_by_rank0(env, prepare)
+    spec = decided_by_rank0(env, prepare)
     shards_dir = root / SHARDS_DIR
     ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
     plans = plan_shards(len(rows), cfg.cache.clips_per_shard, spec["corpus"]["extents"])
@@ -426,7 +287,7 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
     stats["skipped_shards"] = len(mine) - len(todo)
     stats["redone_shards"] = [{"shard": r.shard, "reason": r.reason} for r in redone]
     du.barrier()
-    summary = _decided_by_rank0(env, lambda: finalize_store(root, plans, env))
+    summary = decided_by_rank0(env, lambda: finalize_store(root, plans, env))
     summary = {**summary, **{f"rank{env.rank}_{k}": v for k, v in stats.items()}}
     if env.is_main:
         with open(root / SUMMARY_FILE, "a", encoding="utf-8") as f:

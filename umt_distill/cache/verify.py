@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from umt_distill.cache.pipeline import CacheError, cache_teacher
+from umt_distill.cache.pipeline import cache_teacher
+from umt_distill.cache.store_folder import CacheError
 from umt_distill.cache.record import (
     StoreDamagedError,
     frames_digest,

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from umt_distill.cache.basis import BASIS_FILE, codec_for_store, sample_clip_indices
-from umt_distill.cache.pipeline import CacheError, cache_teacher
+from umt_distill.cache.pipeline import cache_teacher
+from umt_distill.cache.store_folder import CacheError
 from umt_distill.cache.record import StoreDamagedError
 from umt_distill.testing.corpora import write_shapes_corpus
 from umt_distill.cache.spec import SpecMismatchError

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from umt_distill.cache.datasets import CachedViewDataset, StreamingViewDataset
-from umt_distill.cache.pipeline import CacheError, cache_teacher
+from umt_distill.cache.pipeline import cache_teacher
+from umt_distill.cache.store_folder import CacheError
 from umt_distill.cache.record import StoreDamagedError
 from umt_distill.cache.stores import CacheReader
 from umt_distill.cache.verify import verify_store

@@ -64,7 +64,7 @@ from umt_distill.data.clipviews import (
     ClipViewsDataset,
     worker_init,
 )
-from umt_distill.data.corpus import corpus_digest, read_corpus
+from umt_distill.data.corpus import ClipRow, corpus_digest, read_corpus
 from umt_distill.data.views import view_generator
 from umt_distill.io import atomic_write_json
 from umt_distill.registry import MASKS, load_all_parts
@@ -247,21 +247,26 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
     if not cfg.corpus.source:
         raise CacheError("corpus.source is empty: give a manifest or a folder (corpus.source=PATH)")
     root = Path(cfg.cache.store)
+    rows = None
     if Path(cfg.corpus.source).expanduser().exists():
-        read_corpus(cfg.corpus.source, cfg.corpus.root)  # a bad manifest stops before anything is written
+        rows = read_corpus(cfg.corpus.source, cfg.corpus.root)  # a bad manifest stops before anything is written
     lock = take_store_lock(root, env, purpose)
     try:
-        return _cache_locked(cfg, root, env, progress, deep, retry_failed)
+        return _cache_locked(cfg, root, env, progress, deep, retry_failed, rows)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep: bool, retry_failed: bool) -> dict:
+def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep: bool, retry_failed: bool,
+                  rows: list[ClipRow] | None) -> dict:
+    """``rows``: the recipe's manifest as read before the lock (None when it is gone: the store's own is used)."""
     source, corpus_root = corpus_source(cfg, root)
     if (source, corpus_root) != (cfg.corpus.source, cfg.corpus.root):
         cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"source": source, "root": corpus_root})})
-    rows = read_corpus(source, corpus_root)
+        rows = None
+    if rows is None:
+        rows = read_corpus(source, corpus_root)
     if cfg.cache.limit is not None:
         rows = rows[: cfg.cache.limit]
     device = du.resolve_device(cfg.cache.device, env)

@@ -340,12 +340,21 @@ def build_criterion(cfg: Recipe, soft_targets: bool) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
+_SCREENED: dict[tuple, tuple[list[int], list[dict]]] = {}
+
+
 def usable_clips(rows: list, labels: list, cfg: Recipe, source: str, record_dir: str | Path | None, stage: str,
                  env: du.DistEnv) -> tuple[list, list]:
     """The rows (and labels) that give ``finetune.num_frames`` frames; the others are skipped, recorded in
     ``record_dir/failures.jsonl`` and counted against ``corpus.max_failed_fraction`` (data/admission.py:
     the policy caching follows too)."""
-    keep, failed = screen_clips(rows, cfg.finetune.num_frames, cfg.corpus.video_backend)
+    # Screened once per manifest and run (validation repeats every few epochs), on rank 0 only: every
+    # rank gets the same answer instead of each opening every video itself.
+    key = (str(source), cfg.corpus.root, cfg.finetune.num_frames, cfg.corpus.video_backend, len(rows))
+    if key not in _SCREENED:
+        _SCREENED[key] = du.broadcast_object(
+            screen_clips(rows, cfg.finetune.num_frames, cfg.corpus.video_backend) if env.is_main else None)
+    keep, failed = _SCREENED[key]
     if env.is_main and record_dir is not None:
         write_failures(record_dir, failed, stage)
     check_failed_fraction(len(failed), len(rows), cfg.corpus.max_failed_fraction, source)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from umt_distill.config import Recipe
+from umt_distill.config import Recipe, RecipeError
 from umt_distill.data.clipviews import OnlineViewDataset
 from umt_distill.data.corpus import read_corpus
 from umt_distill.data.pixels import normalize_video
@@ -292,7 +292,7 @@ def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
     ft = cfg.finetune
     source = ft.test_source or ft.val_source
     if not source:
-        raise ValueError("retrieval evaluation needs finetune.test_source (a manifest with captions)")
+        raise RecipeError("retrieval evaluation needs finetune.test_source (a manifest with captions)")
     model, tokenizer = load_vl_model(cfg, checkpoint)
     model.to(device)
     result = evaluate_retrieval_model(model, tokenizer, cfg, source, device)

@@ -65,7 +65,9 @@ def has_state(folder: str | Path) -> bool:
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if isinstance(obj, torch.Tensor):
         key = f"t{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
+        t = obj.detach().cpu()
+        # safetensors refuses tensors that share storage: a CPU tensor is copied; .cpu() already copied others
+        tensors[key] = (t.clone() if t.device == obj.device else t).contiguous()
         return {_TENSOR: key}
     if isinstance(obj, np.ndarray):
         key = f"t{len(tensors)}"

@@ -6,7 +6,6 @@ limit, so an allocation of the claim could not even be attempted quietly."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -41,6 +40,7 @@ from umt_distill.cache.wds_stream import (
     seal_meta,
 )
 from umt_distill.config import load_recipe
+from umt_distill.testing.corpora import write_shapes_corpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,16 +50,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from umt_distill.testing.media import moving_shapes_video, write_video
-
-    folder = tmp_path_factory.mktemp("videos")
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path"])
-        for i in range(2):
-            write_video(folder / f"c{i}.mp4", moving_shapes_video(12, 64, 80, seed=10 + i), fps=10)
-            w.writerow([f"c{i}", f"c{i}.mp4"])
-    return folder / "m.csv"
+    return write_shapes_corpus(tmp_path_factory.mktemp("videos"), 2, seed=10)
 
 
 def _recipe(corpus: Path, store: Path, *extra: str):

@@ -3,7 +3,6 @@ built by the real pipeline, and what the plain-library reading program decodes e
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from umt_distill.cache.codecs import pack_int4, unpack_int4
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.cache.stores import CacheReader
 from umt_distill.config import load_recipe
+from umt_distill.testing.corpora import write_shapes_corpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,16 +28,7 @@ def python_blocks() -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from umt_distill.testing.media import moving_shapes_video, write_video
-
-    folder = tmp_path_factory.mktemp("videos")
-    with open(folder / "m.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path"])
-        for i in range(2):
-            write_video(folder / f"c{i}.mp4", moving_shapes_video(12, 64, 80, seed=20 + i), fps=10)
-            w.writerow([f"c{i}", f"c{i}.mp4"])
-    return folder / "m.csv"
+    return write_shapes_corpus(tmp_path_factory.mktemp("videos"), 2, seed=20)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 # FFmpeg's shared libraries, which the torchcodec video backend loads (its tests need them): installed
@@ -43,7 +43,7 @@ NEWEST ?= av zarr webdataset numcodecs
 test-newest:
 	test -x $(VENV)-newest/bin/python || $(PYTHON) -m venv $(VENV)-newest
 	$(VENV)-newest/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)-newest/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV)-newest/bin/python -m pip install --quiet -e '.[dev,ray]'
 	$(VENV)-newest/bin/python -m pip install --quiet --upgrade --no-deps $(NEWEST)
 	$(VENV)-newest/bin/python -m pip list 2>/dev/null | grep -i -E "^($(subst $() ,|,$(NEWEST))) "
 	$(MAKE) ffmpeg VENV=$(VENV)-newest STAMP=$(VENV)-newest/bin/python

@@ -60,3 +60,56 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory, shapes_corpus):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def _s3_server_session():
+    """moto's S3 server, started once per session (``umt_distill.testing.servers``)."""
+    from umt_distill.testing.servers import start_s3_server
+
+    server = start_s3_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(_s3_server_session, monkeypatch: pytest.MonkeyPatch):
+    """The session's S3 server, with this test's environment pointing a client at it (``AWS_ENDPOINT_URL``,
+    keys, region): ``s3_server.url("prefix")`` is an ``s3://`` URL a reader opens with no flag."""
+    for key, value in _s3_server_session.env().items():
+        monkeypatch.setenv(key, value)
+    return _s3_server_session
+
+
+@pytest.fixture
+def http_server():
+    """A factory: ``http_server(folder, listings=True)`` serves a folder on 127.0.0.1 with Range and a
+    request log; every server started is stopped after the test."""
+    from umt_distill.testing.servers import start_http_server
+
+    started = []
+
+    def start(folder, listings: bool = True):
+        started.append(start_http_server(folder, listings))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def fault_proxy():
+    """A factory: ``fault_proxy(endpoint)`` puts a fault-injecting proxy in front of a server's endpoint
+    (``umt_distill.testing.servers.FaultProxy``); stopped after the test."""
+    from umt_distill.testing.servers import FaultProxy
+
+    started = []
+
+    def start(endpoint: str):
+        started.append(FaultProxy(endpoint))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.stop()

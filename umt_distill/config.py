@@ -142,7 +142,7 @@ class OptimConfig(_Section):
 # The names of umt_distill.stages.STAGES, the stage registry (`umt-distill ls` lists it with descriptions).
 # Recipes are checked here, a layer below the stages, so the names are repeated rather than imported;
 # tests/unit/stages/test_stage_registry.py keeps the two equal.
-STAGE_NAMES: tuple[str, ...] = ("stage1", "stage2", "finetune", "retrieval", "videomae")
+STAGE_NAMES: tuple[str, ...] = ("stage1", "stage2", "finetune", "retrieval", "videomae", "qa")
 
 
 class TrainConfig(_Section):
@@ -342,6 +342,26 @@ class RetrievalConfig(_Section):
     scored as retrieval after the retrieval test (MSRVTT-MC); null = none."""
 
 
+class QAConfig(_Section):
+    """Open-ended video QA (``train.stage=qa``; UMT code @4fb4049: multi_modality/tasks/vqa.py,
+    multi_modality/configs/qa*.py). Annotations and the answer list: docs/qa.md."""
+
+    train_source: str = ""
+    """Training questions (JSONL: video, question, answers with counts, type)."""
+    val_source: str | None = None
+    """Validation questions: the best epoch by exact match is kept in ``<output_dir>/best`` (null = the last)."""
+    test_source: str | None = None
+    """Test questions: evaluated after training and by ``umt-distill eval``."""
+    answer_list: str = ""
+    """The answers inference ranks (JSON list, UMT's ``{answer: index}``, or one per line)."""
+    k_test: int = Field(128, ge=1)
+    """Answers per question kept by first-token probability and re-scored by full likelihood (UMT: 128)."""
+    question_max_length: int = Field(25, ge=4)
+    """Question tokens, [CLS] and [SEP] included (UMT: 25)."""
+    answer_max_length: int = Field(5, ge=3)
+    """Answer tokens, [CLS] and [SEP] included (UMT: 5)."""
+
+
 class VideoMAEConfig(_Section):
     """Pixel reconstruction (``train.stage=videomae``): VideoMAE, VideoMAE V2 dual masking, UTA + pixel.
 
@@ -366,6 +386,23 @@ class VideoMAEConfig(_Section):
     pixel_weight: float = Field(1.0, ge=0.0)
 
 
+class SparsifyConfig(_Section):
+    """Token sparsification (SMAUG, arXiv 2211.11446): among each frame's visible tokens, the blocks from
+    ``after_block`` on see only the top ``keep`` fraction by attention. Training only (stage 1, stage 2);
+    ``keep: 1.0`` (the default) is off. Needs a mask with the same visible count in every frame (tube,
+    semantic). See docs/smaug.md."""
+
+    keep: float = Field(1.0, gt=0.0, le=1.0)
+    """ρ: fraction of each frame's visible tokens kept (``max(1, int(ρ·n))`` of n); 1.0 = off."""
+    after_block: int = Field(0, ge=0)
+    """ℓ: blocks 0..ℓ-1 see every visible token, blocks ℓ.. only the kept ones (0: drop before block 0)."""
+    source: Literal["teacher", "student"] = "teacher"
+    """Ranking: ``teacher`` = the teacher's CLS attention (cached ``attn``, or the online teacher's);
+    ``student`` = the attention of each frame's mean token in the student's block ℓ."""
+    fuse: bool = False
+    """EViT: each frame's dropped tokens become one token, their attention-weighted mean."""
+
+
 class Recipe(_Section):
     """A complete recipe. Sections a command does not use are ignored by it."""
 
@@ -383,6 +420,8 @@ class Recipe(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     videomae: VideoMAEConfig = VideoMAEConfig()
+    qa: QAConfig = QAConfig()
+    sparsify: SparsifyConfig = SparsifyConfig()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,13 @@ from torch.utils.checkpoint import checkpoint
 # Token gathering has one implementation, beside the masks that produce the indices; the models here
 # and in models.videomae / models.classifier call it by this name: [B, L, C] × [B, L_vis] → [B, L_vis, C].
 from umt_distill.masking import gather_visible
+from umt_distill.models.sparsify import (
+    SparseSpec,
+    at_kept,
+    per_frame_count,
+    prune,
+    student_scores,
+)
 from umt_distill.registry import STUDENTS
 
 LN_EPS = 1e-6
@@ -269,6 +276,36 @@ class VisionTransformer(nn.Module):
                 out.append(self.norm(tokens) if norm else tokens)
         return out
 
+    def run_blocks_sparse(self, tokens: Tensor, take: Sequence[int], norm: bool, spec: SparseSpec, num_frames: int,
+                          scores: Tensor | None = None) -> tuple[list[Tensor], Tensor, list[bool]]:
+        """:meth:`run_blocks` with token sparsification before block ``spec.after_block``.
+
+        Args:
+            tokens: [B, T'·n, C] embedded visible tokens, frame-major with n per frame.
+            spec: What to keep (:class:`~umt_distill.models.sparsify.SparseSpec`).
+            num_frames: T' (token frames).
+            scores: [B, T', n] teacher attention at the visible tokens (``source=teacher``); None for
+                ``source=student`` (ranked by block ℓ's own attention).
+
+        Returns:
+            (outputs of blocks ``take``, kept positions long [B, T'·k] into the visible sequence, and per
+            output whether it came after the pruning: then its first T'·k tokens are the kept ones).
+        """
+        if not 0 <= spec.after_block <= max(take):
+            raise ValueError(f"sparsify.after_block={spec.after_block} must be a block that runs (0..{max(take)})")
+        out, pruned, pos = [], [], None
+        for i in range(max(take) + 1):
+            if i == spec.after_block:
+                ranks = student_scores(self.blocks[i], tokens, num_frames) if spec.source == "student" else scores
+                if ranks is None:
+                    raise ValueError("sparsify.source=teacher needs the teacher's attention scores")
+                tokens, pos = prune(tokens, ranks, spec)  # [B, T'·k (+T'), C]
+            tokens = self._run_block(i, tokens)
+            if i in take:
+                out.append(self.norm(tokens) if norm else tokens)
+                pruned.append(pos is not None)
+        return out, pos, pruned
+
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) of parameters excluded from weight decay: biases and norms."""
         return {n for n, p in self.named_parameters() if p.ndim <= 1}
@@ -347,9 +384,36 @@ class UMTStudent(nn.Module):
         pos = pos.to(feats[0].dtype)
         return torch.stack([head(f + pos) for head, f in zip(self.clip_decoder, feats)])
 
-    def forward(self, x: Tensor, visible_idx: Tensor | None = None) -> Tensor:
-        """Same as :meth:`forward_align` (the stage-1 training output)."""
-        return self.forward_align(x, visible_idx)
+    def forward_align_sparse(self, x: Tensor, visible_idx: Tensor | None, spec: SparseSpec,
+                             scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_align` with token sparsification (docs/smaug.md): predictions at the kept tokens.
+
+        Args:
+            x: float [B, 3, T, H, W].
+            visible_idx: long [B, L_vis] with the same count n in every frame (tube, semantic); None = all.
+            spec: What to keep.
+            scores: float [B, T', n] teacher attention at the visible tokens (``source=teacher``).
+
+        Returns:
+            (predictions [K, B, T'·k, D] unit norm, kept positions long [B, T'·k] into the visible
+            sequence: the UTA targets are ``gather_visible(targets, pos)``).
+        """
+        tokens, pos_table = self.encoder.embed(x, visible_idx)
+        _, _, T, H, W = x.shape
+        t, h, w = self.encoder.patch_embed.grid(T, H, W)
+        per_frame_count(visible_idx, t, h * w)
+        feats, kept, pruned = self.encoder.run_blocks_sparse(tokens, self.return_index, True, spec, t, scores)
+        pos_table = gather_visible(pos_table.expand(tokens.shape[0], -1, -1), kept).to(feats[0].dtype)  # [B, T'·k, C]
+        return torch.stack([head(at_kept(f, kept, p) + pos_table)
+                            for head, f, p in zip(self.clip_decoder, feats, pruned)]), kept
+
+    def forward(self, x: Tensor, visible_idx: Tensor | None = None, sparse: SparseSpec | None = None,
+                scores: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The stage-1 training output: :meth:`forward_align`, or with ``sparse``
+        :meth:`forward_align_sparse` (then a (predictions, kept positions) pair)."""
+        if sparse is None:
+            return self.forward_align(x, visible_idx)
+        return self.forward_align_sparse(x, visible_idx, sparse, scores)
 
     def no_weight_decay(self) -> set[str]:
         """Full names of parameters without weight decay: every 1-D parameter (biases, norms, q/v bias).

@@ -19,7 +19,7 @@ from umt_distill.cache.datasets import (
     target_codec,
 )
 from umt_distill.cache.spec import check_spec
-from umt_distill.config import Recipe
+from umt_distill.config import Recipe, RecipeError
 from umt_distill.data.clipviews import OnlineViewDataset
 from umt_distill.data.corpus import read_corpus
 from umt_distill.data.samplers import EpochSampler
@@ -31,6 +31,7 @@ from umt_distill.data.vl import (
     source_recipe,
 )
 from umt_distill.masking import gather_visible
+from umt_distill.models.sparsify import SparseSpec, teacher_scores
 from umt_distill.registry import MASKS, STUDENTS, load_all_parts
 from umt_distill.training.distributed import DistEnv
 from umt_distill.training.loop import build_loader, epoch_batches
@@ -114,6 +115,14 @@ def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: t
     Returns:
         targets [K, B, L_vis, D] (float32) and visible_idx [B, L_vis] (sorted flat (t, n) indices).
     """
+    targets, visible_idx, _ = step_targets_attn(cfg, batch, pixels, teacher, gen, device)
+    return targets, visible_idx
+
+
+def step_targets_attn(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: torch.Generator,
+                      device: torch.device):
+    """:func:`step_targets` plus the teacher's attention ``attn [B, T, N]`` float32 (what ranks tokens for
+    ``sparsify.source=teacher``): the cached one, or the online teacher's on the same pixels."""
     if teacher is not None:  # online: the teacher sees exactly the pixels the student sees
         out = teacher(pixels)
         tokens, attn = out.tokens.float(), out.attn.float()  # [B, K, T, N, D], [B, T, N]
@@ -124,11 +133,31 @@ def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: t
     if "visible_idx" in batch:  # mode visible: the mask was drawn at cache time; tokens are [B, K, T, N_vis, D]
         vis = batch["visible_idx"].to(device, non_blocking=True).long()  # [B, T, N_vis]
         visible_idx = (vis + torch.arange(T, device=device).view(1, T, 1) * N).flatten(1)  # [B, T*N_vis]
-        return tokens.flatten(2, 3).transpose(0, 1), visible_idx
+        return tokens.flatten(2, 3).transpose(0, 1), visible_idx, attn
     # A CPU generator keeps masks reproducible on any device; the noise it draws moves to `device`.
     visible_idx = MASKS.get(cfg.mask.type)(B, T, N, cfg.mask.ratio, gen, attn=attn, device=device)  # [B, L_vis]
     flat = tokens.flatten(2, 3).transpose(0, 1)  # [K, B, T*N, D]
-    return gather_visible(flat, visible_idx), visible_idx
+    return gather_visible(flat, visible_idx), visible_idx, attn
+
+
+def sparse_spec(cfg: Recipe, depth: int) -> SparseSpec | None:
+    """The recipe's token sparsification (None: off, ``sparsify.keep`` = 1), checked against the student."""
+    spec = SparseSpec.from_config(cfg.sparsify)
+    if spec is None:
+        return None
+    if spec.after_block >= depth:
+        raise RecipeError(f"sparsify.after_block={spec.after_block}: the student has {depth} blocks (0..{depth - 1})")
+    if cfg.mask.type == "random" and not (cfg.teacher.mode == "cached" and cfg.cache.mode == "visible"):
+        raise RecipeError("sparsify.keep < 1 keeps the top tokens of each frame and needs the same visible count in "
+                          "every frame: set mask.type=tube or semantic (random masks give frames different counts)")
+    return spec
+
+
+def sparse_scores(spec: SparseSpec | None, attn: torch.Tensor, visible_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """What ranks the visible tokens: the teacher's attention at them [B, T, n] (``source=teacher``), else None."""
+    if spec is None or spec.source != "teacher":
+        return None
+    return teacher_scores(attn, visible_idx)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 One explicit loop (``train``); every part it calls is a tested library function. Per step:
 targets (cached, or the teacher run on the same pixels) → mask from the teacher's attention →
-student on the visible tokens → mean over layers, batch and tokens of 2 − 2·cos.
+student on the visible tokens (with ``sparsify``: the blocks after ℓ on each frame's top-ρ of them, and
+the targets sliced to those) → mean over layers, batch and tokens of 2 − 2·cos.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from umt_distill.cache.spec import SpecMismatchError, read_spec
 from umt_distill.config import Recipe
 from umt_distill.data.pixels import normalize_video
 from umt_distill.losses.uta import uta_loss
-from umt_distill.stages.parts import build_data, build_student, check_store_matches, mask_generator, step_targets
+from umt_distill.masking import gather_visible
+from umt_distill.stages.parts import (
+    build_data,
+    build_student,
+    check_store_matches,
+    mask_generator,
+    sparse_scores,
+    sparse_spec,
+    step_targets_attn,
+)
 from umt_distill.teachers.build import build_teacher
 from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint
@@ -47,6 +57,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
         teacher = build_teacher(cfg, device)  # frozen; never wrapped, never in the optimizer
         teacher_dim = teacher.embed_dim
     student = build_student(cfg, teacher_dim).to(device)
+    sparse = sparse_spec(cfg, student.encoder.depth)  # None: every visible token in every block
     dataset, sampler, make_loader, clips_per_rank = build_data(cfg, env)
     B, A = cfg.train.batch_size, cfg.train.accum_steps
     budget = step_budget(cfg, clips_per_rank, env.world_size)
@@ -71,9 +82,14 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                 data_time += time.perf_counter() - t_data
                 pixels = batch_pixels(batch, device)  # [B, T, 3, H, W] uint8
                 # Cached or online targets at the visible positions, and the mask that chose them.
-                targets, visible_idx = step_targets(cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
+                targets, visible_idx, attn = step_targets_attn(cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
+                scores = sparse_scores(sparse, attn, visible_idx)  # [B, T, n] or None
                 with micro_step(model, micro, A, amp_dtype, device):
-                    preds = model(normalize_video(pixels), visible_idx)  # [K, B, L, D], unit norm
+                    if sparse is None:
+                        preds = model(normalize_video(pixels), visible_idx)  # [K, B, L, D], unit norm
+                    else:  # the blocks after sparsify.after_block see each frame's top tokens only
+                        preds, kept = model(normalize_video(pixels), visible_idx, sparse, scores)  # [K, B, L_keep, D]
+                        targets = gather_visible(targets, kept)  # the teacher's tokens at the kept positions
                     loss, per_layer = uta_loss(preds.float(), targets)
                     scaler.scale(loss / A).backward()
                 loss_sum += loss.item() / A  # sync point: one .item() per micro-batch
@@ -94,4 +110,4 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     return last
 
 
-__all__ = ["train", "NonFiniteLossError", "SpecMismatchError"]
+__all__ = ["NonFiniteLossError", "SpecMismatchError", "train"]

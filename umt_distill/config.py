@@ -403,6 +403,37 @@ class SparsifyConfig(_Section):
     """EViT: each frame's dropped tokens become one token, their attention-weighted mean."""
 
 
+class FrameSelectConfig(_Section):
+    """Text-guided frame selection (SMAUG, arXiv 2211.11446) in stage 2: each video step keeps ``keep_frames``
+    of the T frames of every view, ranked for the step's caption; the kept frames keep their temporal
+    positions and the cached targets are sliced to them. Training only: evaluation sees every frame.
+    ``method: none`` (the default) is off. See docs/smaug.md."""
+
+    method: Literal["none", "text_guided", "learned", "uniform", "random"] = "none"
+    """``text_guided``: top k by the cached CLIP frame-caption cosine; ``learned``: a small selector over
+    per-frame features and the caption's CLIP text embedding, trained through a perturbed top-k;
+    ``uniform``: evenly spaced; ``random``: k drawn at random each step."""
+    keep_frames: int | None = Field(None, ge=1)
+    """k of T frames kept (needed unless ``method`` is none)."""
+    per_segment: bool = False
+    """At most one kept frame per temporal segment (T split into k equal segments)."""
+    cache_captions: bool = True
+    """cache-teacher embeds every caption with the teacher's text tower and scores each view's frames
+    (``cache/captions.py``); needs a teacher with a text tower (a tag, hub model or full checkpoint)."""
+    selector_hidden: int = Field(64, ge=1)
+    """Width of the learned selector."""
+    selector_sigma: float = Field(0.05, gt=0.0)
+    """Noise scale of the perturbed top-k (its gradient's smoothing)."""
+    selector_samples: int = Field(32, ge=1)
+    """Noise samples of the perturbed top-k per step."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FrameSelectConfig:
+        if self.method != "none" and self.keep_frames is None:
+            raise ValueError(f"method={self.method}: give keep_frames (k of the T frames to keep)")
+        return self
+
+
 class Recipe(_Section):
     """A complete recipe. Sections a command does not use are ignored by it."""
 
@@ -422,6 +453,7 @@ class Recipe(_Section):
     videomae: VideoMAEConfig = VideoMAEConfig()
     qa: QAConfig = QAConfig()
     sparsify: SparsifyConfig = SparsifyConfig()
+    frame_select: FrameSelectConfig = FrameSelectConfig()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ STAGES: list[Stage] = [
           "umt_distill.stages.retrieval", has_evaluate=True),
     Stage("videomae", "pixel reconstruction: VideoMAE, VideoMAE V2 dual masking, UTA + pixel (UMT Table 1)",
           "umt_distill.stages.videomae", reads_store=True),
+    Stage("qa", "open-ended video QA: answer decoder from the fusion layers; eval: answer-list ranking, exact match",
+          "umt_distill.stages.qa", has_evaluate=True),
 ]
 
 

@@ -43,12 +43,12 @@ def test_registry_names_are_the_modules_that_define_train() -> None:
         assert stage.has_evaluate == inspect.isfunction(evaluate), f"{stage.name}: has_evaluate is wrong"
         if evaluate is not None:
             assert list(inspect.signature(evaluate).parameters)[:2] == ["cfg", "checkpoint"], stage.name
-    assert {s.name for s in STAGES if s.has_evaluate} == {"finetune", "retrieval"}
+    assert {s.name for s in STAGES if s.has_evaluate} == {"finetune", "retrieval", "qa"}
 
 
 def test_config_checks_train_stage_against_the_registry_names() -> None:
     assert tuple(stage_names()) == STAGE_NAMES
-    assert len(set(STAGE_NAMES)) == len(STAGE_NAMES) == 5
+    assert len(set(STAGE_NAMES)) == len(STAGE_NAMES) == 6
     for name in STAGE_NAMES:
         assert load_recipe(None, [f"train.stage={name}"]).train.stage == name
     with pytest.raises(RecipeError) as err:

@@ -138,6 +138,9 @@ def cache_teacher_cmd(
                                        "shard (checksums) instead of checking presence and sizes.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-attempt the clips listed in "
                                                "STORE/failures.jsonl (default: failed clips stay failed).")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="torchrun: this process (or every rank under torchrun) "
+                                        "writes shards; ray: one Ray task per shard on the cluster at RAY_ADDRESS "
+                                        "(else a local one). Both write the same store.")] = "torchrun",
 ) -> None:
     """Run the frozen teacher once over K views of every clip and write a sharded store.
 
@@ -146,7 +149,9 @@ def cache_teacher_cmd(
     unreadable); each redone shard is named with its reason. Failed clips stay failed unless
     --retry-failed is given: then the shards holding failed clips that decode now are redone, and
     the clips that still fail keep a line in failures.jsonl with their new reason.
-    Under torchrun every rank writes its own shards.
+    Under torchrun every rank writes its own shards; with --engine ray, Ray tasks do (one per shard,
+    one GPU each when cache.device is CUDA, retried when a worker is lost) and this process writes the
+    index. The store is the same bytes whichever engine and however many workers wrote it.
 
     Exit status: 0 all clips cached; 3 done, but some clips failed (listed in STORE/failures.jsonl);
     1 error; 2 bad recipe.
@@ -156,9 +161,16 @@ def cache_teacher_cmd(
         umt-distill cache-teacher stage1/tiny corpus.source=data/train.csv cache.store=cache/tiny
 
         torchrun --nproc-per-node 8 -m umt_distill cache-teacher stage1/b16_k710
+
+        RAY_ADDRESS=auto umt-distill cache-teacher stage1/b16_k710 --engine ray
     """
+    if engine not in ("torchrun", "ray"):
+        _fail(f"--engine {engine!r}: choose torchrun or ray")
     cfg = _load(recipe, overrides)
-    from umt_distill.cache.pipeline import cache_teacher
+    if engine == "ray":
+        from umt_distill.cache.ray_engine import cache_teacher_ray as cache_teacher
+    else:
+        from umt_distill.cache.pipeline import cache_teacher
 
     try:
         summary = cache_teacher(cfg, deep=deep, retry_failed=retry_failed)

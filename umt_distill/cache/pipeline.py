@@ -205,7 +205,10 @@ class _Writer:
                         info = {"name": plan.name, "path": None, "num_records": 0, "nbytes": 0, "records": []}
                     else:
                         info = writer.close()
-                    sidecar = {**info, "clips": [plan.start, plan.stop], "failures": failures, "finished": now_iso()}
+                    # Nothing run-specific (no time, no absolute path, no rank): a shard's sidecar is the same
+                    # bytes whatever engine, world size or store folder wrote it (FORMAT.md §4).
+                    path = info["path"] and f"{SHARDS_DIR}/{Path(info['path']).name}"
+                    sidecar = {**info, "path": path, "clips": [plan.start, plan.stop], "failures": failures}
                     atomic_write_json(self.shards_dir / f"{plan.name}.json", sidecar)
                     self.done.append(sidecar)
             except BaseException as e:  # surfaced on the main thread at the next put/finish
@@ -305,6 +308,17 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
     check_failed_fraction(summary.get("failures", 0), summary.get("clips", 0), cfg.corpus.max_failed_fraction,
                           str(cfg.corpus.source), str(root / FAILURES_FILE), " (then re-run with --retry-failed)")
     return summary
+
+
+def write_shard(cfg: Recipe, rows: list[ClipRow], teacher, plan: ShardPlan, shards_dir: Path, device,
+                deep: bool = False, retry_failed: bool = False) -> dict:
+    """One shard, idempotently (what one Ray task of ``cache/ray_engine.py`` runs): a finished, undamaged
+    shard is kept (``repair.plan_shard_work``), anything else is deleted and written again. Returns this
+    shard's stats (``_run_shards``) with ``skipped`` and ``redone`` (``Redo`` reasons)."""
+    todo, redone = plan_shard_work(shards_dir, cfg.cache.layout, [plan], deep=deep, retry_failed=retry_failed,
+                                   rows=rows, cfg=cfg)
+    stats = _run_shards(cfg, rows, teacher, todo, shards_dir, device, du.DistEnv(), False) if todo else {}
+    return {**stats, "skipped": not todo, "redone": [{"shard": r.shard, "reason": r.reason} for r in redone]}
 
 
 def _iter_items(cfg: Recipe, rows, plans: list[ShardPlan]) -> Iterator[dict]:

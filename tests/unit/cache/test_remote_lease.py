@@ -1,0 +1,182 @@
+"""The writer lease of a store on object storage (``cache/remote_write.py``), against moto's S3 server on
+127.0.0.1 (real HTTP, real botocore/s3fs, no mocked client): one holder at a time, the holder named to
+the refused run, a lease that is no longer renewed (or whose holder process is dead) taken over, a
+taken-over holder stopping, and a service that ignores conditional writes refused."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from umt_distill.cache.lock import LOCK_FILE, StoreLockedError
+from umt_distill.cache.remote_write import (
+    UNSAFE_LEASE_ENV,
+    RemoteLease,
+    RemoteWriteError,
+    check_writable_url,
+    filesystem,
+)
+
+
+class _StripHeader(BaseHTTPRequestHandler):
+    """Forwards each request to ``upstream`` without the header ``strip``: an S3 front-end that does not
+    know conditional writes and ignores ``If-None-Match``, as some S3-compatible services do."""
+
+    upstream: str = ""
+    strip: str = ""
+    protocol_version = "HTTP/1.1"
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        target = urllib.parse.urlsplit(self.upstream)
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in (self.strip, "expect")}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for k, v in response.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def http_header_stripper():
+    """A factory: ``http_header_stripper(endpoint, header)`` → the URL of a proxy that drops ``header``."""
+    servers = []
+
+    def start(endpoint: str, header: str) -> str:
+        handler = type("Handler", (_StripHeader,), {"upstream": endpoint, "strip": header.lower()})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _lease_object(url: str) -> dict | None:
+    fs, root = filesystem(url)
+    try:
+        return json.loads(fs.cat_file(f"{root}/{LOCK_FILE}"))
+    except FileNotFoundError:
+        return None
+
+
+def _plant(url: str, **info) -> None:
+    """A lease object written as another run would have written it."""
+    fs, root = filesystem(url)
+    body = {"host": "elsewhere", "pid": 1, "started": "2026-01-01T00:00:00+00:00", "purpose": "cache-teacher",
+            "seconds": 60, "token": "x", **info}
+    fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps(body).encode())
+
+
+def test_one_holder_at_a_time_and_the_refusal_names_it(s3_server) -> None:
+    url = s3_server.url("lease-one")
+    first = RemoteLease(url, "cache-teacher").acquire()
+    try:
+        held = _lease_object(url)
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname() and held["seconds"] == 60
+        with pytest.raises(StoreLockedError, match=f"being written by another run .*cache-teacher by pid {os.getpid()}"):
+            RemoteLease(url, "cache verify --repair").acquire()
+    finally:
+        first.release()
+    assert _lease_object(url) is None  # released: the object is gone
+    second = RemoteLease(url, "cache verify --repair").acquire()  # and the store can be taken again
+    second.release()
+
+
+def test_a_lease_not_renewed_for_its_lifetime_is_taken_over_and_its_holder_stops(s3_server) -> None:
+    url = s3_server.url("lease-stale")
+    old = RemoteLease(url, "cache-teacher", seconds=1).acquire()
+    old._stop.set()  # the holder stops renewing (as a stopped or cut-off process would)
+    old._thread.join()
+    with pytest.raises(StoreLockedError):  # still alive by the server's clock
+        RemoteLease(url, "cache-teacher").acquire()
+    deadline = time.time() + 10
+    while True:
+        try:
+            new = RemoteLease(url, "cache-teacher").acquire()
+            break
+        except StoreLockedError:
+            assert time.time() < deadline, "a lease not renewed for its lifetime was never taken over"
+            time.sleep(0.25)
+    try:
+        assert _lease_object(url)["token"] == new.token
+        old.renew()  # the old holder wakes up: its If-Match fails, it must stop writing
+        assert old.lost
+        with pytest.raises(RemoteWriteError, match="taken over"):
+            old.check()
+        assert _lease_object(url)["token"] == new.token  # its renewal did not overwrite the new lease
+        old.release()  # gives back nothing: the lease is not its own any more
+        assert _lease_object(url)["token"] == new.token
+    finally:
+        new.release()
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(s3_server) -> None:
+    url = s3_server.url("lease-dead")
+    with open("/proc/sys/kernel/pid_max") as f:
+        dead = int(f.read()) + 1  # no process can have it
+    _plant(url, host=socket.gethostname(), pid=dead)  # a killed writer's lease, its lifetime not over
+    lease = RemoteLease(url, "cache-teacher").acquire()
+    lease.release()
+    _plant(url, host="elsewhere", pid=dead)  # the same pid on another host proves nothing
+    with pytest.raises(StoreLockedError, match="on elsewhere"):
+        RemoteLease(url, "cache-teacher").acquire()
+
+
+def test_renewal_keeps_the_lease_alive(s3_server) -> None:
+    url = s3_server.url("lease-renew")
+    lease = RemoteLease(url, "cache-teacher", seconds=2).acquire()
+    try:
+        first = lease.etag
+        time.sleep(3.2)  # past the lifetime: only the renewals (every 1 s) keep it
+        assert lease.etag != first and not lease.lost
+        with pytest.raises(StoreLockedError):
+            RemoteLease(url, "cache-teacher").acquire()
+    finally:
+        lease.release()
+
+
+def test_a_service_that_ignores_conditional_writes_is_refused(s3_server, http_header_stripper, monkeypatch) -> None:
+    proxy = http_header_stripper(s3_server.endpoint, "if-none-match")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+    url = s3_server.url("lease-unsafe")
+    with pytest.raises(RemoteWriteError, match="does not honour conditional writes"):
+        RemoteLease(url, "cache-teacher").acquire()
+    assert _lease_object(url) is None  # the probe's lease is removed
+    monkeypatch.setenv(UNSAFE_LEASE_ENV, "1")  # the user says only one writer runs
+    lease = RemoteLease(url, "cache-teacher").acquire()
+    assert _lease_object(url)["token"] == lease.token
+    lease.release()
+    assert _lease_object(url) is None
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/store", "https://example.org/s", "gs://bucket/s"])
+def test_stores_that_cannot_be_written_are_refused_in_one_line(url: str) -> None:
+    with pytest.raises(RemoteWriteError) as e:
+        check_writable_url(url)
+    assert "\n" not in str(e.value) and url in str(e.value)
+    assert ("read-only" in str(e.value)) == url.startswith("http")

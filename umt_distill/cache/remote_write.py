@@ -1,0 +1,595 @@
+"""Writing a store to object storage: ``cache-teacher ... cache.store=s3://bucket/prefix``.
+
+The writer runs on a local *staging* folder that mirrors the store's small files (spec, corpus rows,
+basis, zarr metadata, sidecars, index, failures) and holds only the shards in flight; every shard is
+uploaded whole from it. S3 has no rename, but a PUT (a multipart upload once it completes) is atomic per
+object, so the order of the uploads is what keeps a reader safe:
+
+1. before any shard: ``corpus.jsonl``, ``basis.npy``, the zarr group metadata, then ``spec.json``
+   (a prefix with shards but no spec never exists, so a resumed run recognises its store);
+2. each shard: its data (a zarr shard's objects, or the ``.tar``) and then its sidecar
+   ``shards/<name>.json``; the shard's local copy is then deleted. A shard counts as finished when its
+   sidecar object exists, exactly as on disk, so a killed upload is redone by the next run;
+3. at the end: changed sidecars (``--retry-failed`` refreshes reasons), ``failures.jsonl``,
+   ``index.json`` (naming only shards whose data and sidecar are uploaded), ``spec.json`` last.
+
+A re-run downloads the small files into a fresh staging folder and decides the work as on disk
+(``repair.plan_shard_work``), asking the bucket for the shards' sizes (:meth:`RemoteStore.shard_damage`;
+``--deep`` downloads each shard to read it) and deleting a discarded shard's objects sidecar first.
+
+One writer per store: the store's lease object ``<prefix>/.lock`` (:class:`RemoteLease`), created with
+a conditional PUT (``If-None-Match: *``), renewed by its holder every third of its lifetime with
+``If-Match`` on its own ETag, and taken over (again with ``If-Match``) once the server's clock says it
+has not been renewed for its lifetime, or at once when its holder is a dead process on this host. A
+service that ignores or refuses conditional writes is detected when the lease is taken and the run is
+refused, unless ``UMT_DISTILL_UNSAFE_LEASE=1`` says the user keeps writers apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import email.utils
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from umt_distill.cache.lock import LOCK_FILE, StoreLockedError, describe_holder
+from umt_distill.cache.spec import CORPUS_FILE, SPEC_FILE, now_iso
+from umt_distill.cache.store_folder import CacheError
+
+__all__ = [
+    "LEASE_SECONDS_ENV",
+    "UNSAFE_LEASE_ENV",
+    "RemoteLease",
+    "RemoteStore",
+    "RemoteWriteError",
+    "is_url",
+    "open_remote_store",
+    "push_small_files",
+    "publish_shard",
+    "staged_remote",
+]
+
+#: The lease's lifetime in seconds (default 60): a holder that stops renewing it (killed, cut off) is
+#: taken over this long after its last renewal.
+LEASE_SECONDS_ENV = "UMT_DISTILL_LEASE_SECONDS"
+#: ``1``: on a service without conditional writes, write anyway (the user keeps writers apart).
+UNSAFE_LEASE_ENV = "UMT_DISTILL_UNSAFE_LEASE"
+DEFAULT_LEASE_SECONDS = 60
+#: Multipart part size of shard uploads: a file below twice this is one PUT, a larger one a multipart
+#: upload (the object appears only when the upload completes, so it is atomic too).
+UPLOAD_PART_BYTES = 64 * 2**20
+WRITABLE_PROTOCOLS = ("s3", "s3a")
+_INDEX_FILE, _FAILURES_FILE, _SHARDS_DIR = "index.json", "failures.jsonl", "shards"
+_SUFFIXES = (".zarr", ".tar")
+
+
+class RemoteWriteError(CacheError):
+    """A store on object storage cannot be written (read-only protocol, unsafe service, lost lease ...)."""
+
+
+def is_url(store: str | Path) -> bool:
+    """Whether a store is given as a URL (``s3://``, ``http://`` ...) rather than a local folder."""
+    return "://" in str(store)
+
+
+# --------------------------------------------------------------------------------------------------
+# the file system of a URL
+
+
+def filesystem(url: str):
+    """``(fs, path)`` of a store URL, listings never cached (another writer's objects must be seen).
+
+    Uses ``umt_distill.storage`` where it offers a file system for a URL; endpoint and credentials come
+    from the standard places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ..., fsspec config).
+    """
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, skip_instance_cache=True)
+    return fs, path.rstrip("/")
+
+
+def check_writable_url(url: str) -> None:
+    """Refuse, in one line, a store URL this writer cannot write."""
+    protocol = url.split("://", 1)[0].lower()
+    if protocol in ("http", "https"):
+        raise RemoteWriteError(f"cache.store={url}: an HTTP store is read-only (HTTP has no upload); cache to a "
+                               "local folder or s3://bucket/prefix and serve that folder over HTTP")
+    if protocol not in WRITABLE_PROTOCOLS:
+        raise RemoteWriteError(f"cache.store={url}: writing a store is supported on a local folder and on s3:// "
+                               f"(AWS S3 or an S3-compatible endpoint), not on {protocol}://; cache locally and "
+                               "copy the folder there")
+
+
+def _s3_error(e: BaseException) -> tuple[str, int]:
+    """The S3 error code and HTTP status behind an exception s3fs raised (``("", 0)`` if none)."""
+    for err in (e, e.__cause__, e.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            return (str(response.get("Error", {}).get("Code", "")),
+                    int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0))
+    return ("", 0)
+
+
+def _conflict(e: BaseException) -> bool:
+    """A conditional write lost: the object exists (412), or a concurrent conditional write won (409)."""
+    code, status = _s3_error(e)
+    return isinstance(e, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict") \
+        or status in (409, 412)
+
+
+def _unsupported(e: BaseException) -> bool:
+    code, status = _s3_error(e)
+    return code in ("NotImplemented", "NotImplementedError") or status == 501
+
+
+# --------------------------------------------------------------------------------------------------
+# the lease
+
+
+class RemoteLease:
+    """The exclusive write lease of a store on object storage (``<prefix>/.lock``); see the module docstring.
+
+    The same interface as :class:`umt_distill.cache.lock.StoreLock` (``acquire`` / ``release``, a
+    context manager). ``lost`` turns true if a renewal finds the lease taken over (the holder was
+    presumed dead); the writer then stops before its next upload.
+    """
+
+    def __init__(self, url: str, purpose: str, fs=None, seconds: int | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.fs, root = (fs, filesystem(url)[1]) if fs is not None else filesystem(url)
+        self.bucket, _, prefix = root.partition("/")
+        self.key = f"{prefix}/{LOCK_FILE}" if prefix else LOCK_FILE
+        self.purpose = purpose
+        self.seconds = int(seconds if seconds is not None else os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
+        self.token = uuid.uuid4().hex
+        self.started = now_iso()
+        self.etag: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- what the lease object says
+
+    def _body(self) -> bytes:
+        return (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": self.started,
+                            "renewed": now_iso(),
+                            "purpose": self.purpose, "command": " ".join(sys.argv)[:500],
+                            "seconds": self.seconds, "token": self.token}) + "\n").encode()
+
+    def holder(self) -> tuple[str, dict, float] | None:
+        """``(etag, holder info, seconds since its last renewal by the server's clock)``, or None."""
+        try:
+            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)
+        except FileNotFoundError:
+            return None
+        try:
+            text = self.fs.cat_file(f"{self.bucket}/{self.key}", start=0, end=1 << 16)  # a few hundred bytes
+        except FileNotFoundError:  # released between the two calls: look again
+            return self.holder()
+        try:
+            info = json.loads(text)
+            info = info if isinstance(info, dict) else {}
+        except ValueError:
+            info = {}
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        server_now = email.utils.parsedate_to_datetime(date) if date else _dt.datetime.now(_dt.UTC)
+        age = (server_now - head["LastModified"]).total_seconds()
+        return head["ETag"], info, age
+
+    def _stale(self, info: dict, age: float) -> bool:
+        seconds = info.get("seconds")
+        if not isinstance(seconds, (int, float)) or seconds <= 0:
+            seconds = DEFAULT_LEASE_SECONDS
+        if age > seconds:
+            return True
+        return info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
+            and not _pid_alive(info["pid"])
+
+    # -- taking, renewing, giving back
+
+    def acquire(self) -> RemoteLease:
+        """Take the lease or raise :class:`StoreLockedError` naming the holder (or
+        :class:`RemoteWriteError` when the service cannot keep two writers apart)."""
+        current = self.holder()
+        body = self._body()
+        try:
+            if current is None:
+                out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")
+            else:
+                etag, info, age = current
+                if not self._stale(info, age):
+                    raise self._refusal(info)
+                # a dead holder's lease: replace exactly that object; a concurrent taker's If-Match fails
+                out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, IfMatch=etag)
+        except StoreLockedError:
+            raise
+        except Exception as e:
+            if _conflict(e):
+                now = self.holder()
+                raise self._refusal(now[1] if now else {}) from None
+            if _unsupported(e):
+                return self._without_conditions(body)
+            raise
+        self.etag = out["ETag"]
+        if not self._conditions_hold(body):
+            return self._without_conditions(body)
+        self._start_renewing()
+        return self
+
+    def _conditions_hold(self, body: bytes) -> bool:
+        """Probe that the service honours ``If-None-Match``: a second conditional create of our own lease
+        must fail. A service that ignores the header overwrites it (with the same bytes) and says 200."""
+        try:
+            out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")
+        except Exception as e:
+            if _conflict(e):
+                return True
+            if _unsupported(e):
+                return False
+            raise
+        self.etag = out["ETag"]
+        return False
+
+    def _without_conditions(self, body: bytes) -> RemoteLease:
+        if os.environ.get(UNSAFE_LEASE_ENV) != "1":
+            with contextlib.suppress(Exception):
+                if self.etag is not None:
+                    self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
+            self.etag = None
+            raise RemoteWriteError(
+                f"{self.url}: the storage service does not honour conditional writes (If-None-Match), so two "
+                f"writers of this store could not be kept apart; use a service that does (AWS S3, a recent "
+                f"MinIO), or make sure only one writer runs and set {UNSAFE_LEASE_ENV}=1")
+        out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body)
+        self.etag = None if out is None else out.get("ETag")
+        self._start_renewing(conditional=False)
+        return self
+
+    def _refusal(self, info: dict) -> StoreLockedError:
+        return StoreLockedError(f"{self.url} is being written by another run ({describe_holder(json.dumps(info))}; "
+                                f"its lease {LOCK_FILE} is renewed every {max(1, self.seconds // 3)} s and taken "
+                                "over once it is not); wait for it to finish, or use another store")
+
+    def _start_renewing(self, conditional: bool = True) -> None:
+        self._conditional = conditional
+        self._thread = threading.Thread(target=self._renew_loop, name="store-lease", daemon=True)
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(max(1.0, self.seconds / 3)):
+            self.renew()
+
+    def renew(self) -> None:
+        """Rewrite the lease (its server time is its last sign of life); a lost ``If-Match`` means
+        another run took it over, and this run must stop writing."""
+        if self.lost:
+            return
+        try:
+            kwargs = {"IfMatch": self.etag} if self._conditional and self.etag else {}
+            out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), **kwargs)
+            self.etag = out.get("ETag", self.etag)
+        except Exception as e:
+            if _conflict(e) or isinstance(e, FileNotFoundError):
+                self.lost = True
+            # a network error: try again at the next period; the lease lives for ``seconds``
+
+    def check(self) -> None:
+        """Raise :class:`RemoteWriteError` if the lease was taken over (called before each upload)."""
+        if self.lost:
+            raise RemoteWriteError(f"{self.url}: this run's lease {LOCK_FILE} was taken over by another run (it "
+                                   "was not renewed in time); stopping before writing more — re-run to resume")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        if self.etag is not None and not self.lost:
+            with contextlib.suppress(Exception):  # not ours any more, or unreachable: it expires by itself
+                kwargs = {"IfMatch": self.etag} if getattr(self, "_conditional", True) else {}
+                self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, **kwargs)
+        self.etag = None
+
+    def __enter__(self) -> RemoteLease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# the staging folder and its uploads
+
+
+_OPEN: dict[str, RemoteStore] = {}  # staging folder -> the store it mirrors, for this process's writers
+
+
+def staged_remote(folder: str | Path) -> RemoteStore | None:
+    """The object-storage store whose staging folder is ``folder`` (a store root), or None (a local store)."""
+    return _OPEN.get(str(Path(folder))) if _OPEN else None
+
+
+def open_remote_store(url: str, env, purpose: str) -> RemoteStore:
+    """``cache-teacher`` into ``url``: a staging folder, the store's lease taken and its small files
+    downloaded. Errors are :class:`CacheError` in one line. Release ``.lease`` and ``close()`` it."""
+    check_writable_url(url)
+    if env.world_size > 1:
+        raise RemoteWriteError(f"cache.store={url}: a store on object storage is written by one process for now; "
+                               "run cache-teacher without torchrun (or cache locally and upload the folder)")
+    remote = RemoteStore(url)
+    try:
+        remote.take(purpose)
+    except StoreLockedError as e:
+        remote.close()
+        raise CacheError(str(e)) from None
+    except CacheError:
+        remote.close()
+        raise
+    except OSError as e:  # unreachable endpoint, no bucket, no permission: before any work
+        remote.close()
+        raise CacheError(f"cannot write the store {url}: {e.strerror or e}") from None
+    except BaseException:
+        remote.close()
+        raise
+    return remote
+
+
+def push_small_files(root: str | Path) -> None:
+    """If ``root`` is the staging folder of a store on object storage, upload its new or changed small
+    files (spec last); a local store: nothing."""
+    remote = staged_remote(root)
+    if remote is not None:
+        remote.push_changed()
+
+
+def publish_shard(shards_dir: str | Path, sidecar: dict) -> None:
+    """After a shard's data and sidecar are in ``shards_dir``: upload them if the store is remote."""
+    remote = staged_remote(Path(shards_dir).parent)
+    if remote is not None:
+        remote.publish_shard(sidecar)
+
+
+class RemoteStore:
+    """A store on object storage written through a local staging folder (see the module docstring).
+
+    Args:
+        url: ``s3://bucket/prefix``.
+        staging_parent: Where the staging folder is made (default: the system's temporary folder;
+            it holds the small files and the shards in flight, and is deleted by :meth:`close`).
+    """
+
+    def __init__(self, url: str, staging_parent: str | Path | None = None) -> None:
+        check_writable_url(url)
+        self.url = url.rstrip("/")
+        self.fs, self.root = filesystem(self.url)
+        self.staging = Path(tempfile.mkdtemp(prefix="umt-distill-staging-", dir=staging_parent))
+        self.lease: RemoteLease | None = None
+        self._sent: dict[str, tuple[int, int]] = {}  # staging-relative path -> _stamp when sent
+        self._sizes: dict[str, int] = {}  # shard data name (shard-000001.tar) -> bytes in the bucket
+        _OPEN[str(self.staging)] = self
+
+    # -- paths
+
+    def remote(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _rel(self, remote_path: str) -> str:
+        return remote_path[len(self.root) + 1:]
+
+    # -- taking the store
+
+    def take(self, purpose: str) -> RemoteLease:
+        """Refuse a prefix that holds something other than a store, take the lease, then download the
+        store's small files into the staging folder. Returns the lease (release it when done)."""
+        self.refuse_foreign()
+        self.lease = RemoteLease(self.url, purpose, fs=self.fs).acquire()
+        try:
+            self.refuse_foreign()
+            self.pull()
+        except BaseException:
+            self.lease.release()
+            raise
+        return self.lease
+
+    def _listing(self, path: str) -> list[dict]:
+        try:
+            return self.fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+
+    def refuse_foreign(self) -> None:
+        """As ``store_folder.refuse_foreign_folder``: a prefix without spec.json holding other objects is
+        not a store; nothing is downloaded from it or written into it."""
+        names = {self._rel(e["name"].rstrip("/")) for e in self._listing(self.root)}
+        if SPEC_FILE in names:
+            return
+        foreign = sorted(n for n in names if n not in (LOCK_FILE, CORPUS_FILE) and not n.startswith(".tmp-"))
+        if foreign:
+            raise RemoteWriteError(f"{self.url} is not empty ({foreign[0]} ...) and has no spec.json: it is not a "
+                                   "cache store; refusing to write into it — use another cache.store")
+
+    def pull(self) -> None:
+        """Download the store's small files (everything but shard data and the lease) into staging and
+        note the sizes of the shards' data in the bucket."""
+        self.fs.invalidate_cache()
+        files = self.fs.find(self.root, detail=True)
+        for path, entry in files.items():
+            rel = self._rel(path)
+            if entry.get("type") == "directory" or rel == LOCK_FILE or rel.startswith(".tmp-"):
+                continue
+            parts = rel.split("/")
+            if parts[0] == _SHARDS_DIR and len(parts) >= 2 and parts[1].endswith(_SUFFIXES):
+                self._sizes[parts[1]] = self._sizes.get(parts[1], 0) + int(entry.get("size") or 0)
+                continue
+            local = self.staging / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(path, str(local))
+            self._sent[rel] = _stamp(local)
+
+    # -- uploads
+
+    def _upload(self, local: Path, rel: str) -> None:
+        self.fs.put_file(str(local), self.remote(rel), chunksize=UPLOAD_PART_BYTES)
+
+    def _changed(self) -> list[tuple[str, Path]]:
+        """Mirrored files of the staging folder that are new or changed since pulled or pushed, in the
+        order a reader relies on: other files, then sidecars, ``failures.jsonl``, ``index.json``,
+        ``spec.json`` last."""
+        changed = []
+        for local in sorted(self.staging.rglob("*")):
+            rel = local.relative_to(self.staging).as_posix()
+            if local.is_file() and not _not_mirrored(rel) and self._sent.get(rel) != _stamp(local):
+                changed.append((rel, local))
+        changed.sort(key=lambda c: (_push_rank(c[0]), c[0]))
+        return changed
+
+    def _send(self, items: list[tuple[str, Path]]) -> None:
+        for rel, local in items:
+            stamp = _stamp(local)
+            self._upload(local, rel)
+            self._sent[rel] = stamp
+
+    def push_changed(self) -> list[str]:
+        """Upload the staging folder's new or changed small files (:meth:`_changed`'s order). Returns
+        their staging-relative paths."""
+        if self.lease is not None:
+            self.lease.check()
+        changed = self._changed()
+        self._send(changed)
+        return [rel for rel, _ in changed]
+
+    def publish_shard(self, sidecar: dict) -> None:
+        """Upload one closed shard: its data objects, the small files written with it (e.g. its caption
+        scores), then its sidecar, which marks it finished; then drop the local data."""
+        if self.lease is not None:
+            self.lease.check()
+        name = sidecar["name"]
+        shards = self.staging / _SHARDS_DIR
+        data = _data_paths(shards, name)
+        for path in data:
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            if len(files) == 1:
+                self._upload(files[0], files[0].relative_to(self.staging).as_posix())
+            elif files:
+                self.fs.put([str(f) for f in files], [self.remote(f.relative_to(self.staging).as_posix()) for f in files],
+                            chunksize=UPLOAD_PART_BYTES)
+            self._sizes[path.name] = sum(f.stat().st_size for f in files)
+        self._send([c for c in self._changed() if _push_rank(c[0]) == 0])
+        side = f"{_SHARDS_DIR}/{name}.json"
+        self._send([(side, self.staging / side)])
+        for path in data:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    # -- what a re-run checks and discards
+
+    def shard_damage(self, shards_dir: Path, layout: str, sidecar: dict, deep: bool = False) -> str | None:
+        """``repair.shard_damage`` for a shard in the bucket: data present with the recorded size; with
+        ``deep`` the shard is downloaded into staging and read as on disk, then dropped."""
+        from umt_distill.cache.repair import shard_damage
+
+        if sidecar["num_records"] == 0:
+            return None
+        data = f"{sidecar['name']}{'.zarr' if layout == 'zarr' else '.tar'}"
+        size = self._sizes.get(data)
+        if size is None:
+            return f"{data} is missing"
+        if size != sidecar["nbytes"]:
+            return f"{data} has {size} bytes, its sidecar records {sidecar['nbytes']} (truncated or modified)"
+        if not deep:
+            return None
+        remote = self.remote(f"{_SHARDS_DIR}/{data}")
+        files = [p for p, e in self.fs.find(remote, detail=True).items() if e.get("type") != "directory"]
+        local = shards_dir / data
+        try:
+            for path in files:
+                target = self.staging / self._rel(path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(path, str(target))
+            return shard_damage(shards_dir, layout, sidecar, deep=True)
+        finally:
+            if local.is_dir():
+                shutil.rmtree(local)
+            elif local.exists():
+                local.unlink()
+
+    def discard(self, name: str) -> None:
+        """Delete shard ``name``'s objects, its sidecar first (a kill then leaves an unfinished shard).
+        Only what the bucket held when the lease was taken, or this run uploaded, is asked for."""
+        side = f"{_SHARDS_DIR}/{name}.json"
+        present = [f"{name}{s}" for s in _SUFFIXES if f"{name}{s}" in self._sizes]
+        if side not in self._sent and not present:
+            return
+        if self.lease is not None:
+            self.lease.check()
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.remote(side))
+        self._sent.pop(side, None)
+        for data in present:
+            found = self.fs.find(self.remote(f"{_SHARDS_DIR}/{data}"))
+            if found:
+                self.fs.rm(found)
+            del self._sizes[data]
+
+    # -- the end
+
+    def close(self) -> None:
+        """Forget and delete the staging folder (the lease is released by whoever took it)."""
+        _OPEN.pop(str(self.staging), None)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def named(self) -> Iterator[None]:
+        """Messages of errors raised inside name the store's URL, not the staging folder."""
+        try:
+            yield
+        except (RuntimeError, ValueError, OSError) as e:
+            text = str(e)
+            if str(self.staging) in text and e.args and isinstance(e.args[0], str) and len(e.args) == 1:
+                e.args = (text.replace(str(self.staging), self.url),)
+            raise
+
+
+def _data_paths(shards: Path, name: str) -> list[Path]:
+    return [p for p in (shards / f"{name}{s}" for s in _SUFFIXES) if p.exists()]
+
+
+def _not_mirrored(rel: str) -> bool:
+    """Files of the staging folder that never go to the bucket: the local lock, temporaries, shard data."""
+    parts = rel.split("/")
+    if rel == LOCK_FILE or any(p.startswith(".tmp-") for p in parts):
+        return True
+    return parts[0] == _SHARDS_DIR and len(parts) >= 2 and parts[1].endswith(_SUFFIXES)
+
+
+def _push_rank(rel: str) -> int:
+    """Upload order of a small file: 0 any other, 1 sidecars, then failures, index, spec."""
+    parts = rel.split("/")
+    if parts[0] == _SHARDS_DIR and len(parts) == 2 and parts[1].endswith(".json") and parts[1] != "zarr.json":
+        return 1
+    return {_FAILURES_FILE: 2, _INDEX_FILE: 3, SPEC_FILE: 4}.get(rel, 0)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """What says a staging file changed since it was sent: its size and modification time (every write
+    in the store is a new file renamed into place, so a rewrite always changes the time)."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns

@@ -16,7 +16,9 @@ Ties are broken against the true item (a true item ranks below every other item 
 so a constant scorer cannot look good. UMT breaks ties by array order.
 
 Multiple-choice QA as retrieval (UMT's MSRVTT-MC): each candidate text (question + answer) is scored
-against its video by the matching head (and, for reference, by ITC); the prediction is the best one.
+against its video; UMT's score blends 0.7 × the matching probability with 0.3 × a softmax over the
+candidates of the contrastive similarity / temperature (:func:`blended_mc_scores`); the matching logit
+alone and the contrastive score alone are reported beside it. The prediction is the best candidate.
 
 Under torchrun every rank encodes everything (as UMT does) and re-ranks every world_size-th row; the
 score matrices are summed across ranks.
@@ -100,6 +102,26 @@ def retrieval_metrics(v2t_scores: Tensor, t2v_scores: Tensor, text_to_video: Ten
 def multiple_choice_accuracy(scores: Tensor, answers: Tensor) -> float:
     """Fraction of questions whose highest-scoring candidate is the answer: scores [N, A], answers long [N]."""
     return float((scores.argmax(1) == answers).double().mean())
+
+
+MC_ITM_WEIGHT = 0.7  # UMT's multiple-choice blend: 0.7 matching probability + 0.3 contrastive softmax
+
+
+def blended_mc_scores(itm_logits: Tensor, itc_sim: Tensor, temp: float, itm_weight: float = MC_ITM_WEIGHT) -> Tensor:
+    """UMT's multiple-choice score (UMT code @4fb4049: multi_modality/tasks/retrieval_mc.py).
+
+    Args:
+        itm_logits: [N, A, 2] matching-head logits of every (question, candidate); index 1 = match.
+        itc_sim: [N, A] contrastive cosine, averaged over frames (no temperature).
+        temp: The model's contrastive temperature.
+        itm_weight: Weight of the matching probability; the contrastive part gets ``1 − itm_weight``.
+
+    Returns:
+        [N, A]: ``itm_weight · softmax(itm_logits)[..., 1] + (1 − itm_weight) · softmax_A(itc_sim / temp)``.
+    """
+    match = itm_logits.float().softmax(-1)[..., 1]  # [N, A], each candidate on its own
+    contrast = (itc_sim.float() / temp).softmax(-1)  # [N, A], across the candidates
+    return itm_weight * match + (1.0 - itm_weight) * contrast
 
 
 def multiple_choice_texts(question: str, answers: Sequence[str]) -> list[str]:
@@ -307,7 +329,8 @@ def evaluate_multiple_choice_model(model, tokenizer, cfg: Recipe, source: str | 
     one as ``label``.
 
     Returns:
-        ``mc_accuracy`` (matching head, UMT's choice), ``mc_emb_accuracy`` (ITC) and ``num_questions``.
+        ``mc_blend_accuracy`` (UMT's score, :func:`blended_mc_scores`), beside ``mc_accuracy`` (the raw
+        matching logit alone) and ``mc_emb_accuracy`` (ITC alone), and ``num_questions``.
     """
     rows = read_corpus(source, cfg.corpus.root)
     for r in rows:
@@ -325,18 +348,24 @@ def evaluate_multiple_choice_model(model, tokenizer, cfg: Recipe, source: str | 
         video = encode_videos(model, _tracked_video_batches(rows, cfg), device)
         vi = torch.arange(len(rows)).repeat_interleave(A)  # [N·A]: candidate j of question i is text i·A + j
         ti = torch.arange(len(rows) * A)
-        itm = _pair_scorer(model, video, text, device)(vi, ti).view(len(rows), A)
+        itm_logits = torch.cat([model.match_logits(text.hidden[ti[s:s + PAIR_BATCH]].to(device),
+                                                   text.mask[ti[s:s + PAIR_BATCH]].to(device),
+                                                   video.tokens[vi[s:s + PAIR_BATCH]].to(device)).float().cpu()
+                                for s in range(0, len(vi), PAIR_BATCH)]).view(len(rows), A, 2)
         itc = torch.einsum("nte,nae->nat", video.embedding, text.embedding.view(len(rows), A, -1)).mean(-1)  # [N, A]
+        temp = float(model.temp)
     finally:
         model.train(was_training)
     answers = torch.tensor([r.label for r in rows])
-    return {"mc_accuracy": multiple_choice_accuracy(itm, answers),
+    return {"mc_accuracy": multiple_choice_accuracy(itm_logits[..., 1], answers),
+            "mc_blend_accuracy": multiple_choice_accuracy(blended_mc_scores(itm_logits, itc, temp), answers),
             "mc_emb_accuracy": multiple_choice_accuracy(itc, answers), "num_questions": len(rows)}
 
 
 __all__ = [
     "DEFAULT_K_TEST", "ground_truth_ranks", "rank_summary", "retrieval_metrics", "multiple_choice_accuracy",
-    "multiple_choice_texts", "rerank_top_k", "finish_rerank", "rerank_top_k_reference", "encode_texts",
+    "multiple_choice_texts", "blended_mc_scores", "MC_ITM_WEIGHT", "rerank_top_k", "finish_rerank",
+    "rerank_top_k_reference", "encode_texts",
     "encode_videos", "score_retrieval", "evaluate_retrieval_model", "evaluate_multiple_choice_model",
     "k_test_of",
 ]

@@ -191,3 +191,4 @@ def prune(tokens: Tensor, scores: Tensor, spec: SparseSpec) -> tuple[Tensor, Ten
 def at_kept(feat: Tensor, pos: Tensor, pruned: bool) -> Tensor:
     """A block output at the kept tokens: the first ``T·k`` after pruning (fused ones follow), else gathered."""
     return feat[:, :pos.shape[1]] if pruned else gather_visible(feat, pos)
+

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from umt_distill.cache.datasets import (
     CachedViewDataset,
+    ElasticStreamingViewDataset,
     StreamingViewDataset,
     device_targets,
     jpeg_device,
@@ -22,7 +23,7 @@ from umt_distill.cache.spec import check_spec
 from umt_distill.config import Recipe, RecipeError
 from umt_distill.data.clipviews import OnlineViewDataset
 from umt_distill.data.corpus import read_corpus
-from umt_distill.data.samplers import EpochSampler
+from umt_distill.data.samplers import ElasticSampler, EpochSampler
 from umt_distill.data.video import preload_video_backend
 from umt_distill.data.vl import (
     CaptionedDataset,
@@ -103,13 +104,40 @@ def build_data(cfg: Recipe, env: DistEnv, targets: bool = True):
     return dataset, sampler, _loader_factory(cfg, dataset, sampler, stream), per_rank
 
 
+def build_elastic_data(cfg: Recipe, env: DistEnv):
+    """Stage 1's data in the global sample stream (``data.samplers``): (dataset, an ElasticSampler or None
+    for a stream, make_loader, N samples per epoch). One loader reads the rest of the run
+    (``training.loop.stream_batches``); the order is the same at any world size and number of workers."""
+    rows = []
+    online = cfg.teacher.mode == "online"
+    if online or cfg.train.pixels_from == "video":
+        rows = read_corpus(cfg.corpus.source, cfg.corpus.root)
+        preload_video_backend(cfg.corpus.video_backend)
+    if not online and cfg.cache.layout == "wds":
+        dataset = ElasticStreamingViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows}, jpeg_device=jpeg_device(cfg))
+        return dataset, None, _loader_factory(cfg, dataset, None, True), dataset.epoch_samples
+    dataset = OnlineViewDataset(rows, cfg) if online else CachedViewDataset(cfg.cache.store, cfg, {r.id: r for r in rows})
+    sampler = ElasticSampler(len(dataset), cfg.seed, env.rank, env.world_size)
+    return dataset, sampler, _loader_factory(cfg, dataset, sampler, False), len(dataset)
+
+
+def sample_mask_generators(seed: int, epochs: list[int], clip_ids: list[str]) -> list[torch.Generator]:
+    """One generator per sample, from (seed, epoch, clip id): a sample's mask is the same at any world size,
+    rank, batch or step it lands in (stage 1's elastic order; the clip at an epoch's position is fixed)."""
+    gens = []
+    for epoch, clip in zip(epochs, clip_ids):
+        digest = hashlib.sha256(f"{seed}:mask:{epoch}:{clip}".encode()).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
+    return gens
+
+
 def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """Masks of step ``step`` on ``rank``: a pure function of (seed, step, rank), so resume is exact."""
     digest = hashlib.sha256(f"{seed}:mask:{step}:{rank}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: torch.Generator, device: torch.device):
+def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: torch.Generator | list[torch.Generator], device: torch.device):
     """Teacher targets at the visible positions, and those positions.
 
     Returns:
@@ -119,7 +147,7 @@ def step_targets(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: t
     return targets, visible_idx
 
 
-def step_targets_attn(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: torch.Generator,
+def step_targets_attn(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, gen: torch.Generator | list[torch.Generator],
                       device: torch.device):
     """:func:`step_targets` plus the teacher's attention ``attn [B, T, N]`` float32 (what ranks tokens for
     ``sparsify.source=teacher``): the cached one, or the online teacher's on the same pixels."""
@@ -135,16 +163,28 @@ def step_targets_attn(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, g
         visible_idx = (vis + torch.arange(T, device=device).view(1, T, 1) * N).flatten(1)  # [B, T*N_vis]
         return tokens.flatten(2, 3).transpose(0, 1), visible_idx, attn
     # A CPU generator keeps masks reproducible on any device; the noise it draws moves to `device`.
-    visible_idx = MASKS.get(cfg.mask.type)(B, T, N, cfg.mask.ratio, gen, attn=attn, device=device)  # [B, L_vis]
+    draw = MASKS.get(cfg.mask.type)
+    if isinstance(gen, torch.Generator):
+        visible_idx = draw(B, T, N, cfg.mask.ratio, gen, attn=attn, device=device)  # [B, L_vis]
+    else:  # one generator per sample (sample_mask_generators)
+        visible_idx = torch.cat([draw(1, T, N, cfg.mask.ratio, g, attn=attn[i : i + 1], device=device)
+                                 for i, g in enumerate(gen)])  # [B, L_vis]
     flat = tokens.flatten(2, 3).transpose(0, 1)  # [K, B, T*N, D]
     return gather_visible(flat, visible_idx), visible_idx, attn
 
 
-def sparse_spec(cfg: Recipe, depth: int) -> SparseSpec | None:
-    """The recipe's token sparsification (None: off, ``sparsify.keep`` = 1), checked against the student."""
+def sparse_spec(cfg: Recipe, depth: int, teacher_attn: bool = True) -> SparseSpec | None:
+    """The recipe's token sparsification (None: off, ``sparsify.keep`` = 1), checked against the student.
+
+    Args:
+        teacher_attn: Whether the loop reads the teacher's attention (stage 2 does only with UTA).
+    """
     spec = SparseSpec.from_config(cfg.sparsify)
     if spec is None:
         return None
+    if spec.source == "teacher" and not teacher_attn:
+        raise RecipeError("sparsify.source=teacher ranks tokens by the teacher's attention, which this run does not read "
+                          "(stage2.loss_weights.uta=0): use sparsify.source=student")
     if spec.after_block >= depth:
         raise RecipeError(f"sparsify.after_block={spec.after_block}: the student has {depth} blocks (0..{depth - 1})")
     if cfg.mask.type == "random" and not (cfg.teacher.mode == "cached" and cfg.cache.mode == "visible"):

@@ -21,16 +21,41 @@ from umt_distill.config import Recipe
 from umt_distill.data.pixels import normalize_video
 from umt_distill.data.text import prepare_tokenizer, special_ids, tokenize
 from umt_distill.data.vl import source_schedule
-from umt_distill.models.checkpoints import load_umt_checkpoint, read_state_dict, select_student_keys, weights_file
+from umt_distill.models.checkpoints import (
+    load_umt_checkpoint,
+    read_state_dict,
+    select_student_keys,
+    weights_file,
+)
 from umt_distill.models.classifier import inflate_patch_kernel
 from umt_distill.models.text import build_text_encoder
 from umt_distill.models.umt_vl import UMTVisionLanguage, load_umt_vl_checkpoint
-from umt_distill.stages.parts import SourceData, build_source, build_student, check_store_matches, mask_generator, step_targets
-from umt_distill.stages.stage2_parts import LOSS_NAMES, Stage2Objective, freeze_unused
+from umt_distill.stages.parts import (
+    SourceData,
+    build_source,
+    build_student,
+    check_store_matches,
+    mask_generator,
+    sparse_scores,
+    sparse_spec,
+    step_targets_attn,
+)
+from umt_distill.stages.stage2_parts import (
+    LOSS_NAMES,
+    Stage2Objective,
+    build_frame_selection,
+    freeze_unused,
+)
 from umt_distill.teachers.build import build_teacher
 from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint
-from umt_distill.training.loop import NonFiniteLossError, micro_step, open_run, optimizer_step, step_budget
+from umt_distill.training.loop import (
+    NonFiniteLossError,
+    micro_step,
+    open_run,
+    optimizer_step,
+    step_budget,
+)
 from umt_distill.training.optim import amp_setup, build_adamw, set_lr
 
 
@@ -51,13 +76,21 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, teacher_dim, len(tokenizer)).to(device)
     freeze_unused(model, weights)
+    sparse = sparse_spec(cfg, model.vision_encoder.encoder.depth, teacher_attn=weights["uta"] > 0)  # None: off
+    # frame_select: k of T frames per video step (None: off); the learned selector trains inside the objective
+    selection = build_frame_selection(cfg, sources["video"].cfg if "video" in sources else None, teacher, model,
+                                      teacher_dim)
+    selector = selection.selector if selection is not None else None
     objective = Stage2Objective(model, weights, cfg.stage2.mlm_prob, special_ids(tokenizer), cfg.stage2.vtm_hard_negatives,
-                                gather=du.gather_with_grad)  # VTC over the global batch
+                                gather=du.gather_with_grad, sparse=sparse, selector=selector)  # VTC over the global batch
 
     micro, accum = cfg.train.batch_size, cfg.train.accum_steps
     budget = step_budget(cfg, {name: src.clips_per_rank for name, src in sources.items()}, env.world_size)
     o = cfg.optim
     optimizer = build_adamw(model, budget.lr, o.weight_decay, o.betas, o.eps, skip=model.no_weight_decay())  # temp: no decay
+    if selector is not None:  # its own group (no weight decay), before a resume loads the optimizer's state
+        selector.module.to(device)
+        optimizer.add_param_group({"params": list(selector.module.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
     ddp_objective = du.wrap_ddp(objective, env, device)
     run, step = open_run(cfg, "stage2", env, model, optimizer, find_resume_checkpoint(out_dir, resume), budget.total_steps)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
@@ -80,13 +113,17 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                 batch = next(batches[source])
                 data_time += time.perf_counter() - t_data
                 pixels = batch_pixels(batch, device)  # [B, T, 3, H, W] uint8 (T = 1: images)
-                targets, visible_idx = None, None
+                targets, visible_idx, scores = None, None, None
                 if weights["uta"] > 0:  # UMT: without UTA the student sees every token
-                    targets, visible_idx = step_targets(src.cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
+                    targets, visible_idx, attn = step_targets_attn(src.cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
+                    scores = sparse_scores(sparse, attn, visible_idx)  # [B, T, n] ranks tokens (sparsify.source=teacher)
+                select = None
+                if selection is not None and source == "video":  # the kept frames' tokens and targets only
+                    visible_idx, targets, select = selection.step(batch, pixels, visible_idx, targets, teacher, gen, device)
                 text = {k: v.to(device) for k, v in tokenize(tokenizer, batch["caption"], cfg.text.max_length).items()}
                 with micro_step(ddp_objective, m, accum, amp_dtype, device):
                     out = ddp_objective(normalize_video(pixels), visible_idx, targets, text["input_ids"],
-                                        text["attention_mask"], batch["sample_id"].to(device), gen)
+                                        text["attention_mask"], batch["sample_id"].to(device), gen, scores, select)
                     scaler.scale(out["loss"] / accum).backward()
                 for k, v in out.items():  # sync point: .item() per loss and micro-batch
                     sums[k] += v.item() / accum

@@ -8,14 +8,33 @@ Hard negatives are drawn by inverse-CDF sampling from an explicit ``torch.Genera
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from umt_distill.cache.captions import OnlineCaptions, read_caption_table
+from umt_distill.cache.spec import read_spec
+from umt_distill.cache.stores import read_index
+from umt_distill.config import Recipe, RecipeError
+from umt_distill.data.corpus import read_corpus
+from umt_distill.data.frame_select import (
+    random_frames,
+    restrict_to_frames,
+    topk_frames,
+    uniform_frames,
+)
 from umt_distill.losses.uta import uta_loss
 from umt_distill.losses.vl import mlm_loss, no_gather, similarity, vtc_loss, vtm_loss
-from umt_distill.masking import IGNORE_INDEX, mlm_mask
+from umt_distill.masking import IGNORE_INDEX, gather_visible, mlm_mask
+from umt_distill.models.frame_selector import (
+    FrameSelector,
+    frame_features,
+    perturbed_topk,
+)
+from umt_distill.models.sparse_vl import sparse_vision_forward
+from umt_distill.models.sparsify import SparseSpec
 
 LOSS_NAMES = ("uta", "vtc", "vtm", "mlm")
 
@@ -113,9 +132,14 @@ class Stage2Objective(nn.Module):
 
     def __init__(self, model: nn.Module, weights: Mapping[str, float], mlm_prob: float,
                  special_ids: Mapping[str, int], hard_negatives: bool = True,
-                 gather: Callable[[Tensor], Tensor] = no_gather) -> None:
+                 gather: Callable[[Tensor], Tensor] = no_gather, sparse: SparseSpec | None = None,
+                 selector: FrameSelectorSpec | None = None) -> None:
         super().__init__()
         self.model = model
+        # the learned frame selector (frame_select.method=learned): a submodule, so DDP syncs its gradients
+        self.selector = None if selector is None else selector.module
+        self.selector_spec = selector
+        self.sparse = sparse  # token sparsification (docs/smaug.md); None: every visible token
         self.gather = gather
         self.weights = {k: float(weights.get(k, 0.0)) for k in LOSS_NAMES}
         self.mlm_prob = mlm_prob
@@ -123,7 +147,8 @@ class Stage2Objective(nn.Module):
         self.hard_negatives = hard_negatives
 
     def forward(self, pixels: Tensor, visible_idx: Tensor | None, targets: Tensor | None, input_ids: Tensor,
-                text_mask: Tensor, ids: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+                text_mask: Tensor, ids: Tensor, generator: torch.Generator,
+                scores: Tensor | None = None, select: LearnedSelect | None = None) -> dict[str, Tensor]:
         """Weighted total ``loss`` and the unweighted parts.
 
         Args:
@@ -133,10 +158,18 @@ class Stage2Objective(nn.Module):
             input_ids, text_mask: long [B, L] caption tokens and padding mask.
             ids: long [B] sample ids.
             generator: Hard negatives and MLM masks.
+            scores: [B, T', n] teacher attention at the visible tokens (``sparsify.source=teacher``).
+            select: The learned frame selector's inputs (``frame_select.method=learned``, video steps).
         """
         m, w = self.model, self.weights
         m.clamp_temp()
-        vision = m.vision_encoder(pixels, visible_idx, align=w["uta"] > 0)
+        if select is not None:  # keep k frames by the selector; tokens and targets restricted to them
+            pixels, visible_idx, targets = self._select_frames(pixels, visible_idx, targets, select, generator)
+        if self.sparse is None:
+            vision = m.vision_encoder(pixels, visible_idx, align=w["uta"] > 0)
+        else:  # the blocks after sparsify.after_block see each frame's top tokens; UTA at the kept ones
+            vision, kept = sparse_vision_forward(m.vision_encoder, pixels, visible_idx, self.sparse, scores, w["uta"] > 0)
+            targets = gather_visible(targets, kept) if targets is not None else None
         text_hidden = m.text_encoder.forward_text(input_ids, text_mask)  # [B, L, H]
         parts: dict[str, Tensor] = {}
         if w["uta"] > 0:
@@ -161,7 +194,22 @@ class Stage2Objective(nn.Module):
             # Logits only where a label exists: [M, V] instead of [B, L, V] (same loss, far less memory).
             parts["mlm"] = mlm_loss(m.text_encoder.mlm_logits(fused[chosen]), labels[chosen])
         total = sum(w[k] * v for k, v in parts.items())
+        if self.selector is not None and select is None:  # DDP: every parameter gets a gradient each step
+            total = total + 0.0 * sum(p.sum() for p in self.selector.parameters())
         return {"loss": total, **parts}
+
+    def _select_frames(self, pixels: Tensor, visible_idx: Tensor | None, targets: Tensor | None,
+                       select: LearnedSelect, generator: torch.Generator):
+        """Score the frames with the selector, keep the top k (perturbed top-k, straight-through: the gate is
+        exactly 1 on kept frames and 0 elsewhere, its gradient reaches the selector through the pixels)."""
+        spec, T = self.selector_spec, pixels.shape[2]
+        with torch.no_grad():  # the selector's own features: the student's patch embedding, per frame
+            feats = frame_features(self.model.vision_encoder.encoder.patch_embed(pixels), T)  # [B, T, C]
+        frame_scores = self.selector(feats.float(), select.text.float())  # [B, T]
+        frames, gate = perturbed_topk(frame_scores, spec.k, spec.sigma, spec.samples, generator)
+        pixels = pixels * gate.to(pixels.dtype)[:, None, :, None, None]
+        visible_idx, targets = restrict_to_frames(frames, visible_idx, targets, select.tokens_per_frame)
+        return pixels, visible_idx, targets
 
 
 def freeze_unused(model: nn.Module, weights: Mapping[str, float]) -> list[str]:
@@ -192,3 +240,112 @@ def freeze_unused(model: nn.Module, weights: Mapping[str, float]) -> list[str]:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+# --------------------------------------------------------------------------------------------------
+# frame selection (frame_select; docs/smaug.md "Frame selection")
+
+
+@dataclass
+class FrameSelectorSpec:
+    """The learned selector and its perturbed top-k settings."""
+
+    module: FrameSelector
+    k: int
+    sigma: float
+    samples: int
+
+
+@dataclass
+class LearnedSelect:
+    """A video step's inputs of the learned selector (the objective runs it, inside DDP)."""
+
+    text: Tensor  # [B, D] the captions' CLIP text embeddings
+    tokens_per_frame: int
+
+
+class FrameSelection:
+    """``frame_select`` in the stage-2 loop: which k frames each video step keeps.
+
+    ``text_guided``, ``uniform`` and ``random`` choose here, before the objective; ``learned`` hands the
+    objective the captions' embeddings and it runs the selector (so DDP syncs it). The step's mask and
+    targets are then restricted to the kept frames (``data.frame_select.restrict_to_frames``). Built by
+    :func:`build_frame_selection`.
+    """
+
+    def __init__(self, method: str, k: int, per_segment: bool, tokens_per_frame: int, table,
+                 selector: FrameSelectorSpec | None) -> None:
+        self.method, self.k, self.per_segment, self.N = method, k, per_segment, tokens_per_frame
+        self.table, self.selector = table, selector
+        self.last_frames: Tensor | None = None  # the last step's kept frames [B, k] (non-learned methods)
+
+    def scores(self, batch: dict, pixels: Tensor, teacher, device: torch.device) -> Tensor:
+        """[B, T] CLIP frame-caption cosines: cached at cache time, or from the online teacher's ``pooled``."""
+        if teacher is None:
+            return self.table.batch_scores(batch["clip_id"], batch["view_index"].tolist(), batch["caption"]).to(device)
+        text = self.table.batch_embeddings(batch["clip_id"], batch["caption"]).to(device)  # [B, D] unit
+        pooled = F.normalize(teacher(pixels).pooled.float(), dim=-1)  # [B, T, D]
+        return (pooled @ text[:, :, None]).squeeze(-1)
+
+    def step(self, batch: dict, pixels: Tensor, visible_idx: Tensor | None, targets: Tensor | None, teacher,
+             generator: torch.Generator, device: torch.device):
+        """(visible_idx, targets, LearnedSelect or None) of a video step, restricted to the kept frames."""
+        B, T = pixels.shape[:2]
+        if self.method == "learned":
+            text = self.table.batch_embeddings(batch["clip_id"], batch["caption"]).to(device)
+            return visible_idx, targets, LearnedSelect(text, self.N)
+        if self.method == "uniform":
+            frames = uniform_frames(B, T, self.k, device)
+        elif self.method == "random":
+            frames = random_frames(B, T, self.k, generator, device)
+        else:
+            frames = topk_frames(self.scores(batch, pixels, teacher, device), self.k, self.per_segment)
+        self.last_frames = frames
+        visible_idx, targets = restrict_to_frames(frames, visible_idx, targets, self.N)
+        return visible_idx, targets, None
+
+
+def build_frame_selection(cfg: Recipe, video_cfg: Recipe | None, teacher, model: nn.Module,
+                          text_dim: int) -> FrameSelection | None:
+    """The recipe's frame selection (None: ``frame_select.method=none``, or no video source).
+
+    Args:
+        video_cfg: The video source's recipe view (None without a video source).
+        teacher: The online teacher (None: cached; the store's caption files are read).
+        text_dim: Width of the teacher's joint space (the caption embeddings).
+
+    Raises:
+        RecipeError: k larger than the views' frames, a tubelet of several frames, a ``random`` mask, token
+            sparsification at the same time, or a store cached without captions.
+    """
+    fs = cfg.frame_select
+    if fs.method == "none" or video_cfg is None:
+        return None
+    T, size = video_cfg.views.num_frames, video_cfg.views.size
+    if fs.keep_frames > T:
+        raise RecipeError(f"frame_select.keep_frames={fs.keep_frames}: the views have {T} frames (views.num_frames)")
+    t, h, w = model.vision_encoder.encoder.patch_embed.grid(T, size, size)
+    if t != T:
+        raise RecipeError(f"frame_select keeps frames, but the student's tokens span {T // t} frames "
+                          "(stage2.tubelet_size): use tubelet_size 1 with frame selection")
+    if cfg.mask.type == "random" and not (cfg.teacher.mode == "cached" and cfg.cache.mode == "visible"):
+        raise RecipeError("frame_select needs a mask with the same count in every frame: mask.type semantic or tube")
+    if cfg.sparsify.keep < 1.0:
+        raise RecipeError("frame_select together with sparsify.keep < 1 is not supported in stage 2 yet (token "
+                          "sparsification expects every frame of the view): turn one of them off")
+    table = None
+    if fs.method in ("text_guided", "learned"):
+        if teacher is not None:
+            table = OnlineCaptions(read_corpus(video_cfg.corpus.source, video_cfg.corpus.root), teacher)
+        else:
+            store = video_cfg.cache.store
+            table = read_caption_table(store, read_spec(store), [s["name"] for s in read_index(store)["shards"]])
+            if table is None:
+                raise RecipeError(f"{store}: the store was cached without captions, which frame_select.method="
+                                  f"{fs.method} needs: cache-teacher into a new store (frame_select.cache_captions="
+                                  "true, a teacher with a text tower), or use frame_select.method=uniform or random")
+    selector = None
+    if fs.method == "learned":
+        module = FrameSelector(model.vision_encoder.embed_dim, text_dim, fs.selector_hidden)
+        selector = FrameSelectorSpec(module, fs.keep_frames, fs.selector_sigma, fs.selector_samples)
+    return FrameSelection(fs.method, fs.keep_frames, fs.per_segment, h * w, table, selector)

@@ -50,6 +50,9 @@ def check_videomae_recipe(cfg: Recipe) -> None:
         raise RecipeError(f"views.num_frames={cfg.views.num_frames} is not a multiple of videomae.tubelet_size={v.tubelet_size}")
     if v.uta_weight == 0 and v.pixel_weight == 0:
         raise RecipeError("videomae.uta_weight and videomae.pixel_weight are both 0: nothing to train")
+    if cfg.sparsify.keep < 1:
+        raise RecipeError("sparsify.keep < 1 is not supported by train.stage=videomae (the pixel decoder reads the "
+                          "encoder's output at every visible token): use sparsify.keep=1, or stage1/stage2")
 
 
 def build_model(cfg: Recipe, teacher_dim: int | None):

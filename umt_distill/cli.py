@@ -300,7 +300,7 @@ def eval_cmd(
     rest: Annotated[Optional[list[str]], typer.Argument(help="After a recipe: CHECKPOINT (run/checkpoint dir or an "
                                                               "official .pth file); then overrides key=value.")] = None,
 ) -> None:
-    """Evaluate a fine-tuned model: action recognition or, for retrieval runs, retrieval.
+    """Evaluate a fine-tuned model: action recognition, retrieval, or video QA (by the recipe's train.stage).
 
     Given a run folder, its own recipe (saved with its checkpoints) is used and the results go into the
     run folder (`RUN/eval/<name>/`); overrides may follow, e.g. another `finetune.test_source`. Given a
@@ -308,7 +308,9 @@ def eval_cmd(
 
     Action recognition: multi-view test (clips x crops, softmax averaged per video), top-1/5, per-class
     accuracy, confusion PNG. Retrieval: UMT's protocol (contrastive scores, top-k re-ranked by the
-    matching head), R@1/5/10 both ways, and contrastive-only scores.
+    matching head), R@1/5/10 both ways, and contrastive-only scores. QA: the answer list ranked (top
+    `qa.k_test` by first-token probability, re-scored by full likelihood), exact match overall and per
+    question type, predictions JSONL; a run folder is evaluated on its best validation epoch (`best/`).
 
     Examples:
 
@@ -317,6 +319,8 @@ def eval_cmd(
         umt-distill eval runs/ft_b16_k400 finetune.test_source=data/k400_val.csv
 
         umt-distill eval finetune/b16_k400 official/b16_ptk710_ftk400_f8_res224.pth finetune.test_source=data/k400_val.csv
+
+        umt-distill eval runs/qa_b16_msrvtt qa.test_source=data/msrvtt_qa/test.jsonl
     """
     import json
 
@@ -359,6 +363,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from umt_distill.data.admission import TooManyFailuresError
     from umt_distill.data.classification import LabelError
     from umt_distill.data.corpus import CorpusError
+    from umt_distill.data.qa import QAFormatError
     from umt_distill.data.text import TokenizerError
     from umt_distill.data.video_base import VideoDecodeError
     from umt_distill.data.vl import CaptionError
@@ -370,7 +375,34 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # message names the path.
     return (CacheError, RecipeError, SpecMismatchError, OSError, NonFiniteLossError, CorpusError,
             StoreDamagedError, CheckpointError, LabelError, VideoDecodeError, CaptionError, TokenizerError,
-            TeacherError, TooManyFailuresError, SpecReadError, CorpusMismatchError)
+            TeacherError, TooManyFailuresError, SpecReadError, CorpusMismatchError, QAFormatError)
+
+
+@app.command("convert-qa")
+def convert_qa_cmd(
+    annotations: Annotated[Path, typer.Argument(help="UMT's QA JSON: a list of {video, question, answer, answer_type?}.")],
+    output: Annotated[Path, typer.Argument(help="The JSONL to write (format: docs/qa.md).")],
+    answer_list: Annotated[Optional[Path], typer.Option(help="UMT's *_ans2label.json (or a JSON list, or one answer "
+                                                              "a line); written as answers.json beside OUTPUT.")] = None,
+    video_prefix: Annotated[str, typer.Option(help="Prepended to every video path, relative to OUTPUT's folder.")] = "",
+) -> None:
+    """Convert UMT's official QA annotations (and answer list) to this toolkit's QA format (docs/qa.md).
+
+    Examples:
+
+        umt-distill convert-qa anno/msrvtt_qa/train.json data/msrvtt_qa/train.jsonl --answer-list anno/msrvtt_qa/train_ans2label.json --video-prefix videos/
+
+        umt-distill convert-qa anno/msrvtt_qa/test.json data/msrvtt_qa/test.jsonl --video-prefix videos/
+    """
+    import json
+
+    from umt_distill.data.qa import convert_official
+
+    try:
+        summary = convert_official(annotations, output, video_prefix, answer_list)
+    except _user_errors() as e:
+        _fail(str(e), EXIT_ERROR)
+    out.print_json(json.dumps(summary))
 
 
 @app.command()

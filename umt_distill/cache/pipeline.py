@@ -40,6 +40,7 @@ from rich.progress import (
 from torch.utils.data import DataLoader
 
 from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_basis
+from umt_distill.cache.captions import record_captions, shard_score_writer
 from umt_distill.cache.messages import print_redone, print_summary
 from umt_distill.cache.record import TargetRecord, frames_digest
 from umt_distill.cache.repair import plan_shard_work
@@ -69,6 +70,7 @@ from umt_distill.data.views import view_generator
 from umt_distill.io import atomic_write_json
 from umt_distill.registry import MASKS, load_all_parts
 from umt_distill.teachers.build import build_teacher
+from umt_distill.teachers.clip import TeacherError
 from umt_distill.training import distributed as du
 
 
@@ -286,6 +288,8 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
     spec = decided_by_rank0(env, prepare)
     shards_dir = root / SHARDS_DIR
     ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
+    decided_by_rank0(env, lambda: caption_step(root, cfg, rows, teacher))  # captions embedded once (captions.py)
+    du.barrier()
     plans = plan_shards(len(rows), cfg.cache.clips_per_shard, spec["corpus"]["extents"])
     mine = rank_shards(plans, env)
     todo, redone = plan_shard_work(shards_dir, cfg.cache.layout, mine, deep=deep, retry_failed=retry_failed,
@@ -338,8 +342,17 @@ def _iter_items(cfg: Recipe, rows, plans: list[ShardPlan]) -> Iterator[dict]:
     return iter(loader)
 
 
+def caption_step(root: Path, cfg: Recipe, rows, teacher) -> None:
+    """Embed the rows' captions with the teacher's text tower (``cache/captions.py``); CacheError if it has none."""
+    try:
+        record_captions(root, cfg, rows, teacher)
+    except TeacherError as e:
+        raise CacheError(str(e)) from None
+
+
 def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) -> dict:
     writer = _Writer(cfg, shards_dir)
+    scorer = shard_score_writer(shards_dir.parent, rows)  # frame x caption scores, when the store keeps captions
     shard_of = {i: p for p in plans for i in range(p.start, p.stop)}
     remaining = {p.name: p.stop - p.start for p in plans}
     failures: dict[str, list] = {p.name: [] for p in plans}
@@ -370,6 +383,8 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
                 frames_jpeg=jpegs,
             )
             writer.put(("add", plan, record))
+            if scorer is not None:
+                scorer.add(plan.name, row.id, k, pooled[b])
         stats["records"] += len(pending)
         stats["frames"] += int(pixels.shape[0] * pixels.shape[1])
         pending.clear()
@@ -378,6 +393,8 @@ def _run_shards(cfg, rows, teacher, plans, shards_dir, device, env, progress) ->
         remaining[plan.name] -= 1
         if remaining[plan.name] == 0:
             flush()  # the shard's last records go in before it is closed
+            if scorer is not None:  # before the sidecar marks the shard finished
+                scorer.close(plan.name)
             writer.put(("close", plan, failures[plan.name]))
 
     bar = _progress(progress and env.is_main, n_clips)

@@ -37,8 +37,8 @@ CORPUS_FILE = "corpus.jsonl"  # the store's corpus rows, one JSON object per lin
 _VOLATILE = ("created", "updated", "status", "counts", "versions", "recipe", "shards", "tolerance")
 # Fields derived from the identity fields by the run itself: a recipe cannot give them, so they are not
 # compared with one. ``basis`` (pca codecs: the fitted basis file's digest) is checked against the file
-# instead (``cache/basis.py``).
-_DERIVED = ("basis",)
+# instead (``cache/basis.py``); ``captions`` (the caption embeddings' index digest) by ``cache/captions.py``.
+_DERIVED = ("basis", "captions")
 
 
 class SpecMismatchError(ValueError):

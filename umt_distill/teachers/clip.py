@@ -452,6 +452,46 @@ class ClipTeacher(nn.Module):
             "grid": list(self.grid),
         }
 
+    # ---------------------------------------------------------------------------------- text tower
+
+    def encode_text(self, captions: list[str], batch_size: int = 256) -> Tensor:
+        """L2-normalised CLIP text embeddings ``[C, D]`` (float32, CPU) of ``captions``, in the joint space
+        of ``pooled``: ``cos(pooled[t], text[c])`` scores frame ``t`` against caption ``c`` (text-guided
+        frame selection, ``cache/captions.py``).
+
+        The text tower is built on first use (the vision-only teacher never holds it) from the same
+        weights as the tower: the tag or hub model, a full open_clip checkpoint, or the fixed seed of a
+        random init. Raises :class:`TeacherError` for a visual-only weights file (it has no text tower).
+        """
+        text, tokenizer = self.text_tower()
+        out = []
+        autocast = (torch.autocast("cuda", dtype=self._autocast_dtype) if self._autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            for i in range(0, len(captions), batch_size):
+                tokens = tokenizer(list(captions[i : i + batch_size])).to(self.device)  # [b, context]
+                out.append(F.normalize(text.encode_text(tokens).float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    def text_tower(self) -> tuple[nn.Module, Any]:
+        """(open_clip CLIP without its ``visual``, tokenizer), built once and kept outside the module
+        tree (not in ``state_dict``, so the weights digest stays the vision tower's)."""
+        kept = self.__dict__.get("_text")
+        if kept is None:
+            kept = self.__dict__["_text"] = _build_text_tower(self.name, self.pretrained, self.device)
+        return kept
+
+    @property
+    def text_digest(self) -> str:
+        """sha256 over the text tower's state dict (as :attr:`weights_digest` is over the vision tower's)."""
+        digest = hashlib.sha256()
+        state = self.text_tower()[0].state_dict()
+        for key in sorted(state):
+            tensor = state[key].detach().to("cpu").contiguous()
+            digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
+
     # ------------------------------------------------------------------------------------- forward
 
     def preprocess(self, frames: Tensor) -> Tensor:
@@ -519,6 +559,43 @@ class ClipTeacher(nn.Module):
         hidden = torch.stack(collected, dim=1)[:, :, 1:]  # [F, K, N, C]
         tokens = visual.ln_post(hidden) @ visual.proj  # [F, K, N, D]
         return tokens, attn, pool_like_open_clip(visual, x)
+
+
+def _build_text_tower(name: str, pretrained: str | None, device: torch.device) -> tuple[nn.Module, Any]:
+    """The text half of the teacher's CLIP (see :meth:`ClipTeacher.encode_text`), frozen, on ``device``.
+
+    The model name is already registered by the teacher's construction (tiny configs, model_config).
+    """
+    schema = name.startswith(("hf-hub:", "local-dir:"))
+    model_name = name if schema else _open_clip_model_name(name)
+    weights_file = pretrained if pretrained is not None and not schema and os.path.isfile(pretrained) else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        if schema or (pretrained is not None and weights_file is None):  # tag or hub: open_clip loads it
+            tag_cfg = {} if schema else open_clip.get_pretrained_cfg(model_name, pretrained)
+            model = open_clip.create_model(model_name, pretrained=None if schema else pretrained,
+                                           force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                                           precision="fp32", device="cpu")
+        else:
+            model = open_clip.create_model(model_name, pretrained=None, precision="fp32", device="cpu")
+    if weights_file is not None:
+        state = open_clip.factory.load_state_dict(str(weights_file))
+        text = {k: v for k, v in state.items() if not k.startswith("visual.")} if isinstance(state, dict) else {}
+        if not text or not any(k.startswith(("token_embedding", "transformer.")) for k in text) or \
+                "conv1.weight" in text:
+            raise TeacherError(f"{weights_file}: holds only a vision tower, so captions cannot be embedded (text-guided "
+                               "frame selection); give a full open_clip CLIP checkpoint as teacher.pretrained, or set "
+                               "frame_select.cache_captions=false")
+        expected = {k for k in model.state_dict() if not k.startswith("visual.")}
+        missing = sorted(expected - set(text))
+        if missing:
+            raise TeacherError(f"{weights_file}: the text tower lacks {len(missing)} key(s) of {name!r} "
+                               f"(first: {missing[0]})")
+        model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.startswith("visual.")}, **text},
+                              strict=True)
+    del model.visual  # encode_text does not touch it
+    model.requires_grad_(False)
+    return model.eval().to(device), open_clip.get_tokenizer(model_name)
 
 
 def cls_attention(block: nn.Module, x: Tensor) -> Tensor:

@@ -1,0 +1,95 @@
+"""SMAUG's learned frame selector (arXiv 2211.11446 §3.3): a small network scores each frame of a view
+for the caption, the top k frames are kept, and the selector learns from the stage-2 loss through a
+differentiable top-k.
+
+Differentiable top-k: *perturbed optimizers* (Berthet et al., NeurIPS 2020; as used for patch selection by
+Cordonnier et al., CVPR 2021), in straight-through form. The forward pass keeps exactly the hard top k of
+the scores (so the student sees real frames and the cached targets of those frames match); the backward
+pass uses the gradient of the smoothed selection ``E_Z[topk(s + σZ)]``, Z standard normal, estimated from
+``samples`` noise draws as ``E[topk(s + σZ) Zᵀ] / σ``. Why not Gumbel-softmax or a soft mixture of frames:
+those feed the student blends of frames, for which no cached teacher target exists; the straight-through
+form never does, and its gradient is unbiased for the smoothed objective. The gate multiplies each frame's
+pixels by ``hard + soft − stop_grad(soft)`` (exactly 1 or 0 in the forward pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def topk_indicator(scores: Tensor, k: int) -> Tensor:
+    """k-hot float [..., T] of the k largest scores (ties: the earlier frame)."""
+    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros_like(scores).scatter_(-1, idx, 1.0)
+
+
+class _PerturbedTopK(torch.autograd.Function):
+    """``E_Z[topk_indicator(s + σZ)]`` [B, T] with the perturbed-optimizer gradient."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, k: int, sigma: float, noise: Tensor) -> Tensor:
+        # noise: [S, B, T] standard normal
+        hard = topk_indicator(scores.detach()[None] + sigma * noise, k)  # [S, B, T]
+        ctx.save_for_backward(hard, noise)
+        ctx.sigma = sigma
+        return hard.mean(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hard, noise = ctx.saved_tensors
+        # d E[Y]/ds = E[Y Zᵀ]/σ: contract the upstream gradient with Y first, then weight the noise
+        weight = (hard * grad[None]).sum(-1, keepdim=True)  # [S, B, 1]
+        return (weight * noise).mean(0) / ctx.sigma, None, None, None
+
+
+def perturbed_topk(scores: Tensor, k: int, sigma: float, samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Straight-through perturbed top-k.
+
+    Args:
+        scores: float [B, T].
+        k: Frames kept.
+        sigma: Noise scale (larger: smoother, more biased gradient).
+        samples: Noise draws S.
+        generator: Draws the noise (CPU generator; the noise moves to ``scores``' device).
+
+    Returns:
+        (frames long [B, k] ascending, gate float [B, T]: exactly the k-hot of ``frames`` in value,
+        carrying the smoothed selection's gradient to ``scores``).
+    """
+    B, T = scores.shape
+    noise = torch.randn(samples, B, T, generator=generator, device=generator.device).to(scores.device, scores.dtype)
+    soft = _PerturbedTopK.apply(scores, k, sigma, noise)  # [B, T]
+    hard = topk_indicator(scores.detach(), k)
+    frames = hard.nonzero()[:, 1].view(B, k)  # ascending within each row
+    return frames, hard + soft - soft.detach()
+
+
+def frame_features(patch_tokens: Tensor, num_frames: int) -> Tensor:
+    """Per-frame mean of patch embeddings: [B, T·N, C] → [B, T, C]."""
+    B, L, C = patch_tokens.shape
+    return patch_tokens.view(B, num_frames, L // num_frames, C).mean(2)
+
+
+class FrameSelector(nn.Module):
+    """Scores frames for a caption: ``w · GELU(V·LN(f_t)) ⊙ (E·e)`` for frame feature ``f_t`` and the caption's
+    CLIP text embedding ``e`` (the product makes the ranking depend on the caption).
+
+    Args:
+        visual_dim: Width of the frame features (the student's patch embedding).
+        text_dim: Width of the text embedding (the teacher's joint space).
+        hidden: Hidden width.
+    """
+
+    def __init__(self, visual_dim: int, text_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(visual_dim)
+        self.visual = nn.Linear(visual_dim, hidden)
+        self.text = nn.Linear(text_dim, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, frames: Tensor, text: Tensor) -> Tensor:
+        """frames [B, T, Cv], text [B, Dt] → scores [B, T]."""
+        h = F.gelu(self.visual(self.norm(frames))) * self.text(text)[:, None]  # [B, T, H]
+        return self.out(h).squeeze(-1)

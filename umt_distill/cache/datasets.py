@@ -38,6 +38,7 @@ from umt_distill.cache.wds_stream import (
     parse_meta,
 )
 from umt_distill.config import Recipe
+from umt_distill.data.samplers import StreamOrder, worker_positions
 from umt_distill.data.video import open_video
 from umt_distill.data.views import ViewSpec, apply_view, epoch_view
 
@@ -111,13 +112,16 @@ class CachedViewDataset(Dataset):
         """The items of a batch (the DataLoader calls this with a batch's indices): one read per batch."""
         if self.reader is None:
             self.reader = CacheReader(self.store)
-        keys = [(self.clip_ids[i], epoch_view(self.seed, self.clip_ids[i], self.epoch, self.num_views)) for i in indices]
+        # Index e·N + i is clip i shown as in epoch (set_epoch's + e): data.samplers.ElasticSampler's stream indices.
+        picks = [(self.epoch + i // len(self), i % len(self)) for i in indices]
+        keys = [(self.clip_ids[i], epoch_view(self.seed, self.clip_ids[i], e, self.num_views)) for e, i in picks]
         from_store = self.pixels and self.cfg.train.pixels_from == "store"
         stored = self.reader.get_stored_many(keys, frames=from_store)
-        return [self._item(clip, view_index, meta, arrays, from_store) for (clip, view_index), (meta, arrays) in zip(keys, stored)]
+        return [self._item(clip, view_index, meta, arrays, from_store, e)
+                for (e, _), (clip, view_index), (meta, arrays) in zip(picks, keys, stored)]
 
-    def _item(self, clip: str, view_index: int, meta: dict, arrays: dict, from_store: bool) -> dict:
-        item = {"clip_id": clip, "view_index": view_index, **stored_targets(arrays, meta["mode"], self.epoch)}
+    def _item(self, clip: str, view_index: int, meta: dict, arrays: dict, from_store: bool, epoch: int) -> dict:
+        item = {"clip_id": clip, "view_index": view_index, "epoch": epoch, **stored_targets(arrays, meta["mode"], epoch)}
         if from_store:
             if "frames" not in arrays:
                 raise ValueError(f"{self.store}: the store has no view frames (cache.frames=none); use train.pixels_from=video")
@@ -282,6 +286,121 @@ class StreamingViewDataset(IterableDataset):
                 pixels.append(_decode_view_pixels(row, ViewSpec.from_dict(meta["view"]), self.cfg.corpus.video_backend))
             if len(assembler) == self.batch_size:
                 batch = assembler.finish()
+                if pixels:
+                    batch["pixels"] = torch.stack(pixels)  # [B, T, 3, H, W] uint8
+                    pixels = []
+                yield batch
+
+
+class ElasticStreamingViewDataset(StreamingViewDataset):
+    """WebDataset streaming in stage 1's global order: the same samples in the same order at any world size
+    and any number of loader workers (``data.samplers``: :class:`~umt_distill.data.samplers.StreamOrder`
+    per epoch, position mod W = rank).
+
+    Epoch ``e``'s order is the shards in an order drawn from ``(seed, e)``, each shard's epoch group in an
+    order of its rows drawn from ``(seed, e, shard)`` (``train.shuffle_buffer`` > 0; 0: store order). A
+    loader worker reads, group by group, only the rows of its positions: the other samples' tar headers
+    are read and their data skipped (``iter_range_samples(keep=...)``), and it holds at most its share of
+    one group. Batches of consecutive positions of the rank go to workers round-robin, as the DataLoader
+    takes them. A batch may hold samples of two epochs: each carries its ``epoch`` (its view, its stored
+    mask). Call :meth:`set_position` before building the loader.
+    """
+
+    def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, shuffle: int | None = None,
+                 jpeg_device: str | None = None, pixels: bool = True) -> None:
+        super().__init__(store, cfg, rows, shuffle, jpeg_device, pixels)
+        self.order_seed = cfg.seed
+        counts = {sum(len(self._epoch_rows(s, e)) for s in self.shards) for e in range(self.num_views)}
+        if len(counts) != 1:
+            raise StoreDamagedError(f"{self.store}/index.json", f"the epoch slots hold {sorted(counts)} samples; "
+                                    "every slot must hold one view of every clip")
+        self.epoch_samples = counts.pop()  # N: samples of every epoch
+        self.start = self.end = 0
+
+    def set_position(self, start: int, end: int) -> None:
+        """Stream global positions ``[start, end)`` (``end`` after a whole step of every rank)."""
+        self.start, self.end = start, end
+
+    def _epoch_rows(self, shard: dict, epoch: int) -> list[int]:
+        """The tar ordinals (in the epoch's byte range) of the epoch's rows of ``shard``."""
+        if self.grouped:
+            return list(range(shard["groups"][epoch % self.num_views]["num_records"]))
+        return [t for t, (clip, view) in enumerate(shard["records"])
+                if view == epoch_view(self.seed, clip, epoch, self.num_views)]
+
+    def _order(self, epoch: int, cache: dict) -> StreamOrder:
+        if epoch not in cache:
+            cache.clear()
+            sizes = [len(self._epoch_rows(s, epoch)) for s in self.shards]
+            cache[epoch] = StreamOrder(self.order_seed, epoch, sizes, shuffle=self.shuffle > 0)
+        return cache[epoch]
+
+    def _read_rows(self, shard: dict, epoch: int, ordinals: set[int]) -> dict[int, tuple]:
+        """The samples at ``ordinals`` of ``shard``'s epoch range, checked against index.json."""
+        slot = epoch % self.num_views
+        if self.grouped:
+            g = shard["groups"][slot]
+            url, offset, nbytes = shard_path(self.store, "wds", shard["name"]), g["offset"], g["nbytes"]
+        else:
+            url, offset, nbytes = shard_path(self.store, "wds", shard["name"]), 0, None
+        expected, _ = self._expected(shard, slot)
+        got, count = {}, 0
+        for t, (key, entries) in enumerate(iter_range_samples(url, offset, nbytes, keep=ordinals)):
+            count = t + 1
+            if entries is None:
+                continue
+            meta = parse_meta(url, key, entries)  # checks view.json's own checksum
+            want_key = sample_key(shard["name"], slot if self.grouped else 0, t)
+            keys = (want_key,) if self.grouped else (want_key, f"{shard['name']}_{t:06d}")
+            want = expected[t] if t < len(expected) else None
+            if key not in keys or want is None or [meta["clip_id"], meta["view_index"]] != list(want):
+                raise StoreDamagedError(url, f"sample {key}: holds {meta['clip_id']!r} view {meta['view_index']}, "
+                                             f"index.json lists {want} as sample {want_key}")
+            if self.grouped and meta.get("group") != slot:
+                raise StoreDamagedError(url, f"sample {key}: group {meta.get('group')}, index.json says {slot}")
+            got[t] = (url, key, entries, meta)
+        if count != len(expected) or len(got) != len(ordinals):
+            raise StoreDamagedError(url, f"{count} samples for epoch slot {slot}, index.json lists {len(expected)}")
+        return got
+
+    def _positions(self) -> Iterator[tuple[int, int, tuple]]:
+        """(global position, epoch, sample) of this worker's positions, in order."""
+        rank, world, worker, workers = pytorch_worker_info()  # env / torch.distributed, DataLoader worker
+        mine = worker_positions(self.start, self.end, rank, world, self.batch_size, worker, max(1, workers))
+        orders: dict = {}
+
+        def where(p: int) -> tuple[int, int, int]:
+            epoch, i = divmod(p, self.epoch_samples)
+            _, shard, row = self._order(epoch, orders).locate(i)
+            return epoch, shard, row
+
+        located = ((p, *where(p)) for p in mine)
+        for (epoch, shard_index), run in itertools.groupby(located, key=lambda x: (x[1], x[2])):
+            run = list(run)  # this worker's positions in one shard's epoch group
+            shard = self.shards[shard_index]
+            ordinals = self._epoch_rows(shard, epoch)
+            got = self._read_rows(shard, epoch, {ordinals[row] for _, _, _, row in run})
+            for p, _, _, row in run:
+                yield p, epoch, got[ordinals[row]]
+
+    def __iter__(self) -> Iterator[dict]:
+        from_store = self.pixels and self.cfg.train.pixels_from == "store"
+        from_video = self.pixels and not from_store
+        assembler = BatchAssembler(self.batch_size, 0, "array" if from_store else None, self.jpeg_device,
+                                   layout=self.layout)
+        pixels: list[torch.Tensor] = []
+        epochs: list[int] = []
+        for _, epoch, (url, key, entries, meta) in self._positions():
+            assembler.epoch = epoch  # a mode-visible record gives the mask of its own epoch
+            assembler.add(url, key, entries, meta)
+            epochs.append(epoch)
+            if from_video:
+                row = self.rows[meta["clip_id"]]
+                pixels.append(_decode_view_pixels(row, ViewSpec.from_dict(meta["view"]), self.cfg.corpus.video_backend))
+            if len(assembler) == self.batch_size:
+                batch = assembler.finish()
+                batch["epoch"] = torch.tensor(epochs)  # [B] int64
+                epochs = []
                 if pixels:
                     batch["pixels"] = torch.stack(pixels)  # [B, T, 3, H, W] uint8
                     pixels = []

@@ -29,7 +29,7 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import google_crc32c
@@ -143,15 +143,21 @@ def _header(block: bytes, url: str, pos: int) -> tuple[str, int]:
     return name.decode("utf-8"), size
 
 
-def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None,
+                       keep: Container[int] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples ``(key, {entry: bytes})`` of the tar members in ``[offset, offset + nbytes)``.
 
     The range must start at a member header (a group's offset from ``index.json``); ``nbytes=None``
     reads to the end-of-archive marker (a whole format-1 tar). A member whose header claims more bytes
     than its range (or the file) holds is damage, raised before anything of that size is allocated.
+
+    Args:
+        keep: Ordinals (0-based, in the range) of the samples wanted; the others' headers are read and
+            their data skipped (a seek, no read): a sample another rank trains on costs its headers only.
+            Skipped samples are yielded as ``(key, None)``, so the caller still counts them. None: all.
     """
     end = None if nbytes is None else offset + nbytes
-    key, entries, pos = None, {}, offset
+    key, entries, pos, ordinal = None, {}, offset, -1
     with _open(url) as f:
         size_of_file = _file_size(f)
         if size_of_file is not None and end is not None and end > size_of_file:
@@ -175,16 +181,21 @@ def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None) -> 
                 what = "its group's byte range (index.json)" if end is not None else "the file"
                 raise StoreDamagedError(url, f"byte {pos}: member {name!r} claims {size} bytes, past the end of "
                                              f"{what} at byte {stop} (corrupt tar header)")
-            data = f.read(padded)
-            if len(data) < padded:
-                raise StoreDamagedError(url, f"member {name}: {len(data)} of {padded} bytes (truncated tar)")
-            pos += _BLOCK + padded
             base = name.rsplit("/", 1)[-1]
             k, _, entry = base.partition(".")
             if k != key:
                 if key is not None:
                     yield key, entries
-                key, entries = k, {}
+                key, ordinal = k, ordinal + 1
+                entries = {} if keep is None or ordinal in keep else None
+            if entries is None:  # a sample not wanted: skip its data
+                f.seek(padded, os.SEEK_CUR)
+                pos += _BLOCK + padded
+                continue
+            data = f.read(padded)
+            if len(data) < padded:
+                raise StoreDamagedError(url, f"member {name}: {len(data)} of {padded} bytes (truncated tar)")
+            pos += _BLOCK + padded
             entries[entry] = data[:size] if padded != size else data
     if key is not None:
         yield key, entries

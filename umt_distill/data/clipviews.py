@@ -140,6 +140,6 @@ class OnlineViewDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        k = self.epoch if self.fresh_views else epoch_view(self.cfg.seed, row.id, self.epoch, self.num_views)
-        return {"clip_id": row.id, "view_index": k, "pixels": decode_view(row, self.cfg, k)}
+        epoch, row = self.epoch + i // len(self), self.rows[i % len(self)]  # e·N + i: data.samplers.ElasticSampler
+        k = epoch if self.fresh_views else epoch_view(self.cfg.seed, row.id, epoch, self.num_views)
+        return {"clip_id": row.id, "view_index": k, "epoch": epoch, "pixels": decode_view(row, self.cfg, k)}

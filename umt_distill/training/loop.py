@@ -38,10 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from umt_distill.config import Recipe, RecipeError, recipe_to_yaml
 from umt_distill.training.checkpoint import resume_training, rng_state, save_checkpoint
-from umt_distill.training.distributed import DistEnv, barrier
+from umt_distill.training.distributed import DistEnv, barrier, gather_objects
+from umt_distill.training.ledger import Ledger
 from umt_distill.training.metrics import MetricsLogger
-from umt_distill.training.optim import lr_schedule
+from umt_distill.training.optim import lr_schedule, scaled_lrs
 from umt_distill.training.progress import StepProgress
+from umt_distill.training.state_file import read_plain_entry
 
 # Batches each loader worker keeps in flight. The cached input path measured 4 (a worker's reads and
 # decompression come in bursts); a decoding loader only holds a few more batches in memory with it.
@@ -121,6 +123,80 @@ def step_budget(cfg: Recipe, items_per_rank: int | Mapping[str, int], world_size
     return StepBudget(steps_per_epoch, total_steps, lr, lrs, source_steps)
 
 
+@dataclass(frozen=True)
+class SampleClock:
+    """Stage 1's run counted in samples of its global stream (``data.samplers``), so it resumes at any
+    world size.
+
+    The run consumes the stream of global positions (epoch ``e``'s order of all ``N`` samples, then
+    ``e + 1``'s, ...); a step at this world takes the next ``global_batch = W·B·A`` positions, and the
+    checkpoint records the position reached, not per-rank offsets. A run resumed at another world size
+    continues from that position with its own global batch: the same sequence of samples, consumed in
+    order, each exactly once per epoch; only where the steps cut it changes. The learning rate follows
+    the samples, not the steps: linear warmup over ``optim.warmup_epochs × N`` samples, then the
+    half-cosine to the run's last sample (at one world size and ``N`` a multiple of the global batch,
+    exactly the per-step schedule of :func:`step_budget`); the peak is scaled by the current global
+    batch (``optim.scale_lr``, UMT's rule per 256 samples).
+
+    Attributes:
+        epoch_samples: ``N``, samples per epoch (every one of them is trained; a step may straddle two epochs).
+        global_batch: Samples per step at this world size.
+        lr, min_lr, warmup_lr: Learning rates scaled by ``global_batch``.
+        warmup_samples: Samples of the warmup.
+    """
+
+    epoch_samples: int
+    global_batch: int
+    lr: float
+    min_lr: float
+    warmup_lr: float
+    warmup_samples: int
+
+    def epoch(self, position: int) -> int:
+        return position // self.epoch_samples
+
+    def run_samples(self, cfg: Recipe, start_global_batch: int | None = None) -> int:
+        """The run's length: ``train.epochs × N``, or ``train.max_steps`` steps of the global batch the run
+        started with (``start_global_batch``; this world's for a fresh run)."""
+        if cfg.train.max_steps:
+            return cfg.train.max_steps * (start_global_batch or self.global_batch)
+        return cfg.train.epochs * self.epoch_samples
+
+    def steps_left(self, position: int, run_samples: int) -> int:
+        """Steps to the run's end: the last one is whole (its samples past the end are the next epoch's)."""
+        return max(0, -(-(run_samples - position) // self.global_batch))
+
+    def lr_at(self, position: int, run_samples: int) -> float:
+        """The LR of the step that starts at global ``position`` of a run of ``run_samples``."""
+        warm = min(self.warmup_samples, run_samples)
+        if position < warm:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * position / warm
+        rest = max(run_samples - warm, 1)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(position - warm, rest) / rest))
+
+    def state(self, position: int, start_global_batch: int, world: int) -> dict:
+        """What a checkpoint records of the stream (``state.json``'s ``data``)."""
+        return {"position": position, "epoch_samples": self.epoch_samples, "global_batch": self.global_batch,
+                "start_global_batch": start_global_batch, "world": world}
+
+
+def sample_clock(cfg: Recipe, epoch_samples: int, world_size: int) -> SampleClock:
+    """Stage 1's :class:`SampleClock` at this world size.
+
+    Raises:
+        RecipeError: A rank's share of an epoch fills no step.
+    """
+    t = cfg.train
+    per_step = t.batch_size * t.accum_steps
+    if epoch_samples // world_size < per_step:
+        raise RecipeError(f"{epoch_samples // world_size} clips per rank are fewer than one step of train.batch_size="
+                          f"{t.batch_size} x train.accum_steps={t.accum_steps}; lower train.batch_size, or train on more "
+                          "clips or fewer ranks")
+    global_batch = per_step * world_size
+    lr, min_lr, warmup_lr = scaled_lrs(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_lr, global_batch, cfg.optim.scale_lr)
+    return SampleClock(epoch_samples, global_batch, lr, min_lr, warmup_lr, int(cfg.optim.warmup_epochs * epoch_samples))
+
+
 # --------------------------------------------------------------------------------------------------
 # data
 
@@ -167,6 +243,38 @@ def epoch_batches(dataset, sampler, make_loader: Callable[[], DataLoader], epoch
         for _ in range(consumed):
             next(batches)
     return batches
+
+
+def stream_batches(dataset, sampler, make_loader: Callable[[], DataLoader], start: int, end: int,
+                   epoch_samples: int, batch_size: int, world_size: int = 1) -> Iterator:
+    """This rank's batches of the global positions ``[start, end)`` of stage 1's sample stream.
+
+    An :class:`~umt_distill.data.samplers.ElasticSampler` (random access) or a dataset with
+    ``set_position`` (``cache.datasets.ElasticStreamingViewDataset``) reads exactly this rank's positions,
+    one loader for the rest of the run. Any other dataset (one that streams a whole epoch per
+    ``set_epoch``) is read epoch after epoch, the batches already consumed skipped: that is exact only at
+    the world size it started with.
+    """
+    if hasattr(sampler, "set_position"):
+        sampler.set_position(start, end)
+        return iter(make_loader())
+    if hasattr(dataset, "set_position"):
+        dataset.set_position(start, end)
+        return iter(make_loader())
+    return _epoch_after_epoch(dataset, make_loader, start, epoch_samples, batch_size * world_size)
+
+
+def _epoch_after_epoch(dataset, make_loader: Callable[[], DataLoader], start: int, epoch_samples: int,
+                       samples_per_batch: int) -> Iterator:
+    epoch, done = divmod(start, epoch_samples)
+    skip = done // samples_per_batch
+    while True:
+        dataset.set_epoch(epoch)
+        batches = iter(make_loader())
+        for _ in range(skip):
+            next(batches)
+        yield from batches
+        epoch, skip = epoch + 1, 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +342,35 @@ class RunOutputs:
     ckpt_every: int
     recipe_yaml: str
     is_main: bool
+    # Stage 1's sample stream (None elsewhere): the global position consumed, the run's length in samples,
+    # the global batch it started with, the ledger, and this rank's place in the world.
+    clock: SampleClock | None = None
+    position: int = 0
+    run_samples: int = 0
+    start_global_batch: int = 0
+    ledger: Ledger | None = None
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def end(self) -> int:
+        """The global position after the run's last step (stage 1)."""
+        return self.position + self.clock.steps_left(self.position, self.run_samples) * self.clock.global_batch
+
+    def advance(self, step: int, samples: list[tuple[int, str, int]]) -> None:
+        """After step ``step`` (1-based): the ledger gets every rank's samples, and the position moves by
+        one global batch (stage 1).
+
+        Args:
+            samples: This rank's ``(epoch, clip id, view index)`` in the order it read them; its ``j``-th
+                is at global position ``position + rank + j × world`` (``data.samplers.rank_positions``).
+        """
+        mine = [[int(e), self.position + self.rank + j * self.world, str(clip), int(view)]
+                for j, (e, clip, view) in enumerate(samples)]
+        ranks = gather_objects(mine)  # every rank takes part; rank 0 writes
+        if self.ledger is not None:
+            self.ledger.record(step, self.world, self.position, ranks)
+        self.position += self.clock.global_batch
 
     def log_step(self, record: dict) -> None:
         """Log a finished step's ``record`` (every ``log_every`` steps and the last) and show progress.
@@ -253,6 +390,8 @@ class RunOutputs:
         """
         if step % self.ckpt_every == 0 or step == self.total_steps:
             state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "rng": rng_state()}
+            if self.clock is not None:  # the global position of the sample stream, not per-rank offsets
+                state["data"] = self.clock.state(self.position, self.start_global_batch, self.world)
             if self.is_main:
                 save_checkpoint(self.out_dir, step, model, state, self.recipe_yaml)
             barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
@@ -262,15 +401,19 @@ class RunOutputs:
 
 
 def open_run(cfg: Recipe, label: str, env: DistEnv, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             ckpt: Path | None, total_steps: int) -> tuple[RunOutputs, int]:
+             ckpt: Path | None, total_steps: int | None = None, clock: SampleClock | None = None) -> tuple[RunOutputs, int]:
     """The run's outputs in ``train.output_dir``, resumed from ``ckpt`` if given.
 
     Resuming restores the weights, optimizer and RNG state and drops metrics logged after the checkpoint.
+    With a ``clock`` (stage 1) the run is counted in samples: it continues from the checkpoint's global
+    position at this world size (``outputs.position``; ``total_steps`` follows from it) and writes
+    ``ledger.jsonl`` (``training.ledger``), dropping its lines after the checkpoint.
 
     Args:
         label: The stage's name on the progress line.
         model: The unwrapped model (what checkpoints hold).
         ckpt: :func:`~umt_distill.training.checkpoint.find_resume_checkpoint`'s answer.
+        total_steps: The run's steps (without a clock).
 
     Returns:
         (outputs, the step to continue from: 0 for a fresh run).
@@ -278,7 +421,36 @@ def open_run(cfg: Recipe, label: str, env: DistEnv, model: torch.nn.Module, opti
     out_dir = Path(cfg.train.output_dir)
     metrics = MetricsLogger(out_dir, env.is_main, cfg.train.tensorboard)
     step = resume_training(ckpt, model, optimizer, metrics, env.is_main) if ckpt is not None else 0
+    stream: dict = {}
+    if clock is not None:
+        position, start_batch = resume_position(ckpt, step, clock)
+        run_samples = clock.run_samples(cfg, start_batch)
+        total_steps = step + clock.steps_left(position, run_samples)
+        ledger = Ledger(out_dir, env.is_main)
+        ledger.truncate_after(step)
+        stream = {"clock": clock, "position": position, "run_samples": run_samples, "start_global_batch": start_batch,
+                  "ledger": ledger, "rank": env.rank, "world": env.world_size}
     progress = StepProgress(label, total_steps, start=step, enabled=env.is_main)
     outputs = RunOutputs(out_dir, metrics, progress, total_steps, cfg.train.log_every, cfg.train.ckpt_every,
-                         recipe_to_yaml(cfg), env.is_main)
+                         recipe_to_yaml(cfg), env.is_main, **stream)
     return outputs, step
+
+
+def resume_position(ckpt: Path | None, step: int, clock: SampleClock) -> tuple[int, int]:
+    """(global position consumed, global batch the run started with) from a checkpoint's ``data``.
+
+    A checkpoint written before the stream was recorded resumes at ``step × global batch`` (exact at the
+    world size it was written at).
+
+    Raises:
+        RecipeError: The checkpoint's epochs held another number of samples (other data).
+    """
+    if ckpt is None:
+        return 0, clock.global_batch
+    data = read_plain_entry(ckpt, "data")
+    if not isinstance(data, dict) or not isinstance(data.get("position"), int):
+        return step * clock.global_batch, clock.global_batch
+    if data.get("epoch_samples") != clock.epoch_samples:
+        raise RecipeError(f"{ckpt}: the run's epochs held {data.get('epoch_samples')} samples, this data holds "
+                          f"{clock.epoch_samples}; resume with the store or corpus the run started with")
+    return data["position"], int(data.get("start_global_batch") or clock.global_batch)

@@ -1,7 +1,8 @@
 """A checkpoint's training state without pickle: tensors in safetensors, everything else in JSON.
 
 The state of a run (optimizer moments, step and epoch, data position, RNG states, grad-scaler scale,
-metrics) is a tree of dicts, lists, tuples, numbers, strings, tensors and numpy arrays. It is written as
+metrics; stage 1's ``data``: the global position of its sample stream, see ``data/samplers.py``) is a
+tree of dicts, lists, tuples, numbers, strings, tensors and numpy arrays. It is written as
 ``state.json`` (the tree, with each tensor or array replaced by a reference) beside
 ``state.safetensors`` (the tensors). Reading either runs no code from the file, so a run folder from
 someone else can be resumed safely. Checkpoints of earlier versions (``state.pt``, a pickle) are read
@@ -54,6 +55,26 @@ def load_state(folder: str | Path) -> dict[str, Any]:
     if (folder / LEGACY_STATE).exists():
         return _load_legacy(folder / LEGACY_STATE)
     raise CheckpointError(str(folder), f"no training state ({STATE_JSON} or {LEGACY_STATE})")
+
+
+def read_plain_entry(folder: str | Path, key: str) -> Any:
+    """One top-level entry of a checkpoint's ``state.json`` that holds no tensors (e.g. ``data``, the
+    global position of the sample stream), read without the tensors; None if absent or an older format.
+
+    Raises:
+        CheckpointError: ``state.json`` is unreadable, or the entry refers to tensors.
+    """
+    path = Path(folder) / STATE_JSON
+    if not path.exists():
+        return None
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(str(path), f"cannot read the training state ({e})") from None
+    node = tree.get(key) if isinstance(tree, dict) else None
+    if node is not None and (_TENSOR in json.dumps(node) or _ARRAY in json.dumps(node)):
+        raise CheckpointError(str(path), f"{key}: holds tensors; read it with load_state")
+    return _decode(node, {}, str(path))
 
 
 def has_state(folder: str | Path) -> bool:

@@ -181,7 +181,7 @@ def cache_teacher_cmd(
 
 @cache_app.command("info")
 def cache_info_cmd(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store directory, or a URL (s3://bucket/prefix, https://host/path).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the spec and sizes as JSON.")] = False,
 ) -> None:
     """Print a store's spec (provenance) and sizes: bytes per clip-view and total.
@@ -193,7 +193,7 @@ def cache_info_cmd(
 
     try:
         info = store_info(store)
-    except CacheError as e:
+    except (CacheError, *_user_errors()) as e:
         _fail(str(e), EXIT_ERROR)
     if json_out:
         import json
@@ -208,7 +208,7 @@ def cache_info_cmd(
 
 @cache_app.command("verify")
 def cache_verify_cmd(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store directory, or a URL (s3://bucket/prefix, https://host/path).")],
     sample: Annotated[int, typer.Option("--sample", "-n", help="Records to re-compute.")] = 8,
     seed: Annotated[int, typer.Option(help="Which records are sampled.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -370,10 +370,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from umt_distill.models.checkpoints import CheckpointError
     from umt_distill.teachers.clip import TeacherError
     from umt_distill.training.loop import NonFiniteLossError
+    from umt_distill.storage import NetworkError
 
     # OSError: a file or folder that cannot be read or written (missing, permissions, disk full); its
-    # message names the path.
-    return (CacheError, RecipeError, SpecMismatchError, OSError, NonFiniteLossError, CorpusError,
+    # message names the path. NetworkError: a store on object storage the network failed to read.
+    return (NetworkError, CacheError, RecipeError, SpecMismatchError, OSError, NonFiniteLossError, CorpusError,
             StoreDamagedError, CheckpointError, LabelError, VideoDecodeError, CaptionError, TokenizerError,
             TeacherError, TooManyFailuresError, SpecReadError, CorpusMismatchError, QAFormatError)
 

@@ -434,6 +434,27 @@ class FrameSelectConfig(_Section):
         return self
 
 
+class StorageConfig(_Section):
+    """Reading a store on object storage (``cache.store=s3://...`` or ``http(s)://...``; docs/object-storage.md).
+    Endpoint and credentials come from the standard places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...)"""
+
+    block_mb: int = Field(16, ge=1)
+    """Largest request: the byte ranges a batch needs are merged into requests of at most this size."""
+    read_ahead: int = Field(2, ge=0)
+    """Shard ranges a streaming reader fetches ahead of the one it reads, in the background."""
+    read_ahead_mb: int = Field(512, ge=1)
+    """At most this many MB fetched ahead and not yet read."""
+    retries: int = Field(5, ge=1)
+    """Tries of a request (connection refused or reset, 5xx, 503 SlowDown, a body cut short) before the run
+    stops with a network error."""
+    backoff_s: float = Field(0.5, ge=0.0)
+    """Wait before the second try, doubled before each further one (at most 8 s)."""
+    cache_dir: str | None = None
+    """A local folder keeping fetched shard ranges (read from it next epoch); None: no cache."""
+    cache_gb: float = Field(0.0, ge=0.0)
+    """The most the cache folder holds; the least recently used ranges are deleted beyond it."""
+
+
 class Recipe(_Section):
     """A complete recipe. Sections a command does not use are ignored by it."""
 
@@ -454,6 +475,7 @@ class Recipe(_Section):
     qa: QAConfig = QAConfig()
     sparsify: SparsifyConfig = SparsifyConfig()
     frame_select: FrameSelectConfig = FrameSelectConfig()
+    storage: StorageConfig = StorageConfig()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -107,10 +107,9 @@ def write_basis(root: str | Path, basis: np.ndarray, fit: dict[str, Any]) -> dic
 def _read_bytes(root: str, name: str) -> bytes:
     path = f"{root}/{name}"
     if "://" in root:
-        import fsspec
+        from umt_distill import storage
 
-        with fsspec.open(path, "rb") as f:
-            return f.read()
+        return storage.read_bytes(path)  # retried; a network fault is storage.NetworkError
     with open(path, "rb") as f:
         return f.read()
 

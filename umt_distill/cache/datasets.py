@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from webdataset.utils import pytorch_worker_info
 
+from umt_distill import storage
 from umt_distill.cache.basis import codec_for_store
 from umt_distill.cache.record import StoreDamagedError, part_name, record_layout
 from umt_distill.cache.spec import read_spec
@@ -85,7 +86,8 @@ class CachedViewDataset(Dataset):
     """
 
     def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, pixels: bool = True) -> None:
-        self.store, self.cfg, self.rows, self.pixels = Path(store), cfg, rows or {}, pixels
+        self.store, self.cfg, self.rows, self.pixels = storage.store_root(store), cfg, rows or {}, pixels
+        storage.configure_from(cfg.storage)  # block size, retries, read-ahead of a store on object storage
         self.reader = None  # opened lazily in each worker
         reader = CacheReader(self.store)
         self.num_views = int(reader.spec["views"]["num_views"])
@@ -159,7 +161,8 @@ class StreamingViewDataset(IterableDataset):
 
     def __init__(self, store: str | Path, cfg: Recipe, rows: dict | None = None, shuffle: int | None = None,
                  jpeg_device: str | None = None, pixels: bool = True) -> None:
-        self.store, self.cfg, self.rows = Path(store), cfg, rows or {}
+        self.store, self.cfg, self.rows = storage.store_root(store), cfg, rows or {}  # a URL stays a URL
+        storage.configure_from(cfg.storage)  # block size, retries, read-ahead of a store on object storage
         self.shuffle = cfg.train.shuffle_buffer if shuffle is None else shuffle
         self.jpeg_device, self.pixels = jpeg_device, pixels
         spec = read_spec(self.store)
@@ -215,11 +218,14 @@ class StreamingViewDataset(IterableDataset):
 
     def _samples(self, shards: list[dict]) -> Iterator[tuple[str, str, dict, dict]]:
         slot = self.epoch % self.num_views
-        for shard in shards:
-            url, offset, nbytes = self._ranges(shard)
+        ranges = [self._ranges(shard) for shard in shards]
+        # Over a URL: each range fetched whole, the next ones in the background (storage.ReadAhead).
+        fetched = iter(storage.ReadAhead(ranges)) if storage.is_url(self.store) else None
+        for shard, (url, offset, nbytes) in zip(shards, ranges):
             expected, _ = self._expected(shard, slot)
             count = 0
-            for row, (key, entries) in enumerate(iter_range_samples(url, offset, nbytes)):
+            data = next(fetched) if fetched is not None else None
+            for row, (key, entries) in enumerate(iter_range_samples(url, offset, nbytes, data=data)):
                 meta = parse_meta(url, key, entries)  # checks view.json's own checksum
                 # The sample is the record index.json lists at its place: nothing trains twice or never.
                 want_key = sample_key(shard["name"], slot if self.grouped else 0, row)
@@ -450,6 +456,8 @@ def target_codec(store: str, name: str):
     (``name`` is the recipe's ``cache.codec``, checked against the spec). Built once per version of the
     store's ``spec.json``: a store rebuilt at the same path (another basis) is not decoded with a stale one."""
     spec = os.path.join(str(store), "spec.json")
+    if storage.is_url(store):  # a store on object storage is read as it is; no local version to track
+        return _target_codec(str(store), name, 0)
     return _target_codec(str(store), name, os.stat(spec).st_mtime_ns if os.path.exists(spec) else 0)
 
 

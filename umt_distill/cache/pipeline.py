@@ -493,13 +493,19 @@ def finalize_store(root: Path, plans: list[ShardPlan], env: du.DistEnv) -> dict:
 
 def store_info(root: str | Path) -> dict:
     """The spec and sizes of a store, for ``cache info``."""
-    root = Path(root)
+    from umt_distill import storage
+    from umt_distill.cache.stores import read_index
+
+    root = storage.store_root(root)  # a URL stays a URL
     try:
         spec = read_spec(root)
     except (FileNotFoundError, ValueError) as e:
         raise CacheError(str(e)) from None
     counts = spec.get("counts", {})
-    data_bytes = sum(p.stat().st_size for p in (root / SHARDS_DIR).rglob("*") if p.is_file() and not p.name.endswith(".json"))
+    if storage.is_url(root):  # no listing needed: the index records every finished shard's bytes
+        data_bytes = sum(int(s["nbytes"]) for s in read_index(root)["shards"])
+    else:
+        data_bytes = sum(p.stat().st_size for p in (root / SHARDS_DIR).rglob("*") if p.is_file() and not p.name.endswith(".json"))
     records = counts.get("records", 0)
     return {
         "status": spec.get("status"),

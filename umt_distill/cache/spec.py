@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from umt_distill import storage
 from umt_distill.cache.record import StoreDamagedError
 from umt_distill.data.corpus import ROW_FIELDS, ClipRow, read_corpus, row_record
 from umt_distill.io import atomic_write_bytes
@@ -64,9 +65,9 @@ class SpecReadError(ValueError):
 
 
 def read_spec(root: str | Path) -> dict:
-    path = Path(root) / SPEC_FILE
+    path = storage.join(root, SPEC_FILE) if storage.is_url(root) else Path(root) / SPEC_FILE
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(storage.read_text(path))  # a URL: retried; a network fault is storage.NetworkError
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no spec.json — not a umt-distill cache store (or not finished)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -152,6 +153,8 @@ def find_corpus(store: str | Path, spec: dict) -> tuple[str, str | None]:
     if "source_from_store" not in corpus:
         recipe = (spec.get("recipe") or {}).get("corpus") or {}
         return recipe.get("source") or corpus.get("source", ""), recipe.get("root", corpus.get("root"))
+    if storage.is_url(store):  # a store on object storage: its corpus at its recorded place
+        return corpus["source"], corpus.get("root")
     here = Path(os.path.abspath(Path(store).expanduser()))
 
     def pick(absolute: str | None, relative: str | None) -> str | None:
@@ -198,14 +201,14 @@ def read_corpus_rows(store: str | Path, spec: dict) -> list[dict] | None:
     info = corpus.get("rows")
     if info is None:
         return None
-    path = Path(store) / CORPUS_FILE  # the spec names the file; only this name is ever read
+    path = storage.join(store, CORPUS_FILE) if storage.is_url(store) else Path(store) / CORPUS_FILE
     try:
         n = int(corpus["num_clips"])
-        data = path.read_bytes()
+        data = storage.read_bytes(path)  # the spec names the file; only this name is ever read
     except FileNotFoundError:
         raise StoreDamagedError(str(path), "missing (it records the rows the store was cached from)") from None
     except (KeyError, TypeError, ValueError) as e:
-        raise StoreDamagedError(str(Path(store) / SPEC_FILE), f"malformed corpus section: {e}") from None
+        raise StoreDamagedError(f"{store}/{SPEC_FILE}", f"malformed corpus section: {e}") from None
     end = 0
     for _ in range(n):
         end = data.find(b"\n", end) + 1

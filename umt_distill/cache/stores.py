@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from umt_distill import storage
 from umt_distill.cache import wds_store, zarr_store
 from umt_distill.cache.basis import codec_for_store
 from umt_distill.cache.codecs import Codec
@@ -154,13 +155,7 @@ def write_index(root: str | Path, layout: str, shard_infos: Sequence[dict[str, A
 def _read_json(root: str, name: str) -> Any:
     path = f"{root}/{name}"
     try:
-        if "://" in root:
-            import fsspec
-
-            with fsspec.open(path, "rt", encoding="utf-8") as f:
-                return json.load(f)
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))  # a URL: retried; a network fault is storage.NetworkError
     except FileNotFoundError as e:
         hint = " (the store is incomplete: cache-teacher has not finished)" if name == INDEX_FILE else ""
         raise StoreDamagedError(path, f"missing{hint}") from e

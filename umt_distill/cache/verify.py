@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from umt_distill import storage
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.cache.store_folder import CacheError
 from umt_distill.cache.record import (
@@ -87,7 +88,7 @@ def recorded_error(root: Path, spec: dict, shard_names) -> dict | None:
     worst = 1.0
     for name in shard_names:
         try:
-            error = json.loads((root / SHARDS_DIR / f"{name}.json").read_text(encoding="utf-8")).get("codec_error")
+            error = json.loads(storage.read_text(storage.join(root, SHARDS_DIR, f"{name}.json"))).get("codec_error")
         except (OSError, ValueError):
             return None
         if not isinstance(error, dict) or not isinstance(error.get("min_cos"), (int, float)):
@@ -120,11 +121,11 @@ def token_tolerance(root: Path, spec: dict, codec, shard_names) -> tuple[float, 
 
 
 def _failures(root: Path) -> tuple[list[dict], list[str]]:
-    path = root / FAILURES_FILE
-    if not path.exists():
+    path = storage.join(root, FAILURES_FILE)
+    if not storage.exists(path):
         return [], [f"{path}: missing (every store has one, empty when no clip failed)"]
     lines, problems = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
         try:
             item = json.loads(line)
             item["id"]  # noqa: B018 - presence check
@@ -145,13 +146,13 @@ def check_records(root: Path, spec: dict, reader: CacheReader, rows=None) -> lis
     index_records = len(reader.keys)
     counted = spec.get("counts", {}).get("records")
     if counted != index_records:
-        problems.append(f"{root / 'spec.json'}: counts {counted} records, index.json lists {index_records}")
+        problems.append(f"{root}/spec.json: counts {counted} records, index.json lists {index_records}")
     expected = (num_clips - len(failed)) * K
     views: dict[str, set[int]] = {}
     for clip, k in reader.keys:
         views.setdefault(clip, set()).add(k)
     if index_records == 0:
-        problems.append(f"{root / 'index.json'}: no records: the store is empty ({num_clips} clips in the corpus, "
+        problems.append(f"{root}/index.json: no records: the store is empty ({num_clips} clips in the corpus, "
                         f"{len(failed)} in {FAILURES_FILE}); training would have nothing to read")
     elif index_records != expected:
         missing = []
@@ -160,34 +161,34 @@ def check_records(root: Path, spec: dict, reader: CacheReader, rows=None) -> lis
                        if r.id not in failed and len(views.get(r.id, ())) != K]
         shown = "; clips without all their views and no failure line: " + ", ".join(missing[:5]) if missing else ""
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        problems.append(f"{root / 'index.json'}: {index_records} records, the corpus needs {expected} ({num_clips} "
+        problems.append(f"{root}/index.json: {index_records} records, the corpus needs {expected} ({num_clips} "
                         f"clips x {K} views, minus {len(failed)} failed clips in {FAILURES_FILE}){shown}{more}")
     for clip, ks in views.items():
         if clip in failed:
-            problems.append(f"{root / 'index.json'}: clip {clip!r} has records and a line in {FAILURES_FILE}")
+            problems.append(f"{root}/index.json: clip {clip!r} has records and a line in {FAILURES_FILE}")
         bad_views = sorted(k for k in ks if not 0 <= k < K)
         if bad_views:
-            problems.append(f"{root / 'index.json'}: clip {clip!r} has view {bad_views[0]}, the store has {K} views")
+            problems.append(f"{root}/index.json: clip {clip!r} has view {bad_views[0]}, the store has {K} views")
     if rows is not None:
         ids = {r.id for r in rows}
         strangers = sorted(set(views) - ids)
         if strangers:
-            problems.append(f"{root / 'index.json'}: {len(strangers)} clip(s) not in the corpus (first: {strangers[0]!r})")
+            problems.append(f"{root}/index.json: {len(strangers)} clip(s) not in the corpus (first: {strangers[0]!r})")
     return problems
 
 
 def check_structure(root: Path, spec: dict, reader: CacheReader, deep: bool = False, rows=None) -> list[str]:
     """Problems with the store's files that training would hit (see the module docstring)."""
-    root = Path(root)
+    root = storage.store_root(root)
     problems = check_records(root, spec, reader, rows)
     seen: dict[tuple[str, int], str] = {}
     for shard in reader.shards.values():
-        path = Path(reader.shard_path(shard["name"]))
-        if not path.exists():
+        path = storage.store_root(reader.shard_path(shard["name"]))
+        if not _shard_exists(path, reader.layout):
             problems.append(f"{path}: shard data is missing")
             continue
-        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        if size != shard["nbytes"]:  # and read on: a more specific line may say why
+        size = _shard_size(path, reader.layout)
+        if size is not None and size != shard["nbytes"]:  # and read on: a more specific line may say why
             problems.append(f"{path}: {size} bytes on disk, index.json says {shard['nbytes']} (truncated or modified)")
         if reader.layout == "wds":
             views = spec.get("views", {})
@@ -213,12 +214,30 @@ def check_structure(root: Path, spec: dict, reader: CacheReader, deep: bool = Fa
 # the numbers
 
 
+def _shard_exists(path: str | Path, layout: str) -> bool:
+    if storage.is_url(path):  # no listing needed: a zarr group is there if its zarr.json is
+        return storage.exists(storage.join(path, "zarr.json") if layout == "zarr" else path)
+    return Path(path).exists()
+
+
+def _shard_size(path: str | Path, layout: str) -> int | None:
+    """A shard's bytes, or None where they cannot be counted without a listing (a zarr group on object
+    storage: its shard indexes and records are checked instead, so a server without listings is not
+    reported as damage)."""
+    if storage.is_url(path):
+        return storage.size(path) if layout == "wds" else None
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def verify_store(root: str | Path, sample: int = 8, seed: int = 0, device: str = "auto", deep: bool = False) -> dict:
     """Check the store's files, then re-decode and re-run the teacher on ``sample`` random records.
 
     Returns ``{"ok", "fields": [per-field error rows], "problems": [str], "checked": n, "records": n}``.
+    A store on object storage (a URL) is read over the network; a network fault is
+    ``storage.NetworkError``, never a problem of the store.
     """
-    root = Path(root)
+    root = storage.store_root(root)
     try:
         spec = read_spec(root)
         reader = CacheReader(root)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from umt_distill import storage
 from umt_distill.cache.codecs import (
     Codec,
     check_compressor,
@@ -249,7 +250,8 @@ def iter_tar_samples(url: str, expected_records: list | None = None) -> Iterator
 
     count = 0
     try:
-        stream = wds.gopen(url)
+        # A URL is fetched whole first (retried; a network fault is storage.NetworkError, never tar damage).
+        stream = io.BytesIO(storage.fetch_range(url)) if storage.is_url(url) else wds.gopen(url)
         try:
             for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}], eof_value=None)):
                 count += 1
@@ -432,9 +434,13 @@ def read_groups(url: str, shard: dict[str, Any], codec: Codec | None = None,
         return str(e)
     if grouped:
         end = sum(g["nbytes"] for g in groups)
-        with open(url, "rb") as f:
-            f.seek(end)
-            tail = f.read(tarfile.RECORDSIZE + len(_END_OF_ARCHIVE))
+        if storage.is_url(url):
+            want = min(tarfile.RECORDSIZE + len(_END_OF_ARCHIVE), max(0, storage.size(url) - end))
+            tail = storage.fetch_ranges(url, [(end, end + want)])[(end, end + want)] if want else b""
+        else:
+            with open(url, "rb") as f:
+                f.seek(end)
+                tail = f.read(tarfile.RECORDSIZE + len(_END_OF_ARCHIVE))
         if len(tail) < len(_END_OF_ARCHIVE) or tail.count(0) != len(tail):
             return f"{url}: byte {end}: after the last group the tar must end (zero blocks), it holds other bytes"
     return None

@@ -36,6 +36,7 @@ import google_crc32c
 import numpy as np
 import torch
 
+from umt_distill import storage
 from umt_distill.cache.codecs import compressor_from_suffix, decompress_bytes, get_codec
 from umt_distill.cache.record import (
     StoreDamagedError,
@@ -144,7 +145,8 @@ def _header(block: bytes, url: str, pos: int) -> tuple[str, int]:
 
 
 def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None,
-                       keep: Container[int] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+                       keep: Container[int] | None = None,
+                       data: bytes | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples ``(key, {entry: bytes})`` of the tar members in ``[offset, offset + nbytes)``.
 
     The range must start at a member header (a group's offset from ``index.json``); ``nbytes=None``
@@ -155,10 +157,15 @@ def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None,
         keep: Ordinals (0-based, in the range) of the samples wanted; the others' headers are read and
             their data skipped (a seek, no read): a sample another rank trains on costs its headers only.
             Skipped samples are yielded as ``(key, None)``, so the caller still counts them. None: all.
+        data: The range's bytes, already fetched (``storage.ReadAhead``). A URL without them is fetched
+            here, the range whole (``storage.fetch_range``: retried, in block-sized requests), so a
+            network fault is a ``storage.NetworkError`` before parsing starts, never tar damage.
     """
     end = None if nbytes is None else offset + nbytes
     key, entries, pos, ordinal = None, {}, offset, -1
-    with _open(url) as f:
+    if data is None and storage.is_url(url):
+        data = storage.fetch_range(url, offset, nbytes)
+    with (_open(url) if data is None else storage.RangeFile(data, offset)) as f:
         size_of_file = _file_size(f)
         if size_of_file is not None and end is not None and end > size_of_file:
             raise StoreDamagedError(url, f"byte {size_of_file}: the file ends inside the range [{offset}, {end}) "

@@ -18,6 +18,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from umt_distill import storage
 from umt_distill.cache.codecs import (
     Codec,
     check_compressor,
@@ -249,16 +250,32 @@ def read_stored_many(requests: list[tuple[ZarrShardReader, int]], names_of) -> l
     from zarr.core.sync import sync
 
     jobs = [(i, name) for i, (shard, _) in enumerate(requests) for name in names_of(shard)]
+    remote: dict[int, tuple[ZarrShardReader, dict[str, list[tuple[int, int]]]]] = {}
 
     async def gather() -> list:  # created inside zarr's loop, which runs it
+        # A network fault here is storage.NetworkError, raised (not a per-record result).
+        await asyncio.gather(*(shard.prefetch_store.prefetch(wanted) for shard, wanted in remote.values()))
         return await asyncio.gather(*(requests[i][0].read_stored_async(requests[i][1], name) for i, name in jobs),
                                     return_exceptions=True)
 
     for i, name in jobs:  # the shard index of each array first (once per array): absent chunks, bounds
         requests[i][0].check_index(name, requests[i][1])
-    arrays: list[dict[str, np.ndarray]] = [{} for _ in requests]
-    for (i, name), got in zip(jobs, sync(gather())):
+    for i, name in jobs:  # over a URL: every chunk's byte range (from the checked index), fetched ahead
         shard, row = requests[i]
+        if shard.prefetch_store is not None:
+            offset, nbytes = (int(x) for x in shard.chunk_ranges[name][row])
+            wanted = remote.setdefault(id(shard), (shard, {}))[1]
+            wanted.setdefault(shard.shard_key(name), []).append((offset, offset + nbytes))
+    arrays: list[dict[str, np.ndarray]] = [{} for _ in requests]
+    try:
+        results = sync(gather())
+    finally:
+        for shard, _ in remote.values():
+            shard.prefetch_store.forget()
+    for (i, name), got in zip(jobs, results):
+        shard, row = requests[i]
+        if isinstance(got, storage.NetworkError):
+            raise got
         if isinstance(got, BaseException):  # checksum mismatch, truncated shard file, decompression error
             raise StoreDamagedError(shard.shard_file(name), f"row {row}: {type(got).__name__}: {got}") from got
         arrays[i][name] = np.asarray(got)
@@ -269,14 +286,7 @@ def _store_spec(path: str) -> dict[str, Any] | None:
     """The spec.json of the store a shard group lies in (``<root>/shards/<name>.zarr``), if readable."""
     root = str(path).rstrip("/").rsplit("/", 2)[0]
     try:
-        if "://" in root:
-            import fsspec
-
-            with fsspec.open(f"{root}/spec.json", "rt", encoding="utf-8") as f:
-                spec = json.load(f)
-        else:
-            with open(f"{root}/spec.json", encoding="utf-8") as f:
-                spec = json.load(f)
+        spec = json.loads(storage.read_text(f"{root}/spec.json"))
     except (OSError, ValueError):
         return None
     return spec if isinstance(spec, dict) and isinstance(spec.get("codec"), dict) else None
@@ -284,12 +294,10 @@ def _store_spec(path: str) -> dict[str, Any] | None:
 
 def _read_tail(path: str, nbytes: int) -> tuple[int, bytes]:
     """``(file size, its last nbytes bytes)``; FileNotFoundError if the file is missing."""
-    if "://" in path:
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(path)
-        size = int(fs.size(inner))
-        return size, bytes(fs.cat_file(inner, start=max(0, size - nbytes), end=size)) if size else b""
+    if storage.is_url(path):  # retried; a network fault is storage.NetworkError
+        size = storage.size(path)
+        start = max(0, size - nbytes)
+        return size, storage.fetch_ranges(path, [(start, size)])[(start, size)] if size else b""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         f.seek(max(0, size - nbytes))
@@ -315,9 +323,14 @@ class ZarrShardReader:
         import zarr
 
         self.path = path
+        # Over a URL: a store that fetches chunk ranges ahead and retries (storage.PrefetchStore).
+        self.prefetch_store = storage.zarr_store(path) if storage.is_url(path) else None
+        self.chunk_ranges: dict[str, np.ndarray] = {}  # array name -> [n, 2] (offset, nbytes) per row
         try:
-            group = zarr.open_group(path, mode="r", zarr_format=3)
+            group = zarr.open_group(self.prefetch_store or path, mode="r", zarr_format=3)
             attrs = dict(group.attrs)
+        except storage.NetworkError:
+            raise
         except Exception as e:  # missing dir, unreadable or invalid zarr.json
             raise StoreDamagedError(path, f"cannot open the shard's zarr group: {type(e).__name__}: {e}") from e
         self._check_attrs(attrs)
@@ -345,7 +358,11 @@ class ZarrShardReader:
         for name in names:
             try:
                 arr = group[name]
-                initialized = arr.nchunks_initialized
+                # Counting chunks lists the folder, which a server without listings cannot do; there
+                # check_index finds absent chunks (the shard index marks them) before any is read.
+                initialized = arr.nchunks if self.prefetch_store is not None else arr.nchunks_initialized
+            except storage.NetworkError:
+                raise
             except Exception as e:
                 raise StoreDamagedError(f"{path}/{name}", f"cannot open array: {type(e).__name__}: {e}") from e
             if arr.shape[0] != n:
@@ -436,6 +453,7 @@ class ZarrShardReader:
             raise StoreDamagedError(path, f"{prefix}the shard index (the file's last {index_bytes} bytes) fails its "
                                           "CRC32C (truncated or corrupt shard file)")
         entries = np.frombuffer(tail[:-_CRC], dtype="<u8").reshape(n, 2)
+        self.chunk_ranges[name] = entries
         data_end = size - index_bytes
         compressed = len(arr.metadata.codecs[0].codecs) > 2
         exact = None if compressed else layout_nbytes(arr.dtype, tuple(arr.shape[1:]))
@@ -456,6 +474,10 @@ class ZarrShardReader:
         for name in self.arrays:
             self.check_index(name)
 
+    def shard_key(self, name: str) -> str:
+        """The shard file of array ``name`` relative to the group (a key of the group's zarr store)."""
+        return f"{name}/{shard_file_key(self.arrays[name].ndim)}"
+
     def shard_file(self, name: str) -> str:
         """The file holding all chunks of array ``name`` (one zarr shard spans the whole array)."""
         return f"{self.path}/{name}/{shard_file_key(self.arrays[name].ndim)}"
@@ -474,6 +496,8 @@ class ZarrShardReader:
             self.check_index(name, row)
             try:
                 arrays[name] = self.arrays[name][row]
+            except storage.NetworkError:
+                raise
             except Exception as e:  # checksum mismatch, truncated shard file, decompression error
                 raise StoreDamagedError(self.shard_file(name), f"row {row}: {type(e).__name__}: {e}") from e
         return self.describe(row, arrays)

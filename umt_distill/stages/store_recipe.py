@@ -10,9 +10,9 @@ is the one training uses (``mask.ratio`` included).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from umt_distill import storage
 from umt_distill.cache.spec import SPEC_FILE, read_spec
 from umt_distill.config import Recipe, RecipeError, recipe_from_dict
 
@@ -56,8 +56,8 @@ def adopt_store_spec(cfg: Recipe, explicit: set[str] | frozenset[str] = frozense
     Raises:
         RecipeError: an explicit value contradicts the store, naming both.
     """
-    store = Path(cfg.cache.store)
-    if not (store / SPEC_FILE).exists():
+    store = storage.store_root(cfg.cache.store)  # a URL stays a URL
+    if not storage.exists(storage.join(store, SPEC_FILE)):
         return cfg, []
     spec = read_spec(store)
     if cfg.train.pixels_from == "store" and spec.get("frames", "none") == "none":
@@ -85,7 +85,7 @@ def adopt_store_spec(cfg: Recipe, explicit: set[str] | frozenset[str] = frozense
     if conflicts:
         raise RecipeError(f"{store}: {'; '.join(conflicts)} contradicts how the store was cached; drop the "
                           "override to train on this store, or cache a new store with these settings")
-    return (recipe_from_dict(data, f"recipe + {store / SPEC_FILE}") if notes else cfg), notes
+    return (recipe_from_dict(data, f"recipe + {storage.join(store, SPEC_FILE)}") if notes else cfg), notes
 
 
 def _lookup(tree: Any, where: tuple[str, ...]) -> Any:

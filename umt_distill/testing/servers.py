@@ -74,7 +74,11 @@ class S3Server:
 
 def start_s3_server(bucket: str = "stores") -> S3Server:
     """Start moto's S3 server on 127.0.0.1 (a free port) and create ``bucket`` in it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
     server = ThreadedMotoServer(ip_address=LOCALHOST, port=0, verbose=False)
     server.start()
@@ -288,8 +292,8 @@ class FaultProxy:
     passes responses through byte for byte, counting them. Faults are armed at any time, from the test:
 
     - :meth:`drop_after`: after ``nbytes`` more response bytes, cut the connection carrying them (mid-body:
-      a truncated response); ``times`` cuts, each after a fresh ``nbytes`` (``None``: every connection,
-      for good);
+      a truncated response); ``times`` cuts, each after a fresh ``nbytes`` (``None``: the server dies
+      there: every later response is cut before its first byte, until :meth:`heal`);
     - :meth:`slow_down`: answer the next ``requests`` requests ``503 SlowDown`` (S3's throttling reply);
     - :meth:`refuse`: close the listening socket (new connections are refused) and cut the open ones;
       ``refuse(False)`` listens on the same port again.
@@ -452,9 +456,11 @@ class FaultProxy:
                         if len(data) > self._budget:
                             data, cut = data[: self._budget], True
                             nbytes, left = self._drop  # type: ignore[misc]
-                            left = None if left is None else left - 1
-                            self._drop = None if left == 0 else (nbytes, left)
-                            self._budget = None if left == 0 else nbytes
+                            if left is None:  # dead from here on
+                                self._budget = 0
+                            else:
+                                self._drop = None if left == 1 else (nbytes, left - 1)
+                                self._budget = None if left == 1 else nbytes
                             self.cuts += 1
                         else:
                             self._budget -= len(data)

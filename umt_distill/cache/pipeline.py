@@ -18,6 +18,7 @@ work on the main thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -43,6 +44,7 @@ from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_b
 from umt_distill.cache.captions import record_captions, shard_score_writer
 from umt_distill.cache.messages import print_redone, print_summary
 from umt_distill.cache.record import TargetRecord, frames_digest
+from umt_distill.cache.remote_write import is_url, open_remote_store, publish_shard, push_small_files
 from umt_distill.cache.repair import plan_shard_work
 from umt_distill.cache.spec import (
     SPEC_FORMAT,
@@ -134,7 +136,9 @@ def build_spec(cfg: Recipe, teacher, rows, corpus_digest: str) -> dict:
     recipe = cfg.model_dump(mode="json")
     location = corpus_location(cfg.corpus.source, cfg.corpus.root, c.store)
     recipe["corpus"].update(source=location["source"], root=location["root"])
-    recipe["cache"]["store"] = os.path.abspath(Path(c.store).expanduser())
+    recipe["cache"]["store"] = c.store if is_url(c.store) else os.path.abspath(Path(c.store).expanduser())
+    if is_url(c.store):  # a bucket has no place relative to the corpus's folder
+        location.update(source_from_store=None, root_from_store=None)
     return {
         "format": SPEC_FORMAT,
         "teacher": teacher.describe(),  # records the precision actually used (CPU: fp32)
@@ -212,6 +216,7 @@ class _Writer:
                     path = info["path"] and f"{SHARDS_DIR}/{Path(info['path']).name}"
                     sidecar = {**info, "path": path, "clips": [plan.start, plan.stop], "failures": failures}
                     atomic_write_json(self.shards_dir / f"{plan.name}.json", sidecar)
+                    publish_shard(self.shards_dir, sidecar)  # object storage: data, then sidecar uploaded
                     self.done.append(sidecar)
             except BaseException as e:  # surfaced on the main thread at the next put/finish
                 self.error = e
@@ -251,16 +256,21 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
     env = du.init_distributed(backend="gloo", timeout_minutes=24 * 60)
     if not cfg.corpus.source:
         raise CacheError("corpus.source is empty: give a manifest or a folder (corpus.source=PATH)")
-    root = Path(cfg.cache.store)
     rows = None
     if Path(cfg.corpus.source).expanduser().exists():
         rows = read_corpus(cfg.corpus.source, cfg.corpus.root)  # a bad manifest stops before anything is written
-    lock = take_store_lock(root, env, purpose)
+    # A store on object storage is written through a local staging folder, under its lease (remote_write.py).
+    remote = open_remote_store(cfg.cache.store, env, purpose) if is_url(cfg.cache.store) else None
+    root = remote.staging if remote is not None else Path(cfg.cache.store)
+    lock = take_store_lock(root, env, purpose) if remote is None else remote.lease
     try:
-        return _cache_locked(cfg, root, env, progress, deep, retry_failed, rows)
+        with remote.named() if remote is not None else contextlib.nullcontext():
+            return _cache_locked(cfg, root, env, progress, deep, retry_failed, rows)
     finally:
         if lock is not None:
             lock.release()
+        if remote is not None:
+            remote.close()
 
 
 def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep: bool, retry_failed: bool,
@@ -289,6 +299,7 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
     shards_dir = root / SHARDS_DIR
     ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
     decided_by_rank0(env, lambda: caption_step(root, cfg, rows, teacher))  # captions embedded once (captions.py)
+    push_small_files(root)  # object storage: spec, rows, basis, captions uploaded before any shard
     du.barrier()
     plans = plan_shards(len(rows), cfg.cache.clips_per_shard, spec["corpus"]["extents"])
     mine = rank_shards(plans, env)
@@ -302,8 +313,11 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
     summary = decided_by_rank0(env, lambda: finalize_store(root, plans, env))
     summary = {**summary, **{f"rank{env.rank}_{k}": v for k, v in stats.items()}}
     if env.is_main:
+        if is_url(cfg.cache.store):
+            summary["store"] = cfg.cache.store
         with open(root / SUMMARY_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(summary) + "\n")
+        push_small_files(root)  # object storage: sidecars, failures, index, then spec.json
         if progress:
             print_summary(root, summary)
     du.barrier()

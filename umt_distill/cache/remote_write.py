@@ -501,11 +501,10 @@ class RemoteStore:
 
     # -- what a re-run checks and discards
 
-    def shard_damage(self, shards_dir: Path, layout: str, sidecar: dict, deep: bool = False) -> str | None:
+    def shard_damage(self, shards_dir: Path, layout: str, sidecar: dict, deep: bool, read) -> str | None:
         """``repair.shard_damage`` for a shard in the bucket: data present with the recorded size; with
-        ``deep`` the shard is downloaded into staging and read as on disk, then dropped."""
-        from umt_distill.cache.repair import shard_damage
-
+        ``deep`` the shard is downloaded into staging, read as on disk by ``read`` (``repair.shard_damage``),
+        then dropped."""
         if sidecar["num_records"] == 0:
             return None
         data = f"{sidecar['name']}{'.zarr' if layout == 'zarr' else '.tar'}"
@@ -524,7 +523,7 @@ class RemoteStore:
                 target = self.staging / self._rel(path)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(path, str(target))
-            return shard_damage(shards_dir, layout, sidecar, deep=True)
+            return read(shards_dir, layout, sidecar, True)
         finally:
             if local.is_dir():
                 shutil.rmtree(local)

@@ -150,6 +150,9 @@ def plan_shard_work(shards_dir: Path, layout: str, plans: list, *, deep: bool = 
     Returns:
         ``(todo, redone)``: the plans to run, in order, and the finished shards among them with reasons.
     """
+    from umt_distill.cache.remote_write import staged_remote
+
+    remote = staged_remote(shards_dir.parent)  # a store on object storage: its shards are checked in the bucket
     todo, redone = [], []
     for plan in plans:
         try:
@@ -158,12 +161,15 @@ def plan_shard_work(shards_dir: Path, layout: str, plans: list, *, deep: bool = 
             sidecar, reason = None, str(e)
             redone.append(Redo(plan.name, reason))
         if sidecar is not None:
-            reason = shard_damage(shards_dir, layout, sidecar, deep)
+            reason = shard_damage(shards_dir, layout, sidecar, deep) if remote is None else \
+                remote.shard_damage(shards_dir, layout, sidecar, deep, read=shard_damage)
             if reason is None and retry_failed and sidecar["failures"]:
                 reason = _retry_decision(shards_dir, sidecar, rows, cfg)
             if reason is None:
                 continue
             redone.append(Redo(plan.name, reason))
         discard_shard(shards_dir, plan.name)
+        if remote is not None:
+            remote.discard(plan.name)
         todo.append(plan)
     return todo, redone

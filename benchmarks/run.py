@@ -23,6 +23,9 @@ Sections (``--sections``, all by default):
            path, MB read per clip-view, read amplification, cores and GB/s per GPU (bench_loader.py)
   table1   UMT Table 1: UTA (cached, online) vs pixel reconstruction (VideoMAE, V2 dual masking) vs UTA + pixel,
            B/16 step time and peak memory (bench_table1.py); needs no store
+  smaug    SMAUG's token sparsification: stage-1 step time and memory at keep 1/0.75/0.5 x after-block 0/L/3,
+           object-token recall and probe deltas on a toy world (bench_smaug.py), plus frame selection
+           (smaug_frames.py, when present); needs no store
 The headline configuration's store (its teacher, T=8, fp32) is always built: storage and the cached
 step read it.
 """
@@ -54,7 +57,7 @@ from benchmarks.common import (
 )
 
 HEADLINE = {"size": "base", "frames": 8, "mask_ratio": 0.8}
-ALL_SECTIONS = ("step", "storage", "input", "cache", "table1", "loader")
+ALL_SECTIONS = ("step", "storage", "input", "cache", "table1", "loader", "smaug")
 
 # Presets: everything a run needs besides the flags. "grid" lists (size, T, ratio) configurations.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -80,6 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "isolate": True, "forward_min_seconds": 1.0,
         "table1": {"batch_size": 2, "warmup": 1, "steps": 3, "size": 224},
         "loader": {"grid": "default", "clips": 64, "batch_size": 8, "passes": 2, "all_workers": None},
+        "smaug": "quick",
     },
     "gpu": {
         "device": "cuda", "teacher_precision": "fp16", "amp": "bf16", "loop_workers": 8,
@@ -96,6 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "isolate": True, "forward_min_seconds": 5.0,
         "table1": {"batch_size": 32, "warmup": 3, "steps": 10, "size": 224},
         "loader": {"grid": "default", "clips": 128, "batch_size": 32, "passes": 3, "all_workers": os.cpu_count()},
+        "smaug": "full",
     },
     # One GPU in <= 8 minutes: the headline step (UMT-B/16 + CLIP-B/16, bf16, batch 32, T=8, 80 %) and
     # the loader section, plus the headline loader row with as many workers as there are cores.
@@ -130,6 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "table1": {"batch_size": 1, "warmup": 1, "steps": 1, "size": 32, "rows": ("pixel", "pixel_dual"),
                    "student": "umt_test_tiny"},
         "loader": {"grid": "quick", "clips": 6, "batch_size": 2, "passes": 1, "all_workers": 2},
+        "smaug": "smoke",
     },
 }
 
@@ -315,6 +321,12 @@ class Suite:
         return run_loader(clean_dir(self.work / "loader"), default_grid(lp["grid"] == "quick"), rates, lp["clips"],
                           lp["batch_size"], lp["passes"], profiles, all_workers=lp["all_workers"])
 
+    def smaug(self) -> dict[str, Any]:
+        from benchmarks.bench_smaug import smaug_section
+
+        return smaug_section(self.preset.get("smaug", "quick"), clean_dir(self.work / "smaug"), self.preset["device"],
+                             self.args.threads or os.cpu_count() or 1)
+
     def save_partial(self, key: str, value: Any) -> None:
         """Keep what is measured so far (a crash or Ctrl-C late in a long GPU run loses nothing)."""
         self.results[key] = value
@@ -341,7 +353,7 @@ def run_suite(args) -> dict[str, Path]:
     info = machine_info(preset["device"])
     suite = Suite(preset, args, work)
     try:
-        if set(sections) - {"table1", "loader"}:  # every other section reads the reference store
+        if set(sections) - {"table1", "loader", "smaug"}:  # every other section reads the reference store
             suite.results["cache_reference"] = suite.timed("reference", suite.reference)
         if "storage" in sections or "step" in sections:
             suite.results["storage"] = suite.timed("storage", suite.storage)
@@ -355,6 +367,8 @@ def run_suite(args) -> dict[str, Path]:
             suite.results["table1"] = suite.timed("table1", suite.table1)
         if "loader" in sections:
             suite.results["loader"] = suite.timed("loader", suite.loader)
+        if "smaug" in sections:
+            suite.results["smaug"] = suite.timed("smaug", suite.smaug)
     finally:
         if not args.keep_tmp and not args.tmp:
             shutil.rmtree(work, ignore_errors=True)

@@ -40,7 +40,9 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
+from umt_distill import storage
 from umt_distill.cache.lock import LOCK_FILE, StoreLockedError, describe_holder
 from umt_distill.cache.spec import CORPUS_FILE, SPEC_FILE, now_iso
 from umt_distill.cache.store_folder import CacheError
@@ -53,8 +55,8 @@ __all__ = [
     "RemoteWriteError",
     "is_url",
     "open_remote_store",
-    "push_small_files",
     "publish_shard",
+    "push_small_files",
     "staged_remote",
 ]
 
@@ -86,14 +88,9 @@ def is_url(store: str | Path) -> bool:
 
 
 def filesystem(url: str):
-    """``(fs, path)`` of a store URL, listings never cached (another writer's objects must be seen).
-
-    Uses ``umt_distill.storage`` where it offers a file system for a URL; endpoint and credentials come
-    from the standard places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ..., fsspec config).
-    """
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, skip_instance_cache=True)
+    """``(fs, path)`` of a store URL (``storage.filesystem``: endpoint and credentials from the standard
+    places, the client's own retries off). Its listings may be cached: every listing here refreshes."""
+    fs, path = storage.filesystem(url)
     return fs, path.rstrip("/")
 
 
@@ -157,6 +154,23 @@ class RemoteLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _net(self, fn):
+        """``fn()`` with the storage module's bounded retries; then ``NetworkError`` naming the store."""
+        return storage.retrying(fn, self.url)
+
+    def _put(self, **conditions) -> dict:
+        return self._net(lambda: self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(),
+                                                 **conditions))
+
+    def _ours(self) -> bool:
+        """Whether the lease object is this run's (a retried conditional write whose first try landed
+        fails its condition against itself); updates ``etag`` if so."""
+        now = self.holder()
+        if now is not None and now[1].get("token") == self.token:
+            self.etag = now[0]
+            return True
+        return False
+
     # -- what the lease object says
 
     def _body(self) -> bytes:
@@ -168,11 +182,11 @@ class RemoteLease:
     def holder(self) -> tuple[str, dict, float] | None:
         """``(etag, holder info, seconds since its last renewal by the server's clock)``, or None."""
         try:
-            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)
+            head = self._net(lambda: self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key))
         except FileNotFoundError:
             return None
         try:
-            text = self.fs.cat_file(f"{self.bucket}/{self.key}", start=0, end=1 << 16)  # a few hundred bytes
+            text = self._net(lambda: self.fs.cat_file(f"{self.bucket}/{self.key}", start=0, end=1 << 16))  # ~300 bytes
         except FileNotFoundError:  # released between the two calls: look again
             return self.holder()
         try:
@@ -200,36 +214,35 @@ class RemoteLease:
         """Take the lease or raise :class:`StoreLockedError` naming the holder (or
         :class:`RemoteWriteError` when the service cannot keep two writers apart)."""
         current = self.holder()
-        body = self._body()
         try:
             if current is None:
-                out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")
+                self.etag = self._put(IfNoneMatch="*")["ETag"]
             else:
                 etag, info, age = current
                 if not self._stale(info, age):
                     raise self._refusal(info)
                 # a dead holder's lease: replace exactly that object; a concurrent taker's If-Match fails
-                out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, IfMatch=etag)
+                self.etag = self._put(IfMatch=etag)["ETag"]
         except StoreLockedError:
             raise
         except Exception as e:
-            if _conflict(e):
+            if _unsupported(e):
+                return self._without_conditions()
+            if not _conflict(e):
+                raise
+            if not self._ours():
                 now = self.holder()
                 raise self._refusal(now[1] if now else {}) from None
-            if _unsupported(e):
-                return self._without_conditions(body)
-            raise
-        self.etag = out["ETag"]
-        if not self._conditions_hold(body):
-            return self._without_conditions(body)
+        if not self._conditions_hold():
+            return self._without_conditions()
         self._start_renewing()
         return self
 
-    def _conditions_hold(self, body: bytes) -> bool:
+    def _conditions_hold(self) -> bool:
         """Probe that the service honours ``If-None-Match``: a second conditional create of our own lease
-        must fail. A service that ignores the header overwrites it (with the same bytes) and says 200."""
+        must fail. A service that ignores the header overwrites it (with our own lease) and says 200."""
         try:
-            out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")
+            out = self._put(IfNoneMatch="*")
         except Exception as e:
             if _conflict(e):
                 return True
@@ -239,18 +252,17 @@ class RemoteLease:
         self.etag = out["ETag"]
         return False
 
-    def _without_conditions(self, body: bytes) -> RemoteLease:
+    def _without_conditions(self) -> RemoteLease:
         if os.environ.get(UNSAFE_LEASE_ENV) != "1":
             with contextlib.suppress(Exception):
                 if self.etag is not None:
-                    self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
+                    self._net(lambda: self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key))
             self.etag = None
             raise RemoteWriteError(
                 f"{self.url}: the storage service does not honour conditional writes (If-None-Match), so two "
                 f"writers of this store could not be kept apart; use a service that does (AWS S3, a recent "
                 f"MinIO), or make sure only one writer runs and set {UNSAFE_LEASE_ENV}=1")
-        out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body)
-        self.etag = None if out is None else out.get("ETag")
+        self.etag = self._put().get("ETag")
         self._start_renewing(conditional=False)
         return self
 
@@ -274,13 +286,17 @@ class RemoteLease:
         if self.lost:
             return
         try:
-            kwargs = {"IfMatch": self.etag} if self._conditional and self.etag else {}
-            out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), **kwargs)
-            self.etag = out.get("ETag", self.etag)
-        except Exception as e:
-            if _conflict(e) or isinstance(e, FileNotFoundError):
+            self.etag = self._put(**({"IfMatch": self.etag} if self._conditional and self.etag else {}))["ETag"]
+        except Exception as e:  # noqa: BLE001 - a renewal thread must not die
+            if (_conflict(e) or isinstance(e, FileNotFoundError)) and not self._safe_ours():
                 self.lost = True
             # a network error: try again at the next period; the lease lives for ``seconds``
+
+    def _safe_ours(self) -> bool:
+        try:
+            return self._ours()
+        except Exception:  # noqa: BLE001 - unreachable now: decided at the next renewal
+            return True
 
     def check(self) -> None:
         """Raise :class:`RemoteWriteError` if the lease was taken over (called before each upload)."""
@@ -296,10 +312,10 @@ class RemoteLease:
         if self.etag is not None and not self.lost:
             with contextlib.suppress(Exception):  # not ours any more, or unreachable: it expires by itself
                 kwargs = {"IfMatch": self.etag} if getattr(self, "_conditional", True) else {}
-                self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, **kwargs)
+                self._net(lambda: self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, **kwargs))
         self.etag = None
 
-    def __enter__(self) -> RemoteLease:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
@@ -387,6 +403,10 @@ class RemoteStore:
         self._sizes: dict[str, int] = {}  # shard data name (shard-000001.tar) -> bytes in the bucket
         _OPEN[str(self.staging)] = self
 
+    def _net(self, fn):
+        """``fn()`` with the storage module's bounded retries; then ``NetworkError`` naming the store."""
+        return storage.retrying(fn, self.url)
+
     # -- paths
 
     def remote(self, rel: str) -> str:
@@ -412,7 +432,7 @@ class RemoteStore:
 
     def _listing(self, path: str) -> list[dict]:
         try:
-            return self.fs.ls(path, detail=True, refresh=True)
+            return self._net(lambda: self.fs.ls(path, detail=True, refresh=True))
         except FileNotFoundError:
             return []
 
@@ -430,8 +450,8 @@ class RemoteStore:
     def pull(self) -> None:
         """Download the store's small files (everything but shard data and the lease) into staging and
         note the sizes of the shards' data in the bucket."""
-        self.fs.invalidate_cache()
-        files = self.fs.find(self.root, detail=True)
+        self.fs.invalidate_cache(self.root)
+        files = self._net(lambda: self.fs.find(self.root, detail=True))
         for path, entry in files.items():
             rel = self._rel(path)
             if entry.get("type") == "directory" or rel == LOCK_FILE or rel.startswith(".tmp-"):
@@ -442,13 +462,13 @@ class RemoteStore:
                 continue
             local = self.staging / rel
             local.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(path, str(local))
+            self._net(lambda: self.fs.get_file(path, str(local)))  # noqa: B023 - called at once
             self._sent[rel] = _stamp(local)
 
     # -- uploads
 
     def _upload(self, local: Path, rel: str) -> None:
-        self.fs.put_file(str(local), self.remote(rel), chunksize=UPLOAD_PART_BYTES)
+        self._net(lambda: self.fs.put_file(str(local), self.remote(rel), chunksize=UPLOAD_PART_BYTES))
 
     def _changed(self) -> list[tuple[str, Path]]:
         """Mirrored files of the staging folder that are new or changed since pulled or pushed, in the
@@ -490,8 +510,9 @@ class RemoteStore:
             if len(files) == 1:
                 self._upload(files[0], files[0].relative_to(self.staging).as_posix())
             elif files:
-                self.fs.put([str(f) for f in files], [self.remote(f.relative_to(self.staging).as_posix()) for f in files],
-                            chunksize=UPLOAD_PART_BYTES)
+                lpaths = [str(f) for f in files]
+                rpaths = [self.remote(f.relative_to(self.staging).as_posix()) for f in files]
+                self._net(lambda: self.fs.put(lpaths, rpaths, chunksize=UPLOAD_PART_BYTES))  # noqa: B023
             self._sizes[path.name] = sum(f.stat().st_size for f in files)
         self._send([c for c in self._changed() if _push_rank(c[0]) == 0])
         side = f"{_SHARDS_DIR}/{name}.json"
@@ -516,13 +537,15 @@ class RemoteStore:
         if not deep:
             return None
         remote = self.remote(f"{_SHARDS_DIR}/{data}")
-        files = [p for p, e in self.fs.find(remote, detail=True).items() if e.get("type") != "directory"]
+        self.fs.invalidate_cache(remote)
+        found = self._net(lambda: self.fs.find(remote, detail=True))
+        files = [p for p, e in found.items() if e.get("type") != "directory"]
         local = shards_dir / data
         try:
             for path in files:
                 target = self.staging / self._rel(path)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(path, str(target))
+                self._net(lambda: self.fs.get_file(path, str(target)))  # noqa: B023 - called at once
             return read(shards_dir, layout, sidecar, True)
         finally:
             if local.is_dir():
@@ -540,12 +563,14 @@ class RemoteStore:
         if self.lease is not None:
             self.lease.check()
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.remote(side))
+            self._net(lambda: self.fs.rm_file(self.remote(side)))
         self._sent.pop(side, None)
         for data in present:
-            found = self.fs.find(self.remote(f"{_SHARDS_DIR}/{data}"))
+            path = self.remote(f"{_SHARDS_DIR}/{data}")
+            self.fs.invalidate_cache(path)
+            found = self._net(lambda: self.fs.find(path))  # noqa: B023 - called at once
             if found:
-                self.fs.rm(found)
+                self._net(lambda: self.fs.rm(found))  # noqa: B023
             del self._sizes[data]
 
     # -- the end

@@ -334,7 +334,7 @@ def repair_store(root: str | Path, deep: bool = False, device: str = "auto") -> 
     missing or resized (with ``deep``: unreadable) are discarded and recomputed; the index and counts
     are rewritten. Returns the run's summary.
     """
-    root = Path(root)
+    root = storage.store_root(root)  # a store on object storage is repaired in place (cache/remote_write.py)
     try:
         spec = read_spec(root)
     except (FileNotFoundError, ValueError) as e:

@@ -67,3 +67,11 @@ def test_keeping_every_frame_equals_no_selection(stores, tmp_path) -> None:
 def test_the_learned_selector_trains(stores, tmp_path) -> None:
     last = run(stores, tmp_path, "captions", "frame_select.method=learned", "frame_select.keep_frames=2")
     assert last["step"] == 2 and math.isfinite(last["loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["text_guided", "learned"])
+def test_frame_selection_with_token_sparsification_trains(stores, tmp_path, method: str) -> None:
+    last = run(stores, tmp_path, "captions", f"frame_select.method={method}", "frame_select.keep_frames=2",
+               "sparsify.keep=0.5", "sparsify.fuse=true")
+    assert last["step"] == 2 and math.isfinite(last["loss"])

@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from umt_distill.masking import gather_visible
+from umt_distill.models.sparsify import at_kept
+from umt_distill.models.umt_vl import VisionOutput
+
 
 def topk_indicator(scores: Tensor, k: int) -> Tensor:
     """k-hot float [..., T] of the k largest scores (ties: the earlier frame)."""
@@ -93,3 +97,35 @@ class FrameSelector(nn.Module):
         """frames [B, T, Cv], text [B, Dt] → scores [B, T]."""
         h = F.gelu(self.visual(self.norm(frames))) * self.text(text)[:, None]  # [B, T, H]
         return self.out(h).squeeze(-1)
+
+
+def sparse_forward_kept(vision_encoder: nn.Module, x: Tensor, visible_idx: Tensor | None, spec, scores: Tensor | None,
+                        align: bool, num_frames: int):
+    """``models.sparse_vl.sparse_vision_forward`` for a step that keeps ``num_frames`` of ``x``'s T frames.
+
+    The visible tokens (``data.frame_select.restrict_to_frames``) lie in the kept frames only, at their
+    original indices (so original positional embeddings), frame-major with the same count per frame; token
+    sparsification then ranks within each of the ``num_frames`` kept frames.
+
+    Args:
+        x: float [B, 3, T, H, W] (every frame: only the kept frames' tokens are embedded and run).
+        visible_idx: long [B, num_frames · n] sorted (never None: restriction gives the kept frames' tokens).
+        spec: The ``SparseSpec``; scores: [B, num_frames, n] teacher attention at the visible tokens, or None.
+
+    Returns:
+        As ``sparse_vision_forward``.
+    """
+    enc = vision_encoder.encoder
+    tokens, pos_table = enc.embed(x, visible_idx)  # [B, k·n, C]
+    last_block = enc.depth - 1
+    take = sorted(set(vision_encoder.return_index) | {last_block}) if align else [last_block]
+    outs, kept, pruned = enc.run_blocks_sparse(tokens, take, True, spec, num_frames, scores)
+    feats = dict(zip(take, zip(outs, pruned)))
+    last = feats[last_block][0]
+    aligned = None
+    if align:
+        pos_k = gather_visible(pos_table.expand(tokens.shape[0], -1, -1), kept).to(last.dtype)
+        aligned = torch.stack([head(at_kept(feats[i][0], kept, feats[i][1]) + pos_k)
+                               for head, i in zip(vision_encoder.clip_decoder, vision_encoder.return_index)])
+    pooled = vision_encoder.pool_norm(last.mean(1, keepdim=True))  # [B, 1, C]
+    return VisionOutput(aligned, last, pooled), kept

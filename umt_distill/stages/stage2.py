@@ -118,8 +118,8 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
                     targets, visible_idx, attn = step_targets_attn(src.cfg, batch, pixels, teacher, gen, device)  # [K, B, L, D], [B, L]
                     scores = sparse_scores(sparse, attn, visible_idx)  # [B, T, n] ranks tokens (sparsify.source=teacher)
                 select = None
-                if selection is not None and source == "video":  # the kept frames' tokens and targets only
-                    visible_idx, targets, select = selection.step(batch, pixels, visible_idx, targets, teacher, gen, device)
+                if selection is not None and source == "video":  # the objective keeps only these frames' tokens
+                    select = selection.step(batch, pixels, teacher, gen, device)
                 text = {k: v.to(device) for k, v in tokenize(tokenizer, batch["caption"], cfg.text.max_length).items()}
                 with micro_step(ddp_objective, m, accum, amp_dtype, device):
                     out = ddp_objective(normalize_video(pixels), visible_idx, targets, text["input_ids"],

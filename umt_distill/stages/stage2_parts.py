@@ -32,6 +32,7 @@ from umt_distill.models.frame_selector import (
     FrameSelector,
     frame_features,
     perturbed_topk,
+    sparse_forward_kept,
 )
 from umt_distill.models.sparse_vl import sparse_vision_forward
 from umt_distill.models.sparsify import SparseSpec
@@ -148,7 +149,7 @@ class Stage2Objective(nn.Module):
 
     def forward(self, pixels: Tensor, visible_idx: Tensor | None, targets: Tensor | None, input_ids: Tensor,
                 text_mask: Tensor, ids: Tensor, generator: torch.Generator,
-                scores: Tensor | None = None, select: LearnedSelect | None = None) -> dict[str, Tensor]:
+                scores: Tensor | None = None, select: FrameStep | None = None) -> dict[str, Tensor]:
         """Weighted total ``loss`` and the unweighted parts.
 
         Args:
@@ -159,16 +160,21 @@ class Stage2Objective(nn.Module):
             ids: long [B] sample ids.
             generator: Hard negatives and MLM masks.
             scores: [B, T', n] teacher attention at the visible tokens (``sparsify.source=teacher``).
-            select: The learned frame selector's inputs (``frame_select.method=learned``, video steps).
+            select: The step's frame selection (``frame_select``, video steps): the kept frames, or the
+                learned selector's inputs.
         """
         m, w = self.model, self.weights
         m.clamp_temp()
-        if select is not None:  # keep k frames by the selector; tokens and targets restricted to them
-            pixels, visible_idx, targets = self._select_frames(pixels, visible_idx, targets, select, generator)
+        kept_frames = None
+        if select is not None:  # only the kept frames' tokens, targets and token scores
+            pixels, visible_idx, targets, scores, kept_frames = self._select_frames(pixels, visible_idx, targets, scores,
+                                                                                   select, generator)
         if self.sparse is None:
             vision = m.vision_encoder(pixels, visible_idx, align=w["uta"] > 0)
         else:  # the blocks after sparsify.after_block see each frame's top tokens; UTA at the kept ones
-            vision, kept = sparse_vision_forward(m.vision_encoder, pixels, visible_idx, self.sparse, scores, w["uta"] > 0)
+            vision, kept = sparse_vision_forward(m.vision_encoder, pixels, visible_idx, self.sparse, scores, w["uta"] > 0) \
+                if kept_frames is None else sparse_forward_kept(m.vision_encoder, pixels, visible_idx, self.sparse, scores,
+                                                                w["uta"] > 0, kept_frames)
             targets = gather_visible(targets, kept) if targets is not None else None
         text_hidden = m.text_encoder.forward_text(input_ids, text_mask)  # [B, L, H]
         parts: dict[str, Tensor] = {}
@@ -198,18 +204,24 @@ class Stage2Objective(nn.Module):
             total = total + 0.0 * sum(p.sum() for p in self.selector.parameters())
         return {"loss": total, **parts}
 
-    def _select_frames(self, pixels: Tensor, visible_idx: Tensor | None, targets: Tensor | None,
-                       select: LearnedSelect, generator: torch.Generator):
-        """Score the frames with the selector, keep the top k (perturbed top-k, straight-through: the gate is
-        exactly 1 on kept frames and 0 elsewhere, its gradient reaches the selector through the pixels)."""
-        spec, T = self.selector_spec, pixels.shape[2]
-        with torch.no_grad():  # the selector's own features: the student's patch embedding, per frame
-            feats = frame_features(self.model.vision_encoder.encoder.patch_embed(pixels), T)  # [B, T, C]
-        frame_scores = self.selector(feats.float(), select.text.float())  # [B, T]
-        frames, gate = perturbed_topk(frame_scores, spec.k, spec.sigma, spec.samples, generator)
-        pixels = pixels * gate.to(pixels.dtype)[:, None, :, None, None]
+    def _select_frames(self, pixels: Tensor, visible_idx: Tensor | None, targets: Tensor | None, scores: Tensor | None,
+                       select: FrameStep, generator: torch.Generator):
+        """Restrict the step to its kept frames. ``learned``: score the frames with the selector and keep the
+        top k (perturbed top-k, straight-through: the gate is exactly 1 on kept frames and 0 elsewhere; its
+        gradient reaches the selector through the pixels)."""
+        frames = select.frames
+        if frames is None:
+            spec, T = self.selector_spec, pixels.shape[2]
+            with torch.no_grad():  # the selector's own features: the student's patch embedding, per frame
+                feats = frame_features(self.model.vision_encoder.encoder.patch_embed(pixels), T)  # [B, T, C]
+            frame_scores = self.selector(feats.float(), select.text.float())  # [B, T]
+            frames, gate = perturbed_topk(frame_scores, spec.k, spec.sigma, spec.samples, generator)
+            pixels = pixels * gate.to(pixels.dtype)[:, None, :, None, None]
+            select.frames = frames.detach()  # what the step kept (for the caller's records)
         visible_idx, targets = restrict_to_frames(frames, visible_idx, targets, select.tokens_per_frame)
-        return pixels, visible_idx, targets
+        if scores is not None:  # sparsify's token scores [B, T, n] -> the kept frames' [B, k, n]
+            scores = scores.gather(1, frames[:, :, None].expand(-1, -1, scores.shape[2]))
+        return pixels, visible_idx, targets, scores, frames.shape[1]
 
 
 def freeze_unused(model: nn.Module, weights: Mapping[str, float]) -> list[str]:
@@ -257,10 +269,12 @@ class FrameSelectorSpec:
 
 
 @dataclass
-class LearnedSelect:
-    """A video step's inputs of the learned selector (the objective runs it, inside DDP)."""
+class FrameStep:
+    """A video step's frame selection: the kept frames, or (learned) the selector's input, which the objective
+    runs inside DDP and then records the frames it kept here."""
 
-    text: Tensor  # [B, D] the captions' CLIP text embeddings
+    frames: Tensor | None  # long [B, k] ascending; None: the learned selector chooses
+    text: Tensor | None  # [B, D] the captions' CLIP text embeddings (learned)
     tokens_per_frame: int
 
 
@@ -268,16 +282,15 @@ class FrameSelection:
     """``frame_select`` in the stage-2 loop: which k frames each video step keeps.
 
     ``text_guided``, ``uniform`` and ``random`` choose here, before the objective; ``learned`` hands the
-    objective the captions' embeddings and it runs the selector (so DDP syncs it). The step's mask and
-    targets are then restricted to the kept frames (``data.frame_select.restrict_to_frames``). Built by
-    :func:`build_frame_selection`.
+    objective the captions' embeddings and it runs the selector (so DDP syncs it). The objective then
+    restricts the step's mask, targets and sparsify scores to the kept frames
+    (``data.frame_select.restrict_to_frames``). Built by :func:`build_frame_selection`.
     """
 
     def __init__(self, method: str, k: int, per_segment: bool, tokens_per_frame: int, table,
                  selector: FrameSelectorSpec | None) -> None:
         self.method, self.k, self.per_segment, self.N = method, k, per_segment, tokens_per_frame
         self.table, self.selector = table, selector
-        self.last_frames: Tensor | None = None  # the last step's kept frames [B, k] (non-learned methods)
 
     def scores(self, batch: dict, pixels: Tensor, teacher, device: torch.device) -> Tensor:
         """[B, T] CLIP frame-caption cosines: cached at cache time, or from the online teacher's ``pooled``."""
@@ -287,22 +300,19 @@ class FrameSelection:
         pooled = F.normalize(teacher(pixels).pooled.float(), dim=-1)  # [B, T, D]
         return (pooled @ text[:, :, None]).squeeze(-1)
 
-    def step(self, batch: dict, pixels: Tensor, visible_idx: Tensor | None, targets: Tensor | None, teacher,
-             generator: torch.Generator, device: torch.device):
-        """(visible_idx, targets, LearnedSelect or None) of a video step, restricted to the kept frames."""
+    def step(self, batch: dict, pixels: Tensor, teacher, generator: torch.Generator, device: torch.device) -> FrameStep:
+        """The frame selection of a video step (uint8 ``pixels`` [B, T, 3, H, W])."""
         B, T = pixels.shape[:2]
         if self.method == "learned":
             text = self.table.batch_embeddings(batch["clip_id"], batch["caption"]).to(device)
-            return visible_idx, targets, LearnedSelect(text, self.N)
+            return FrameStep(None, text, self.N)
         if self.method == "uniform":
             frames = uniform_frames(B, T, self.k, device)
         elif self.method == "random":
             frames = random_frames(B, T, self.k, generator, device)
         else:
             frames = topk_frames(self.scores(batch, pixels, teacher, device), self.k, self.per_segment)
-        self.last_frames = frames
-        visible_idx, targets = restrict_to_frames(frames, visible_idx, targets, self.N)
-        return visible_idx, targets, None
+        return FrameStep(frames, None, self.N)
 
 
 def build_frame_selection(cfg: Recipe, video_cfg: Recipe | None, teacher, model: nn.Module,
@@ -330,9 +340,6 @@ def build_frame_selection(cfg: Recipe, video_cfg: Recipe | None, teacher, model:
                           "(stage2.tubelet_size): use tubelet_size 1 with frame selection")
     if cfg.mask.type == "random" and not (cfg.teacher.mode == "cached" and cfg.cache.mode == "visible"):
         raise RecipeError("frame_select needs a mask with the same count in every frame: mask.type semantic or tube")
-    if cfg.sparsify.keep < 1.0:
-        raise RecipeError("frame_select together with sparsify.keep < 1 is not supported in stage 2 yet (token "
-                          "sparsification expects every frame of the view): turn one of them off")
     table = None
     if fs.method in ("text_guided", "learned"):
         if teacher is not None:

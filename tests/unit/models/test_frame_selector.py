@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from umt_distill.data.frame_select import restrict_to_frames
 from umt_distill.models.frame_selector import (
     FrameSelector,
     perturbed_topk,
+    sparse_forward_kept,
     topk_indicator,
 )
 
@@ -73,3 +75,37 @@ def test_a_selector_trained_through_the_top_k_learns_the_captioned_frames() -> N
         opt.step()
     after = precision()
     assert after > 0.9 and after > before + 0.3, (before, after)
+
+
+@pytest.mark.parametrize("source, fuse", [("teacher", False), ("student", True)])
+def test_the_sparse_pass_over_kept_frames_equals_the_plain_sparse_pass(source: str, fuse: bool) -> None:
+    """With every frame kept, sparse_forward_kept (frame selection + token sparsification) is exactly
+    models.sparse_vl's pass; with 2 of 4 frames it runs on those frames' tokens only."""
+    from umt_distill.models.sparse_vl import sparse_vision_forward
+    from umt_distill.models.sparsify import SparseSpec
+    from umt_distill.models.umt_vl import VisionEncoder
+    from umt_distill.models.vit import umt_test_tiny
+    from umt_distill.registry import MASKS, load_all_parts
+
+    load_all_parts()
+    torch.manual_seed(0)
+    enc = VisionEncoder(umt_test_tiny(teacher_dim=32, num_align_layers=2)).eval()
+    spec = SparseSpec(keep=0.5, after_block=1, source=source, fuse=fuse)
+    gen = torch.Generator().manual_seed(0)
+    B, T, N = 2, 4, 16
+    x = torch.randn(B, 3, T, 64, 64, generator=gen)
+    attn = torch.rand(B, T, N, generator=gen)
+    visible = MASKS.get("semantic")(B, T, N, 0.5, gen, attn=attn)  # [B, T * 8]
+    scores = None if source == "student" else attn.flatten(1).gather(1, visible).view(B, T, -1)
+    with torch.no_grad():
+        want, kept_want = sparse_vision_forward(enc, x, visible, spec, scores, True)
+        got, kept_got = sparse_forward_kept(enc, x, visible, spec, scores, True, T)
+    assert torch.equal(kept_got, kept_want)
+    for a, b in ((got.aligned, want.aligned), (got.tokens, want.tokens), (got.pooled, want.pooled)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    frames = torch.tensor([[0, 3], [1, 2]])
+    vis, _ = restrict_to_frames(frames, visible, None, N)
+    sub = None if scores is None else scores.gather(1, frames[:, :, None].expand(-1, -1, scores.shape[2]))
+    with torch.no_grad():
+        half, kept = sparse_forward_kept(enc, x, vis, spec, sub, True, 2)
+    assert kept.shape == (B, 2 * 4) and half.aligned.shape[2] == 2 * 4  # half of each kept frame's 8 tokens

@@ -24,20 +24,25 @@ import pytest
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.config import load_recipe
 
+# CPU kernels split some reductions by intra-op thread, so their last bits follow the thread count; torchrun
+# and Ray give each worker one thread (OMP_NUM_THREADS=1), and so does this process (FORMAT.md §1).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RECIPES = {"zarr": "stage1/tiny", "wds": "stage1/tiny_wds"}
 RUN_SPECIFIC_FILES = {"summary.jsonl", ".lock"}
 
 
 @pytest.fixture(scope="module")
 def manifest(shapes_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shapes corpus with a text file posing as a video as its 4th row."""
+    """The shapes corpus with a caption per row (so the store holds caption embeddings and per-shard frame
+    scores) and a text file posing as a video as its 4th row."""
     folder = shapes_corpus.parent
     with open(shapes_corpus, newline="") as f:
         rows = list(csv.reader(f))
     out = tmp_path_factory.mktemp("engines") / "m.csv"
     (out.parent / "text.mp4").write_text("this is not a video\n")
-    rows = [rows[0]] + [[i, str(folder / p)] for i, p in rows[1:]]
-    rows.insert(4, ["not_a_video", str(out.parent / "text.mp4")])
+    rows = [rows[0] + ["captions"]] + [[i, str(folder / p), f"a clip, {i}"] for i, p in rows[1:]]
+    rows.insert(4, ["not_a_video", str(out.parent / "text.mp4"), "no clip"])
     with open(out, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return out
@@ -55,6 +60,7 @@ def _assert_same_store(a: Path, b: Path) -> None:
     fa, fb = _files(a), _files(b)
     assert sorted(set(fa) - RUN_SPECIFIC_FILES) == sorted(set(fb) - RUN_SPECIFIC_FILES)
     assert any(name.startswith("shards/shard-000004") for name in fa) and "index.json" in fa
+    assert any(name.startswith("captions/") for name in fa)
     differ = [name for name in fa if name not in RUN_SPECIFIC_FILES and name != "spec.json" and fa[name] != fb[name]]
     assert not differ, f"{a.name} and {b.name} differ in {differ}"
     sa, sb = (json.loads(fa["spec.json"]), json.loads(fb["spec.json"]))

@@ -7,7 +7,7 @@ that Ray runs again (a retry, a lost node, a re-run of the command) never writes
 
 The driver (the process running the command) does what needs one writer: it takes the store's lock
 (``cache/lock.py``) for the whole run, creates or checks the store (``store_folder.prepare_store``),
-fits a pca basis (in one task, on a worker's device), submits the shards that are not finished,
+fits a pca basis and embeds the captions (in one task, on a worker's device), submits the shards that are not finished,
 updates its progress bar as shards finish (each task returns its shard's stats), and when every task
 has returned writes ``index.json``, ``failures.jsonl`` and the final spec (``pipeline.finalize_store``).
 The store's folder must be one path that the driver and every worker see (a shared file system).
@@ -45,6 +45,7 @@ from umt_distill.cache.pipeline import (
     ShardPlan,
     _progress,
     build_spec,
+    caption_step,
     finalize_store,
     plan_shards,
     write_shard,
@@ -107,10 +108,18 @@ def describe_task(cfg: Recipe, use_gpu: bool) -> dict:
     return _worker_teacher(cfg, use_gpu)[0].describe()
 
 
-def basis_task(root: str, cfg: Recipe, rows: list[ClipRow], use_gpu: bool) -> None:
-    """pca codecs: fit the store's basis (or check the recorded one) before any shard."""
+def setup_task(root: str, cfg: Recipe, rows: list[ClipRow], use_gpu: bool) -> None:
+    """What the teacher writes once, before any shard, as the default engine's rank 0 does: a pca codec's
+    basis (fitted, or the recorded one checked) and the rows' caption embeddings (``pipeline.caption_step``)."""
     teacher, device = _worker_teacher(cfg, use_gpu)
     ensure_basis(Path(root), cfg, rows, teacher, device, du.DistEnv())
+    caption_step(Path(root), cfg, rows, teacher)
+
+
+def needs_setup(cfg: Recipe, rows: list[ClipRow]) -> bool:
+    """Whether :func:`setup_task` has work: a basis codec, or captions to embed."""
+    return bool(getattr(get_codec(cfg.cache.codec), "needs_basis", False)
+                or (cfg.frame_select.cache_captions and any(getattr(r, "captions", ()) for r in rows)))
 
 
 def shard_task(cfg: Recipe, rows: list[ClipRow], plan: ShardPlan, root: str, use_gpu: bool, deep: bool,
@@ -206,8 +215,8 @@ def _cache_locked(ray, cfg: Recipe, root: Path, progress: bool, deep: bool, retr
     except OSError as e:  # read-only or full disk, no permission: say so before any work
         raise CacheError(f"cannot write the store {root}: {e.strerror or e}") from None
     rows_ref = ray.put(rows)
-    if getattr(get_codec(cfg.cache.codec), "needs_basis", False):
-        ray.get(ray.remote(basis_task).options(**resources, max_retries=MAX_RETRIES).remote(str(root), cfg, rows_ref, use_gpu))
+    if needs_setup(cfg, rows):
+        ray.get(ray.remote(setup_task).options(**resources, max_retries=MAX_RETRIES).remote(str(root), cfg, rows_ref, use_gpu))
 
     shards_dir = root / SHARDS_DIR
     plans = plan_shards(len(rows), cfg.cache.clips_per_shard, spec["corpus"]["extents"])

@@ -224,8 +224,10 @@ class StreamingViewDataset(IterableDataset):
         for shard, (url, offset, nbytes) in zip(shards, ranges):
             expected, _ = self._expected(shard, slot)
             count = 0
-            data = next(fetched) if fetched is not None else None
-            for row, (key, entries) in enumerate(iter_range_samples(url, offset, nbytes, data=data)):
+            # A local store: the plain call (its reads are the file's); over a URL: the bytes fetched ahead.
+            samples = (iter_range_samples(url, offset, nbytes) if fetched is None
+                       else iter_range_samples(url, offset, nbytes, data=next(fetched)))
+            for row, (key, entries) in enumerate(samples):
                 meta = parse_meta(url, key, entries)  # checks view.json's own checksum
                 # The sample is the record index.json lists at its place: nothing trains twice or never.
                 want_key = sample_key(shard["name"], slot if self.grouped else 0, row)

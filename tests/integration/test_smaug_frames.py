@@ -12,6 +12,7 @@ import pytest
 
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.config import RecipeError, load_recipe
+from umt_distill.models.frame_selector import SELECTOR_FILE
 from umt_distill.stages.stage2 import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,6 +68,7 @@ def test_keeping_every_frame_equals_no_selection(stores, tmp_path) -> None:
 def test_the_learned_selector_trains(stores, tmp_path) -> None:
     last = run(stores, tmp_path, "captions", "frame_select.method=learned", "frame_select.keep_frames=2")
     assert last["step"] == 2 and math.isfinite(last["loss"])
+    assert (tmp_path / "run" / SELECTOR_FILE).is_file()  # the selector's weights beside the run
 
 
 @pytest.mark.slow

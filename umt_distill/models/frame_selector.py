@@ -14,6 +14,8 @@ pixels by ``hard + soft − stop_grad(soft)`` (exactly 1 or 0 in the forward pas
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,6 +70,27 @@ def perturbed_topk(scores: Tensor, k: int, sigma: float, samples: int, generator
     hard = topk_indicator(scores.detach(), k)
     frames = hard.nonzero()[:, 1].view(B, k)  # ascending within each row
     return frames, hard + soft - soft.detach()
+
+
+SELECTOR_FILE = "frame_selector.safetensors"
+
+
+def save_selector(selector: nn.Module, out_dir: str | Path) -> Path:
+    """The learned selector's weights at the end of a stage-2 run: ``<output_dir>/frame_selector.safetensors``
+    (it is not part of the stage-2 model or its checkpoints, which downstream stages load strictly)."""
+    from safetensors.torch import save_file
+
+    path = Path(out_dir) / SELECTOR_FILE
+    save_file({k: v.detach().cpu().contiguous() for k, v in selector.state_dict().items()}, str(path))
+    return path
+
+
+def load_selector(selector: nn.Module, out_dir: str | Path) -> nn.Module:
+    """Weights written by :func:`save_selector` into ``selector`` (strict)."""
+    from safetensors.torch import load_file
+
+    selector.load_state_dict(load_file(str(Path(out_dir) / SELECTOR_FILE)), strict=True)
+    return selector
 
 
 def frame_features(patch_tokens: Tensor, num_frames: int) -> Tensor:

@@ -28,6 +28,7 @@ from umt_distill.models.checkpoints import (
     weights_file,
 )
 from umt_distill.models.classifier import inflate_patch_kernel
+from umt_distill.models.frame_selector import save_selector
 from umt_distill.models.text import build_text_encoder
 from umt_distill.models.umt_vl import UMTVisionLanguage, load_umt_vl_checkpoint
 from umt_distill.stages.parts import (
@@ -139,6 +140,8 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
             run.log_step(last)
             run.checkpoint_if_due(step, epoch, model, optimizer)
     run.close()
+    if selector is not None and env.is_main:  # training-only module, not in the model's checkpoints: its last weights
+        save_selector(selector.module, out_dir)
     return last
 
 

@@ -49,7 +49,11 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     report = (out / "report.md").read_text()
     assert "| teacher (image CLIP) |" in report and "## Checks" in report and "semantic_mask.png" in report
     assert "teacher (image CLIP)" in printed.getvalue() and "chance" in printed.getvalue()
-    assert [s[1] for s in results["steps"]] == ["done"] * 7
+    assert [s[1] for s in results["steps"]] == ["done"] * 8
+    qa = saved["qa"]  # toy QA from the stage-2 run: exact match per question type, beside the blind baseline
+    assert {"appearance", "motion", "blind"} <= set(qa) and not results["qa"]["reused"]
+    assert all(0.0 <= qa[t][m]["accuracy"] <= 1.0 for t in ("appearance", "motion") for m in qa[t])
+    assert "## Toy video QA" in report and "toy QA" in printed.getvalue()
 
     finetune = results["finetune"]  # fine-tuned on the motion labels, tested on the test split
     assert set(finetune["models"]) == {DISTILLED, CONTROL, IMAGE_TEACHER, UMT_EXACT}
@@ -80,7 +84,7 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     said = printed.getvalue()
     for what in ("videos", "teacher weights", "cache", "training run", *(f"fine-tuning run ({m})" for m in finetune["models"])):
         assert f"reusing the finished {what}" in said, what
-    assert [s[1] for s in again["steps"]] == ["reused"] * 4 + ["done", "reused", "reused"]
+    assert [s[1] for s in again["steps"]] == ["reused"] * 4 + ["done", "reused", "reused", "reused"]
     assert "reusing the finished stage-2 run" in said and again["retrieval"]["rows"] == retrieval["rows"]
     assert (out / "runs/stage1-cached/metrics.jsonl").read_text() == metrics  # not trained again
     assert again["models"] == models  # same weights, same deterministic probes
@@ -89,7 +93,7 @@ def test_miniature_quickstart_reports_and_reuses_finished_steps(tmp_path) -> Non
     console, printed = quiet()
     changed = run_quickstart(out, overrides=[*MINI, "train.epochs=2"], console=console)
     assert "holds a run of another recipe or teacher; training again" in printed.getvalue()
-    assert [s[1] for s in changed["steps"]] == ["reused", "reused", "reused", "done", "done", "done", "done"]
+    assert [s[1] for s in changed["steps"]] == ["reused", "reused", "reused", "done", "done", "done", "done", "done"]
     # another stage-1 run: its student is fine-tuned again; the control and the image teacher start as before
     assert {m: r["reused"] for m, r in changed["finetune"]["models"].items()} == \
         {DISTILLED: False, CONTROL: True, IMAGE_TEACHER: True, UMT_EXACT: False}

@@ -145,13 +145,18 @@ def tokenize_answers(tokenizer, answers: Sequence[str], max_length: int) -> tupl
 
 @torch.no_grad()
 def predict(model, tokenizer, cfg: Recipe, rows: list[QARow], answers: list[str], device: torch.device,
-            k: int, pixel_batches=None) -> tuple[list[int], list[list[tuple[int, float]]]]:
+            k: int, pixel_batches=None, encode=None) -> tuple[list[int], list[list[tuple[int, float]]]]:
     """The predicted answer index of every question, and its top five (index, log-likelihood).
 
     Args:
         pixel_batches: uint8 [b, T, 3, H, W] batches of the distinct clips in ``clip_rows(rows)`` order
-            (decoded here with ``eval_center`` when None).
+            (decoded here with ``eval_center`` when None), or whatever ``encode`` reads.
+        encode: batch → vision tokens [b, N, C]; default: the model's video encoder on the normalised pixels.
     """
+    if encode is None:
+        def encode(pixels: Tensor) -> Tensor:
+            return model.vision_tokens(normalize_video(pixels.to(device)))
+
     clips = list(clip_rows(rows).values())
     by_clip: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
@@ -165,7 +170,7 @@ def predict(model, tokenizer, cfg: Recipe, rows: list[QARow], answers: list[str]
     for pixels in pixel_batches:
         batch_clips = clips[done:done + pixels.shape[0]]
         done += pixels.shape[0]
-        vision = model.vision_tokens(normalize_video(pixels.to(device)))  # [b, N, C]
+        vision = encode(pixels)  # [b, N, C]
         qs = [(j, i) for j, c in enumerate(batch_clips) for i in by_clip[c.id]]
         for s in range(0, len(qs), SEQUENCE_BATCH):
             part = qs[s:s + SEQUENCE_BATCH]

@@ -20,6 +20,7 @@ from umt_distill.quickstart.baselines import baselines_markdown
 from umt_distill.quickstart.finetune import AXES
 from umt_distill.quickstart.names import CONTROL, DISTILLED_PREFIX, IMAGE_TEACHER, TEACHER
 from umt_distill.quickstart.plots import plot_accuracy, plot_loss, plot_semantic_mask
+from umt_distill.quickstart.qa import qa_markdown, qa_table
 from umt_distill.quickstart.world import MOTIONS, appearance_classes
 from umt_distill.quickstart.zero_shot import CHANCE, STUDENT_ITC, STUDENT_ITM
 from umt_distill.quickstart.zero_shot import TEACHER as RETRIEVAL_TEACHER
@@ -101,6 +102,8 @@ def print_table(console: Console, results: dict) -> None:
         console.print(retrieval_table(results["retrieval"]))
         for line in retrieval_reading(results["retrieval"]):
             console.print(line, highlight=False)
+    if "qa" in results:
+        console.print(qa_table(results["qa"]))
     steps = ", ".join(f"{name} {status} {sec:.0f} s" for name, status, sec, _ in results["steps"])
     console.print(f"[dim]{steps}; total {results['total_seconds']:.0f} s[/]", highlight=False)
 
@@ -162,6 +165,8 @@ def render_markdown(cfg: Recipe, results: dict) -> str:
         lines += ["", *finetune_markdown(results["finetune"])]
     if "retrieval" in results:
         lines += ["", retrieval_markdown(results["retrieval"])]
+    if "qa" in results:
+        lines += ["", *qa_markdown(results["qa"])]
     if "baselines" in results:
         lines += ["", *baselines_markdown(results)]
     lines += ["", "## Closing note", "", *closing_note(results)]

@@ -17,6 +17,7 @@ from umt_distill.quickstart.finetune import run_finetune
 from umt_distill.quickstart.names import PIXEL
 from umt_distill.quickstart.pool import Job, JobPool
 from umt_distill.quickstart.probes import evaluate
+from umt_distill.quickstart.qa import run_toy_qa
 from umt_distill.quickstart.results_report import print_table, write_report
 from umt_distill.quickstart.reuse import StepLog
 from umt_distill.quickstart.settings import QuickstartSettings, parse_settings
@@ -25,7 +26,7 @@ from umt_distill.quickstart.stage2 import stage2_retrieval_job
 from umt_distill.quickstart.teacher import build_teacher_weights
 from umt_distill.quickstart.world import write_world
 
-NUM_STEPS = 7  # numbered steps printed while running (the report is not one)
+NUM_STEPS = 8  # numbered steps printed while running (the report is not one)
 
 
 def run_quickstart(output: str | Path, clips: int | None = None, overrides: Sequence[str] = (),
@@ -115,7 +116,8 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
     if settings.stage2_tubelet != 1:
         stage2 += [f"stage2.tubelet_size={settings.stage2_tubelet}", "stage2.loss_weights.uta=0",
                    f"train.output_dir={(output / 'runs' / f'stage2-{cfg.teacher.mode}-tubelet{settings.stage2_tubelet}').resolve()}"]
-    stage2_job = Job("stage 2", stage2_retrieval_job, (output, cfg, world, teacher, run, stage2, results.pop("_test_pixels", None)))
+    test_pixels = results.pop("_test_pixels", None)
+    stage2_job = Job("stage 2", stage2_retrieval_job, (output, cfg, world, teacher, run, stage2, test_pixels))
     with JobPool(settings.finetune.parallel, settings.threads, console) as pool:
         ahead = pool.submit(stage2_job) if pool.side_by_side else None
 
@@ -136,12 +138,21 @@ def _run(output: Path, settings: QuickstartSettings, recipe_overrides: list[str]
     log.add("stage 2 + retrieval", results["retrieval"]["reused"], done.seconds if ahead else time.perf_counter() - t,
             f"{results['retrieval']['num_texts']} captions" + (", beside step 6" if ahead else ""))
 
+    if settings.qa.enabled:  # from the finished stage-2 run
+        t = time.perf_counter()
+        console.print(f"[bold]8/{NUM_STEPS} toy QA[/] (\"what colour is the disc?\", \"how does the disc move?\"): the stage-2 "
+                      f"student and the image teacher fine-tuned {settings.qa.steps} steps each, beside a blind baseline")
+        results["qa"] = run_toy_qa(output, world, Path(results["retrieval"]["run"]), settings.qa, test_pixels)
+        _said(console, results["qa"]["reused"], "toy QA results")
+        log.add("toy QA", results["qa"]["reused"], time.perf_counter() - t, f"{sum(results['qa']['num_questions'].values())} test questions")
+
     results.update(
         failures=failures, total_seconds=round(time.perf_counter() - t_start, 1), steps=log.steps,
         runs={m: str(r) for m, r in runs.items()},
         teacher={k: teacher[k] for k in ("zero_shot_accuracy", "final_loss", "seconds", "weights", "weights_sha256")},
         settings={"world": settings.world.to_json(), "clip": dataclasses.asdict(settings.clip),
-                  "finetune": dataclasses.asdict(settings.finetune), "stage2_epochs": settings.stage2_epochs,
+                  "finetune": dataclasses.asdict(settings.finetune), "qa": dataclasses.asdict(settings.qa),
+                  "stage2_epochs": settings.stage2_epochs,
                   "stage2_tubelet": settings.stage2_tubelet,
                   "clip_images": settings.clip_images, "knn_k": settings.knn_k},
         mode=cfg.teacher.mode,

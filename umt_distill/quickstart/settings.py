@@ -55,6 +55,28 @@ class FinetuneSettings:
 
 
 @dataclass(frozen=True)
+class QASettings:
+    """Toy video QA, step 8 (``quickstart.qa.steps=300``; ``quickstart/qa.py``).
+
+    Attributes:
+        enabled: Run the step.
+        steps: Optimizer steps per QA model (``batch_size`` questions each).
+        batch_size: Questions per step.
+        lr: Peak learning rate (linear warm-up over the first tenth of the steps, cosine to 1 % after).
+    """
+
+    enabled: bool = True
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"quickstart.qa.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class QuickstartSettings:
     """What the quickstart itself decides (the stage-1 settings are the recipe's).
 
@@ -62,6 +84,7 @@ class QuickstartSettings:
         world: The toy world (``quickstart.world.clips=240``).
         clip: Training of the tiny image CLIP (``quickstart.clip.steps=300``).
         finetune: Fine-tuning on the motion labels (``quickstart.finetune.steps=400``).
+        qa: Toy video QA after stage 2 (``quickstart.qa.steps=300``).
         stage2_epochs: Epochs of stage 2 (0 = the epochs of ``recipes/quickstart/stage2.yaml``).
         stage2_tubelet: Frames per token of the stage-2 vision encoder (1 = UMT's). Above 1 the stage-1
             weights are inflated and UTA is off (a token spans several frames, so it has no one teacher
@@ -79,6 +102,7 @@ class QuickstartSettings:
     world: WorldSettings = WorldSettings()
     clip: ClipTrainSettings = ClipTrainSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    qa: QASettings = QASettings()
     stage2_epochs: int = 0
     stage2_tubelet: int = 1
     clip_images: int = 6000

@@ -158,10 +158,14 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
 
 def qa_inputs(batch: dict, tokenizer, cfg: Recipe, device: torch.device) -> tuple:
     """The model's arguments for a collated batch (:func:`~umt_distill.data.qa.collate_qa`)."""
+    return (normalize_video(batch["pixels"].to(device, non_blocking=True)), *qa_text_inputs(batch, tokenizer, cfg, device))
+
+
+def qa_text_inputs(batch: dict, tokenizer, cfg: Recipe, device: torch.device) -> tuple:
+    """Question ids and mask, answer ids and mask, ``answer_question`` and ``weights`` of a collated batch."""
     question = tokenize(tokenizer, batch["question"], cfg.qa.question_max_length)
     answer = tokenize(tokenizer, batch["answers"], cfg.qa.answer_max_length)
-    return (normalize_video(batch["pixels"].to(device, non_blocking=True)),
-            question["input_ids"].to(device), question["attention_mask"].to(device),
+    return (question["input_ids"].to(device), question["attention_mask"].to(device),
             answer["input_ids"].to(device), answer["attention_mask"].to(device),
             batch["answer_question"].to(device), batch["weights"].to(device))
 
@@ -279,4 +283,4 @@ def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
     return {**result, "output": str(out)}
 
 
-__all__ = ["BEST", "build_qa_model", "evaluate", "freeze_unused", "load_qa_model", "qa_inputs", "train"]
+__all__ = ["BEST", "build_qa_model", "evaluate", "freeze_unused", "load_qa_model", "qa_inputs", "qa_text_inputs", "train"]

@@ -6,4 +6,5 @@ MINI: list[str] = [
     "views.num_frames=4", "cache.num_views=1", "train.epochs=1", "train.batch_size=4", "train.log_every=1",
     "quickstart.finetune.steps=2", "quickstart.finetune.test_clips=1", "quickstart.finetune.workers=0",
     "quickstart.stage2_epochs=1", "quickstart.finetune.parallel=1",  # one run with parallel=2 below
+    "quickstart.qa.steps=2",
 ]

@@ -138,7 +138,7 @@ def test_a_dead_server_is_a_network_error_naming_the_url_never_damage(remotes, s
                                                                       layout) -> None:
     from umt_distill.cache.record import StoreDamagedError
 
-    stores, http = remotes
+    _, http = remotes
     proxy = fault_proxy(http.url)
     url = f"{proxy.endpoint}/{layout}"
     cfg = _recipe(layout, url, shapes_corpus)

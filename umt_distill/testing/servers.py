@@ -272,7 +272,7 @@ def start_http_server(folder: str | Path, listings: bool = True) -> HttpServer:
 
     server = _HttpServer((LOCALHOST, 0), handler)
     server.listings, server.log, server.lock = listings, [], threading.Lock()
-    thread = threading.Thread(target=server.serve_forever, name="http-server", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="http-server", daemon=True)
     thread.start()
     host, port = server.server_address[:2]
     return HttpServer(f"http://{host}:{port}", folder, server, thread)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from umt_distill.cache.lock import LOCK_FILE
 from umt_distill.cache.pipeline import cache_teacher
 from umt_distill.cache.remote_write import RemoteLease, filesystem
+from umt_distill.cache.store_folder import CacheError
 from umt_distill.cache.stores import CacheReader
 from umt_distill.cli import app
 from umt_distill.config import load_recipe
@@ -164,6 +165,11 @@ def test_retry_failed_against_the_bucket(s3_server, shapes_corpus, tmp_path: Pat
     deep = cache_teacher(_recipe("zarr", manifest, url), progress=False, deep=True)
     assert [r["shard"] for r in deep["rank0_redone_shards"]] == ["shard-000000"]
     assert fs.cat_file(chunk) != bytes(data)
+
+    # a refusal names the store's URL, not the local staging folder the writer works in
+    with pytest.raises(CacheError) as refused:
+        cache_teacher(_recipe("zarr", manifest, url, "cache.codec=fp32"), progress=False)
+    assert f"cannot resume into {url}" in str(refused.value) and "staging" not in str(refused.value)
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lease(s3_server, shapes_corpus) -> None:

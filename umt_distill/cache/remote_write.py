@@ -220,7 +220,7 @@ class RemoteLease:
             else:
                 etag, info, age = current
                 if not self._stale(info, age):
-                    raise self._refusal(info)
+                    raise self._refusal(info, age)
                 # a dead holder's lease: replace exactly that object; a concurrent taker's If-Match fails
                 self.etag = self._put(IfMatch=etag)["ETag"]
         except StoreLockedError:
@@ -232,7 +232,7 @@ class RemoteLease:
                 raise
             if not self._ours():
                 now = self.holder()
-                raise self._refusal(now[1] if now else {}) from None
+                raise self._refusal(now[1] if now else {}, now[2] if now else None) from None
         if not self._conditions_hold():
             return self._without_conditions()
         self._start_renewing()
@@ -266,10 +266,12 @@ class RemoteLease:
         self._start_renewing(conditional=False)
         return self
 
-    def _refusal(self, info: dict) -> StoreLockedError:
+    def _refusal(self, info: dict, age: float | None) -> StoreLockedError:
+        seconds = info.get("seconds", DEFAULT_LEASE_SECONDS)
+        renewed = f"its lease {LOCK_FILE} renewed {age:.0f} s ago" if age is not None else f"its lease {LOCK_FILE}"
         return StoreLockedError(f"{self.url} is being written by another run ({describe_holder(json.dumps(info))}; "
-                                f"its lease {LOCK_FILE} is renewed every {max(1, self.seconds // 3)} s and taken "
-                                "over once it is not); wait for it to finish, or use another store")
+                                f"{renewed}, taken over after {seconds} s without renewal); wait for it to finish, "
+                                "or use another store")
 
     def _start_renewing(self, conditional: bool = True) -> None:
         self._conditional = conditional

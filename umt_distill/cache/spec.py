@@ -165,11 +165,11 @@ def find_corpus(store: str | Path, spec: dict) -> tuple[str, str | None]:
 
     source = pick(corpus["source"], corpus.get("source_from_store"))
     if not os.path.exists(source):
-        moved = os.path.normpath(here / corpus["source_from_store"])
+        relative = corpus["source_from_store"]  # None for a store written to a URL: no place relative to it
+        moved = f" nor at {os.path.normpath(here / relative)} (its place relative to the store)" if relative else ""
         raise FileNotFoundError(
-            f"{store}: the corpus it was cached from is neither at {corpus['source']} nor at {moved} (its "
-            f"place relative to the store): put it back, or re-run cache-teacher on this store with "
-            f"corpus.source=ITS_NEW_PATH")
+            f"{store}: the corpus it was cached from is {'neither' if relative else 'not'} at {corpus['source']}"
+            f"{moved}: put it back, or re-run cache-teacher on this store with corpus.source=ITS_NEW_PATH")
     return source, pick(corpus.get("root"), corpus.get("root_from_store"))
 
 

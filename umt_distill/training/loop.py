@@ -21,6 +21,15 @@ these parts, in this order::
             run.checkpoint_if_due(step, epoch, model, optimizer)
     run.close()
 
+Stage 1 counts its run in samples of one global stream instead (so it resumes at any world size)::
+
+    clock = sample_clock(cfg, epoch_samples, env.world_size)           # global batch, LR by samples
+    run, step = open_run(cfg, "stage1", env, model, optimizer, ckpt, clock=clock)
+    batches = stream_batches(dataset, sampler, make_loader, run.position, run.end, ...)
+    while step < run.total_steps:
+        ...                                                            # the same step
+        run.advance(step, samples)                                     # ledger.jsonl, position += global batch
+
 There is no Trainer class on purpose: the loops differ in exactly the places a reader needs to see.
 """
 

@@ -19,7 +19,11 @@ from umt_distill.data.samplers import (
     worker_positions,
 )
 from umt_distill.data.views import epoch_view
-from umt_distill.stages.parts import sample_mask_generators, step_targets_attn
+from umt_distill.stages.parts import (
+    build_elastic_data,
+    sample_mask_generators,
+    step_targets_attn,
+)
 from umt_distill.training.ledger import Ledger, epoch_samples, read_ledger
 from umt_distill.training.loop import sample_clock
 from umt_distill.training.optim import cosine_schedule
@@ -191,3 +195,25 @@ def test_the_learning_rate_follows_samples_and_equals_the_step_schedule_at_one_w
     with pytest.raises(ValueError, match="4 clips per rank are fewer than one step of train.batch_size=2 x "
                                          "train.accum_steps=3"):
         sample_clock(load_recipe("stage1/tiny", ["train.batch_size=2", "train.accum_steps=3"]), 8, 2)
+
+
+def test_online_training_reads_the_same_stream_as_the_store(tiny_store, shapes_corpus) -> None:
+    from umt_distill.data.clipviews import OnlineViewDataset
+    from umt_distill.training.distributed import DistEnv
+
+    store = tiny_store("zarr")
+    args = [f"corpus.source={shapes_corpus}", f"cache.store={store}", "cache.codec=fp16", "cache.num_views=2"]
+    env = DistEnv(rank=1, world_size=2)
+    online, sampler, _, n = build_elastic_data(load_recipe("stage1/tiny", [*args, "teacher.mode=online"]), env)
+    cfg = load_recipe("stage1/tiny", args)
+    cached = CachedViewDataset(store, cfg, pixels=False)
+    cached_sampler = ElasticSampler(len(cached), cfg.seed, env.rank, env.world_size)
+    assert isinstance(online, OnlineViewDataset) and online.clip_ids == cached.clip_ids and n == len(cached)
+    for s in (sampler, cached_sampler):
+        s.set_position(5, 13)
+    indices = list(sampler)
+    assert indices == list(cached_sampler) and len(indices) == 4
+    item = online[indices[-1]]  # position 12: epoch 1
+    want = cached.__getitems__([indices[-1]])[0]
+    assert (item["epoch"], item["clip_id"], item["view_index"]) == (1, want["clip_id"], want["view_index"])
+    assert item["pixels"].shape[0] == 4  # [T, 3, H, W], decoded from the video

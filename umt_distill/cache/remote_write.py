@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Self
 
 from umt_distill import storage
+from umt_distill.cache.captions import CAPTIONS_DIR, scores_name
 from umt_distill.cache.lock import LOCK_FILE, StoreLockedError, describe_holder
 from umt_distill.cache.spec import CORPUS_FILE, SPEC_FILE, now_iso
 from umt_distill.cache.store_folder import CacheError
@@ -454,6 +455,7 @@ class RemoteStore:
         note the sizes of the shards' data in the bucket."""
         self.fs.invalidate_cache(self.root)
         files = self._net(lambda: self.fs.find(self.root, detail=True))
+        wanted: list[tuple[str, Path]] = []
         for path, entry in files.items():
             rel = self._rel(path)
             if entry.get("type") == "directory" or rel == LOCK_FILE or rel.startswith(".tmp-"):
@@ -462,10 +464,13 @@ class RemoteStore:
             if parts[0] == _SHARDS_DIR and len(parts) >= 2 and parts[1].endswith(_SUFFIXES):
                 self._sizes[parts[1]] = self._sizes.get(parts[1], 0) + int(entry.get("size") or 0)
                 continue
-            local = self.staging / rel
+            wanted.append((path, self.staging / rel))
+        for _, local in wanted:
             local.parent.mkdir(parents=True, exist_ok=True)
-            self._net(lambda: self.fs.get_file(path, str(local)))  # noqa: B023 - called at once
-            self._sent[rel] = _stamp(local)
+        if wanted:  # one call: the files (a sidecar per shard) are fetched concurrently
+            self._net(lambda: self.fs.get([p for p, _ in wanted], [str(q) for _, q in wanted]))
+        for _, local in wanted:
+            self._sent[local.relative_to(self.staging).as_posix()] = _stamp(local)
 
     # -- uploads
 
@@ -500,8 +505,9 @@ class RemoteStore:
         return [rel for rel, _ in changed]
 
     def publish_shard(self, sidecar: dict) -> None:
-        """Upload one closed shard: its data objects, the small files written with it (e.g. its caption
-        scores), then its sidecar, which marks it finished; then drop the local data."""
+        """Upload one closed shard: its data objects, the small files written with it (its caption frame
+        scores), then its sidecar, which marks it finished; then drop the local data. (Other small files
+        go up before the first shard and at the end: :meth:`push_changed`.)"""
         if self.lease is not None:
             self.lease.check()
         name = sidecar["name"]
@@ -516,7 +522,8 @@ class RemoteStore:
                 rpaths = [self.remote(f.relative_to(self.staging).as_posix()) for f in files]
                 self._net(lambda: self.fs.put(lpaths, rpaths, chunksize=UPLOAD_PART_BYTES))  # noqa: B023
             self._sizes[path.name] = sum(f.stat().st_size for f in files)
-        self._send([c for c in self._changed() if _push_rank(c[0]) == 0])
+        extras = [f"{CAPTIONS_DIR}/{scores_name(name)}"]  # written with the shard, before its sidecar
+        self._send([(rel, self.staging / rel) for rel in extras if (self.staging / rel).is_file()])
         side = f"{_SHARDS_DIR}/{name}.json"
         self._send([(side, self.staging / side)])
         for path in data:

@@ -1,7 +1,8 @@
 """The writer lease of a store on object storage (``cache/remote_write.py``), against moto's S3 server on
 127.0.0.1 (real HTTP, real botocore/s3fs, no mocked client): one holder at a time, the holder named to
 the refused run, a lease that is no longer renewed (or whose holder process is dead) taken over, a
-taken-over holder stopping, and a service that ignores conditional writes refused."""
+taken-over holder stopping, and a service that ignores conditional writes refused; and a large shard's
+upload (multipart, then its sidecar)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from umt_distill.cache.lock import LOCK_FILE, StoreLockedError
@@ -180,3 +182,28 @@ def test_stores_that_cannot_be_written_are_refused_in_one_line(url: str) -> None
         check_writable_url(url)
     assert "\n" not in str(e.value) and url in str(e.value)
     assert ("read-only" in str(e.value)) == url.startswith("http")
+
+
+def test_a_large_shard_goes_up_as_one_multipart_object_before_its_sidecar(s3_server, monkeypatch, tmp_path) -> None:
+    """Above twice the part size a shard is a multipart upload (the object appears whole when the upload
+    completes); the sidecar follows, and the local copy is dropped."""
+    from umt_distill.cache import remote_write
+
+    monkeypatch.setattr(remote_write, "UPLOAD_PART_BYTES", 5 * 2**20)  # S3's smallest part
+    store = remote_write.RemoteStore(s3_server.url("multipart"), staging_parent=tmp_path)
+    try:
+        shards = store.staging / "shards"
+        shards.mkdir()
+        data = np.random.default_rng(0).integers(0, 256, 11 * 2**20, dtype=np.uint8).tobytes()
+        (shards / "shard-000000.tar").write_bytes(data)
+        sidecar = {"name": "shard-000000", "num_records": 1, "nbytes": len(data), "records": [["a", 0]]}
+        (shards / "shard-000000.json").write_text(json.dumps(sidecar))
+        store.publish_shard(sidecar)
+        fs, root = filesystem(store.url)
+        head = fs.call_s3("head_object", Bucket=root.split("/")[0], Key="multipart/shards/shard-000000.tar")
+        assert head["ETag"].strip('"').endswith("-3")  # three parts
+        assert fs.cat_file(f"{root}/shards/shard-000000.tar") == data
+        assert json.loads(fs.cat_file(f"{root}/shards/shard-000000.json")) == sidecar
+        assert not (shards / "shard-000000.tar").exists()
+    finally:
+        store.close()

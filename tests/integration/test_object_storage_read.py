@@ -214,3 +214,28 @@ def test_a_run_stopped_by_the_network_resumes_at_the_exact_sample(remotes, shape
 
     assert by_step(run) == by_step(straight)
     assert [r["ranks"] for r in read_ledger(run / "ledger.jsonl")] == [r["ranks"] for r in read_ledger(straight / "ledger.jsonl")]
+
+
+def test_the_format_md_reading_program_reads_from_s3_and_http(remotes) -> None:
+    """cache/FORMAT.md §11, run with ``root`` a URL: the record the local copy gives."""
+    import re
+
+    import webdataset as wds
+
+    fmt = (Path(__file__).resolve().parents[2] / "cache" / "FORMAT.md").read_text(encoding="utf-8")
+    (program,) = [b for b in re.findall(r"```python\n(.*?)```", fmt, flags=re.DOTALL) if "zarr.open_group" in b]
+    stores, _ = remotes
+    saved = dict(wds.gopen_schemes)
+    try:
+        for layout in ("zarr", "wds"):
+            want = {"root": str(stores[layout]["local"])}
+            exec(compile(program, "FORMAT.md", "exec"), want)  # noqa: S102
+            for where in ("s3", "http"):
+                scope = {"root": stores[layout][where]}
+                exec(compile(program, "FORMAT.md", "exec"), scope)  # noqa: S102 - the documented program itself
+                assert (scope["clip_id"], scope["view_index"]) == (want["clip_id"], want["view_index"])
+                np.testing.assert_array_equal(scope["tokens"], want["tokens"])
+                np.testing.assert_array_equal(scope["attn"], want["attn"])
+    finally:
+        wds.gopen_schemes.clear()
+        wds.gopen_schemes.update(saved)

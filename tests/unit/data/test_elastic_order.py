@@ -217,3 +217,16 @@ def test_online_training_reads_the_same_stream_as_the_store(tiny_store, shapes_c
     want = cached.__getitems__([indices[-1]])[0]
     assert (item["epoch"], item["clip_id"], item["view_index"]) == (1, want["clip_id"], want["view_index"])
     assert item["pixels"].shape[0] == 4  # [T, 3, H, W], decoded from the video
+
+
+def test_the_global_position_is_read_from_state_json_alone(tmp_path) -> None:
+    from umt_distill.models.checkpoints import CheckpointError
+    from umt_distill.training.state_file import read_plain_entry, save_state
+
+    data = {"position": 18, "epoch_samples": 8, "global_batch": 3, "start_global_batch": 2, "world": 3}
+    save_state(tmp_path, {"optimizer": {"m": torch.ones(2)}, "data": data, "step": 10})
+    (tmp_path / "state.safetensors").unlink()  # the tensors are not read
+    assert read_plain_entry(tmp_path, "data") == data and read_plain_entry(tmp_path, "absent") is None
+    with pytest.raises(CheckpointError, match="optimizer: holds tensors"):
+        read_plain_entry(tmp_path, "optimizer")
+    assert read_plain_entry(tmp_path / "nowhere", "data") is None

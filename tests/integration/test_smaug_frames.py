@@ -77,3 +77,20 @@ def test_frame_selection_with_token_sparsification_trains(stores, tmp_path, meth
     last = run(stores, tmp_path, "captions", f"frame_select.method={method}", "frame_select.keep_frames=2",
                "sparsify.keep=0.5", "sparsify.fuse=true")
     assert last["step"] == 2 and math.isfinite(last["loss"])
+
+
+def test_the_benchmark_world_and_its_precision_rows() -> None:
+    """benchmarks/smaug_frames.py: half of each clip's frames show the captioned disc; a scorer that knows
+    them has precision 1, uniform and random selection 0.5 on average."""
+    import numpy as np
+
+    from benchmarks.smaug_frames import frame_world, precision_rows
+
+    clips = frame_world(6, 8, seed=0, split="t")
+    shows = np.stack([c["shows"] for c in clips])
+    assert (shows.sum(1) == 4).all() and all(len(set(c["per_frame"])) == 2 for c in clips)
+    for c in clips:  # frames showing the captioned disc differ from the distractor frames
+        on, off = c["frames"][c["shows"]], c["frames"][~c["shows"]]
+        assert np.abs(on.astype(int).mean(0) - off.astype(int).mean(0)).max() > 20
+    rows = precision_rows({"shows": shows, "scores": shows.astype(np.float32)}, 4, seeds=3)
+    assert rows["text_guided"] == 1.0 and abs(rows["uniform"] - 0.5) < 0.2 and abs(rows["random"] - 0.5) < 0.15

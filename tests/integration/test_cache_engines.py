@@ -132,3 +132,14 @@ def test_a_ray_rerun_keeps_finished_shards_and_redoes_a_lost_one(manifest: Path,
     after = _files(store)
     assert {k: v for k, v in before.items() if k not in RUN_SPECIFIC_FILES | {"spec.json"}} == \
            {k: v for k, v in after.items() if k not in RUN_SPECIFIC_FILES | {"spec.json"}}
+
+
+def test_a_task_that_fails_gives_its_own_error(manifest: Path, tmp_path: Path, ray_cluster: str) -> None:
+    """An error raised in a worker (here: the teacher's weights file is missing) reaches the caller as itself,
+    naming the file, not as Ray's traceback of the worker (the command line prints it as one line)."""
+    from umt_distill.cache.ray_engine import cache_teacher_ray
+
+    missing = tmp_path / "missing.safetensors"
+    cfg = load_recipe(RECIPES["zarr"], [*_args("zarr", manifest, tmp_path / "store")[1:], f"teacher.pretrained={missing}"])
+    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors: teacher weights file not found"):
+        cache_teacher_ray(cfg, progress=False)

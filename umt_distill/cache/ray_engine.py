@@ -207,7 +207,7 @@ def _cache_locked(ray, cfg: Recipe, root: Path, progress: bool, deep: bool, retr
     use_gpu = wants_gpu(cfg.cache.device, ray.cluster_resources().get("GPU", 0))
     resources = {"num_gpus": 1 if use_gpu else 0, "num_cpus": 1}
 
-    description = ray.get(ray.remote(describe_task).options(**resources, max_retries=MAX_RETRIES).remote(cfg, use_gpu))
+    description = _get(ray, ray.remote(describe_task).options(**resources, max_retries=MAX_RETRIES).remote(cfg, use_gpu))
     wanted = build_spec(cfg, _Described(description), rows, corpus_digest(rows))
     console = Console(stderr=True) if progress else None
     try:
@@ -216,7 +216,7 @@ def _cache_locked(ray, cfg: Recipe, root: Path, progress: bool, deep: bool, retr
         raise CacheError(f"cannot write the store {root}: {e.strerror or e}") from None
     rows_ref = ray.put(rows)
     if needs_setup(cfg, rows):
-        ray.get(ray.remote(setup_task).options(**resources, max_retries=MAX_RETRIES).remote(str(root), cfg, rows_ref, use_gpu))
+        _get(ray, ray.remote(setup_task).options(**resources, max_retries=MAX_RETRIES).remote(str(root), cfg, rows_ref, use_gpu))
 
     shards_dir = root / SHARDS_DIR
     plans = plan_shards(len(rows), cfg.cache.clips_per_shard, spec["corpus"]["extents"])
@@ -239,6 +239,18 @@ def _cache_locked(ray, cfg: Recipe, root: Path, progress: bool, deep: bool, retr
     check_failed_fraction(summary.get("failures", 0), summary.get("clips", 0), cfg.corpus.max_failed_fraction,
                           str(cfg.corpus.source), str(root / FAILURES_FILE), " (then re-run with --retry-failed)")
     return summary
+
+
+def _get(ray, ref):
+    """``ray.get(ref)``; a task's own exception is raised as itself (a missing weights file stays the user's
+    one-line error), not wrapped in Ray's traceback of the worker."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
 
 
 def _run_tasks(ray, cfg: Recipe, rows_ref, todo: list[ShardPlan], root: Path, use_gpu: bool, resources: dict,

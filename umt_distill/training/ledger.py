@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-
-from umt_distill.io import atomic_write_text
 
 LEDGER = "ledger.jsonl"
 
@@ -46,24 +45,34 @@ class Ledger:
             os.close(fd)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: keep the lines of steps up to ``step`` (the checkpoint's), atomically."""
+        """On resume: keep the lines of steps up to ``step`` (the checkpoint's), atomically; read and written
+        line by line (a long run's ledger holds one line per step)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [json.dumps(r) + "\n" for r in read_ledger(self.path) if r["step"] <= step]
-        atomic_write_text(self.path, "".join(keep))
+        tmp = self.path.with_name(f".{LEDGER}.tmp-{os.getpid()}")
+        with open(self.path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            for record in _records(src):
+                if record["step"] <= step:
+                    dst.write(json.dumps(record) + "\n")
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, self.path)
+
+
+def _records(lines) -> Iterator[dict]:
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("ranks"), list):
+            yield record
 
 
 def read_ledger(path: str | Path) -> list[dict]:
     """The ledger's steps, in file order; a torn or unreadable line (a run killed mid-write) is skipped."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("ranks"), list):
-            out.append(record)
-    return out
+    with open(path, encoding="utf-8") as f:
+        return list(_records(f))
 
 
 def epoch_samples(records: list[dict]) -> dict[int, list[tuple[int, str]]]:

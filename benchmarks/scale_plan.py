@@ -136,13 +136,16 @@ def plan(inp: Inputs) -> dict[str, Any]:
         s_layers, s_width = dims[cfg.student.name]
         visible = round(T * (views // s_patch) ** 2 * (1 - cfg.mask.ratio))
         models[model] = {
-            "recipe": recipe, "K": K, "T": T,
+            "recipe": recipe, "K": K, "T": T, "views": views,
             "teacher": cfg.teacher.name,
             "teacher_gflop_per_frame": vit_forward_flops(t_layers, t_width, teacher_tokens) / 1e9,
             # student forward + backward (3x forward) over the visible tokens of one clip-view
             "student_gflop_per_clip_view": 3 * vit_forward_flops(s_layers, s_width, visible) / 1e9,
             "visible_tokens": visible,
         }
+    if len({(m["T"], m["views"]) for m in models.values()}) != 1:
+        raise SystemExit("scale_plan: the recipes' views differ (views.num_frames, views.size); the frame bytes "
+                         "measured at UMT-B's views apply to both only when they agree")
     base_flops = models["B/16"]["student_gflop_per_clip_view"]
     for m in models.values():
         m["teacher_fps"] = {gpu: peak * 1e12 * util / (m["teacher_gflop_per_frame"] * 1e9) for gpu, peak in peaks.items()}

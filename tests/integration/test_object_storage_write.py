@@ -195,3 +195,27 @@ def test_an_http_store_is_refused_as_read_only(shapes_corpus) -> None:
     assert result.exit_code == 1
     message = result.stderr.strip()
     assert "\n" not in message and "read-only" in message and url in message
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_world_2_torchrun_writes_one_store_to_the_bucket(s3_server, shapes_corpus, tmp_path: Path) -> None:
+    """Each rank uploads its own shards; rank 0 alone holds the lease, creates the store, and writes the
+    index from every rank's sidecars; a re-run at world 2 keeps them all."""
+    url = s3_server.url("world2")
+    args = ["cache-teacher", RECIPE["zarr"], f"corpus.source={shapes_corpus}", f"cache.store={url}",
+            "cache.codec=fp16", "cache.mode=full", "cache.clips_per_shard=1"]
+    env = {**os.environ, **s3_server.env(), "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "umt_distill", *args], env=env, capture_output=True, text=True, timeout=600,
+                              check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    fs, root = filesystem(url)
+    summaries = [json.loads(line) for line in fs.cat_file(f"{root}/summary.jsonl").decode().splitlines()]
+    assert [s["rank0_shards_written"] for s in summaries] == [4, 0] and summaries[1]["rank0_skipped_shards"] == 4
+    index = json.loads(fs.cat_file(f"{root}/index.json"))
+    assert [s["name"] for s in index["shards"]] == [f"shard-{i:06d}" for i in range(8)]
+    assert not _exists(fs, f"{root}/{LOCK_FILE}")
+    result = CliRunner().invoke(app, ["cache", "verify", url, "-n", "2", "--device", "cpu"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output

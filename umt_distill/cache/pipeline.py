@@ -44,7 +44,14 @@ from umt_distill.cache.basis import codec_for_store, codec_spec_fields, ensure_b
 from umt_distill.cache.captions import record_captions, shard_score_writer
 from umt_distill.cache.messages import print_redone, print_summary
 from umt_distill.cache.record import TargetRecord, frames_digest
-from umt_distill.cache.remote_write import is_url, open_remote_store, publish_shard, push_small_files
+from umt_distill.cache.remote_write import (
+    collect_shards,
+    is_url,
+    open_remote_store,
+    publish_shard,
+    push_small_files,
+    sync_small_files,
+)
 from umt_distill.cache.repair import plan_shard_work
 from umt_distill.cache.spec import (
     SPEC_FORMAT,
@@ -299,7 +306,7 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
     shards_dir = root / SHARDS_DIR
     ensure_basis(root, cfg, rows, teacher, device, env)  # pca codecs: fit (or check) the store's basis
     decided_by_rank0(env, lambda: caption_step(root, cfg, rows, teacher))  # captions embedded once (captions.py)
-    push_small_files(root)  # object storage: spec, rows, basis, captions uploaded before any shard
+    sync_small_files(root, env)  # object storage: spec, rows, basis, captions up before any shard, to every rank
     du.barrier()
     plans = plan_shards(len(rows), cfg.cache.clips_per_shard, spec["corpus"]["extents"])
     mine = rank_shards(plans, env)
@@ -309,7 +316,7 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
     stats = _run_shards(cfg, rows, teacher, todo, shards_dir, device, env, progress)
     stats["skipped_shards"] = len(mine) - len(todo)
     stats["redone_shards"] = [{"shard": r.shard, "reason": r.reason} for r in redone]
-    du.barrier()
+    collect_shards(root, env)  # a barrier (object storage: rank 0 then holds every rank's sidecars)
     summary = decided_by_rank0(env, lambda: finalize_store(root, plans, env))
     summary = {**summary, **{f"rank{env.rank}_{k}": v for k, v in stats.items()}}
     if env.is_main:

@@ -47,6 +47,7 @@ from umt_distill.cache.captions import CAPTIONS_DIR, scores_name
 from umt_distill.cache.lock import LOCK_FILE, StoreLockedError, describe_holder
 from umt_distill.cache.spec import CORPUS_FILE, SPEC_FILE, now_iso
 from umt_distill.cache.store_folder import CacheError
+from umt_distill.training import distributed as du
 
 __all__ = [
     "LEASE_SECONDS_ENV",
@@ -54,11 +55,13 @@ __all__ = [
     "RemoteLease",
     "RemoteStore",
     "RemoteWriteError",
+    "collect_shards",
     "is_url",
     "open_remote_store",
     "publish_shard",
     "push_small_files",
     "staged_remote",
+    "sync_small_files",
 ]
 
 #: The lease's lifetime in seconds (default 60): a holder that stops renewing it (killed, cut off) is
@@ -347,29 +350,57 @@ def staged_remote(folder: str | Path) -> RemoteStore | None:
     return _OPEN.get(str(Path(folder))) if _OPEN else None
 
 
-def open_remote_store(url: str, env, purpose: str) -> RemoteStore:
-    """``cache-teacher`` into ``url``: a staging folder, the store's lease taken and its small files
-    downloaded. Errors are :class:`CacheError` in one line. Release ``.lease`` and ``close()`` it."""
+def open_remote_store(url: str, env: du.DistEnv, purpose: str) -> RemoteStore:
+    """``cache-teacher`` into ``url``: every rank gets a staging folder; rank 0 takes the store's lease
+    and downloads its small files, and every rank learns whether it did (the other ranks fetch them
+    once rank 0 has created or checked the store: :func:`sync_small_files`). Errors are
+    :class:`CacheError` in one line, on every rank. Release ``.lease`` (rank 0) and ``close()`` it."""
     check_writable_url(url)
-    if env.world_size > 1:
-        raise RemoteWriteError(f"cache.store={url}: a store on object storage is written by one process for now; "
-                               "run cache-teacher without torchrun (or cache locally and upload the folder)")
     remote = RemoteStore(url)
-    try:
-        remote.take(purpose)
-    except StoreLockedError as e:
+    refusal = None
+    if env.is_main:
+        try:
+            remote.take(purpose)
+        except (StoreLockedError, CacheError) as e:
+            refusal = str(e)
+        except OSError as e:  # unreachable endpoint, no bucket, no permission: before any work
+            refusal = f"cannot write the store {url}: {e.strerror or e}"
+        except Exception as e:  # storage.NetworkError after its retries, or a bug: the other ranks stop too
+            refusal = str(e)
+            if env.world_size == 1:
+                remote.close()
+                raise
+    refusal = du.broadcast_object(refusal)
+    if refusal is not None:
         remote.close()
-        raise CacheError(str(e)) from None
-    except CacheError:
-        remote.close()
-        raise
-    except OSError as e:  # unreachable endpoint, no bucket, no permission: before any work
-        remote.close()
-        raise CacheError(f"cannot write the store {url}: {e.strerror or e}") from None
-    except BaseException:
-        remote.close()
-        raise
+        raise CacheError(refusal if env.is_main else f"rank {env.rank} stops: rank 0 did not get the store {url} "
+                         "(its message says why)")
     return remote
+
+
+def sync_small_files(root: str | Path, env: du.DistEnv) -> None:
+    """Once rank 0 has created or checked the store (spec, rows, basis, captions) in its staging folder:
+    it uploads them, and the other ranks download them into theirs. A local store: nothing."""
+    remote = staged_remote(root)
+    if remote is None:
+        return
+    if env.is_main:
+        remote.push_changed()
+    du.barrier()
+    if not env.is_main:
+        remote.pull()
+
+
+def collect_shards(root: str | Path, env: du.DistEnv) -> None:
+    """After every rank's shards: each rank uploads what it changed besides its shards (sidecars whose
+    failure reasons ``--retry-failed`` refreshed); then, past a barrier, rank 0 fetches the sidecars
+    the other ranks uploaded, so ``finalize_store`` sees every shard. A local store: the barrier only."""
+    remote = staged_remote(root)
+    if remote is not None:
+        remote.push_changed()
+    du.barrier()
+    if remote is not None and env.is_main and env.world_size > 1:
+        remote.pull(sidecars=True)
 
 
 def push_small_files(root: str | Path) -> None:
@@ -450,21 +481,26 @@ class RemoteStore:
             raise RemoteWriteError(f"{self.url} is not empty ({foreign[0]} ...) and has no spec.json: it is not a "
                                    "cache store; refusing to write into it — use another cache.store")
 
-    def pull(self) -> None:
-        """Download the store's small files (everything but shard data and the lease) into staging and
-        note the sizes of the shards' data in the bucket."""
+    def pull(self, sidecars: bool = False) -> None:
+        """Download the store's small files (everything but shard data and the lease) that the staging
+        folder does not hold yet, and note the sizes of the shards' data in the bucket. (A file already in
+        staging is this run's: the same bytes as the bucket's, or newer and uploaded later.) ``sidecars``:
+        also download every sidecar again (rank 0, before the index: other ranks may have redone shards)."""
         self.fs.invalidate_cache(self.root)
         files = self._net(lambda: self.fs.find(self.root, detail=True))
         wanted: list[tuple[str, Path]] = []
+        sizes: dict[str, int] = {}
         for path, entry in files.items():
             rel = self._rel(path)
             if entry.get("type") == "directory" or rel == LOCK_FILE or rel.startswith(".tmp-"):
                 continue
             parts = rel.split("/")
             if parts[0] == _SHARDS_DIR and len(parts) >= 2 and parts[1].endswith(_SUFFIXES):
-                self._sizes[parts[1]] = self._sizes.get(parts[1], 0) + int(entry.get("size") or 0)
+                sizes[parts[1]] = sizes.get(parts[1], 0) + int(entry.get("size") or 0)
                 continue
-            wanted.append((path, self.staging / rel))
+            if not (self.staging / rel).exists() or (sidecars and _push_rank(rel) == 1):
+                wanted.append((path, self.staging / rel))
+        self._sizes = sizes
         for _, local in wanted:
             local.parent.mkdir(parents=True, exist_ok=True)
         if wanted:  # one call: the files (a sidecar per shard) are fetched concurrently

@@ -4,7 +4,9 @@ One writer per store, whatever the world size: rank 0 takes the store's lock (``
 through ``cache/store_folder.py``) before any rank touches a file, and every rank learns whether it got
 it; a refused run stops on every rank, naming the holder. Rank 0 then creates the store or checks it
 against the recipe and the corpus (rows by content: rows appended to the manifest become new work, other
-changes are refused naming the row), and tells every rank the plan.
+changes are refused naming the row), and tells every rank the plan. A store on object storage
+(``cache.store=s3://bucket/prefix``) is written the same way through a local staging folder, each shard
+uploaded whole as it closes and the lock a lease object (``cache/remote_write.py``).
 
 Work is split into shards of ``cache.clips_per_shard`` consecutive clips; shard ``s`` belongs to rank
 ``s % world_size``. Rows added to a grown corpus go into new shards after the existing ones (a shard

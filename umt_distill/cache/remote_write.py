@@ -5,9 +5,10 @@ basis, zarr metadata, sidecars, index, failures) and holds only the shards in fl
 uploaded whole from it. S3 has no rename, but a PUT (a multipart upload once it completes) is atomic per
 object, so the order of the uploads is what keeps a reader safe:
 
-1. before any shard: ``corpus.jsonl``, ``basis.npy``, the zarr group metadata, then ``spec.json``
-   (a prefix with shards but no spec never exists, so a resumed run recognises its store);
-2. each shard: its data (a zarr shard's objects, or the ``.tar``) and then its sidecar
+1. before any shard: ``corpus.jsonl``, ``basis.npy``, ``captions/``, the zarr group metadata, then
+   ``spec.json`` (a prefix with shards but no spec never exists, so a resumed run recognises its store);
+2. each shard: its data (a zarr shard's objects, or the ``.tar``; a file above twice
+   :data:`UPLOAD_PART_BYTES` as a multipart upload), its caption scores, then its sidecar
    ``shards/<name>.json``; the shard's local copy is then deleted. A shard counts as finished when its
    sidecar object exists, exactly as on disk, so a killed upload is redone by the next run;
 3. at the end: changed sidecars (``--retry-failed`` refreshes reasons), ``failures.jsonl``,
@@ -16,6 +17,12 @@ object, so the order of the uploads is what keeps a reader safe:
 A re-run downloads the small files into a fresh staging folder and decides the work as on disk
 (``repair.plan_shard_work``), asking the bucket for the shards' sizes (:meth:`RemoteStore.shard_damage`;
 ``--deep`` downloads each shard to read it) and deleting a discarded shard's objects sidecar first.
+
+Under torchrun every rank has its own staging folder and uploads its own shards; rank 0 takes the
+lease, creates or checks the store and uploads its small files, which the other ranks then fetch
+(:func:`sync_small_files`), and fetches every rank's sidecars before it writes the index
+(:func:`collect_shards`). The staging folder is made in ``$TMPDIR`` and needs room for the shards in
+flight (one or two per process).
 
 One writer per store: the store's lease object ``<prefix>/.lock`` (:class:`RemoteLease`), created with
 a conditional PUT (``If-None-Match: *``), renewed by its holder every third of its lifetime with

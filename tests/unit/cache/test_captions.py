@@ -120,3 +120,30 @@ def test_a_store_cached_without_captions_has_none_and_resuming_keeps_them(store,
     before = {p.name: p.read_bytes() for p in (root / CAPTIONS_DIR).iterdir()}
     cache_teacher(recipe(corpus, root), progress=False)  # a re-run: nothing to do, captions kept as they are
     assert {p.name: p.read_bytes() for p in (root / CAPTIONS_DIR).iterdir()} == before
+
+
+def test_cached_and_online_text_guided_selection_agree(store) -> None:
+    """The loop's scores from the store equal those the online teacher computes from the same view pixels,
+    and so do the frames they keep."""
+    from torch.utils.data import default_collate
+
+    from umt_distill.cache.captions import OnlineCaptions
+    from umt_distill.cache.datasets import CachedViewDataset
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.data.frame_select import topk_frames
+    from umt_distill.stages.stage2_parts import FrameSelection
+    from umt_distill.teachers.build import build_teacher
+
+    corpus, root = store
+    cfg = recipe(corpus, root)
+    rows = read_corpus(corpus)
+    dataset = CachedViewDataset(root, cfg, {r.id: r for r in rows})
+    batch = default_collate(dataset.__getitems__(list(range(len(dataset)))))
+    batch["caption"] = [CAPTIONS[int(c[1:])][-1] for c in batch["clip_id"]]
+    teacher = build_teacher(cfg, torch.device("cpu"))
+    cached = FrameSelection("text_guided", 2, False, 16, table_of(root), None)
+    online = FrameSelection("text_guided", 2, False, 16, OnlineCaptions(rows, teacher), None)
+    a = cached.scores(batch, batch["pixels"], None, torch.device("cpu"))
+    b = online.scores(batch, batch["pixels"], teacher, torch.device("cpu"))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert torch.equal(topk_frames(a, 2), topk_frames(b, 2))

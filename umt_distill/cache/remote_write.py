@@ -185,7 +185,8 @@ class RemoteLease:
     # -- what the lease object says
 
     def _body(self) -> bytes:
-        return (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": self.started,
+        return (json.dumps({"host": socket.gethostname(), "space": _process_space(), "pid": os.getpid(),
+                            "started": self.started,
                             "renewed": now_iso(),
                             "purpose": self.purpose, "command": " ".join(sys.argv)[:500],
                             "seconds": self.seconds, "token": self.token}) + "\n").encode()
@@ -216,8 +217,11 @@ class RemoteLease:
             seconds = DEFAULT_LEASE_SECONDS
         if age > seconds:
             return True
-        return info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
-            and not _pid_alive(info["pid"])
+        # A dead process is only provably dead in the same process namespace of the same boot: two
+        # containers sharing a host name (``--network host``) must wait for the lifetime like any other.
+        space = _process_space()
+        return space is not None and info.get("space") == space and info.get("host") == socket.gethostname() \
+            and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"])
 
     # -- taking, renewing, giving back
 
@@ -333,6 +337,17 @@ class RemoteLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _process_space() -> str | None:
+    """This machine's boot and this process's PID namespace (Linux), or None where unknown: the pids
+    of a lease are comparable with ours only within both."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:

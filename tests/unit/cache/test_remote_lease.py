@@ -23,6 +23,7 @@ from umt_distill.cache.remote_write import (
     UNSAFE_LEASE_ENV,
     RemoteLease,
     RemoteWriteError,
+    _process_space,
     check_writable_url,
     filesystem,
 )
@@ -141,12 +142,16 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(s3_server) -> None:
     url = s3_server.url("lease-dead")
     with open("/proc/sys/kernel/pid_max") as f:
         dead = int(f.read()) + 1  # no process can have it
-    _plant(url, host=socket.gethostname(), pid=dead)  # a killed writer's lease, its lifetime not over
+    here = {"host": socket.gethostname(), "space": _process_space()}
+    _plant(url, **here, pid=dead)  # a killed writer's lease, its lifetime not over
     lease = RemoteLease(url, "cache-teacher").acquire()
     lease.release()
-    _plant(url, host="elsewhere", pid=dead)  # the same pid on another host proves nothing
-    with pytest.raises(StoreLockedError, match="on elsewhere"):
-        RemoteLease(url, "cache-teacher").acquire()
+    # the same pid proves nothing on another host, or in another PID namespace (a container sharing the
+    # host name) or boot of this one
+    for elsewhere in ({"host": "elsewhere"}, {"space": "another-boot/pid:[1]"}):
+        _plant(url, **{**here, **elsewhere}, pid=dead)
+        with pytest.raises(StoreLockedError, match="being written by another run"):
+            RemoteLease(url, "cache-teacher").acquire()
 
 
 def test_renewal_keeps_the_lease_alive(s3_server) -> None:

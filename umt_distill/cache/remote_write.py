@@ -44,6 +44,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,14 +165,19 @@ class RemoteLease:
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewing = threading.Lock()  # the renewal thread and check() before an upload
+        self._renewed = time.monotonic()  # when the last write of the lease that succeeded was sent
 
     def _net(self, fn):
         """``fn()`` with the storage module's bounded retries; then ``NetworkError`` naming the store."""
         return storage.retrying(fn, self.url)
 
     def _put(self, **conditions) -> dict:
-        return self._net(lambda: self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(),
-                                                 **conditions))
+        sent = time.monotonic()
+        out = self._net(lambda: self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(),
+                                                **conditions))
+        self._renewed = sent
+        return out
 
     def _ours(self) -> bool:
         """Whether the lease object is this run's (a retried conditional write whose first try landed
@@ -300,14 +306,15 @@ class RemoteLease:
     def renew(self) -> None:
         """Rewrite the lease (its server time is its last sign of life); a lost ``If-Match`` means
         another run took it over, and this run must stop writing."""
-        if self.lost:
-            return
-        try:
-            self.etag = self._put(**({"IfMatch": self.etag} if self._conditional and self.etag else {}))["ETag"]
-        except Exception as e:  # noqa: BLE001 - a renewal thread must not die
-            if (_conflict(e) or isinstance(e, FileNotFoundError)) and not self._safe_ours():
-                self.lost = True
-            # a network error: try again at the next period; the lease lives for ``seconds``
+        with self._renewing:
+            if self.lost:
+                return
+            try:
+                self.etag = self._put(**({"IfMatch": self.etag} if self._conditional and self.etag else {}))["ETag"]
+            except Exception as e:  # noqa: BLE001 - a renewal thread must not die
+                if (_conflict(e) or isinstance(e, FileNotFoundError)) and not self._safe_ours():
+                    self.lost = True
+                # a network error: try again at the next period; the lease lives for ``seconds``
 
     def _safe_ours(self) -> bool:
         try:
@@ -316,10 +323,18 @@ class RemoteLease:
             return True
 
     def check(self) -> None:
-        """Raise :class:`RemoteWriteError` if the lease was taken over (called before each upload)."""
+        """Before each upload: renew the lease now if half its lifetime has passed since the last renewal
+        (this process may have been paused, and the renewal thread not have run yet); raise
+        :class:`RemoteWriteError` if it was taken over, or could not be renewed for its whole lifetime."""
+        if not self.lost and time.monotonic() - self._renewed > self.seconds / 2:
+            self.renew()
         if self.lost:
             raise RemoteWriteError(f"{self.url}: this run's lease {LOCK_FILE} was taken over by another run (it "
                                    "was not renewed in time); stopping before writing more — re-run to resume")
+        if time.monotonic() - self._renewed > self.seconds:
+            raise RemoteWriteError(f"{self.url}: this run could not renew its lease {LOCK_FILE} for more than its "
+                                   f"{self.seconds} s lifetime (the network?), so another run may hold the store "
+                                   "now; stopping before writing more — re-run to resume")
 
     def release(self) -> None:
         self._stop.set()

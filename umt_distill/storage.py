@@ -50,6 +50,7 @@ __all__ = [
     "is_network_error",
     "is_url",
     "join",
+    "read_ahead",
     "read_bytes",
     "read_text",
     "retrying",
@@ -547,6 +548,53 @@ class ReadAhead:
                         STATS.hold(-len(data))
                 self._results.clear()
                 self._cond.notify_all()
+
+
+def read_ahead(items: Iterable[T], where: Callable[[T], tuple[str, int, int | None]]) -> Iterator[tuple[T, bytes]]:
+    """``(item, bytes of where(item))`` for each item in order, the ranges of the next
+    ``settings().read_ahead`` items fetched in a background thread meanwhile.
+
+    For a lazy sequence (a training run's positions): items are drawn from ``items`` in the caller's
+    thread, only as far ahead as the read-ahead reaches; the fetching thread sees ranges only. At most
+    ``read_ahead_bytes`` of ranges of known size are in flight beyond the first.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(url: str, offset: int, nbytes: int | None) -> bytes:
+        data = fetch_range(url, offset, nbytes)
+        STATS.hold(len(data))
+        return data
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-read-ahead")
+    pending: deque = deque()
+    it, done, ahead = iter(items), False, 0
+    try:
+        while True:
+            while not done and (not pending or (len(pending) <= _SETTINGS.read_ahead
+                                                and ahead < _SETTINGS.read_ahead_bytes)):
+                item = next(it, _END)
+                if item is _END:
+                    done = True
+                    break
+                url, offset, nbytes = where(item)
+                ahead += nbytes or 0
+                pending.append((item, nbytes or 0, pool.submit(fetch, url, offset, nbytes)))
+            if not pending:
+                return
+            item, nbytes, future = pending.popleft()
+            ahead -= nbytes
+            data = future.result()  # a fault in the background is raised here, at its range
+            STATS.hold(-len(data))
+            yield item, data
+    finally:
+        for _, _, future in pending:
+            if not future.cancel() and future.done() and future.exception() is None:
+                STATS.hold(-len(future.result()))
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+_END = object()
 
 
 class RangeFile:

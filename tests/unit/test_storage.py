@@ -100,3 +100,21 @@ def test_the_local_cache_serves_repeats_and_stays_within_its_size(blob, http_ser
     assert storage.fetch_range(url, 300_000, 100_000) == data[300_000:400_000]
     assert len(server.log) == requests  # served from the cache
     assert sum(p.stat().st_size for p in cache.glob("*.bin")) <= 300_000
+
+
+def test_lazy_read_ahead_draws_items_only_as_far_as_it_reaches(blob, http_server) -> None:
+    folder, data = blob
+    url = f"{http_server(folder).url}/blob.bin"
+    storage.configure(read_ahead=2)
+    drawn = []
+
+    def items():
+        for i in range(16):
+            drawn.append(i)
+            yield i
+
+    got = []
+    for i, chunk in storage.read_ahead(items(), lambda i: (url, i * 65536, 65536)):
+        assert len(drawn) <= i + 4  # this one, two ahead, and one drawn when the window reopens
+        got.append(chunk)
+    assert b"".join(got) == data

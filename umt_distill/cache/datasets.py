@@ -343,17 +343,23 @@ class ElasticStreamingViewDataset(StreamingViewDataset):
             cache[epoch] = StreamOrder(self.order_seed, epoch, sizes, shuffle=self.shuffle > 0)
         return cache[epoch]
 
-    def _read_rows(self, shard: dict, epoch: int, ordinals: set[int]) -> dict[int, tuple]:
-        """The samples at ``ordinals`` of ``shard``'s epoch range, checked against index.json."""
-        slot = epoch % self.num_views
+    def _group_range(self, shard: dict, epoch: int) -> tuple[str, int, int | None]:
+        """(tar, offset, nbytes) of ``shard``'s epoch range (a format-1 tar: all of it)."""
         if self.grouped:
-            g = shard["groups"][slot]
-            url, offset, nbytes = shard_path(self.store, "wds", shard["name"]), g["offset"], g["nbytes"]
-        else:
-            url, offset, nbytes = shard_path(self.store, "wds", shard["name"]), 0, None
+            g = shard["groups"][epoch % self.num_views]
+            return shard_path(self.store, "wds", shard["name"]), g["offset"], g["nbytes"]
+        return shard_path(self.store, "wds", shard["name"]), 0, None
+
+    def _read_rows(self, shard: dict, epoch: int, ordinals: set[int], data: bytes | None = None) -> dict[int, tuple]:
+        """The samples at ``ordinals`` of ``shard``'s epoch range, checked against index.json (``data``:
+        the range's bytes, fetched ahead from object storage)."""
+        slot = epoch % self.num_views
+        url, offset, nbytes = self._group_range(shard, epoch)
         expected, _ = self._expected(shard, slot)
         got, count = {}, 0
-        for t, (key, entries) in enumerate(iter_range_samples(url, offset, nbytes, keep=ordinals)):
+        samples = (iter_range_samples(url, offset, nbytes, keep=ordinals) if data is None
+                   else iter_range_samples(url, offset, nbytes, keep=ordinals, data=data))
+        for t, (key, entries) in enumerate(samples):
             count = t + 1
             if entries is None:
                 continue
@@ -383,11 +389,16 @@ class ElasticStreamingViewDataset(StreamingViewDataset):
             return epoch, shard, row
 
         located = ((p, *where(p)) for p in mine)
-        for (epoch, shard_index), run in itertools.groupby(located, key=lambda x: (x[1], x[2])):
-            run = list(run)  # this worker's positions in one shard's epoch group
+        runs = ((epoch, shard_index, list(run))  # this worker's positions in one shard's epoch group
+                for (epoch, shard_index), run in itertools.groupby(located, key=lambda x: (x[1], x[2])))
+        if storage.is_url(self.store):  # each group fetched whole, the next ones in the background
+            fetched = storage.read_ahead(runs, lambda r: self._group_range(self.shards[r[1]], r[0]))
+        else:
+            fetched = ((r, None) for r in runs)
+        for (epoch, shard_index, run), data in fetched:
             shard = self.shards[shard_index]
             ordinals = self._epoch_rows(shard, epoch)
-            got = self._read_rows(shard, epoch, {ordinals[row] for _, _, _, row in run})
+            got = self._read_rows(shard, epoch, {ordinals[row] for _, _, _, row in run}, data)
             for p, _, _, row in run:
                 yield p, epoch, got[ordinals[row]]
 

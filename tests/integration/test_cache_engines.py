@@ -143,3 +143,19 @@ def test_a_task_that_fails_gives_its_own_error(manifest: Path, tmp_path: Path, r
     cfg = load_recipe(RECIPES["zarr"], [*_args("zarr", manifest, tmp_path / "store")[1:], f"teacher.pretrained={missing}"])
     with pytest.raises(FileNotFoundError, match=r"missing\.safetensors: teacher weights file not found"):
         cache_teacher_ray(cfg, progress=False)
+
+
+def test_a_basis_codec_fits_the_same_basis_in_the_ray_setup_task(manifest: Path, tmp_path: Path,
+                                                                   ray_cluster: str) -> None:
+    """pca codecs: the basis (fitted once, before any shard: on rank 0, or in Ray's setup task) and every
+    shard coded in it are the same bytes."""
+    from umt_distill.cache.ray_engine import cache_teacher_ray
+
+    def cfg(store: Path):
+        return load_recipe(RECIPES["zarr"], [*_args("zarr", manifest, store)[1:], "cache.codec=pca16",
+                                             "cache.basis_clips=2"])
+
+    cache_teacher(cfg(tmp_path / "one"), progress=False)
+    cache_teacher_ray(cfg(tmp_path / "ray"), progress=False)
+    assert "basis.npy" in _files(tmp_path / "ray")
+    _assert_same_store(tmp_path / "one", tmp_path / "ray")

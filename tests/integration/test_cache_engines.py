@@ -1,5 +1,5 @@
-"""One store, whatever ran it: the shards, their sidecars, the index, failures.jsonl and corpus.jsonl are
-the same bytes whether one process, torchrun with 2 ranks or Ray with 2 local workers wrote them; only
+"""One store, whatever ran it: the shards, their sidecars, the index, failures.jsonl, corpus.jsonl, the
+captions (and a pca basis) are the same bytes whether one process, torchrun with 2 ranks or Ray with 2 local workers wrote them; only
 the run-specific fields of spec.json (created, updated, the store's own path) and the run's own files
 (summary.jsonl, .lock) differ (cache/FORMAT.md §1, §4).
 
@@ -76,10 +76,12 @@ def ray_cluster():
     """A local Ray instance with 2 CPUs (2 workers) for the module."""
     import ray  # the `ray` extra, which `make test` installs: never skipped
 
-    os.environ.pop("RAY_ADDRESS", None)
+    address = os.environ.pop("RAY_ADDRESS", None)  # this machine's own instance, never a cluster outside
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    if address is not None:
+        os.environ["RAY_ADDRESS"] = address
 
 
 @pytest.mark.distributed

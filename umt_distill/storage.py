@@ -14,7 +14,7 @@ the truth when the network fails. This module does that for every store reader:
   the URL and says it is the network: never "damaged". A missing file (404) is not retried.
 - :func:`fetch_range` / :func:`fetch_ranges`: byte ranges, coalesced into requests of at most
   ``block_bytes`` (8–16 MB by default), fetched concurrently, each checked for its full length.
-- :class:`ReadAhead`: whole shard ranges in order, the next ones fetched in the background (bounded in
+- :func:`read_ahead`: whole shard ranges in order, the next ones fetched in the background (bounded in
   count and bytes), optionally kept in a size-bounded local cache folder.
 - :class:`PrefetchStore` (zarr): a zarr store over a URL whose chunk reads are served from ranges
   fetched ahead in one coalesced batch, with the same retries.
@@ -39,7 +39,6 @@ from typing import Any, Self, TypeVar
 __all__ = [
     "STATS",
     "NetworkError",
-    "ReadAhead",
     "StorageSettings",
     "configure",
     "configure_from",
@@ -479,75 +478,6 @@ def _cache_put(path: Path, data: bytes) -> None:
         if p != path:
             p.unlink(missing_ok=True)
             total -= nbytes
-
-
-class ReadAhead:
-    """Byte ranges ``(url, offset, nbytes)`` in order, each fetched whole; the next ones fetched in a
-    background thread while the current one is read.
-
-    At most ``settings().read_ahead`` ranges and ``read_ahead_bytes`` bytes are held beyond the one the
-    caller has; the first range is always fetched. A fault in the background surfaces when its range is
-    asked for (with the same retries). :meth:`close` (or the end of iteration) stops the thread.
-    """
-
-    def __init__(self, items: Sequence[tuple[str, int, int | None]]) -> None:
-        self.items = list(items)
-        self._results: dict[int, tuple[bytes | None, BaseException | None]] = {}
-        self._cond = threading.Condition()
-        self._next = 0  # the index the caller reads next
-        self._held = 0
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="store-read-ahead", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        for i, (url, offset, nbytes) in enumerate(self.items):
-            with self._cond:
-                while not self._closed and i > self._next and (
-                        i - self._next > _SETTINGS.read_ahead or self._held >= _SETTINGS.read_ahead_bytes):
-                    self._cond.wait()
-                if self._closed:
-                    return
-            try:
-                data, error = fetch_range(url, offset, nbytes), None
-            except Exception as e:  # noqa: BLE001 - handed to the caller, raised at this range
-                data, error = None, e
-            with self._cond:
-                if self._closed:
-                    return
-                self._results[i] = (data, error)
-                if data is not None:
-                    self._held += len(data)
-                    STATS.hold(len(data))
-                self._cond.notify_all()
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            for i in range(len(self.items)):
-                with self._cond:
-                    while i not in self._results:
-                        self._cond.wait()
-                    data, error = self._results.pop(i)
-                    if data is not None:
-                        self._held -= len(data)
-                        STATS.hold(-len(data))
-                    self._next = i + 1
-                    self._cond.notify_all()
-                if error is not None:
-                    raise error
-                yield data  # type: ignore[misc]
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        with self._cond:
-            if not self._closed:
-                self._closed = True
-                for data, _ in self._results.values():
-                    if data is not None:
-                        STATS.hold(-len(data))
-                self._results.clear()
-                self._cond.notify_all()
 
 
 def read_ahead(items: Iterable[T], where: Callable[[T], tuple[str, int, int | None]]) -> Iterator[tuple[T, bytes]]:

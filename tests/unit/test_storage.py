@@ -83,7 +83,7 @@ def test_read_ahead_yields_in_order_and_holds_at_most_its_bound(blob, http_serve
     url = f"{server.url}/blob.bin"
     storage.configure(read_ahead=1, read_ahead_bytes=1 << 20)
     items = [(url, i * 65536, 65536) for i in range(16)]
-    out = list(storage.ReadAhead(items))
+    out = [chunk for _, chunk in storage.read_ahead(items, lambda item: item)]
     assert b"".join(out) == data
     assert storage.STATS.read_ahead_peak <= 2 * 65536  # the range being read and one ahead
 

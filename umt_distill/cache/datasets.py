@@ -218,15 +218,16 @@ class StreamingViewDataset(IterableDataset):
 
     def _samples(self, shards: list[dict]) -> Iterator[tuple[str, str, dict, dict]]:
         slot = self.epoch % self.num_views
-        ranges = [self._ranges(shard) for shard in shards]
-        # Over a URL: each range fetched whole, the next ones in the background (storage.ReadAhead).
-        fetched = iter(storage.ReadAhead(ranges)) if storage.is_url(self.store) else None
-        for shard, (url, offset, nbytes) in zip(shards, ranges):
+        # Over a URL: each range fetched whole, the next ones in the background (storage.read_ahead).
+        fetched = (storage.read_ahead(shards, self._ranges) if storage.is_url(self.store)
+                   else ((shard, None) for shard in shards))
+        for shard, data in fetched:
+            url, offset, nbytes = self._ranges(shard)
             expected, _ = self._expected(shard, slot)
             count = 0
             # A local store: the plain call (its reads are the file's); over a URL: the bytes fetched ahead.
-            samples = (iter_range_samples(url, offset, nbytes) if fetched is None
-                       else iter_range_samples(url, offset, nbytes, data=next(fetched)))
+            samples = (iter_range_samples(url, offset, nbytes) if data is None
+                       else iter_range_samples(url, offset, nbytes, data=data))
             for row, (key, entries) in enumerate(samples):
                 meta = parse_meta(url, key, entries)  # checks view.json's own checksum
                 # The sample is the record index.json lists at its place: nothing trains twice or never.

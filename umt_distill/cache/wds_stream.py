@@ -157,7 +157,7 @@ def iter_range_samples(url: str, offset: int = 0, nbytes: int | None = None,
         keep: Ordinals (0-based, in the range) of the samples wanted; the others' headers are read and
             their data skipped (a seek, no read): a sample another rank trains on costs its headers only.
             Skipped samples are yielded as ``(key, None)``, so the caller still counts them. None: all.
-        data: The range's bytes, already fetched (``storage.ReadAhead``). A URL without them is fetched
+        data: The range's bytes, already fetched (``storage.read_ahead``). A URL without them is fetched
             here, the range whole (``storage.fetch_range``: retried, in block-sized requests), so a
             network fault is a ``storage.NetworkError`` before parsing starts, never tar damage.
     """

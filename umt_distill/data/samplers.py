@@ -72,11 +72,6 @@ def rank_positions(start: int, end: int, rank: int, world: int) -> range:
     return range(start + rank, end, world)
 
 
-def run_end(position: int, steps: int, global_batch: int) -> int:
-    """The global position after ``steps`` more steps of ``global_batch`` samples from ``position``."""
-    return position + steps * global_batch
-
-
 class ElasticSampler(Sampler[int]):
     """This rank's share of the global sample stream from a global position (random-access datasets).
 
@@ -97,10 +92,6 @@ class ElasticSampler(Sampler[int]):
     def set_position(self, start: int, end: int) -> None:
         """Read global positions ``[start, end)`` (``start``: samples the run consumed; ``end``: a whole step)."""
         self.start, self.end = start, end
-
-    def per_rank(self) -> int:
-        """Samples one rank reads per epoch, on average (the step budget of the run is counted in samples)."""
-        return self.size // self.world
 
     def __len__(self) -> int:
         return len(rank_positions(self.start, self.end, self.rank, self.world))

@@ -9,16 +9,17 @@ The answer list holds the ten answers. Three models are compared by exact match 
 test split (binomial standard error beside each):
 
 - **student (stage 2)**: :mod:`umt_distill.models.qa` (answer decoder copied from the stage-2 fusion layers)
-  from the finished stage-2 run, fine-tuned with UMT's weighted answer loss; answers ranked as
+  from the finished stage-2 run; its text side is fine-tuned with UMT's weighted answer loss over the frozen
+  video encoder's tokens (``quickstart.qa.train_video`` trains the video encoder too); answers ranked as
   ``umt-distill eval`` ranks them (:mod:`umt_distill.evaluation.qa`);
-- **image teacher**: the same text encoder and decoder (the same stage-2 start), but the video encoder is
-  replaced by the frozen tiny image CLIP's last-layer tokens of every frame, mapped to the text width by a
-  learnt linear layer; trained the same way. Frames carry no time position, so direction is out of its reach;
+- **image teacher**: the same text side, from the same stage-2 start, over the frozen tiny image CLIP's
+  last-layer tokens of every frame, mapped to the text width by a learnt linear layer; trained the same
+  way. Frames carry no time position, so direction is out of its reach;
 - **blind**: the most frequent training answer of each question -- the best any model that reads only the
   question can do here, since every question of a type has the same words.
 
 Speed: the clips' ``eval_center`` views (the test view) are decoded once and serve as the training views
-too (no augmentation), and the frozen teacher's tokens are computed once; the loop is the stage's
+too (no augmentation), and the frozen encoders' tokens are computed once; the loop is the stage's
 (``stages/qa.py``: model, loss, optimizer groups), without its per-epoch decoding and validation.
 """
 
@@ -94,20 +95,28 @@ def qa_recipe(stage2_run: Path, files: dict[str, Path], output_dir: Path, settin
     })
 
 
-class ImageTeacherQA(UMTQuestionAnswering):
-    """The QA text side (encoder + decoder) over the frozen image teacher's frame tokens.
+class TokenQA(UMTQuestionAnswering):
+    """The QA text side (encoder + decoder) over precomputed, frozen vision tokens.
 
-    ``vision_tokens`` takes the teacher's tokens [B, T·N, D] (precomputed) and maps them to the width the
-    fusion layers cross-attend to.
+    ``vision_tokens`` takes the tokens [B, L, D] as they were stored and, with ``project``, maps them by a
+    learnt linear layer to the width the fusion layers cross-attend to (the image teacher's tokens are
+    narrower than the student's).
     """
 
-    def __init__(self, qa: UMTQuestionAnswering, teacher_dim: int) -> None:
+    def __init__(self, qa: UMTQuestionAnswering, token_dim: int, project: bool) -> None:
         nn.Module.__init__(self)
         self.text_encoder, self.text_decoder = qa.text_encoder, qa.text_decoder
-        self.proj = nn.Linear(teacher_dim, qa.text_encoder.encoder_width)
+        self.proj = nn.Linear(token_dim, qa.text_encoder.encoder_width) if project else nn.Identity()
 
-    def vision_tokens(self, teacher_tokens: Tensor) -> Tensor:
-        return self.proj(teacher_tokens)
+    def vision_tokens(self, tokens: Tensor) -> Tensor:
+        return self.proj(tokens)
+
+
+@torch.no_grad()
+def student_tokens(model: UMTQuestionAnswering, pixels: Tensor, batch: int = 32) -> Tensor:
+    """The stage-2 video encoder's final-norm tokens of every clip: uint8 [N, T, 3, H, W] → [N, T·N_tok, C]."""
+    model.eval()
+    return torch.cat([model.vision_tokens(normalize_video(p)) for p in pixels.split(batch)])
 
 
 @torch.no_grad()
@@ -218,14 +227,20 @@ def run_toy_qa(output: Path, world: dict, stage2_run: Path, settings: QASettings
     torch.manual_seed(cfg.seed)
     student = build_qa_model(cfg, len(tokenizer))
     freeze_unused(student)
-    losses[STUDENT] = fine_tune(student, train_pixels, train_index, train, tokenizer, cfg, settings, cfg.seed)
-    pred, _ = predict(student, tokenizer, cfg, test, answers, cpu, cfg.qa.k_test, pixel_batches=test_pixels.split(32))
+    if settings.train_video:  # UMT's way: the video encoder is fine-tuned too (about 3x the time here)
+        train_in, test_in, encode = train_pixels, test_pixels.split(32), None
+    else:  # frozen video encoder: its tokens once, the text side trained over them
+        train_in, test_in = student_tokens(student, train_pixels), student_tokens(student, test_pixels).split(32)
+        student = TokenQA(student, train_in.shape[-1], project=False)
+        encode = student.vision_tokens
+    losses[STUDENT] = fine_tune(student, train_in, train_index, train, tokenizer, cfg, settings, cfg.seed)
+    pred, _ = predict(student, tokenizer, cfg, test, answers, cpu, cfg.qa.k_test, pixel_batches=test_in, encode=encode)
     models[STUDENT] = summarise(STUDENT, exact_match([answers[i] for i in pred], test), test)
 
     torch.manual_seed(cfg.seed)
     base = build_qa_model(cfg, len(tokenizer))  # the same stage-2 start for the text side
     train_tokens, test_tokens = teacher_tokens(cfg, train_pixels), teacher_tokens(cfg, test_pixels)
-    teacher_qa = ImageTeacherQA(base, train_tokens.shape[-1])
+    teacher_qa = TokenQA(base, train_tokens.shape[-1], project=True)
     losses[IMAGE_TEACHER] = fine_tune(teacher_qa, train_tokens, train_index, train, tokenizer, cfg, settings, cfg.seed)
     pred, _ = predict(teacher_qa, tokenizer, cfg, test, answers, cpu, cfg.qa.k_test,
                       pixel_batches=test_tokens.split(32), encode=teacher_qa.vision_tokens)
@@ -240,7 +255,7 @@ def run_toy_qa(output: Path, world: dict, stage2_run: Path, settings: QASettings
             "models": models, "questions": QUESTIONS, "answers": answers,
             "num_questions": {q: models[STUDENT][q]["num_questions"] for q in QUESTIONS},
             "chance": {"appearance": 1 / len(COLOURS), "motion": 1 / len(MOTIONS)},
-            "steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
+            "steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr, "train_video": settings.train_video,
             "stage2_run": str(stage2_run), "files": {k: str(p) for k, p in files.items()},
             "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(done, json.dumps({"identity": identity, "result": result}, indent=1) + "\n")
@@ -252,8 +267,8 @@ __all__ = [
     "IMAGE_TEACHER",
     "QUESTIONS",
     "STUDENT",
-    "ImageTeacherQA",
     "QASettings",
+    "TokenQA",
     "blind_predictions",
     "run_toy_qa",
     "write_qa_files",
@@ -309,8 +324,10 @@ def qa_markdown(result: dict) -> list[str]:
               ("- Motion is reported as it comes out: the image teacher's frame tokens carry no time position, so it "
                "cannot tell a direction from its reverse; the student's can, if stage 2 taught it."),
               (f"- Student: the QA model of `train.stage=qa` from `{result['stage2_run']}` (decoder copied from the "
-               "fusion layers). Image teacher: the same text encoder and decoder over the frozen tiny CLIP's frame "
-               "tokens (a learnt linear map). Blind: the most frequent training answer of each question."),
+               "fusion layers), " + ("video encoder fine-tuned too" if result["train_video"] else
+                                     "text side fine-tuned over the frozen video encoder's tokens")
+               + ". Image teacher: the same text side over the frozen tiny CLIP's frame tokens (a learnt linear map). "
+               "Blind: the most frequent training answer of each question."),
               (f"- Files: `{Path(result['files']['train']).parent}` (annotations in the documented format, "
                "docs/qa.md); results.json: `qa`.")]
     return lines

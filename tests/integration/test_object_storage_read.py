@@ -152,6 +152,13 @@ def test_a_dead_server_is_a_network_error_naming_the_url_never_damage(remotes, s
     proxy.refuse()
     with pytest.raises(storage.NetworkError, match="the network failed"):
         CacheReader(url)
+    from typer.testing import CliRunner
+
+    from umt_distill.cli import app
+
+    result = CliRunner().invoke(app, ["cache", "info", url])  # the CLI: one line, exit status 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "the network failed" in lines[0], result.output
 
 
 def test_cache_info_and_verify_over_urls(remotes) -> None:

@@ -28,6 +28,14 @@ Rows:
 - ``path``: ``fast`` (the package's path) or ``reference`` (the path before format 2, kept here for the
   before/after: every view of the tar through ``webdataset`` and float32 records decoded on the CPU).
 
+Object storage (``object_storage`` rows; ``--no-object-storage`` skips them): the headline, targets-only
+and a zarr targets-only case, each store uploaded to moto's S3 server on 127.0.0.1 and read through
+``AWS_ENDPOINT_URL`` beside its local copy in the same run: clip-views/s of one worker from disk (cold,
+warm) and from S3; then one in-process epoch from S3 counting what ``umt_distill.storage`` fetched:
+bytes fetched / bytes the epoch uses (wds: its groups; zarr: the chunks it decodes), requests per
+clip-view, MB per request, and the read-ahead's peak of bytes held. Loopback to an in-process Python
+server: the rates are a floor for the client's overheads, not a network's.
+
 Derived per row, for a student consuming ``--student-rate`` clip-views/s per GPU: CPU cores and storage
 GB/s one GPU needs. Yardsticks: UMT's own run (60 h on 32 A100 for 200 epochs of K710's 0.66 M clips:
 0.66e6 * 200 / (60 * 3600 * 32) = 19 clip-views/s per GPU) and the UMT-B student's compute at 40 % of
@@ -341,7 +349,7 @@ def measure_rate(case: LoaderCase, store: Path, manifest: str, batch_size: int, 
     for p in range(passes):
         set_epoch(p)
         if cache == "cold":
-            evict_page_cache(store)
+            evict_page_cache(store)  # "remote": a URL, fetched over the network every epoch
         n, t = 0, None
         for batch in loader():  # steady state: the clock starts at the first batch (worker start-up excluded)
             if t is None:
@@ -483,6 +491,106 @@ def run_loader(work: Path, cases: list[LoaderCase], student_rates: dict[str, flo
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# object storage: the same loader reading from a local S3 server (moto, 127.0.0.1), beside local disk
+
+OBJECT_STORAGE_CASES = (HEADLINE, TARGETS_ONLY, LoaderCase(pixels="none", layout="zarr"))
+
+
+def zarr_epoch_chunk_bytes(store: Path, case: LoaderCase, epoch: int) -> int:
+    """Bytes of the zarr chunks an epoch decodes: each clip's epoch view, the arrays training reads."""
+    from umt_distill.cache.stores import CacheReader
+    from umt_distill.data.views import epoch_view
+
+    reader = CacheReader(store)
+    total = 0
+    for name in reader.shards:
+        zshard = reader._zarr_shard(name)
+        zshard.check_indexes()
+        for row, (clip, view) in enumerate(zshard.records):
+            if view != epoch_view(0, clip, epoch, VIEWS):
+                continue
+            for array in zshard.arrays:
+                if array != "pooled" and (case.pixels != "none" or not array.startswith("frames")):
+                    total += int(zshard.chunk_ranges[array][row][1])
+    return total
+
+
+def measure_object_storage(case: LoaderCase, store: Path, url: str, manifest: str, batch_size: int,
+                           passes: int) -> dict[str, Any]:
+    """One case from local disk (page cache cold and warm) and from ``url``, in the same run: clip-views/s
+    of one worker; then one in-process epoch from ``url`` counting what ``umt_distill.storage`` fetched:
+    bytes fetched / bytes the epoch uses, requests per clip-view and MB per request, and the read-ahead's
+    peak of bytes held."""
+    from umt_distill import storage
+
+    out: dict[str, Any] = {"label": case.label(), "layout": case.layout, "pixels": case.pixels}
+    out["disk_cold_clip_views_per_s"] = measure_rate(case, store, manifest, batch_size, passes, 1, "cold")
+    out["disk_warm_clip_views_per_s"] = measure_rate(case, store, manifest, batch_size, passes, 1, "warm")
+    out["s3_clip_views_per_s"] = measure_rate(case, url, manifest, batch_size, passes, 1, "remote")
+    set_epoch, loader0, consume0 = make_loader(case, url, manifest, batch_size, workers=0)
+    set_epoch(0)
+    storage.STATS.reset()
+    n = sum(consume0(batch) for batch in loader0())
+    fetched, requests = storage.STATS.bytes, storage.STATS.requests
+    used = epoch_bytes(store, case, 0) if case.layout != "zarr" else zarr_epoch_chunk_bytes(store, case, 0)
+    out.update(clip_views=n, fetched_over_used=fetched / used, requests_per_clip_view=requests / n,
+               mb_per_request=fetched / requests / 1e6, mb_fetched_per_clip_view=fetched / n / 1e6,
+               read_ahead_peak_mb=storage.STATS.read_ahead_peak / 1e6, requests=requests, fetched_bytes=fetched,
+               used_bytes=used)
+    return out
+
+
+def run_object_storage(work: Path, cases: tuple[LoaderCase, ...], clips: int = 64, batch_size: int = 8,
+                       passes: int = 2) -> dict[str, Any]:
+    """The ``object_storage`` rows: each case's store uploaded to a moto S3 server on 127.0.0.1 (found by
+    the loader through ``AWS_ENDPOINT_URL``, as on a cluster) and read beside its local copy."""
+    import os
+
+    from benchmarks.common import write_corpus
+    from umt_distill import storage
+    from umt_distill.data.corpus import read_corpus
+    from umt_distill.testing.servers import start_s3_server, upload_folder
+
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = write_corpus(work / "videos", min(clips, 12), clips, 120, 240, 320)
+    rows = read_corpus(corpus["manifest"])
+    server = start_s3_server("bench")
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    results = []
+    try:
+        for i, case in enumerate(cases):
+            store = build_store(case, work / f"os-store{i}", rows, clips, clips_per_shard=8)
+            url = upload_folder(store, server.url(f"store{i}"))
+            log(f"object storage: {case.label()} from {url}")
+            try:
+                results.append(measure_object_storage(case, store, url, corpus["manifest"], batch_size, passes))
+            except Exception as e:  # noqa: BLE001 - a row that cannot run says why in the table
+                results.append({"label": case.label(), "error": f"{type(e).__name__}: {e}"})
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    s = storage.settings()
+    return {"server": "moto S3 on 127.0.0.1 (loopback)", "block_mb": s.block_bytes / 2**20,
+            "read_ahead": s.read_ahead, "rows": results}
+
+
+def object_storage_table(section: dict[str, Any]) -> str:
+    head = ("| case | disk cold clip-views/s | disk warm | S3 | fetched / used | requests / clip-view "
+            "| MB / request | read-ahead peak MB |")
+    lines = [head, "|" + "---|" * 8]
+    for r in section["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['error'][:80]} |" + " |" * 6)
+            continue
+        lines.append(f"| {r['label']} | {r['disk_cold_clip_views_per_s']:.1f} | {r['disk_warm_clip_views_per_s']:.1f} "
+                     f"| {r['s3_clip_views_per_s']:.1f} | {r['fetched_over_used']:.3f} | "
+                     f"{r['requests_per_clip_view']:.3f} | {r['mb_per_request']:.2f} | {r['read_ahead_peak_mb']:.1f} |")
+    return "\n".join(lines)
+
+
 def table(section: dict[str, Any]) -> str:
     """The rows as a markdown table."""
     lines = ["| targets | pixels | layout | path | compressor | MB read / clip-view | amplification | clip-views/s cold "
@@ -516,6 +624,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="clip-views/s one GPU consumes (repeatable); default: the three yardsticks")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--work", type=Path, default=None, help="keep the stores here (default: a temp dir, removed)")
+    p.add_argument("--no-object-storage", action="store_true",
+                   help="skip the rows read from a local S3 server (moto) beside local disk")
     args = p.parse_args(argv)
     rates = {f"custom_{r:g}": r for r in args.student_rate} if args.student_rate else dict(YARDSTICKS)
     torch.set_num_threads(1)
@@ -523,7 +633,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prof = (HEADLINE, LoaderCase(pixels="raw", path="reference", layout="wds-v1", compressor="zstd"))
 
     def go(work: Path) -> dict[str, Any]:
-        return run_loader(work, grid, rates, args.clips, args.batch_size, args.passes, prof)
+        section = run_loader(work, grid, rates, args.clips, args.batch_size, args.passes, prof)
+        if not args.no_object_storage:
+            section["object_storage"] = run_object_storage(work / "object-storage", OBJECT_STORAGE_CASES,
+                                                           args.clips, args.batch_size, args.passes)
+        return section
 
     if args.work:
         section = go(args.work)
@@ -531,6 +645,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with scratch_dir("bench_loader_") as tmp:
             section = go(tmp)
     print(table(section))
+    if "object_storage" in section:
+        print("\nobject storage (" + section["object_storage"]["server"] + "):\n" + object_storage_table(section["object_storage"]))
     for label, lines in section["profiles"].items():
         print(f"\nprofile ({label}):\n  " + "\n  ".join(lines))
     if "headline" in section:

@@ -239,7 +239,10 @@ def is_network_error(e: BaseException) -> bool:
     """
     if isinstance(e, NetworkError):
         return True
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(e, FileNotFoundError):  # fsspec's HTTP info() says "not found" for any failure: ask why
+        cause = e.__cause__
+        return cause is not None and cause is not e and is_network_error(cause)
+    if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     status = _status_of(e)
     if status is not None:
@@ -322,7 +325,17 @@ def exists(path: str | Path) -> bool:
     if not is_url(path):
         return Path(store_root(path)).exists()
     fs, inner = filesystem(str(path))
-    return bool(retrying(lambda: fs.exists(inner), str(path)))
+
+    def probe() -> bool:  # not fs.exists: over HTTP it answers False when the server is down
+        try:
+            fs.info(inner)
+        except FileNotFoundError as e:
+            if is_network_error(e):
+                raise
+            return False
+        return True
+
+    return retrying(probe, str(path))
 
 
 def size(path: str | Path) -> int:

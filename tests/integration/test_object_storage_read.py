@@ -149,9 +149,14 @@ def test_a_dead_server_is_a_network_error_naming_the_url_never_damage(remotes, s
         list(ds) if layout == "wds" else ds.__getitems__([0, 1, 2])
     assert not isinstance(e.value, StoreDamagedError) and "damage" not in str(e.value)
     proxy.heal()
+    reader = CacheReader(url)
     proxy.refuse()
     with pytest.raises(storage.NetworkError, match="the network failed"):
         CacheReader(url)
+    from umt_distill.cache.verify import check_structure
+
+    with pytest.raises(storage.NetworkError):  # verify: not "shard data is missing"
+        check_structure(url, reader.spec, reader)
     from typer.testing import CliRunner
 
     from umt_distill.cli import app

@@ -195,7 +195,9 @@ class ShardScoreWriter:
 class CaptionTable:
     """A store's caption embeddings and frame scores, read and checked.
 
-    ``embedding(clip_id, caption)`` → ``[D]``; ``scores(clip_id, view_index, caption)`` → ``[T]``.
+    ``embedding(clip_id, caption)`` → ``[D]``; ``scores(clip_id, view_index, caption)`` → ``[T]``. The
+    scores of every shard are read into memory at the first lookup (4·T·C_max bytes per cached view: 128
+    bytes for T = 8 and one caption, a few GB for a 5M-clip store with 4 views).
     """
 
     def __init__(self, root: str | Path, spec: dict, shards: Sequence[str]) -> None:
@@ -214,13 +216,11 @@ class CaptionTable:
                 or len(self.embeddings) != index["captions"]:
             raise StoreDamagedError(str(index_path), f"counts disagree: {len(offsets) - 1} rows of offsets, "
                                     f"{len(self.embeddings)} embeddings, corpus.jsonl {len(rows or [])} rows")
-        self.where: dict[tuple[str, str], int] = {}
+        self.where: dict[tuple[str, str], int] = {}  # (clip, caption) -> embedding row
+        self.caption_slot: dict[tuple[str, str], int] = {}  # (clip, caption) -> its position within the row
         for r, row in enumerate(rows):
             for j, text in enumerate(row["captions"] or ()):
                 self.where.setdefault((row["id"], text), int(offsets[r]) + j)
-        self.caption_slot: dict[tuple[str, str], int] = {}  # caption's position within its row
-        for r, row in enumerate(rows):
-            for j, text in enumerate(row["captions"] or ()):
                 self.caption_slot.setdefault((row["id"], text), j)
         self.shards = list(shards)
         self._scores: dict[tuple[str, int], np.ndarray] | None = None

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -170,6 +171,23 @@ def test_retry_failed_against_the_bucket(s3_server, shapes_corpus, tmp_path: Pat
     with pytest.raises(CacheError) as refused:
         cache_teacher(_recipe("zarr", manifest, url, "cache.codec=fp32"), progress=False)
     assert f"cannot resume into {url}" in str(refused.value) and "staging" not in str(refused.value)
+
+
+def test_an_unreachable_endpoint_is_one_line_naming_the_network(s3_server, shapes_corpus, monkeypatch) -> None:
+    from umt_distill import storage
+
+    monkeypatch.setattr(storage, "_SETTINGS", storage.settings())  # the recipe's settings last for this test only
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    url = s3_server.url("unreachable")
+    result = CliRunner().invoke(app, ["cache-teacher", RECIPE["zarr"], f"corpus.source={shapes_corpus}",
+                                      f"cache.store={url}", "storage.retries=2", "storage.backoff_s=0.05"],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 1
+    message = result.stderr.strip()
+    assert "\n" not in message and "the network failed after 2 tries" in message and "not the store's bytes" in message
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lease(s3_server, shapes_corpus) -> None:

@@ -269,7 +269,7 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
     if Path(cfg.corpus.source).expanduser().exists():
         rows = read_corpus(cfg.corpus.source, cfg.corpus.root)  # a bad manifest stops before anything is written
     # A store on object storage is written through a local staging folder, under its lease (remote_write.py).
-    remote = open_remote_store(cfg.cache.store, env, purpose) if is_url(cfg.cache.store) else None
+    remote = open_remote_store(cfg.cache.store, env, purpose, cfg.storage) if is_url(cfg.cache.store) else None
     root = remote.staging if remote is not None else Path(cfg.cache.store)
     lock = take_store_lock(root, env, purpose) if remote is None else remote.lease
     try:

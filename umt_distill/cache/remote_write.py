@@ -387,12 +387,17 @@ def staged_remote(folder: str | Path) -> RemoteStore | None:
     return _OPEN.get(str(Path(folder))) if _OPEN else None
 
 
-def open_remote_store(url: str, env: du.DistEnv, purpose: str) -> RemoteStore:
+def open_remote_store(url: str, env: du.DistEnv, purpose: str, settings=None) -> RemoteStore:
     """``cache-teacher`` into ``url``: every rank gets a staging folder; rank 0 takes the store's lease
     and downloads its small files, and every rank learns whether it did (the other ranks fetch them
     once rank 0 has created or checked the store: :func:`sync_small_files`). Errors are
-    :class:`CacheError` in one line, on every rank. Release ``.lease`` (rank 0) and ``close()`` it."""
+    :class:`CacheError` in one line, on every rank. Release ``.lease`` (rank 0) and ``close()`` it.
+
+    ``settings``: the recipe's ``storage:`` section (retries and backoff of every request).
+    """
     check_writable_url(url)
+    if settings is not None:
+        storage.configure_from(settings)
     remote = RemoteStore(url)
     refusal = None
     if env.is_main:

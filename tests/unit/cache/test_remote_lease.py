@@ -28,17 +28,29 @@ from umt_distill.cache.remote_write import (
     filesystem,
 )
 
+_SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
 
 class _StripHeader(BaseHTTPRequestHandler):
     """Forwards each request to ``upstream`` without the header ``strip``: an S3 front-end that does not
-    know conditional writes and ignores ``If-None-Match``, as some S3-compatible services do."""
+    know conditional writes and ignores ``If-None-Match``, as some S3-compatible services do. The first
+    ``slow[0]`` requests are answered ``503 SlowDown`` (S3's throttling) instead."""
 
     upstream: str = ""
     strip: str = ""
+    slow: list[int]
     protocol_version = "HTTP/1.1"
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.slow[0] > 0:
+            self.slow[0] -= 1
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(_SLOW_DOWN)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(_SLOW_DOWN)
+            return
         target = urllib.parse.urlsplit(self.upstream)
         conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in (self.strip, "expect")}
@@ -63,11 +75,13 @@ class _StripHeader(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def http_header_stripper():
-    """A factory: ``http_header_stripper(endpoint, header)`` → the URL of a proxy that drops ``header``."""
+    """A factory: ``http_header_stripper(endpoint, header, slow=None)`` → the URL of a proxy that drops
+    ``header`` (and answers 503 while the counter ``slow[0]`` is positive, counting it down)."""
     servers = []
 
-    def start(endpoint: str, header: str) -> str:
-        handler = type("Handler", (_StripHeader,), {"upstream": endpoint, "strip": header.lower()})
+    def start(endpoint: str, header: str, slow: list[int] | None = None) -> str:
+        handler = type("Handler", (_StripHeader,), {"upstream": endpoint, "strip": header.lower(),
+                                                    "slow": slow if slow is not None else [0]})
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -180,6 +194,22 @@ def test_a_service_that_ignores_conditional_writes_is_refused(s3_server, http_he
     assert _lease_object(url)["token"] == lease.token
     lease.release()
     assert _lease_object(url) is None
+
+
+def test_throttled_lease_requests_are_retried(s3_server, http_header_stripper, monkeypatch) -> None:
+    """S3's 503 SlowDown on the first requests (the lease's look-up and conditional create) is retried with
+    backoff (``umt_distill.storage.retrying``), and the lease is taken."""
+    from umt_distill import storage
+
+    monkeypatch.setattr(storage, "_SETTINGS", storage.configure(backoff_s=0.05))
+    slow = [3]
+    proxy = http_header_stripper(s3_server.endpoint, "x-none", slow)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+    url = s3_server.url("lease-throttled")
+    lease = RemoteLease(url, "cache-teacher").acquire()
+    assert slow == [0]  # three requests were throttled, and retried
+    assert _lease_object(url)["token"] == lease.token
+    lease.release()
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1/store", "https://example.org/s", "gs://bucket/s"])

@@ -674,9 +674,12 @@ class RemoteStore:
             yield
         except (RuntimeError, ValueError, OSError) as e:
             text = str(e)
-            if str(self.staging) in text and e.args and isinstance(e.args[0], str) and len(e.args) == 1:
+            if str(self.staging) not in text:
+                raise
+            if len(e.args) == 1 and isinstance(e.args[0], str):  # the message itself: keep the error's type
                 e.args = (text.replace(str(self.staging), self.url),)
-            raise
+                raise
+            raise CacheError(text.replace(str(self.staging), self.url)) from e  # e.g. OSError(errno, text, path)
 
 
 def _data_paths(shards: Path, name: str) -> list[Path]:

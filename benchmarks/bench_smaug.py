@@ -52,7 +52,7 @@ class SmaugSettings:
     """Sizes of the three measurements (``--quick`` shrinks them to minutes on 2 CPU cores)."""
 
     device: str = "cpu"
-    threads: int = 2
+    threads: int = 1
     # step cost
     step_student: str = "umt_small_patch16"
     step_batch: int = 2
@@ -72,7 +72,7 @@ class SmaugSettings:
 
     @classmethod
     def quick(cls, device: str = "cpu") -> SmaugSettings:
-        return cls(device=device, step_steps=3, train_clips=192, test_clips=128, teacher_steps=200,
+        return cls(device=device, step_batch=1, step_steps=6, train_clips=192, test_clips=128, teacher_steps=200,
                    student_steps=150, seeds=3)
 
     @classmethod
@@ -181,8 +181,6 @@ def teacher_outputs(teacher, pixels: np.ndarray, batch: int = 32) -> tuple[Any, 
 
 def step_cost(s: SmaugSettings) -> dict[str, Any]:
     """Stage-1 step time and memory per (ρ, ℓ, source, fuse), interleaved on one batch."""
-    import copy
-
     import torch
 
     from umt_distill.data.pixels import normalize_video
@@ -209,20 +207,25 @@ def step_cost(s: SmaugSettings) -> dict[str, Any]:
     configs = [(1.0, 0, "teacher", False), (0.75, 0, "teacher", False), (0.5, 0, "teacher", False),
                (1.0, third, "teacher", False), (0.75, third, "teacher", False), (0.5, third, "teacher", False),
                (0.5, third, "student", False), (0.5, third, "teacher", True)]
+    # One model and optimizer for every configuration: a step costs the same whatever the weights are, and
+    # eight copies of a student plus their AdamW states would measure the memory system, not the step.
+    model = base.to(device).train()
+    opt = build_adamw(model, 1e-4, 0.05, (0.9, 0.95), 1e-8, skip=model.no_weight_decay())
     runs = []
     for keep, after, source, fuse in configs:
-        model = copy.deepcopy(base).to(device).train()
-        opt = build_adamw(model, 1e-4, 0.05, (0.9, 0.95), 1e-8, skip=model.no_weight_decay())
         spec = None if keep >= 1 else SparseSpec(keep, after, source, fuse)
         runs.append({"keep": keep, "after_block": after, "source": source, "fuse": fuse, "model": model, "opt": opt,
                      "spec": spec, "times": [], "saved_mb": None, "peak_mb": None})
     scores = teacher_scores(attn, vis)
 
+    weights = {p.data_ptr() for p in model.parameters()}  # saved for backward too, but resident anyway
+
     def one_step(r: dict) -> None:
         saved = [0]
 
         def pack(t):
-            saved[0] += t.numel() * t.element_size()
+            if t.data_ptr() not in weights:  # activations only
+                saved[0] += t.numel() * t.element_size()
             return t
 
         if device.type == "cuda":
@@ -238,11 +241,14 @@ def step_cost(s: SmaugSettings) -> dict[str, Any]:
             loss, _ = uta_loss(preds.float(), tgt)
         r["opt"].zero_grad(set_to_none=True)
         loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
         r["opt"].step()
         if device.type == "cuda":
             torch.cuda.synchronize()
             r["peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        r["last"] = time.perf_counter() - t0
+        r["last"], r["last_fb"] = time.perf_counter() - t0, t1 - t0
         r["saved_mb"] = round(saved[0] / 2**20, 2)
 
     for i in range(s.step_warmup + s.step_steps):
@@ -251,20 +257,29 @@ def step_cost(s: SmaugSettings) -> dict[str, Any]:
             one_step(r)
             if i >= s.step_warmup:
                 r["times"].append(r["last"])
+                r.setdefault("fb", []).append(r["last_fb"])
     rows = []
     dense = statistics.median(runs[0]["times"])
     for r in runs:
         med = statistics.median(r["times"])
         rows.append({k: r[k] for k in ("keep", "after_block", "source", "fuse", "saved_mb", "peak_mb")}
                     | {"ms_per_step": round(1000 * med, 1), "speedup_vs_keep_1": round(dense / med, 3),
+                       "ms_forward_backward": round(1000 * statistics.median(r["fb"]), 1),
+                       "ms_optimizer": round(1000 * statistics.median([a - b for a, b in zip(r["times"], r["fb"])]), 1),
                        "step_seconds": [round(t, 4) for t in r["times"]]})
     by = {(r["keep"], r["after_block"], r["source"], r["fuse"]): r for r in rows}
+    # Same-turn pairs: ρ = 1 and ρ = 0.5 (ℓ = 0) ran next to each other in every round, so load that drifts
+    # between rounds cancels in each round's ratio; the minimum is the least disturbed step of each.
+    pairs = [a / b for a, b in zip(runs[0]["times"], runs[2]["times"])]
     visible_per_frame = vis.shape[1] // T
     return {
         "student": s.step_student, "depth": depth, "batch": B, "frames": T, "size": S, "mask_ratio": s.step_mask_ratio,
         "visible_tokens": vis.shape[1], "visible_per_frame": visible_per_frame, "L_over_3": third,
         "device": s.device, "threads": s.threads, "rows": rows,
         "token_speedup_keep_0.5": round(dense / statistics.median(runs[2]["times"]), 3),
+        "token_speedup_keep_0.5_paired": round(statistics.median(pairs), 3),
+        "token_speedup_keep_0.5_min": round(min(runs[0]["times"]) / min(runs[2]["times"]), 3),
+        "token_speedup_keep_0.5_forward_backward": round(statistics.median(runs[0]["fb"]) / statistics.median(runs[2]["fb"]), 3),
         "token_speedup_keep_0.5_after_L3": by[(0.5, third, "teacher", False)]["speedup_vs_keep_1"],
         "activation_ratio_keep_0.5": round(by[(0.5, 0, "teacher", False)]["saved_mb"] / by[(1.0, 0, "teacher", False)]["saved_mb"], 3),
     }
@@ -321,7 +336,7 @@ def train_student(world, tokens, attn, spec, ranking: str, s: SmaugSettings, see
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return student.eval(), round(statistics.mean(losses[-10:]), 4)
 
 
@@ -424,7 +439,7 @@ def normalize(pixels: np.ndarray):
 # the section
 
 
-def smaug_section(size: str, out_dir: Path, device: str = "cpu", threads: int = 2) -> dict[str, Any]:
+def smaug_section(size: str, out_dir: Path, device: str = "cpu", threads: int = 1) -> dict[str, Any]:
     """The ``smaug`` section of the results JSON: token rows here, frame rows from ``benchmarks.smaug_frames``.
 
     Args:
@@ -461,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="minutes on 2 CPU cores")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the step-cost measurement")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the step-cost measurement (default 1: steadier on a shared CPU)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -473,3 +489,46 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def smaug_markdown(res: dict[str, Any]) -> str:
+    """The token-sparsification tables of docs/smaug.md from a ``smaug`` section (or its parts)."""
+    lines = []
+    cost = res.get("step_cost")
+    if cost:
+        lines += [(f"Stage-1 step, {cost['student']} (depth {cost['depth']}), batch {cost['batch']}, T = {cost['frames']}, "
+                  f"{cost['size']} px, semantic mask {cost['mask_ratio']} ({cost['visible_per_frame']} visible tokens per "
+                  f"frame), {cost['device']}, {cost['threads']} threads; medians of {len(cost['rows'][0]['step_seconds'])} "
+                  "interleaved steps:"), "",
+                  "| ρ | ℓ | ranking | fuse | ms / step | fwd+bwd ms | AdamW ms | speedup vs ρ = 1 | saved activations MB |"
+                  + (" CUDA peak MB |" if cost["rows"][0].get("peak_mb") else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if cost["rows"][0].get("peak_mb") else "")]
+        for r in cost["rows"]:
+            lines.append(f"| {r['keep']} | {r['after_block']} | {r['source']} | {'yes' if r['fuse'] else 'no'} | "
+                         f"{r['ms_per_step']} | {r.get('ms_forward_backward', '')} | {r.get('ms_optimizer', '')} | "
+                         f"{r['speedup_vs_keep_1']} | {r['saved_mb']} |" + (f" {r['peak_mb']} |" if r.get("peak_mb") else ""))
+        lines += ["", (f"`token_speedup_keep_0.5` = **{cost['token_speedup_keep_0.5']}** (ρ = 0.5, ℓ = 0; same-turn "
+                  f"pairs: {cost.get('token_speedup_keep_0.5_paired')}, fastest steps: {cost.get('token_speedup_keep_0.5_min')}, "
+                  f"forward + backward only: {cost.get('token_speedup_keep_0.5_forward_backward')}); at ℓ = "
+                  f"{cost['L_over_3']}: {cost['token_speedup_keep_0.5_after_L3']}; saved activations at ρ = 0.5 / ρ = 1: "
+                  f"{cost['activation_ratio_keep_0.5']}."), ""]
+    toy = res.get("toy")
+    if toy:
+        w = toy["world"]
+        lines += [(f"Toy world: {w['train_clips']} train / {w['test_clips']} test clips, T = {w['frames']}, {w['size']} px "
+                  f"({w['grid']} tokens), {w['classes']} classes; {w['object_token_fraction']:.1%} of tokens show the "
+                  f"object. Recall of object tokens among the kept ones ({toy['recall_mask']}):"), "",
+                  "| ρ | " + " | ".join(next(iter(toy["object_token_recall"].values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(toy["object_token_recall"].values())))]
+        for keep, row in toy["object_token_recall"].items():
+            lines.append(f"| {keep.removeprefix('keep_')} | " + " | ".join(str(v) for v in row.values()) + " |")
+        st = toy["stage1"]
+        lines += ["", (f"Ridge probe on the frozen stage-1 student ({st['student']}, {st['steps']} steps × batch "
+                  f"{st['batch']}, {st['mask']}), colour × pattern, {st['seeds']} seeds (teacher's own probe: "
+                  f"{toy['teacher']['probe_accuracy']}):"), "",
+                  "| run | accuracy per seed | mean | Δ vs ρ = 1 (mean ± sd over seeds) |", "|---|---|---|---|"]
+        for name, accs in toy["probe_accuracy"].items():
+            d = toy["probe_delta_vs_keep_1"].get(name)
+            delta = f"{d['mean']:+.4f} ± {d['std']:.4f}" if d else "—"
+            lines.append(f"| {name} | {', '.join(str(a) for a in accs)} | {toy['probe_accuracy_mean'][name]} | {delta} |")
+    return "\n".join(lines)

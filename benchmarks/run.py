@@ -324,8 +324,10 @@ class Suite:
     def smaug(self) -> dict[str, Any]:
         from benchmarks.bench_smaug import smaug_section
 
+        # One thread on a CPU: on a shared 2-core machine a second thread's stalls dominate the step (docs/smaug.md).
+        cpu = self.preset["device"] == "cpu"
         return smaug_section(self.preset.get("smaug", "quick"), clean_dir(self.work / "smaug"), self.preset["device"],
-                             self.args.threads or os.cpu_count() or 1)
+                             self.args.threads or (1 if cpu else os.cpu_count() or 1))
 
     def save_partial(self, key: str, value: Any) -> None:
         """Keep what is measured so far (a crash or Ctrl-C late in a long GPU run loses nothing)."""

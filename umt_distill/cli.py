@@ -152,6 +152,8 @@ def cache_teacher_cmd(
     Under torchrun every rank writes its own shards; with --engine ray, Ray tasks do (one per shard,
     one GPU each when cache.device is CUDA, retried when a worker is lost) and this process writes the
     index. The store is the same bytes whichever engine and however many workers wrote it.
+    cache.store may be s3://bucket/prefix (not with --engine ray): each shard is uploaded whole as it
+    closes, under a lease object (docs/object-storage.md).
 
     Exit status: 0 all clips cached; 3 done, but some clips failed (listed in STORE/failures.jsonl);
     1 error; 2 bad recipe.
@@ -161,6 +163,8 @@ def cache_teacher_cmd(
         umt-distill cache-teacher stage1/tiny corpus.source=data/train.csv cache.store=cache/tiny
 
         torchrun --nproc-per-node 8 -m umt_distill cache-teacher stage1/b16_k710
+
+        umt-distill cache-teacher stage1/tiny corpus.source=data/train.csv cache.store=s3://bucket/stores/tiny
 
         RAY_ADDRESS=auto umt-distill cache-teacher stage1/b16_k710 --engine ray
     """

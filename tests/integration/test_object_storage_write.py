@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from umt_distill.cache.lock import LOCK_FILE
 from umt_distill.cache.pipeline import cache_teacher
-from umt_distill.cache.remote_write import RemoteLease, filesystem
+from umt_distill.cache.remote_write import RemoteLease, _staging_prefix, filesystem
 from umt_distill.cache.store_folder import CacheError
 from umt_distill.cache.stores import CacheReader
 from umt_distill.cli import app
@@ -123,11 +124,14 @@ def test_a_killed_cache_run_resumes_from_the_bucket(s3_server, shapes_corpus, ti
     assert "shard-000007.json" not in finished
     # a shard whose upload was cut off: some of its objects, no sidecar
     fs.pipe_file(f"{root}/shards/shard-000007.zarr/zarr.json", b"{half an upload")
+    staged = list(Path(tempfile.gettempdir()).glob(f"{_staging_prefix(proc.pid)}*"))
+    assert staged  # the killed writer could not delete its staging folder
 
     summary = cache_teacher(_recipe("zarr", shapes_corpus, url, "cache.clips_per_shard=1"), progress=False)
     assert summary["rank0_skipped_shards"] == len(finished) >= 1  # what the killed run uploaded is kept
     assert summary["rank0_shards_written"] == 8 - len(finished)
     assert not _exists(fs, f"{root}/{LOCK_FILE}")
+    assert not any(folder.exists() for folder in staged)  # the next writer did
     copy = _download(url, tmp_path / "copy")
     assert json.loads((copy / "spec.json").read_text())["status"] == "complete"
     a, b = CacheReader(tiny_store("zarr", "fp16", "full")), CacheReader(copy)

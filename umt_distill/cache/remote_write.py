@@ -22,7 +22,7 @@ Under torchrun every rank has its own staging folder and uploads its own shards;
 lease, creates or checks the store and uploads its small files, which the other ranks then fetch
 (:func:`sync_small_files`), and fetches every rank's sidecars before it writes the index
 (:func:`collect_shards`). The staging folder is made in ``$TMPDIR`` and needs room for the shards in
-flight (one or two per process).
+flight (one or two per process); a killed writer's is deleted by the next one (:func:`clear_dead_stagings`).
 
 One writer per store: the store's lease object ``<prefix>/.lock`` (:class:`RemoteLease`), created with
 a conditional PUT (``If-None-Match: *``), renewed by its holder every third of its lifetime with
@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import email.utils
+import hashlib
 import json
 import os
 import shutil
@@ -379,6 +380,32 @@ def _pid_alive(pid: int) -> bool:
 # the staging folder and its uploads
 
 
+_STAGING_PREFIX = "umt-distill-staging-"
+
+
+def _staging_prefix(pid: int) -> str:
+    """``umt-distill-staging-<space>-<pid>-``: a staging folder names the boot and PID namespace
+    (hashed) and the process that made it, so a later run can tell a killed writer's folder."""
+    space = _process_space()
+    tag = hashlib.sha256(space.encode()).hexdigest()[:10] if space is not None else "unknown"
+    return f"{_STAGING_PREFIX}{tag}-{pid}-"
+
+
+def clear_dead_stagings(parent: Path) -> list[Path]:
+    """Delete the staging folders under ``parent`` left by killed writers (each can hold a shard or
+    two): those made by a process of this boot and PID namespace that is gone. Returns them."""
+    mine = _staging_prefix(0)[: -len("0-")]  # umt-distill-staging-<space>-
+    if _process_space() is None:
+        return []
+    cleared = []
+    for folder in parent.glob(f"{mine}*"):
+        pid = folder.name[len(mine):].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            cleared.append(folder)
+    return cleared
+
+
 _OPEN: dict[str, RemoteStore] = {}  # staging folder -> the store it mirrors, for this process's writers
 
 
@@ -473,7 +500,8 @@ class RemoteStore:
         check_writable_url(url)
         self.url = url.rstrip("/")
         self.fs, self.root = filesystem(self.url)
-        self.staging = Path(tempfile.mkdtemp(prefix="umt-distill-staging-", dir=staging_parent))
+        clear_dead_stagings(Path(staging_parent or tempfile.gettempdir()))
+        self.staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(os.getpid()), dir=staging_parent))
         self.lease: RemoteLease | None = None
         self._sent: dict[str, tuple[int, int]] = {}  # staging-relative path -> _stamp when sent
         self._sizes: dict[str, int] = {}  # shard data name (shard-000001.tar) -> bytes in the bucket

@@ -243,3 +243,23 @@ def test_a_large_shard_goes_up_as_one_multipart_object_before_its_sidecar(s3_ser
         assert not (shards / "shard-000000.tar").exists()
     finally:
         store.close()
+
+
+def test_a_killed_writers_staging_folder_is_cleared_by_the_next_writer(tmp_path) -> None:
+    """A SIGKILLed writer cannot delete its staging folder (a shard or two of data); the next writer on
+    the machine deletes the folders of dead processes of its own boot and PID namespace, and no other."""
+    from umt_distill.cache.remote_write import RemoteStore, _staging_prefix
+
+    with open("/proc/sys/kernel/pid_max") as f:
+        dead = int(f.read()) + 1
+    killed = tmp_path / f"{_staging_prefix(dead)}abc"
+    alive = tmp_path / f"{_staging_prefix(os.getpid())}def"  # a live writer's
+    foreign = tmp_path / f"umt-distill-staging-0123456789-{dead}-ghi"  # another container's: its pids are not ours
+    for folder in (killed, alive, foreign):
+        (folder / "shards").mkdir(parents=True)
+    store = RemoteStore("s3://bucket/prefix", staging_parent=tmp_path)  # no request is made before take()
+    try:
+        assert not killed.exists() and alive.exists() and foreign.exists() and store.staging.exists()
+    finally:
+        store.close()
+    assert not store.staging.exists()

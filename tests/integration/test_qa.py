@@ -95,3 +95,33 @@ def test_qa_train_and_eval_round_trip(qa_world, tmp_path) -> None:
     assert all(p["prediction"] == p["top"][0][0] and len(p["top"]) == 3 for p in preds)
     print(f"QA loss {np.mean(losses[:4]):.3f} -> {np.mean(losses[-4:]):.3f}; accuracy {result['accuracy']:.1f} "
           f"(per type {json.dumps(result['per_type'])})")
+
+
+def test_qa_trains_from_a_stores_view_frames_without_the_videos(qa_world, tmp_path) -> None:
+    """train.pixels_from=store: the stage-1 loader serves the stored view frames; the videos are not read."""
+    import shutil
+
+    from umt_distill.cache.pipeline import cache_teacher
+    from umt_distill.stages.qa import train
+
+    videos = tmp_path / "videos"
+    shutil.copytree(qa_world / "videos", videos)
+    clips = tmp_path / "clips.jsonl"
+    clips.write_text("".join(json.dumps({"id": f"v{i}", "path": str(videos / f"v{i}.mp4")}) + "\n" for i in range(8)))
+    store = tmp_path / "store"
+    cache_teacher(load_recipe("stage1/tiny", [f"corpus.source={clips}", f"cache.store={store}", "cache.frames=raw",
+                                              "views.size=32"]), progress=False)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": f"q{i}", "video": f"videos/v{i}.mp4", "video_id": f"v{i}",
+                                      "question": "what colour is the disc?", "answers": [c]}) + "\n"
+                          for i, c in enumerate(list(COLOURS) * 2)))
+    (tmp_path / "answers.json").write_text(json.dumps(list(COLOURS)))
+    shutil.rmtree(videos)  # from here on, a decode would fail
+    cfg = load_recipe("qa/tiny", [f"qa.train_source={qa}", f"qa.answer_list={tmp_path / 'answers.json'}",
+                                  f"train.output_dir={tmp_path / 'run'}", "train.pixels_from=store", f"cache.store={store}",
+                                  "cache.num_views=2", "train.max_steps=3"])
+    last = train(cfg)
+    assert last["step"] == 3 and np.isfinite(last["loss"])
+    with pytest.raises(Exception, match=r"v\d\.mp4"):  # the same questions from the videos: they are gone
+        train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"pixels_from": "video",
+                                                                            "output_dir": str(tmp_path / "run2")})}))

@@ -450,15 +450,25 @@ def fetch_range(url: str, offset: int = 0, nbytes: int | None = None) -> bytes:
     if nbytes <= 0:
         return b""
     cached = _cache_path(url, offset, nbytes)
-    if cached is not None and cached.exists():
-        data = cached.read_bytes()
-        if len(data) == nbytes:
-            os.utime(cached)  # most recently used
-            return data
-    data = fetch_ranges(url, [(offset, offset + nbytes)])[(offset, offset + nbytes)]
-    if cached is not None:
+    if cached is None:
+        return fetch_ranges(url, [(offset, offset + nbytes)])[(offset, offset + nbytes)]
+    # One fetch per range per machine: loader workers and ranks sharing the cache folder wait for the
+    # first one's fetch (a lock file per range) and read its copy.
+    import fcntl
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.with_suffix(".lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = cached.read_bytes()
+            if len(data) == nbytes:
+                os.utime(cached)  # most recently used
+                return data
+        except FileNotFoundError:
+            pass
+        data = fetch_ranges(url, [(offset, offset + nbytes)])[(offset, offset + nbytes)]
         _cache_put(cached, data)
-    return data
+        return data
 
 
 def _cache_path(url: str, offset: int, nbytes: int) -> Path | None:
@@ -490,6 +500,7 @@ def _cache_put(path: Path, data: bytes) -> None:
             break
         if p != path:
             p.unlink(missing_ok=True)
+            p.with_suffix(".lock").unlink(missing_ok=True)
             total -= nbytes
 
 

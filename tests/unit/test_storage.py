@@ -118,3 +118,17 @@ def test_lazy_read_ahead_draws_items_only_as_far_as_it_reaches(blob, http_server
         assert len(drawn) <= i + 4  # this one, two ahead, and one drawn when the window reopens
         got.append(chunk)
     assert b"".join(got) == data
+
+
+def test_workers_sharing_the_cache_fetch_a_range_once(blob, http_server, tmp_path) -> None:
+    """Loader workers (threads here; processes alike: the lock is a file) wanting the same range at once:
+    one request, the others read its copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, data = blob
+    server = http_server(folder)
+    storage.configure(cache_dir=str(tmp_path / "cache"), cache_bytes=1 << 30)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: storage.fetch_range(f"{server.url}/blob.bin", 4096, 500_000), range(4)))
+    assert all(g == data[4096:504_096] for g in got)
+    assert [e.range for e in server.log] == ["bytes=4096-504095"]

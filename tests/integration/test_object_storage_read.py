@@ -252,3 +252,24 @@ def test_the_format_md_reading_program_reads_from_s3_and_http(remotes) -> None:
     finally:
         wds.gopen_schemes.clear()
         wds.gopen_schemes.update(saved)
+
+
+@pytest.mark.slow
+def test_loader_workers_sharing_a_cache_fetch_each_group_once(remotes, shapes_corpus, fault_proxy, tmp_path) -> None:
+    """Stage 1's elastic order splits an epoch group (4 clips) between two loader workers (batches of 2):
+    without a cache both fetch it whole (about 2x the bytes used), with a shared storage.cache_dir once."""
+    from umt_distill.cache.stores import read_index
+    from umt_distill.stages.stage1 import train
+
+    stores, http = remotes
+    proxy = fault_proxy(http.url)
+    used = sum(s["groups"][0]["nbytes"] for s in read_index(stores["wds"]["local"])["shards"])  # epoch 0
+    ratios = {}
+    for cached in (False, True):
+        proxy.response_bytes = 0
+        extra = [f"storage.cache_dir={tmp_path / 'cache'}", "storage.cache_gb=1.0"] if cached else []
+        train(_recipe("wds", f"{proxy.endpoint}/wds", shapes_corpus, "train.num_workers=2", "train.batch_size=2",
+                      "train.max_steps=4", f"train.output_dir={tmp_path / str(cached)}", *extra))
+        ratios[cached] = proxy.response_bytes / used  # headers, spec.json and index.json included
+    print(f"bytes fetched / bytes used, one epoch, 2 workers: no cache {ratios[False]:.2f}, cache {ratios[True]:.2f}")
+    assert ratios[False] > 1.6 and ratios[True] < 1.15, ratios

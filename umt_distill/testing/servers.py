@@ -298,14 +298,16 @@ class FaultProxy:
     - :meth:`refuse`: close the listening socket (new connections are refused) and cut the open ones;
       ``refuse(False)`` listens on the same port again.
 
-    ``requests`` counts the requests seen, ``cuts`` the connections cut, ``slowed`` the 503s sent.
+    ``requests`` counts the requests seen, ``cuts`` the connections cut, ``slowed`` the 503s sent,
+    ``response_bytes`` the bytes passed to clients (headers included): what a reader fetched, across
+    processes.
     """
 
     def __init__(self, target: str) -> None:
         parsed = urllib.parse.urlsplit(target)
         self.target = (parsed.hostname or LOCALHOST, parsed.port or 80)
         self.lock = threading.Lock()
-        self.requests = self.cuts = self.slowed = 0
+        self.requests = self.cuts = self.slowed = self.response_bytes = 0
         self._budget: int | None = None  # response bytes until the next cut
         self._drop: tuple[int, int | None] | None = None  # (nbytes, cuts left: None = forever)
         self._slow = 0
@@ -466,6 +468,8 @@ class FaultProxy:
                             self._budget -= len(data)
                 with send_lock:
                     client.sendall(data)
+                with self.lock:
+                    self.response_bytes += len(data)
                 if cut:
                     break
         except OSError:

@@ -419,7 +419,7 @@ def toy_rows(s: SmaugSettings) -> dict[str, Any]:
         "teacher": {"steps": s.teacher_steps, "last_loss": round(teacher_loss, 4), "probe_accuracy": round(teacher_probe, 4)},
         "stage1": {"student": "umt_test_tiny", "steps": s.student_steps, "batch": s.student_batch,
                    "mask": f"semantic {s.mask_ratio}", "seeds": s.seeds},
-        "object_token_recall": rec, "recall_mask": f"tube {s.mask_ratio} ({n_vis} visible tokens per frame)",
+        "object_token_recall": rec, "recall_mask": f"tube mask {s.mask_ratio}, {n_vis} visible tokens per frame",
         "probe_accuracy": {k: [round(x, 4) for x in v] for k, v in probe.items()},
         "probe_accuracy_mean": {k: round(statistics.mean(v), 4) for k, v in probe.items()},
         "probe_delta_vs_keep_1": deltas,
@@ -498,7 +498,7 @@ def smaug_markdown(res: dict[str, Any]) -> str:
     if cost:
         lines += [(f"Stage-1 step, {cost['student']} (depth {cost['depth']}), batch {cost['batch']}, T = {cost['frames']}, "
                   f"{cost['size']} px, semantic mask {cost['mask_ratio']} ({cost['visible_per_frame']} visible tokens per "
-                  f"frame), {cost['device']}, {cost['threads']} threads; medians of {len(cost['rows'][0]['step_seconds'])} "
+                  f"frame), {cost['device']}, {cost['threads']} thread{'s' if cost['threads'] != 1 else ''}; medians of {len(cost['rows'][0]['step_seconds'])} "
                   "interleaved steps:"), "",
                   "| ρ | ℓ | ranking | fuse | ms / step | fwd+bwd ms | AdamW ms | speedup vs ρ = 1 | saved activations MB |"
                   + (" CUDA peak MB |" if cost["rows"][0].get("peak_mb") else ""),

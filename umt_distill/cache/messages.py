@@ -25,18 +25,23 @@ def print_redone(redone: list, env, enabled: bool) -> None:
 
 
 def summary_lines(root: Path, summary: dict, shown: int = 5) -> list[str]:
-    """The final report: cached and failed clip counts, the first failed ids with their reasons."""
+    """The final report: cached and failed clip counts, the first failed ids with their reasons.
+
+    ``root`` is the folder the files are read from; a store on object storage is written through a local
+    staging folder, and the report names the store's URL (``summary["store"]``) instead.
+    """
     clips, failed = summary.get("clips", 0), summary.get("failures", 0)
+    where = summary.get("store") or str(root)
     head = "done" if not failed else "done, with failed clips"
     lines = [f"{head}: {clips - failed} of {clips} clips cached ({summary.get('records', 0)} records), "
-             f"{failed} failed — store {root}"]
+             f"{failed} failed — store {where}"]
     if failed:
         with open(root / FAILURES_FILE, encoding="utf-8") as f:
             first = [json.loads(line) for _, line in zip(range(shown), f)]
         lines += [f"  failed {x['id']} ({x.get('path')}): {x['reason']}" for x in first]
         if failed > len(first):
             lines.append(f"  ... and {failed - len(first)} more")
-        lines.append(f"  every failed clip and its reason: {root / FAILURES_FILE} "
+        lines.append(f"  every failed clip and its reason: {where.rstrip('/')}/{FAILURES_FILE} "
                      f"(re-attempt them with --retry-failed)")
     return lines
 

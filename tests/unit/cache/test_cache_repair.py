@@ -185,6 +185,10 @@ def test_summary_counts_cached_and_failed_clips_apart(store: Path) -> None:
     assert any(str(store / "failures.jsonl") in line and "--retry-failed" in line for line in lines)
     ok = summary_lines(store, {"clips": 3, "records": 6, "failures": 0})
     assert ok == [f"done: 3 of 3 clips cached (6 records), 0 failed — store {store}"]
+    # A store on object storage is written through a staging folder: the report names the URL, not the folder.
+    remote = summary_lines(store, {"store": "s3://bucket/run/store", **spec["counts"]})
+    assert "— store s3://bucket/run/store" in remote[0] and str(store) not in "\n".join(remote)
+    assert any("s3://bucket/run/store/failures.jsonl" in line for line in remote)
 
 
 def test_verify_prints_the_tolerance_and_the_count_and_each_damage_once(store: Path, tmp_path: Path) -> None:

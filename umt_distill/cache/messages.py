@@ -33,8 +33,8 @@ def summary_lines(root: Path, summary: dict, shown: int = 5) -> list[str]:
     clips, failed = summary.get("clips", 0), summary.get("failures", 0)
     where = summary.get("store") or str(root)
     head = "done" if not failed else "done, with failed clips"
-    lines = [f"{head}: {clips - failed} of {clips} clips cached ({summary.get('records', 0)} records), "
-             f"{failed} failed — store {where}"]
+    lines = [(f"{head}: {clips - failed} of {clips} clips cached ({summary.get('records', 0)} records), "
+              f"{failed} failed — store {where}")]
     if failed:
         with open(root / FAILURES_FILE, encoding="utf-8") as f:
             first = [json.loads(line) for _, line in zip(range(shown), f)]

@@ -417,12 +417,14 @@ class FaultProxy:
                     upstream.sendall(head + b"\r\n\r\n" + buf)
                     return self._pipe(client, upstream)
                 length = int(headers.get("content-length", "0") or 0)
-                while len(buf) < length:
+                # `Expect: 100-continue` (botocore's uploads): the client sends the body only after the
+                # server's interim 100 reply, so the head goes on alone and the body follows as it comes.
+                expect = "100-continue" in headers.get("expect", "").lower()
+                while not expect and len(buf) < length:
                     data = client.recv(65536)
                     if not data:
                         return self._close(client, upstream)
                     buf += data
-                body, buf = buf[:length], buf[length:]
                 with self.lock:
                     self.requests += 1
                     throttle = self._slow > 0
@@ -431,11 +433,26 @@ class FaultProxy:
                         self.slowed += 1
                 if throttle:
                     reply = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: "
-                             + str(len(_SLOW_DOWN)).encode() + b"\r\nRetry-After: 0\r\n\r\n"
+                             + str(len(_SLOW_DOWN)).encode() + b"\r\nRetry-After: 0\r\n"
+                             + (b"Connection: close\r\n" if expect else b"") + b"\r\n"
                              + (b"" if head.startswith(b"HEAD ") else _SLOW_DOWN))
                     with send_lock:
                         client.sendall(reply)
+                    if expect:  # whether the body still comes is the client's choice: end the connection
+                        return self._close(client, upstream)
+                    buf = buf[length:]
                     continue
+                if expect:
+                    upstream.sendall(head + b"\r\n\r\n")
+                    while length > 0:
+                        data = buf or client.recv(65536)
+                        if not data:
+                            return self._close(client, upstream)
+                        part, buf = data[:length], data[length:]
+                        upstream.sendall(part)
+                        length -= len(part)
+                    continue
+                body, buf = buf[:length], buf[length:]
                 upstream.sendall(head + b"\r\n\r\n" + body)
         except OSError:
             self._close(client, upstream)

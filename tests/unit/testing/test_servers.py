@@ -61,3 +61,23 @@ def test_fault_proxy_cuts_throttles_and_refuses(http_server, fault_proxy, tmp_pa
     proxy.refuse(False)
     with urllib.request.urlopen(url) as r:
         assert len(r.read()) == 100_000
+
+
+
+def test_fault_proxy_passes_uploads_that_wait_for_100_continue(s3_server, fault_proxy, monkeypatch):
+    """s3fs's PUTs say `Expect: 100-continue` and send the body only after the server's interim reply:
+    the proxy forwards the head alone (a proxy that waits for the whole body hangs the upload); a throttled
+    upload is answered 503 and retried by the client."""
+    import s3fs
+
+    proxy = fault_proxy(s3_server.endpoint)
+    for key, value in s3_server.env(proxy.endpoint).items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={"read_timeout": 10, "connect_timeout": 5})
+    body = bytes(range(256)) * 4096
+    fs.pipe(f"{s3_server.bucket}/through/proxy.bin", body)
+    assert fs.cat(f"{s3_server.bucket}/through/proxy.bin") == body
+    proxy.slow_down(2)
+    fs.pipe(f"{s3_server.bucket}/through/slowed.bin", body)
+    assert proxy.slowed == 2
+    assert fs.cat(f"{s3_server.bucket}/through/slowed.bin") == body

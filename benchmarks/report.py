@@ -331,6 +331,11 @@ def loader_md(res: dict) -> list[str]:
              f"median of {st['passes']} epochs; cold = page cache evicted before each epoch. 'reference' is the path "
              "before store format 2 (every view read, float32 decoded on the CPU). cores/GPU and GB/s/GPU: what one "
              "A100 consuming ~700 clip-views/s needs.", "", table(section), ""]
+    if section.get("object_storage"):
+        from benchmarks.bench_loader import object_storage_table
+
+        lines += [f"Read from object storage ({section['object_storage']['server']}) beside local disk, same run:", "",
+                  object_storage_table(section["object_storage"]), ""]
     for label, prof in section.get("profiles", {}).items():
         lines += [f"Profile, one epoch in-process ({label}), top functions by own time:", "", "```", *prof, "```", ""]
     return lines

@@ -134,7 +134,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "isolate": False, "forward_min_seconds": 0.0,
         "table1": {"batch_size": 1, "warmup": 1, "steps": 1, "size": 32, "rows": ("pixel", "pixel_dual"),
                    "student": "umt_test_tiny"},
-        "loader": {"grid": "quick", "clips": 6, "batch_size": 2, "passes": 1, "all_workers": 2},
+        "loader": {"grid": "quick", "clips": 6, "batch_size": 2, "passes": 1, "all_workers": 2,
+                   "object_storage": False},  # its own tests cover it (tests/integration/test_object_storage_read.py)
         "smaug": "smoke",
     },
 }
@@ -318,8 +319,15 @@ class Suite:
         lp = self.preset["loader"]
         rates = {f"custom_{r:g}": r for r in self.args.student_rate} if self.args.student_rate else dict(YARDSTICKS)
         profiles = (LOADER_HEADLINE, LoaderCase(pixels="raw", path="reference", layout="wds-v1", compressor="zstd"))
-        return run_loader(clean_dir(self.work / "loader"), default_grid(lp["grid"] == "quick"), rates, lp["clips"],
-                          lp["batch_size"], lp["passes"], profiles, all_workers=lp["all_workers"])
+        section = run_loader(clean_dir(self.work / "loader"), default_grid(lp["grid"] == "quick"), rates, lp["clips"],
+                             lp["batch_size"], lp["passes"], profiles, all_workers=lp["all_workers"])
+        if lp.get("object_storage", True):  # the same cases read from a local S3 server, beside local disk
+            from benchmarks.bench_loader import OBJECT_STORAGE_CASES, run_object_storage
+
+            section["object_storage"] = run_object_storage(clean_dir(self.work / "loader-object-storage"),
+                                                           OBJECT_STORAGE_CASES, lp["clips"], lp["batch_size"],
+                                                           lp["passes"])
+        return section
 
     def smaug(self) -> dict[str, Any]:
         from benchmarks.bench_smaug import smaug_section

@@ -166,7 +166,9 @@ class TrainConfig(_Section):
     pixels_from: Literal["video", "store"] = "video"
     """Re-decode the view from the video, or read the frames stored in the shards."""
     shuffle_buffer: int = Field(64, ge=0)
-    """WebDataset streaming: samples in each worker's shuffle buffer (0: store order, shards unshuffled)."""
+    """WebDataset streaming: samples in each worker's shuffle buffer (0: store order, shards unshuffled).
+    Stage 1 reads its elastic global order instead (seeded shard order, then a seeded order within each
+    shard's epoch group; docs/cli.md): there any value above 0 shuffles and 0 keeps store order."""
 
     @field_validator("stage")
     @classmethod

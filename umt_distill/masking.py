@@ -8,7 +8,9 @@ Every sampler has one signature (registered in ``MASKS``)::
 and returns, per sample, the *sorted* indices of the visible tokens in the flattened (t, n) order
 (n = h·W' + w), i.e. exactly what :meth:`UMTStudent.forward_align` and :func:`gather_visible` take.
 All randomness comes from ``generator``: noise is drawn on the generator's device, so a CPU generator
-gives the same masks whatever device the result lands on.
+gives the same masks whatever device the result lands on. ``random``, ``tube`` and ``semantic`` also take a
+list of B generators, one per sample (stage 1's per-sample masks): row i's noise comes from generator i
+alone, so a sample's mask is the same whatever batch it is drawn in, at the cost of one batched draw.
 
 Visible counts (UMT code @4fb4049: single_modality/engines/engine_for_pretraining_umt.py,
 single_modality/datasets/masking_generator.py):
@@ -23,6 +25,8 @@ single_modality/datasets/masking_generator.py):
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -44,7 +48,7 @@ def sample_random_mask(
     num_frames: int,
     num_patches: int,
     ratio: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     attn: Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -57,7 +61,7 @@ def sample_random_mask(
     n_vis = _check(batch, num_frames, num_patches, ratio, total)
     noise = _uniform((batch, total), generator)  # [B, T·N]
     idx = noise.topk(n_vis, dim=1).indices.sort(dim=1).values  # [B, L_vis]
-    return idx.to(device or generator.device)
+    return idx.to(device or _device(generator))
 
 
 def sample_tube_mask(
@@ -65,7 +69,7 @@ def sample_tube_mask(
     num_frames: int,
     num_patches: int,
     ratio: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     attn: Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -78,7 +82,7 @@ def sample_tube_mask(
     noise = _uniform((batch, num_patches), generator)  # [B, N]
     frame_idx = noise.topk(n_vis, dim=1).indices.sort(dim=1).values  # [B, N_vis]
     frame_idx = frame_idx[:, None, :].expand(batch, num_frames, n_vis)  # [B, T, N_vis]
-    return flatten_frame_indices(frame_idx, num_patches).to(device or generator.device)
+    return flatten_frame_indices(frame_idx, num_patches).to(device or _device(generator))
 
 
 def sample_semantic_mask(
@@ -86,7 +90,7 @@ def sample_semantic_mask(
     num_frames: int,
     num_patches: int,
     ratio: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     attn: Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -361,11 +365,20 @@ def _check(batch: int, num_frames: int, num_patches: int, ratio: float, pool: in
     return n_vis
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    return torch.rand(shape, generator=generator, device=generator.device)
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator]) -> Tensor:
+    if isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, device=generator.device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
+    # Row i from generator i: the same numbers a batch of one would draw from it.
+    return torch.stack([torch.rand(shape[1:], generator=g, device=g.device) for g in generator])
 
 
-def _gumbel(shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> Tensor:
+def _device(generator: torch.Generator | Sequence[torch.Generator]) -> torch.device:
+    return generator.device if isinstance(generator, torch.Generator) else generator[0].device
+
+
+def _gumbel(shape: torch.Size | tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator]) -> Tensor:
     # Clamp away from 0 so no score is -inf; the noise then lies in about [-4.5, 16.6].
     u = _uniform(tuple(shape), generator).clamp_(min=torch.finfo(torch.float32).tiny)
     return -torch.log(-torch.log(u))

@@ -59,6 +59,18 @@ def test_deterministic_given_generator(name):
     assert not torch.equal(first, second)  # the generator advances
 
 
+@pytest.mark.parametrize("name", MASK_NAMES)
+def test_one_generator_per_sample_equals_drawing_each_sample_alone(name):
+    """A list of generators (stage 1's per-sample masks) is one batched draw that gives each row exactly the
+    mask its sample would get drawn alone from its generator (the plain reference: a loop of batches of one)."""
+    fn, attn = MASKS.get(name), _attn(5, 4, 16)
+    alone = torch.cat([fn(1, 4, 16, 0.75, _gen(100 + i), attn=attn[i : i + 1]) for i in range(5)])
+    batched = fn(5, 4, 16, 0.75, [_gen(100 + i) for i in range(5)], attn=attn)
+    assert torch.equal(batched, alone)
+    with pytest.raises(ValueError, match="one per sample"):
+        fn(5, 4, 16, 0.75, [_gen(i) for i in range(4)], attn=attn)
+
+
 @pytest.mark.parametrize("name", ["tube", "semantic"])
 def test_umt_default_forty_per_frame(name):
     # ratio 0.8, N 196: int(156.8) = 156 masked → 40 visible per frame, 320 for 8 frames

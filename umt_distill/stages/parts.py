@@ -164,11 +164,9 @@ def step_targets_attn(cfg: Recipe, batch: dict, pixels: torch.Tensor, teacher, g
         return tokens.flatten(2, 3).transpose(0, 1), visible_idx, attn
     # A CPU generator keeps masks reproducible on any device; the noise it draws moves to `device`.
     draw = MASKS.get(cfg.mask.type)
-    if isinstance(gen, torch.Generator):
-        visible_idx = draw(B, T, N, cfg.mask.ratio, gen, attn=attn, device=device)  # [B, L_vis]
-    else:  # one generator per sample (sample_mask_generators)
-        visible_idx = torch.cat([draw(1, T, N, cfg.mask.ratio, g, attn=attn[i : i + 1], device=device)
-                                 for i, g in enumerate(gen)])  # [B, L_vis]
+    # `gen`: one generator for the batch, or one per sample (sample_mask_generators): row i's noise then comes
+    # from generator i alone, in one batched draw (masking.py).
+    visible_idx = draw(B, T, N, cfg.mask.ratio, gen, attn=attn, device=device)  # [B, L_vis]
     flat = tokens.flatten(2, 3).transpose(0, 1)  # [K, B, T*N, D]
     return gather_visible(flat, visible_idx), visible_idx, attn
 

@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -162,10 +163,21 @@ class _Handler(SimpleHTTPRequestHandler):
         return path if path == root or root in path.parents else None
 
     def do_HEAD(self) -> None:
-        self._serve()
+        self._counted()
 
     def do_GET(self) -> None:
-        self._serve()
+        self._counted()
+
+    def _counted(self) -> None:
+        # A client may hold the whole body before this thread logs it: `HttpServer.log` waits for the
+        # requests in flight, so a test reads every request it made.
+        with self.server.lock:
+            self.server.in_flight += 1
+        try:
+            self._serve()
+        finally:
+            with self.server.lock:
+                self.server.in_flight -= 1
 
     def _serve(self) -> None:
         path = self._target()
@@ -237,6 +249,7 @@ class _HttpServer(ThreadingHTTPServer):
     listings: bool
     log: list[RequestLog]
     lock: threading.Lock
+    in_flight: int
 
 
 @dataclass
@@ -251,6 +264,10 @@ class HttpServer:
 
     @property
     def log(self) -> list[RequestLog]:
+        """The requests answered so far, once the ones in flight are logged (waits up to 5 s for them)."""
+        deadline = time.monotonic() + 5.0
+        while self._server.in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
         return self._server.log
 
     def clear_log(self) -> None:
@@ -271,7 +288,7 @@ def start_http_server(folder: str | Path, listings: bool = True) -> HttpServer:
         return _Handler(*args, directory=str(folder), **kwargs)
 
     server = _HttpServer((LOCALHOST, 0), handler)
-    server.listings, server.log, server.lock = listings, [], threading.Lock()
+    server.listings, server.log, server.lock, server.in_flight = listings, [], threading.Lock(), 0
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="http-server", daemon=True)
     thread.start()
     host, port = server.server_address[:2]

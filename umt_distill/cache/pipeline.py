@@ -282,9 +282,9 @@ def cache_teacher(cfg: Recipe, progress: bool = True, deep: bool = False, retry_
             remote.close()
 
 
-def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep: bool, retry_failed: bool,
-                  rows: list[ClipRow] | None) -> dict:
-    """``rows``: the recipe's manifest as read before the lock (None when it is gone: the store's own is used)."""
+def corpus_rows(cfg: Recipe, root: Path, rows: list[ClipRow] | None) -> tuple[Recipe, list[ClipRow]]:
+    """The corpus a run caches, under the store's lock: the recipe's manifest (``rows``, read before the lock),
+    or the store's own when the recipe's is gone (the recipe then names it), cut at ``cache.limit``."""
     source, corpus_root = corpus_source(cfg, root)
     if (source, corpus_root) != (cfg.corpus.source, cfg.corpus.root):
         cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"source": source, "root": corpus_root})})
@@ -293,6 +293,13 @@ def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep
         rows = read_corpus(source, corpus_root)
     if cfg.cache.limit is not None:
         rows = rows[: cfg.cache.limit]
+    return cfg, rows
+
+
+def _cache_locked(cfg: Recipe, root: Path, env: du.DistEnv, progress: bool, deep: bool, retry_failed: bool,
+                  rows: list[ClipRow] | None) -> dict:
+    """``rows``: the recipe's manifest as read before the lock (None when it is gone: the store's own is used)."""
+    cfg, rows = corpus_rows(cfg, root, rows)
     device = du.resolve_device(cfg.cache.device, env)
     teacher = build_teacher(cfg, device)
     wanted = build_spec(cfg, teacher, rows, corpus_digest(rows))

@@ -46,6 +46,7 @@ from umt_distill.cache.pipeline import (
     _progress,
     build_spec,
     caption_step,
+    corpus_rows,
     finalize_store,
     plan_shards,
     write_shard,
@@ -53,7 +54,6 @@ from umt_distill.cache.pipeline import (
 from umt_distill.cache.repair import Redo, plan_shard_work
 from umt_distill.cache.store_folder import (
     CacheError,
-    corpus_source,
     prepare_store,
     take_store_lock,
 )
@@ -196,14 +196,7 @@ def cache_teacher_ray(cfg: Recipe, progress: bool = True, deep: bool = False, re
 def _cache_locked(ray, cfg: Recipe, root: Path, progress: bool, deep: bool, retry_failed: bool,
                   rows: list[ClipRow] | None) -> dict:
     t0 = time.perf_counter()
-    source, corpus_root = corpus_source(cfg, root)
-    if (source, corpus_root) != (cfg.corpus.source, cfg.corpus.root):
-        cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"source": source, "root": corpus_root})})
-        rows = None
-    if rows is None:
-        rows = read_corpus(source, corpus_root)
-    if cfg.cache.limit is not None:
-        rows = rows[: cfg.cache.limit]
+    cfg, rows = corpus_rows(cfg, root, rows)
     use_gpu = wants_gpu(cfg.cache.device, ray.cluster_resources().get("GPU", 0))
     resources = {"num_gpus": 1 if use_gpu else 0, "num_cpus": 1}
 

@@ -42,7 +42,6 @@ from umt_distill.data.samplers import EpochSampler
 from umt_distill.data.text import (
     TRAIN_ON_CORPUS,
     load_tokenizer,
-    prepare_tokenizer,
     tokenize,
 )
 from umt_distill.evaluation.qa import evaluate_qa_model
@@ -60,6 +59,7 @@ from umt_distill.models.qa import (
 from umt_distill.stages.retrieval import (
     build_retrieval_model,
     find_tokenizer_dir,
+    init_tokenizer,
     vl_shapes,
 )
 from umt_distill.stages.stage2 import build_model
@@ -90,7 +90,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     rows = read_qa(q.train_source, cfg.corpus.root)
     answers = read_answer_list(q.answer_list)
     texts = sorted({r.question for r in rows} | {a for r in rows for a in r.answers} | set(answers))
-    tokenizer = _tokenizer(cfg, texts, out_dir, env)
+    tokenizer = init_tokenizer(cfg, texts, out_dir, env)
     torch.manual_seed(cfg.seed)  # the same fresh weights on every rank
     model = build_qa_model(cfg, len(tokenizer)).to(device)
     freeze_unused(model)
@@ -201,19 +201,6 @@ def store_dataset(cfg: Recipe, clips: dict[str, ClipRow]):
     from umt_distill.cache.datasets import CachedViewDataset
 
     return CachedViewDataset(cfg.cache.store, cfg, clips, pixels=True)
-
-
-def _tokenizer(cfg: Recipe, texts: list[str], out_dir: Path, env: du.DistEnv):
-    """The init model's tokenizer (its run's ``tokenizer/``), else ``text.tokenizer``; saved in ``<output_dir>/tokenizer``."""
-    init = cfg.stage2.init
-    spec = str(find_tokenizer_dir(init) or cfg.text.tokenizer) if init else cfg.text.tokenizer
-    tok = None
-    if env.is_main:
-        tok = prepare_tokenizer(spec, texts, out_dir / "tokenizer", cfg.text.tokenizer_vocab_size)
-    du.barrier()
-    if tok is None:
-        tok = prepare_tokenizer(spec, texts, out_dir / "tokenizer", cfg.text.tokenizer_vocab_size)
-    return tok
 
 
 def _save_best(out_dir: Path, model: torch.nn.Module, record: dict) -> None:

@@ -76,7 +76,7 @@ def train(cfg: Recipe, resume: str | Path | None = None) -> dict:
     if missing:
         raise CaptionError(f"{cfg.corpus.source}: {len(missing)} clip(s) have no caption (first: {missing[0]!r})")
     captions = {r.id: r.captions for r in rows}
-    tokenizer = _tokenizer(cfg, sorted(c for caps in captions.values() for c in caps), out_dir, env)
+    tokenizer = init_tokenizer(cfg, sorted(c for caps in captions.values() for c in caps), out_dir, env)
     torch.manual_seed(cfg.seed)  # the same fresh heads on every rank
     model = build_retrieval_model(cfg, len(tokenizer)).to(device)
     freeze_unused(model, WEIGHTS)  # alignment heads and the MLM head: no loss uses them
@@ -211,9 +211,10 @@ def build_retrieval_model(cfg: Recipe, vocab_size: int):
     return model
 
 
-def _tokenizer(cfg: Recipe, captions: list[str], out_dir: Path, env: du.DistEnv):
+def init_tokenizer(cfg: Recipe, captions: list[str], out_dir: Path, env: du.DistEnv):
     """The init model's tokenizer (its run's ``tokenizer/``) if it has one, else ``text.tokenizer``; saved
-    in ``<output_dir>/tokenizer`` by rank 0, then loaded by the others."""
+    in ``<output_dir>/tokenizer`` by rank 0, then loaded by the others (the fine-tuning stages that start
+    from a stage-2 model: retrieval, qa)."""
     init = cfg.stage2.init
     spec = str(find_tokenizer_dir(init) or cfg.text.tokenizer) if init else cfg.text.tokenizer
     tok = None
@@ -225,7 +226,7 @@ def _tokenizer(cfg: Recipe, captions: list[str], out_dir: Path, env: du.DistEnv)
     return tok
 
 
-__all__ = ["train", "evaluate_after_training", "RetrievalObjective", "build_retrieval_model", "WEIGHTS"]
+__all__ = ["train", "evaluate_after_training", "RetrievalObjective", "build_retrieval_model", "init_tokenizer", "WEIGHTS"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -226,6 +226,24 @@ def load_umt_checkpoint(
     return LoadReport(source, layout, len(usable), missing, unexpected)
 
 
+def load_exact(model: nn.Module, state: Mapping[str, Tensor], source: str = "<state dict>") -> int:
+    """Load ``state`` into ``model`` only if it has every key of the model's state dict, no other, each at
+    the model's shape; returns the number of tensors loaded.
+
+    Raises:
+        CheckpointMismatchError: missing, unexpected or mis-shaped keys (all listed).
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in sorted(set(state) & set(expected))
+                  if state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
+    model.load_state_dict(state, strict=True)
+    return len(state)
+
+
 def save_student(model: nn.Module, path: str | Path) -> Path:
     """Write the student's weights as safetensors, in UMT's stage-1 key layout (loadable by
     :func:`load_umt_checkpoint`)."""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from umt_distill.models.checkpoints import CheckpointMismatchError
+from umt_distill.models.checkpoints import load_exact
 from umt_distill.models.text import (
     BertMLMHead,
     BertTextEncoder,
@@ -214,15 +214,7 @@ def load_qa_state(model: UMTQuestionAnswering, state: Mapping[str, Tensor], sour
     Raises:
         CheckpointMismatchError: missing, unexpected or mis-shaped keys (all listed).
     """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in sorted(set(state) & set(expected))
-                  if state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
-    model.load_state_dict(state, strict=True)
-    return len(state)
+    return load_exact(model, state, source)
 
 
 def is_qa_state(state: Mapping[str, object]) -> bool:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from umt_distill.models.checkpoints import (
-    CheckpointMismatchError,
+    load_exact,
     read_state_dict,
     unwrap_state_dict,
 )
@@ -168,12 +168,4 @@ def load_umt_vl_checkpoint(model: UMTVisionLanguage, path_or_state_dict: str | P
     teacher = [k for k in state if k.startswith(_TEACHER_PREFIX)]
     state = {k: v for k, v in state.items() if not k.startswith(_TEACHER_PREFIX)}
     state = drop_tied_and_buffers(state, source, prefix="text_encoder.")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in sorted(set(state) & set(expected))
-                  if state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
-    model.load_state_dict(state, strict=True)
-    return {"source": source, "loaded": len(state), "teacher_keys": len(teacher)}
+    return {"source": source, "loaded": load_exact(model, state, source), "teacher_keys": len(teacher)}

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from umt_distill.masking import gather_visible
 from umt_distill.models.checkpoints import (
-    CheckpointMismatchError,
+    load_exact,
     read_state_dict,
     unwrap_state_dict,
 )
@@ -162,12 +162,4 @@ def load_videomae_checkpoint(model: VideoMAE, path: str | Path) -> int:
     """
     source = str(path)
     state = unwrap_state_dict(read_state_dict(path), source)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape))
-                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
-    model.load_state_dict(state, strict=True)
-    return len(state)
+    return load_exact(model, state, source)

@@ -39,11 +39,7 @@ from umt_distill.data.qa import (
     read_qa,
 )
 from umt_distill.data.samplers import EpochSampler
-from umt_distill.data.text import (
-    TRAIN_ON_CORPUS,
-    load_tokenizer,
-    tokenize,
-)
+from umt_distill.data.text import tokenize
 from umt_distill.evaluation.qa import evaluate_qa_model
 from umt_distill.models.checkpoints import (
     read_state_dict,
@@ -58,11 +54,10 @@ from umt_distill.models.qa import (
 )
 from umt_distill.stages.retrieval import (
     build_retrieval_model,
-    find_tokenizer_dir,
+    checkpoint_tokenizer,
     init_tokenizer,
-    vl_shapes,
+    vl_model_for,
 )
-from umt_distill.stages.stage2 import build_model
 from umt_distill.training import distributed as du
 from umt_distill.training.checkpoint import find_resume_checkpoint
 from umt_distill.training.loop import (
@@ -232,15 +227,8 @@ def load_qa_model(cfg: Recipe, checkpoint: str | Path) -> tuple[UMTQuestionAnswe
     state = dict(unwrap_state_dict(read_state_dict(file), str(file)))
     if not is_qa_state(state):
         state = qa_state_from_stage2(state, cfg.text.fusion_layer, str(file))
-    teacher_dim, heads, vocab = vl_shapes(state, str(file))
-    tok_dir = find_tokenizer_dir(path)
-    if tok_dir is None and cfg.text.tokenizer == TRAIN_ON_CORPUS:
-        raise FileNotFoundError(f"{checkpoint}: no tokenizer/ folder beside the checkpoint, and text.tokenizer="
-                                f"{TRAIN_ON_CORPUS} cannot rebuild the training vocabulary; pass text.tokenizer=PATH")
-    tokenizer = load_tokenizer(tok_dir or cfg.text.tokenizer)
-    bare = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"layers": heads}),
-                                  "stage2": cfg.stage2.model_copy(update={"init": None, "init_vision": None})})
-    vl = build_model(bare, teacher_dim, vocab)
+    tokenizer = checkpoint_tokenizer(cfg, path)
+    vl = vl_model_for(cfg, state, str(file))
     model = UMTQuestionAnswering(vl.vision_encoder, vl.text_encoder, cfg.text.gradient_checkpointing)
     load_qa_state(model, state, str(file))
     return model, tokenizer

@@ -263,17 +263,27 @@ def load_vl_model(cfg: Recipe, checkpoint: str | Path):
     """
     file = weights_file(checkpoint)
     state = unwrap_state_dict(read_state_dict(file), str(file))
-    teacher_dim, heads, vocab = vl_shapes(state, str(file))
+    model = vl_model_for(cfg, state, str(file))
+    load_umt_vl_checkpoint(model, state)
+    return model, checkpoint_tokenizer(cfg, checkpoint)
+
+
+def vl_model_for(cfg: Recipe, state, name: str):
+    """The recipe's stage-2 model at the shapes of ``state`` (teacher width, head count, vocabulary), with
+    fresh weights: no init checkpoint is read (the caller loads ``state``)."""
+    teacher_dim, heads, vocab = vl_shapes(state, name)
+    bare = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"layers": heads}),
+                                  "stage2": cfg.stage2.model_copy(update={"init": None, "init_vision": None})})
+    return build_model(bare, teacher_dim, vocab)
+
+
+def checkpoint_tokenizer(cfg: Recipe, checkpoint: str | Path):
+    """The tokenizer a checkpoint was trained with: its run's ``tokenizer/`` folder, else ``text.tokenizer``."""
     tok_dir = find_tokenizer_dir(checkpoint)
     if tok_dir is None and cfg.text.tokenizer == TRAIN_ON_CORPUS:
         raise FileNotFoundError(f"{checkpoint}: no tokenizer/ folder beside the checkpoint, and text.tokenizer="
                                 f"{TRAIN_ON_CORPUS} cannot rebuild the training vocabulary; pass text.tokenizer=PATH")
-    tokenizer = load_tokenizer(tok_dir or cfg.text.tokenizer)
-    bare = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"layers": heads}),
-                                  "stage2": cfg.stage2.model_copy(update={"init": None, "init_vision": None})})
-    model = build_model(bare, teacher_dim, vocab)
-    load_umt_vl_checkpoint(model, state)
-    return model, tokenizer
+    return load_tokenizer(tok_dir or cfg.text.tokenizer)
 
 
 def evaluate(cfg: Recipe, checkpoint: str | Path) -> dict:
